@@ -1,0 +1,638 @@
+//! The cluster index: what lazyload knows about the cluster, in the shape its decisions need.
+//!
+//! Kubernetes and Istio objects are converted to small domain types at the edge
+//! ([`ServiceInfo::try_from`] and friends) and kept with the lookups the model makes on every
+//! reconcile already built: services by namespace and by label, VirtualServices by host. The
+//! index is plain data; the kube reflectors (or a snapshot file, [`snapshot`]) feed it.
+
+pub mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, Service};
+
+use crate::model::host;
+use crate::model::istio::{HttpRoute, ServiceEntry, VirtualService};
+use crate::model::labels::Labels;
+
+/// `Result` alias for index conversions.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an object could not be indexed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object has no name or namespace.
+    #[error("{kind} without {field}")]
+    Missing {
+        /// Object kind.
+        kind: &'static str,
+        /// The missing metadata field.
+        field: &'static str,
+    },
+}
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn of(
+        kind: &'static str,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Result<Self> {
+        let name = meta.name.clone().ok_or(Error::Missing { kind, field: "name" })?;
+        let namespace = meta.namespace.clone().ok_or(Error::Missing {
+            kind,
+            field: "namespace",
+        })?;
+        Ok(Self { namespace, name })
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name (`http-web`); its prefix is Istio's protocol hint.
+    pub name: String,
+    /// Port number.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// `appProtocol`, Istio's other protocol hint.
+    pub app_protocol: Option<String>,
+}
+
+/// What lazyload needs of a Kubernetes Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// Labels of the Service object.
+    pub labels: Labels,
+    /// Pod selector; `None` for Services without one (they select no pods).
+    pub selector: Option<Labels>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Cluster IPs (VIPs).
+    pub cluster_ips: Vec<String>,
+}
+
+impl TryFrom<&Service> for ServiceInfo {
+    type Error = Error;
+
+    fn try_from(svc: &Service) -> Result<Self> {
+        let key = ObjectKey::of("Service", &svc.metadata)?;
+        let spec = svc.spec.clone().unwrap_or_default();
+        let ports = spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    name: p.name.unwrap_or_default(),
+                    port: u16::try_from(p.port).ok()?,
+                    protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                    app_protocol: p.app_protocol,
+                })
+            })
+            .collect();
+        let mut cluster_ips: Vec<String> = spec.cluster_ips.unwrap_or_default();
+        if let Some(ip) = spec.cluster_ip
+            && !cluster_ips.contains(&ip)
+        {
+            cluster_ips.push(ip);
+        }
+        cluster_ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+        Ok(Self {
+            key,
+            labels: svc.metadata.labels.clone().unwrap_or_default(),
+            selector: spec.selector.filter(|s| !s.is_empty()),
+            ports,
+            cluster_ips,
+        })
+    }
+}
+
+/// What lazyload needs of a Namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: Labels,
+}
+
+impl TryFrom<&Namespace> for NamespaceInfo {
+    type Error = Error;
+
+    fn try_from(ns: &Namespace) -> Result<Self> {
+        Ok(Self {
+            name: ns.metadata.name.clone().ok_or(Error::Missing {
+                kind: "Namespace",
+                field: "name",
+            })?,
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Which namespaces see an Istio object (`exportTo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExportTo {
+    /// Every namespace (`*`, or no `exportTo`).
+    All,
+    /// These namespaces (`.` already resolved to the object's own).
+    Namespaces(BTreeSet<String>),
+}
+
+impl ExportTo {
+    fn parse(export_to: &[String], own: &str) -> Self {
+        if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
+            return Self::All;
+        }
+        Self::Namespaces(
+            export_to
+                .iter()
+                .filter(|e| *e != "~")
+                .map(|e| if e == "." { own.to_string() } else { e.clone() })
+                .collect(),
+        )
+    }
+
+    /// Whether a workload in `namespace` sees the object.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Namespaces(set) => set.contains(namespace),
+        }
+    }
+}
+
+/// A VirtualService reduced to where its routes lead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtualServiceInfo {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// Hosts, qualified with the VirtualService's namespace.
+    pub hosts: Vec<String>,
+    /// Whether the routes apply to sidecars (`gateways` empty or listing `mesh`).
+    pub applies_to_mesh: bool,
+    /// Who sees it.
+    pub export_to: ExportTo,
+    /// Destination and mirror hosts of HTTP, TCP and TLS routes, qualified.
+    pub destinations: BTreeSet<String>,
+    /// VirtualServices this one delegates HTTP routes to.
+    pub delegates: Vec<ObjectKey>,
+}
+
+impl VirtualServiceInfo {
+    /// Converts a VirtualService; destinations that are not valid hosts are dropped.
+    pub fn from_object(vs: &VirtualService, domain: &str) -> Result<Self> {
+        let key = ObjectKey::of("VirtualService", &vs.metadata)?;
+        let ns = key.namespace.clone();
+        let qualify = |h: &str| host::host_name(&host::qualify(h, &ns, domain)).ok();
+        let spec = &vs.spec;
+        let http_hosts = spec.http.iter().flat_map(|r: &HttpRoute| {
+            r.route
+                .iter()
+                .chain(&r.mirrors)
+                .filter_map(|d| d.destination.as_ref())
+                .chain(&r.mirror)
+        });
+        let l4_hosts = spec
+            .tcp
+            .iter()
+            .chain(&spec.tls)
+            .flat_map(|r| r.route.iter().filter_map(|d| d.destination.as_ref()));
+        let destinations = http_hosts
+            .chain(l4_hosts)
+            .filter_map(|d| qualify(&d.host))
+            .collect();
+        let delegates = spec
+            .http
+            .iter()
+            .filter_map(|r| r.delegate.as_ref())
+            .map(|d| {
+                let dns = d
+                    .namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| ns.clone());
+                ObjectKey::new(dns, d.name.clone())
+            })
+            .collect();
+        Ok(Self {
+            hosts: spec.hosts.iter().filter_map(|h| qualify(h)).collect(),
+            applies_to_mesh: spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh"),
+            export_to: ExportTo::parse(&spec.export_to, &ns),
+            destinations,
+            delegates,
+            key,
+        })
+    }
+}
+
+/// A ServiceEntry reduced to its hosts and ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntryInfo {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// Hosts (valid ones, lower-cased).
+    pub hosts: Vec<String>,
+    /// Virtual IPs.
+    pub addresses: Vec<String>,
+    /// `(number, protocol)` pairs.
+    pub ports: Vec<(u32, String)>,
+    /// Who sees it.
+    pub export_to: ExportTo,
+}
+
+impl TryFrom<&ServiceEntry> for ServiceEntryInfo {
+    type Error = Error;
+
+    fn try_from(se: &ServiceEntry) -> Result<Self> {
+        let key = ObjectKey::of("ServiceEntry", &se.metadata)?;
+        Ok(Self {
+            hosts: se
+                .spec
+                .hosts
+                .iter()
+                .filter_map(|h| host::host_name(h).ok())
+                .collect(),
+            addresses: se.spec.addresses.clone(),
+            ports: se
+                .spec
+                .ports
+                .iter()
+                .map(|p| {
+                    (
+                        p.number,
+                        p.protocol.clone().unwrap_or_default().to_ascii_uppercase(),
+                    )
+                })
+                .collect(),
+            export_to: ExportTo::parse(&se.spec.export_to, &key.namespace),
+            key,
+        })
+    }
+}
+
+/// The cluster, indexed for the model's lookups.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterIndex {
+    domain: String,
+    services: HashMap<ObjectKey, ServiceInfo>,
+    services_by_namespace: HashMap<String, BTreeSet<String>>,
+    services_by_label: HashMap<(String, String), BTreeSet<ObjectKey>>,
+    namespaces: HashMap<String, NamespaceInfo>,
+    virtual_services: HashMap<ObjectKey, VirtualServiceInfo>,
+    virtual_services_by_host: HashMap<String, BTreeSet<ObjectKey>>,
+    service_entries: HashMap<ObjectKey, ServiceEntryInfo>,
+}
+
+impl ClusterIndex {
+    /// An empty index for a cluster whose domain is `domain` (`cluster.local`).
+    pub fn new(domain: impl Into<String>) -> Self {
+        Self {
+            domain: domain.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The cluster domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// FQDN of a Service.
+    pub fn fqdn(&self, key: &ObjectKey) -> String {
+        host::service_fqdn(&key.name, &key.namespace, &self.domain)
+    }
+
+    /// Adds or replaces a Service.
+    pub fn apply_service(&mut self, svc: ServiceInfo) {
+        self.remove_service(&svc.key);
+        self.services_by_namespace
+            .entry(svc.key.namespace.clone())
+            .or_default()
+            .insert(svc.key.name.clone());
+        for (k, v) in &svc.labels {
+            self.services_by_label
+                .entry((k.clone(), v.clone()))
+                .or_default()
+                .insert(svc.key.clone());
+        }
+        self.services.insert(svc.key.clone(), svc);
+    }
+
+    /// Removes a Service.
+    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<ServiceInfo> {
+        let old = self.services.remove(key)?;
+        if let Some(names) = self.services_by_namespace.get_mut(&key.namespace) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.services_by_namespace.remove(&key.namespace);
+            }
+        }
+        for label in &old.labels {
+            let label = (label.0.clone(), label.1.clone());
+            if let Some(set) = self.services_by_label.get_mut(&label) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.services_by_label.remove(&label);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// A Service.
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceInfo> {
+        self.services.get(key)
+    }
+
+    /// Every Service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values()
+    }
+
+    /// The Services of a namespace, by name.
+    pub fn services_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a ServiceInfo> + 'a {
+        let ns = namespace.to_string();
+        self.services_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(move |name| self.services.get(&ObjectKey::new(ns.clone(), name.clone())))
+    }
+
+    /// Services carrying every label of `selector` (none for an empty selector).
+    pub fn services_with_labels(&self, selector: &Labels) -> BTreeSet<ObjectKey> {
+        let mut sets = selector
+            .iter()
+            .map(|(k, v)| self.services_by_label.get(&(k.clone(), v.clone())));
+        let Some(Some(first)) = sets.next() else {
+            return BTreeSet::new();
+        };
+        let mut result = first.clone();
+        for set in sets {
+            match set {
+                Some(set) => result.retain(|k| set.contains(k)),
+                None => return BTreeSet::new(),
+            }
+        }
+        result
+    }
+
+    /// Adds or replaces a Namespace.
+    pub fn apply_namespace(&mut self, ns: NamespaceInfo) {
+        self.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    /// Removes a Namespace.
+    pub fn remove_namespace(&mut self, name: &str) -> Option<NamespaceInfo> {
+        self.namespaces.remove(name)
+    }
+
+    /// A Namespace.
+    pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
+        self.namespaces.get(name)
+    }
+
+    /// Adds or replaces a VirtualService.
+    pub fn apply_virtual_service(&mut self, vs: VirtualServiceInfo) {
+        self.remove_virtual_service(&vs.key);
+        for h in &vs.hosts {
+            self.virtual_services_by_host
+                .entry(h.clone())
+                .or_default()
+                .insert(vs.key.clone());
+        }
+        self.virtual_services.insert(vs.key.clone(), vs);
+    }
+
+    /// Removes a VirtualService.
+    pub fn remove_virtual_service(&mut self, key: &ObjectKey) -> Option<VirtualServiceInfo> {
+        let old = self.virtual_services.remove(key)?;
+        for h in &old.hosts {
+            if let Some(set) = self.virtual_services_by_host.get_mut(h) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.virtual_services_by_host.remove(h);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Adds or replaces a ServiceEntry.
+    pub fn apply_service_entry(&mut self, se: ServiceEntryInfo) {
+        self.service_entries.insert(se.key.clone(), se);
+    }
+
+    /// Removes a ServiceEntry.
+    pub fn remove_service_entry(&mut self, key: &ObjectKey) -> Option<ServiceEntryInfo> {
+        self.service_entries.remove(key)
+    }
+
+    /// Every ServiceEntry, in no particular order.
+    pub fn service_entries(&self) -> impl Iterator<Item = &ServiceEntryInfo> {
+        self.service_entries.values()
+    }
+
+    /// Where a call to `host` from a workload in `namespace` can end up besides `host` itself:
+    /// the destinations of every VirtualService for `host` that applies to sidecars and is
+    /// exported to `namespace`, following delegates. Not transitive: the caller's proxy only
+    /// needs the clusters its own routes name.
+    pub fn destinations(&self, host: &str, namespace: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut seen = HashSet::new();
+        for key in self.virtual_services_for(host) {
+            if let Some(vs) = self.virtual_services.get(key)
+                && vs.applies_to_mesh
+                && vs.export_to.visible_to(namespace)
+            {
+                self.collect_destinations(vs, &mut out, &mut seen);
+            }
+        }
+        out.remove(host);
+        out
+    }
+
+    /// VirtualServices whose hosts match `host` exactly or by a `*.suffix` wildcard.
+    fn virtual_services_for<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a ObjectKey> + 'a {
+        let wildcards = host
+            .match_indices('.')
+            .map(|(i, _)| format!("*{}", &host[i..]))
+            .filter_map(|w| self.virtual_services_by_host.get(&w));
+        self.virtual_services_by_host
+            .get(host)
+            .into_iter()
+            .chain(wildcards)
+            .flatten()
+    }
+
+    fn collect_destinations<'a>(
+        &'a self,
+        vs: &'a VirtualServiceInfo,
+        out: &mut BTreeSet<String>,
+        seen: &mut HashSet<&'a ObjectKey>,
+    ) {
+        if !seen.insert(&vs.key) {
+            return;
+        }
+        out.extend(vs.destinations.iter().cloned());
+        for d in &vs.delegates {
+            if let Some(delegate) = self.virtual_services.get(d) {
+                self.collect_destinations(delegate, out, seen);
+            }
+        }
+    }
+
+    /// Number of indexed objects per kind, for logs and readiness.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            ("services", self.services.len()),
+            ("namespaces", self.namespaces.len()),
+            ("virtualservices", self.virtual_services.len()),
+            ("serviceentries", self.service_entries.len()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(ns: &str, name: &str, labels: &[(&str, &str)]) -> ServiceInfo {
+        ServiceInfo {
+            key: ObjectKey::new(ns, name),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            selector: Some([("app".to_string(), name.to_string())].into()),
+            ports: vec![],
+            cluster_ips: vec![],
+        }
+    }
+
+    fn vs(yaml: &str) -> VirtualServiceInfo {
+        VirtualServiceInfo::from_object(&serde_yaml::from_str(yaml).unwrap(), "cluster.local").unwrap()
+    }
+
+    #[test]
+    fn label_and_namespace_lookups_follow_updates() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        idx.apply_service(svc(
+            "default",
+            "reviews",
+            &[("app", "reviews"), ("group", "default")],
+        ));
+        idx.apply_service(svc("test", "reviews", &[("app", "reviews")]));
+        let sel: Labels = [
+            ("app".into(), "reviews".into()),
+            ("group".into(), "default".into()),
+        ]
+        .into();
+        assert_eq!(
+            idx.services_with_labels(&sel),
+            [ObjectKey::new("default", "reviews")].into()
+        );
+        idx.apply_service(svc("default", "reviews", &[("app", "reviews")]));
+        assert!(idx.services_with_labels(&sel).is_empty());
+        assert_eq!(idx.services_in("test").count(), 1);
+        idx.remove_service(&ObjectKey::new("test", "reviews"));
+        assert_eq!(idx.services_in("test").count(), 0);
+        assert!(idx.services_with_labels(&Labels::new()).is_empty());
+    }
+
+    #[test]
+    fn destinations_follow_routes_delegates_and_visibility() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        idx.apply_virtual_service(vs(r#"
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews-v2}}, {destination: {host: "bad:host"}}]
+    mirror: {host: shadow.tools.svc.cluster.local}
+  - delegate: {name: more, namespace: other}
+  tcp: [{route: [{destination: {host: tcp-backend}}]}]
+"#));
+        idx.apply_virtual_service(vs(r#"
+metadata: {name: more, namespace: other}
+spec:
+  http: [{route: [{destination: {host: delegated}}]}]
+"#));
+        idx.apply_virtual_service(vs(r#"
+metadata: {name: gw-only, namespace: default}
+spec: {hosts: [reviews], gateways: [ingress], http: [{route: [{destination: {host: edge}}]}]}
+"#));
+        idx.apply_virtual_service(vs(r#"
+metadata: {name: private, namespace: default}
+spec: {hosts: [reviews], exportTo: ["."], http: [{route: [{destination: {host: private}}]}]}
+"#));
+        idx.apply_virtual_service(vs(r#"
+metadata: {name: wild, namespace: default}
+spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.svc.cluster.local}}]}]}
+"#));
+        let got = idx.destinations("reviews.default.svc.cluster.local", "default");
+        let want: BTreeSet<String> = [
+            "delegated.other.svc.cluster.local",
+            "private.default.svc.cluster.local",
+            "reviews-v2.default.svc.cluster.local",
+            "shadow.tools.svc.cluster.local",
+            "tcp-backend.default.svc.cluster.local",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(got, want);
+        assert!(
+            !idx.destinations("reviews.default.svc.cluster.local", "other")
+                .contains("private.default.svc.cluster.local")
+        );
+        assert_eq!(
+            idx.destinations("api.example.com", "x"),
+            ["egress.gw.svc.cluster.local".to_string()].into()
+        );
+        idx.remove_virtual_service(&ObjectKey::new("default", "reviews"));
+        assert!(
+            !idx.destinations("reviews.default.svc.cluster.local", "default")
+                .contains("shadow.tools.svc.cluster.local")
+        );
+    }
+
+    #[test]
+    fn delegate_cycles_terminate() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        idx.apply_virtual_service(vs(
+            "metadata: {name: a, namespace: n}\nspec: {hosts: [a], http: [{delegate: {name: b}}]}",
+        ));
+        idx.apply_virtual_service(vs("metadata: {name: b, namespace: n}\nspec: {http: [{delegate: {name: a}}, {route: [{destination: {host: x}}]}]}"));
+        assert_eq!(
+            idx.destinations("a.n.svc.cluster.local", "n"),
+            ["x.n.svc.cluster.local".to_string()].into()
+        );
+    }
+}

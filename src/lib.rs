@@ -1,0 +1,12 @@
+//! lazyload gives every Istio sidecar only the configuration it needs, learned from live traffic.
+//!
+//! It is a Rust re-implementation of the Slime lazyload module, compatible with its
+//! `ServiceFence` API and module configuration.
+//!
+//! - [`config`]: the Slime-compatible module configuration.
+//! - [`model`]: the pure domain: ServiceFence and Istio types, fence -> Sidecar, auto-fencing.
+//! - [`index`]: the cluster state the model reads (Services, Namespaces, VirtualServices, ...).
+
+pub mod config;
+pub mod index;
+pub mod model;

@@ -1,0 +1,154 @@
+//! The pure domain: ServiceFence and Istio types, host rules, and the decisions lazyload makes
+//! (a fence's dependencies and Sidecar, auto-fencing). No I/O: every function here is a function
+//! of its arguments, the current time included, so the controllers stay thin and the decisions
+//! are table-tested.
+
+pub mod alias;
+pub mod autofence;
+pub mod dependencies;
+pub mod fence;
+pub mod host;
+pub mod istio;
+pub mod labels;
+pub mod sidecar;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::config::Config;
+use crate::index::{ClusterIndex, ObjectKey};
+use dependencies::{Dependencies, InvalidHost};
+use fence::{CONDITION_HOSTS_VALID, CONDITION_SIDECAR, ServiceFence, ServiceFenceStatus};
+use istio::{IstioVersion, Sidecar};
+use sidecar::NoSidecar;
+
+/// Everything the model decides about one fence.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// The fence's new status (domains, learned dependencies, conditions).
+    pub status: ServiceFenceStatus,
+    /// The Sidecar that should exist, or why none should.
+    pub sidecar: Result<Sidecar, NoSidecar>,
+    /// When to evaluate again even if nothing changes (the next expiry).
+    pub requeue_at: Option<Timestamp>,
+}
+
+/// At most this many invalid hosts are listed in a condition message.
+const MAX_LISTED: usize = 10;
+
+/// Evaluates a fence against the cluster at `now`.
+pub fn evaluate(
+    fence: &ServiceFence,
+    index: &ClusterIndex,
+    cfg: &Config,
+    now: Timestamp,
+    version: IstioVersion,
+) -> Evaluation {
+    let Dependencies {
+        domains,
+        metric_status,
+        last_seen,
+        invalid,
+        next_change,
+    } = dependencies::dependencies(fence, index, cfg, now);
+    let namespace = fence.metadata.namespace.clone().unwrap_or_default();
+    let key = ObjectKey::new(namespace.clone(), fence.metadata.name.clone().unwrap_or_default());
+
+    let sidecar = if !fence.spec.enable {
+        Err(NoSidecar::Disabled)
+    } else if sidecar::is_global_sidecar_fence(&key, cfg) {
+        Err(NoSidecar::GlobalSidecar)
+    } else {
+        sidecar::workload_labels(fence, index, cfg).map(|labels| {
+            let hosts = sidecar::egress_hosts(&namespace, &domains, cfg, index.domain());
+            sidecar::build(fence, labels, hosts, version)
+        })
+    };
+
+    let old = fence.status.clone().unwrap_or_default();
+    let generation = fence.metadata.generation;
+    let hosts_valid = if invalid.is_empty() {
+        condition(CONDITION_HOSTS_VALID, true, "Valid", String::new())
+    } else {
+        condition(
+            CONDITION_HOSTS_VALID,
+            false,
+            "InvalidHosts",
+            describe_invalid(&invalid),
+        )
+    };
+    let generated = match &sidecar {
+        Ok(s) => {
+            let n = s.spec.egress.first().map_or(0, |e| e.hosts.len());
+            condition(CONDITION_SIDECAR, true, "Generated", format!("{n} egress hosts"))
+        }
+        Err(why) => condition(CONDITION_SIDECAR, false, why.reason(), why.message().to_string()),
+    };
+    let conditions = [hosts_valid, generated]
+        .into_iter()
+        .map(|c| keep_transition_time(c, &old.conditions, now, generation))
+        .collect();
+
+    Evaluation {
+        status: ServiceFenceStatus {
+            domains,
+            metric_status,
+            visitor: old.visitor,
+            last_seen,
+            conditions,
+        },
+        sidecar,
+        requeue_at: next_change,
+    }
+}
+
+/// A condition without its times.
+struct NewCondition {
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn condition(type_: &'static str, status: bool, reason: &'static str, message: String) -> NewCondition {
+    NewCondition {
+        type_,
+        status,
+        reason,
+        message,
+    }
+}
+
+/// Completes a condition, keeping the previous transition time when the status did not change.
+fn keep_transition_time(
+    c: NewCondition,
+    old: &[Condition],
+    now: Timestamp,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if c.status { "True" } else { "False" };
+    let since = old
+        .iter()
+        .find(|o| o.type_ == c.type_ && o.status == status)
+        .map_or(Time(now), |o| o.last_transition_time.clone());
+    Condition {
+        type_: c.type_.to_string(),
+        status: status.to_string(),
+        reason: c.reason.to_string(),
+        message: c.message,
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
+fn describe_invalid(invalid: &[InvalidHost]) -> String {
+    let mut parts: Vec<String> = invalid
+        .iter()
+        .take(MAX_LISTED)
+        .map(|i| format!("{}: {}", i.source, i.error))
+        .collect();
+    if invalid.len() > MAX_LISTED {
+        parts.push(format!("and {} more", invalid.len() - MAX_LISTED));
+    }
+    parts.join("; ")
+}

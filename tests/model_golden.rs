@@ -1,0 +1,239 @@
+//! Golden tests of the model: every ServiceFence -> Sidecar example of the Slime documentation
+//! (`tests/golden/fence/`), auto-fencing sequences (`tests/golden/autofence/`), and the cases
+//! Slime gets wrong. Each YAML file is one case; its `expect` section was written by hand from
+//! the documented behaviour, not produced by this code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use lazyload::config::Config;
+use lazyload::index::ObjectKey;
+use lazyload::index::snapshot::Snapshot;
+use lazyload::model::autofence::{self, Action};
+use lazyload::model::evaluate;
+use lazyload::model::fence::ServiceFence;
+use lazyload::model::istio::IstioVersion;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FenceCase {
+    #[allow(dead_code)]
+    description: String,
+    now: Timestamp,
+    #[serde(default)]
+    config: Option<Value>,
+    #[serde(default)]
+    cluster: Value,
+    fence: Value,
+    expect: FenceExpect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FenceExpect {
+    /// The Sidecar, or null with `noSidecar` saying why.
+    sidecar: Value,
+    #[serde(default)]
+    no_sidecar: Option<String>,
+    #[serde(default)]
+    domains: Option<Value>,
+    #[serde(default)]
+    metric_status: Option<Value>,
+    #[serde(default)]
+    last_seen: Option<Value>,
+    /// Condition type -> `status/reason`, and optionally a fragment of the message.
+    #[serde(default)]
+    conditions: BTreeMap<String, String>,
+    #[serde(default)]
+    condition_messages: BTreeMap<String, String>,
+    #[serde(default)]
+    requeue_at: Option<Timestamp>,
+}
+
+fn config(v: Option<Value>) -> Config {
+    let text = v.map(|v| serde_yaml::to_string(&v).unwrap()).unwrap_or_default();
+    Config::parse(&text).expect("case config loads").config
+}
+
+fn cases(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no cases in {}", dir.display());
+    files
+}
+
+fn run_fence_case(path: &Path) -> Result<(), String> {
+    let case: FenceCase =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let cfg = config(case.config);
+    let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
+    snap.add(case.cluster).map_err(|e| e.to_string())?;
+    let fence: ServiceFence = serde_json::from_value(case.fence).map_err(|e| format!("fence: {e}"))?;
+    let eval = evaluate(&fence, &snap.index, &cfg, case.now, IstioVersion::V1beta1);
+    let mut errors = Vec::new();
+    let mut check = |what: &str, got: Value, want: &Value| {
+        if &got != want {
+            errors.push(format!(
+                "{what}:\n--- want\n{}--- got\n{}",
+                serde_yaml::to_string(want).unwrap(),
+                serde_yaml::to_string(&got).unwrap()
+            ));
+        }
+    };
+    let e = &case.expect;
+    match &eval.sidecar {
+        Ok(s) => check("sidecar", serde_json::to_value(s).unwrap(), &e.sidecar),
+        Err(why) => {
+            check("sidecar", Value::Null, &e.sidecar);
+            check(
+                "noSidecar",
+                Value::from(why.reason()),
+                &Value::from(e.no_sidecar.clone()),
+            );
+        }
+    }
+    let status = serde_json::to_value(&eval.status).unwrap();
+    let field = |name: &str| {
+        status
+            .get(name)
+            .cloned()
+            .unwrap_or(Value::Object(Default::default()))
+    };
+    if let Some(want) = &e.domains {
+        check("status.domains", field("domains"), want);
+    }
+    if let Some(want) = &e.metric_status {
+        check("status.metricStatus", field("metricStatus"), want);
+    }
+    if let Some(want) = &e.last_seen {
+        check("status.lastSeen", field("lastSeen"), want);
+    }
+    for (ty, want) in &e.conditions {
+        let c = eval.status.conditions.iter().find(|c| &c.type_ == ty);
+        let got = c.map(|c| format!("{}/{}", c.status, c.reason));
+        check(
+            &format!("condition {ty}"),
+            Value::from(got),
+            &Value::from(want.clone()),
+        );
+    }
+    check(
+        "requeueAt",
+        Value::from(eval.requeue_at.map(|t| t.to_string())),
+        &Value::from(e.requeue_at.map(|t| t.to_string())),
+    );
+    for (ty, fragment) in &e.condition_messages {
+        let msg = eval
+            .status
+            .conditions
+            .iter()
+            .find(|c| &c.type_ == ty)
+            .map(|c| c.message.clone());
+        if !msg.as_deref().is_some_and(|m| m.contains(fragment.as_str())) {
+            errors.push(format!("condition {ty} message {msg:?} lacks {fragment:?}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+#[test]
+fn fence_cases() {
+    let failures: Vec<String> = cases("fence")
+        .iter()
+        .filter_map(|p| {
+            run_fence_case(p)
+                .err()
+                .map(|e| format!("== {}\n{e}", p.display()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoFenceCase {
+    #[allow(dead_code)]
+    description: String,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    #[allow(dead_code)]
+    description: String,
+    #[serde(default)]
+    config: Option<Value>,
+    cluster: Value,
+    /// `namespace/name` of every fence after auto-fencing ran.
+    fences: Vec<String>,
+}
+
+fn run_autofence_case(path: &Path) -> Result<(), String> {
+    let case: AutoFenceCase =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
+    for (i, step) in case.steps.into_iter().enumerate() {
+        let cfg = config(step.config);
+        let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
+        snap.add(step.cluster).map_err(|e| e.to_string())?;
+        // Fences written by hand in the step exist before auto-fencing runs.
+        for f in snap.fences.drain(..) {
+            let key = ObjectKey::new(
+                f.metadata.namespace.clone().unwrap(),
+                f.metadata.name.clone().unwrap(),
+            );
+            fences.entry(key).or_insert(f);
+        }
+        let mut keys: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
+        keys.extend(fences.keys().cloned());
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            match autofence::decide(&key, fences.get(&key), &snap.index, &cfg) {
+                Action::Create(f) => {
+                    fences.insert(key, *f);
+                }
+                Action::Delete => {
+                    fences.remove(&key);
+                }
+                Action::Keep => {}
+            }
+        }
+        let got: Vec<String> = fences.keys().map(|k| k.to_string()).collect();
+        if got != step.fences {
+            return Err(format!(
+                "step {i} ({}): want {:?}, got {got:?}",
+                step.description, step.fences
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn autofence_cases() {
+    let failures: Vec<String> = cases("autofence")
+        .iter()
+        .filter_map(|p| {
+            run_autofence_case(p)
+                .err()
+                .map(|e| format!("== {}\n{e}", p.display()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -1,0 +1,81 @@
+//! Property tests of the parsers that take user or wire input: configuration text, snapshots,
+//! host names and `metricStatus` keys never panic, and what validates stays valid.
+
+use lazyload::config::Config;
+use lazyload::index::snapshot::Snapshot;
+use lazyload::model::fence::metric_key_host;
+use lazyload::model::host::{FenceHost, host_name, sidecar_host};
+use proptest::prelude::*;
+use serde_json::Value;
+
+/// Arbitrary JSON-like trees with the config's field names sprinkled in.
+fn tree() -> impl Strategy<Value = Value> {
+    let key = prop_oneof![
+        Just("general".to_string()),
+        Just("global".to_string()),
+        Just("metric".to_string()),
+        Just("wormholePort".to_string()),
+        Just("domainAliases".to_string()),
+        Just("pattern".to_string()),
+        Just("templates".to_string()),
+        Just("dispatches".to_string()),
+        Just("misc".to_string()),
+        Just("kind".to_string()),
+        Just("spec".to_string()),
+        Just("module".to_string()),
+        "[a-zA-Z]{1,8}",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "[ -~]{0,12}".prop_map(Value::from),
+        Just(Value::from("SlimeBoot")),
+        Just(Value::from("lazyload")),
+    ];
+    leaf.prop_recursive(4, 48, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(key.clone(), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn config_text_never_panics(text in "[ -~\n]{0,200}") {
+        let _ = Config::parse(&text);
+    }
+
+    #[test]
+    fn config_trees_never_panic(tree in tree()) {
+        let _ = Config::parse(&serde_yaml::to_string(&tree).unwrap());
+    }
+
+    #[test]
+    fn snapshots_never_panic(tree in tree(), kind in prop::sample::select(vec!["Service", "Namespace", "VirtualService", "ServiceEntry", "ServiceFence", "List"])) {
+        let mut object = tree;
+        if let Value::Object(map) = &mut object {
+            map.insert("kind".into(), Value::from(kind));
+        }
+        let _ = Snapshot::parse(&serde_yaml::to_string(&object).unwrap(), "cluster.local");
+    }
+
+    #[test]
+    fn host_parsers_never_panic_and_normalise_idempotently(s in "[ -~]{0,40}") {
+        if let Ok(h) = host_name(&s) {
+            prop_assert_eq!(host_name(&h), Ok(h.clone()));
+        }
+        if let Ok(e) = sidecar_host(&s) {
+            prop_assert_eq!(sidecar_host(&e), Ok(e.clone()));
+            prop_assert_eq!(e.matches('/').count(), 1);
+        }
+        if let Ok(f) = FenceHost::parse(&s, "default", "cluster.local") {
+            prop_assert!(sidecar_host(&f.sidecar_entry()).is_ok(), "{}", f);
+        }
+        let _ = metric_key_host(&s);
+    }
+}
