@@ -6,7 +6,13 @@
 //! - [`config`]: the Slime-compatible module configuration.
 //! - [`model`]: the pure domain: ServiceFence and Istio types, fence -> Sidecar, auto-fencing.
 //! - [`index`]: the cluster state the model reads (Services, Namespaces, VirtualServices, ...).
+//! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
+//!   [`telemetry`].
 
+pub mod admin;
 pub mod config;
 pub mod index;
 pub mod model;
+pub mod readiness;
+pub mod serve;
+pub mod telemetry;

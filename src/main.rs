@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use lazyload::config::Config;
 use lazyload::model::fence::ServiceFence;
+use lazyload::serve::ServeArgs;
 
 /// lazyload: Istio Sidecars learned from live traffic (Slime lazyload, in Rust).
 #[derive(Parser)]
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Print the ServiceFence CustomResourceDefinition as YAML.
     Crd,
+    /// Run lazyload: the admin endpoint and every enabled component.
+    Serve(ServeArgs),
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -41,6 +44,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(lazyload::serve::run(args))?;
+        }
         Command::Crd => {
             print!("{}", crd_yaml()?);
         }

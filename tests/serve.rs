@@ -1,0 +1,76 @@
+//! `lazyload serve` as a process: the admin endpoint answers and SIGTERM stops it cleanly.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::http;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_clean_shutdown() {
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .args(["serve", "--admin-listen", &addr.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        if let Ok(r) = http::get(addr, "/healthz", &[]).await {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "admin did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health.status, 200);
+    assert_eq!(http::get(addr, "/readyz", &[]).await.unwrap().status, 200);
+    let metrics = http::get(addr, "/metrics", &[]).await.unwrap();
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.body.contains("# EOF"), "{}", metrics.body);
+
+    // SIGTERM: the process exits 0.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "serve did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn unusable_config_fails_with_the_field() {
+    let dir = support::TempDir::new("serve-config");
+    let cfg = dir.path("bad.yaml");
+    std::fs::write(&cfg, "general:\n  wormholePort: ['99999']\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("general.wormholePort[0]"), "{err}");
+}
