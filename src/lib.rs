@@ -16,3 +16,4 @@ pub mod model;
 pub mod readiness;
 pub mod serve;
 pub mod telemetry;
+pub mod xds;

@@ -23,7 +23,7 @@ enum Command {
     /// Print the ServiceFence CustomResourceDefinition as YAML.
     Crd,
     /// Run lazyload: the admin endpoint and every enabled component.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -46,7 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(lazyload::serve::run(args))?;
+            runtime.block_on(lazyload::serve::run(*args))?;
         }
         Command::Crd => {
             print!("{}", crd_yaml()?);

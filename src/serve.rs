@@ -11,10 +11,17 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use regex::Regex;
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, MetricSourceType};
 use crate::readiness::Readiness;
 use crate::telemetry::{self, LogFormat};
+use crate::xds::adjust::{RESERVED_PORTS, Settings};
+use crate::xds::server::{Relay, RelayConfig};
+use crate::xds::upstream::{Upstream, UpstreamConfig};
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +39,74 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LAZYLOAD_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// The xDS relay.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+}
+
+/// Flags of the xDS relay.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RelayArgs {
+    /// istiod's xDS address, `http://istiod.istio-system.svc:15010` or
+    /// `https://istiod.istio-system.svc:15012`; enables the relay.
+    #[arg(long, env = "LAZYLOAD_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Plaintext ADS listen address of the relay.
+    #[arg(long, env = "LAZYLOAD_XDS_LISTEN", default_value = "0.0.0.0:15010")]
+    pub xds_listen: SocketAddr,
+    /// TLS ADS listen address (used when --xds-tls-cert and --xds-tls-key are set).
+    #[arg(long, env = "LAZYLOAD_XDS_TLS_LISTEN", default_value = "0.0.0.0:15012")]
+    pub xds_tls_listen: SocketAddr,
+    /// Certificate (PEM) the TLS ADS listener presents (pilot-agent checks it against the mesh root).
+    #[arg(long, env = "LAZYLOAD_XDS_TLS_CERT", requires = "xds_tls_key")]
+    pub xds_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "LAZYLOAD_XDS_TLS_KEY", requires = "xds_tls_cert")]
+    pub xds_tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to; without it clients are not asked for one.
+    #[arg(long, env = "LAZYLOAD_XDS_TLS_CLIENT_CA")]
+    pub xds_tls_client_ca: Option<PathBuf>,
+    /// Mesh root certificate (PEM) istiod's certificate is verified with.
+    #[arg(long, env = "LAZYLOAD_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Name istiod's certificate must carry.
+    #[arg(
+        long,
+        env = "LAZYLOAD_UPSTREAM_SERVER_NAME",
+        default_value = "istiod.istio-system.svc"
+    )]
+    pub upstream_server_name: String,
+    /// Token file sent to istiod for downstreams that send no `authorization` (plain Envoy).
+    #[arg(long, env = "LAZYLOAD_UPSTREAM_TOKEN_FILE")]
+    pub upstream_token_file: Option<PathBuf>,
+    /// `ClusterID` sent to istiod for downstreams that send none.
+    #[arg(long, env = "LAZYLOAD_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Node ids matching this RE2 pattern are global-sidecars too (besides node metadata
+    /// `SLIME_APP=LAZYLOAD_GLOBAL_SIDECAR`).
+    #[arg(long, env = "LAZYLOAD_GLOBAL_SIDECAR_NODE_PATTERN")]
+    pub global_sidecar_node_pattern: Option<String>,
+    /// `host:port` the global-sidecar sends access logs to; default
+    /// `lazyload.<slimeNamespace>.svc.<clusterDomain>:<logSourcePort>`; `off` disables A6.
+    #[arg(long, env = "LAZYLOAD_ALS_ADDRESS")]
+    pub als_address: Option<String>,
+    /// Address the global-sidecar's outbound listeners are rebound to (A10).
+    #[arg(long, env = "LAZYLOAD_REBIND_ADDRESS", default_value = "0.0.0.0")]
+    pub rebind_address: String,
+    /// Accept callers' Istio mTLS on the global-sidecar's listeners (A11).
+    #[arg(long, env = "LAZYLOAD_ACCEPT_MTLS")]
+    pub accept_mtls: bool,
+    /// Ports besides Istio's own that no global-sidecar listener may bind (A5).
+    #[arg(long, env = "LAZYLOAD_RESERVED_PORTS", value_delimiter = ',')]
+    pub reserved_ports: Vec<u32>,
+    /// How long to keep trying istiod before a global-sidecar gets its last good config.
+    #[arg(long, env = "LAZYLOAD_UPSTREAM_OPEN_BUDGET", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_open_budget: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
+    Ok(d.into())
 }
 
 /// What the components share while they start.
@@ -88,6 +163,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tasks: JoinSet::new(),
     };
 
+    if let Some(upstream) = &args.relay.upstream {
+        start_relay(&mut ctx, &args.relay, upstream).await?;
+    }
+
     let listener = admin::bind(admin_addr)
         .await
         .with_context(|| format!("binding the admin address {admin_addr}"))?;
@@ -130,6 +209,101 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("components did not stop within {DRAIN_TIMEOUT:?}; exiting anyway");
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Starts the xDS relay (plaintext, and TLS when configured).
+async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> anyhow::Result<()> {
+    let cfg = &ctx.config;
+    let upstream = Upstream::new(UpstreamConfig {
+        address: upstream.to_string(),
+        ca_file: args.upstream_ca.clone(),
+        server_name: Some(args.upstream_server_name.clone()),
+        token_file: args.upstream_token_file.clone(),
+        cluster_id: args.cluster_id.clone(),
+    })?;
+    let als_address = match args.als_address.as_deref() {
+        Some("off") => None,
+        Some(a) => Some(parse_host_port(a).with_context(|| format!("--als-address {a:?}"))?),
+        None => {
+            let port = cfg
+                .misc_address("logSourcePort")
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map_or(8082, |a| a.port());
+            let host = format!(
+                "lazyload.{}.svc.{}",
+                cfg.global.slime_namespace, cfg.general.cluster_domain
+            );
+            Some((host, port))
+        }
+    };
+    let mut reserved_ports: std::collections::BTreeSet<u32> = RESERVED_PORTS.into_iter().collect();
+    reserved_ports.extend(&args.reserved_ports);
+    let node_pattern = args
+        .global_sidecar_node_pattern
+        .as_deref()
+        .map(Regex::new)
+        .transpose()
+        .context("--global-sidecar-node-pattern")?;
+    let relay = Relay::new(
+        RelayConfig {
+            settings: Settings {
+                als_address,
+                reserved_ports,
+                rebind_address: args.rebind_address.clone(),
+                remove_metadata_exchange: cfg.general.metric_source_type == MetricSourceType::Prometheus,
+                accept_mtls: args.accept_mtls,
+                cluster_domain: cfg.general.cluster_domain.clone(),
+            },
+            upstream,
+            node_pattern,
+            open_budget: args.upstream_open_budget,
+            probe_interval: Duration::from_secs(2),
+        },
+        ctx.shutdown.clone(),
+    );
+    relay.metrics().register(&mut ctx.registry);
+    let view = relay.clone();
+    ctx.debug = std::mem::take(&mut ctx.debug).route(
+        "/debug/relay",
+        axum::routing::get(move || {
+            let view = view.clone();
+            async move { axum::Json(view.debug_view()) }
+        }),
+    );
+    let ready = ctx.readiness.register("relay");
+    let listener = TcpListener::bind(args.xds_listen)
+        .await
+        .with_context(|| format!("binding --xds-listen {}", args.xds_listen))?;
+    tracing::info!(addr = %listener.local_addr()?, upstream = %relay_upstream(args), "xDS relay listening");
+    ctx.spawn("relay", relay.clone().serve(listener, None));
+    if let (Some(cert), Some(key)) = (&args.xds_tls_cert, &args.xds_tls_key) {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &args.xds_tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        let listener = TcpListener::bind(args.xds_tls_listen)
+            .await
+            .with_context(|| format!("binding --xds-tls-listen {}", args.xds_tls_listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "xDS relay listening (TLS)");
+        ctx.spawn("relay-tls", relay.serve(listener, Some(tls)));
+    }
+    ready.set(true);
+    Ok(())
+}
+
+fn relay_upstream(args: &RelayArgs) -> &str {
+    args.upstream.as_deref().unwrap_or_default()
+}
+
+/// Parses `host:port`.
+fn parse_host_port(s: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = s.rsplit_once(':').context("expected host:port")?;
+    anyhow::ensure!(!host.is_empty(), "expected host:port");
+    Ok((
+        host.trim_matches(['[', ']']).to_string(),
+        port.parse().context("invalid port")?,
+    ))
 }
 
 async fn shutdown_signal() -> &'static str {

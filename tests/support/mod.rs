@@ -1,8 +1,11 @@
 //! Test support shared by the black-box tests: a real Envoy process and a tiny HTTP/1.1 client.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod certs;
 pub mod envoy;
+pub mod fixtures;
 pub mod http;
+pub mod istiod;
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);

@@ -1,0 +1,206 @@
+//! Resources as the relay keeps them, and the last good config per node class.
+//!
+//! Every resource the relay keeps is interned by content: replicas of the global-sidecar
+//! receive identical resources from istiod, and each extra replica then costs a map of names to
+//! shared buffers, not another copy of the config.
+//!
+//! The last good config of a node class is what a stream of that class last ACKed, taken whole
+//! from one upstream stream (a generation): types ACKed on a newer stream replace the record
+//! only once that stream has ACKed both CDS and LDS, so config from two generations never mix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, Weak};
+
+use envoy_types::pb::google::protobuf::Any;
+
+use super::{CLUSTER, LISTENER};
+
+/// An encoded resource, shared between streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resource {
+    /// Its type URL.
+    pub type_url: Arc<str>,
+    /// Its encoded bytes.
+    pub value: Arc<[u8]>,
+}
+
+impl Resource {
+    /// The resource as a protobuf `Any` (copies the bytes).
+    pub fn to_any(&self) -> Any {
+        Any {
+            type_url: self.type_url.to_string(),
+            value: self.value.to_vec(),
+        }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.value.len()
+    }
+
+    /// Whether the encoding is empty.
+    pub fn is_empty(&self) -> bool {
+        self.value.is_empty()
+    }
+}
+
+/// The resources of one type, by name.
+pub type ResourceSet = BTreeMap<String, Resource>;
+
+/// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it).
+#[derive(Debug, Default)]
+pub struct Interner {
+    table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Interner {
+    /// Returns a shared buffer equal to `bytes`, reusing one that exists.
+    pub fn intern(&self, type_url: &str, bytes: Vec<u8>) -> Resource {
+        let key = self.hasher.hash_one(&bytes);
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = table.entry(key).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        let value = match bucket.iter().filter_map(Weak::upgrade).find(|v| **v == *bytes) {
+            Some(v) => v,
+            None => {
+                let v: Arc<[u8]> = bytes.into();
+                bucket.push(Arc::downgrade(&v));
+                v
+            }
+        };
+        if table.len() > 4096 && table.len().is_power_of_two() {
+            table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+        }
+        Resource {
+            type_url: type_url.into(),
+            value,
+        }
+    }
+}
+
+/// Config of one node class as last ACKed.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The upstream stream it came from.
+    pub generation: u64,
+    /// Resources by type URL.
+    pub types: BTreeMap<String, ResourceSet>,
+}
+
+impl Snapshot {
+    /// Whether a global-sidecar can become ready from it (clusters and listeners are there).
+    pub fn is_complete(&self) -> bool {
+        self.types.contains_key(CLUSTER) && self.types.contains_key(LISTENER)
+    }
+
+    /// Total encoded bytes.
+    pub fn bytes(&self) -> usize {
+        self.types
+            .values()
+            .flat_map(|s| s.values())
+            .map(Resource::len)
+            .sum()
+    }
+}
+
+/// The last good config per node class, plus generations still being collected.
+#[derive(Debug, Default)]
+pub struct LastGood {
+    inner: Mutex<LastGoodInner>,
+}
+
+#[derive(Debug, Default)]
+struct LastGoodInner {
+    good: HashMap<String, Arc<Snapshot>>,
+    collecting: HashMap<(String, u64), Snapshot>,
+}
+
+impl LastGood {
+    /// Records that the stream `generation` of `class` had `resources` of `type_url` ACKed.
+    pub fn acked(&self, class: &str, generation: u64, type_url: &str, resources: &ResourceSet) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (class.to_string(), generation);
+        let snap = inner.collecting.entry(key.clone()).or_insert_with(|| Snapshot {
+            generation,
+            types: BTreeMap::new(),
+        });
+        snap.types.insert(type_url.to_string(), resources.clone());
+        if snap.is_complete() {
+            let snap = Arc::new(snap.clone());
+            let newer = inner.good.get(class).is_none_or(|g| g.generation <= generation);
+            if newer {
+                inner.good.insert(class.to_string(), snap);
+            }
+        }
+    }
+
+    /// Forgets a stream's partial collection when it ends.
+    pub fn stream_ended(&self, class: &str, generation: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.collecting.remove(&(class.to_string(), generation));
+    }
+
+    /// The last good config of a class.
+    pub fn get(&self, class: &str) -> Option<Arc<Snapshot>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .good
+            .get(class)
+            .cloned()
+    }
+
+    /// Every class with its snapshot (for `/debug/relay`).
+    pub fn all(&self) -> Vec<(String, Arc<Snapshot>)> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = inner.good.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[(&str, &[u8])], interner: &Interner) -> ResourceSet {
+        items
+            .iter()
+            .map(|(n, b)| (n.to_string(), interner.intern("t", b.to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn interning_shares_equal_buffers() {
+        let i = Interner::default();
+        let a = i.intern("t", b"same".to_vec());
+        let b = i.intern("t", b"same".to_vec());
+        assert!(Arc::ptr_eq(&a.value, &b.value));
+        let c = i.intern("t", b"other".to_vec());
+        assert!(!Arc::ptr_eq(&a.value, &c.value));
+    }
+
+    #[test]
+    fn generations_never_mix() {
+        let i = Interner::default();
+        let lg = LastGood::default();
+        lg.acked("gs", 1, CLUSTER, &set(&[("c1", b"1")], &i));
+        assert!(lg.get("gs").is_none(), "LDS not acked yet");
+        lg.acked("gs", 1, LISTENER, &set(&[("l1", b"1")], &i));
+        assert_eq!(lg.get("gs").unwrap().generation, 1);
+        // A newer stream ACKs clusters only: the record stays generation 1, whole.
+        lg.acked("gs", 2, CLUSTER, &set(&[("c2", b"2")], &i));
+        let g = lg.get("gs").unwrap();
+        assert_eq!(g.generation, 1);
+        assert!(g.types[CLUSTER].contains_key("c1"));
+        lg.acked("gs", 2, LISTENER, &set(&[("l2", b"2")], &i));
+        let g = lg.get("gs").unwrap();
+        assert_eq!(g.generation, 2);
+        assert!(g.types[CLUSTER].contains_key("c2") && !g.types[CLUSTER].contains_key("c1"));
+        // An older stream finishing late does not win.
+        lg.acked("gs", 1, CLUSTER, &set(&[("c9", b"9")], &i));
+        assert_eq!(lg.get("gs").unwrap().generation, 2);
+    }
+}

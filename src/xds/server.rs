@@ -1,0 +1,738 @@
+//! The relay's ADS server: couples each downstream stream to a fresh upstream stream.
+//!
+//! As istio-agent does: one upstream stream per downstream stream; when the upstream ends or
+//! fails, the downstream stream ends too, and Envoy reconnects with its config intact. Requests
+//! go upstream through an unbounded queue, responses downstream through a one-slot channel, and
+//! the loop stops reading istiod while a response waits, so neither direction can deadlock the
+//! other (istio issue 39209). When istiod cannot be reached as a global-sidecar connects, the
+//! stream is served from the node class's last good config until istiod answers again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use regex::Regex;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::adjust::{Adjuster, Counts, Settings};
+use super::cache::{Interner, LastGood, ResourceSet, Snapshot};
+use super::delta::DeltaStream;
+use super::metrics::{AdjustLabels, Metrics, StreamLabels};
+use super::sotw::{Reply, SotwStream};
+use super::upstream::{Backoff, MAX_MESSAGE, Upstream, retryable, routine_close};
+use super::{ENDPOINT, NodeInfo, ROUTE, is_wildcard_type};
+
+/// How the relay behaves.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// The adjustments.
+    pub settings: Settings,
+    /// istiod.
+    pub upstream: Upstream,
+    /// Node ids matching this also get the adjustments.
+    pub node_pattern: Option<Regex>,
+    /// How long to keep trying istiod before a global-sidecar is served its last good config.
+    pub open_budget: Duration,
+    /// How often a stream served from the last good config checks whether istiod is back.
+    pub probe_interval: Duration,
+}
+
+/// The relay service (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: RelayConfig,
+    interner: Interner,
+    last_good: LastGood,
+    metrics: Metrics,
+    generation: AtomicU64,
+    shutdown: CancellationToken,
+    streams: Mutex<BTreeMap<u64, StreamView>>,
+}
+
+/// A stream as `/debug/relay` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamView {
+    /// Node id.
+    pub node: String,
+    /// Node class.
+    pub class: String,
+    /// `sotw` or `delta`.
+    pub protocol: &'static str,
+    /// Whether adjustments apply.
+    pub global_sidecar: bool,
+    /// `relay` or `last-good`.
+    pub mode: &'static str,
+    /// Latest version pushed per type.
+    pub versions: BTreeMap<String, String>,
+    /// Seconds since the stream started.
+    #[serde(skip)]
+    pub started: Option<Instant>,
+}
+
+/// What `/debug/relay` returns.
+#[derive(Debug, Serialize)]
+pub struct DebugView {
+    /// Open streams by generation.
+    pub streams: BTreeMap<u64, StreamView>,
+    /// Last good config per node class: generation and resources per type.
+    pub last_good: BTreeMap<String, LastGoodView>,
+}
+
+/// A last-good snapshot summary.
+#[derive(Debug, Serialize)]
+pub struct LastGoodView {
+    /// Upstream stream it came from.
+    pub generation: u64,
+    /// Resource count per type.
+    pub resources: BTreeMap<String, usize>,
+    /// Encoded bytes.
+    pub bytes: usize,
+}
+
+impl Relay {
+    /// A relay; its streams end when `shutdown` is cancelled.
+    pub fn new(config: RelayConfig, shutdown: CancellationToken) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                interner: Interner::default(),
+                last_good: LastGood::default(),
+                metrics: Metrics::default(),
+                generation: AtomicU64::new(0),
+                shutdown,
+                streams: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// The relay's metrics (register them once).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Streams and last good config, for `/debug/relay`.
+    pub fn debug_view(&self) -> DebugView {
+        let streams = self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let last_good = self
+            .shared
+            .last_good
+            .all()
+            .into_iter()
+            .map(|(class, snap)| {
+                let view = LastGoodView {
+                    generation: snap.generation,
+                    resources: snap.types.iter().map(|(t, s)| (short(t), s.len())).collect(),
+                    bytes: snap.bytes(),
+                };
+                (class, view)
+            })
+            .collect();
+        DebugView { streams, last_good }
+    }
+
+    /// Serves ADS on `listener` (TLS when `tls` is set) until shutdown.
+    pub async fn serve(self, listener: TcpListener, tls: Option<ServerTlsConfig>) -> anyhow::Result<()> {
+        let shutdown = self.shared.shutdown.clone();
+        let service = AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }
+
+    fn start<P: Protocol>(
+        &self,
+        request: Request<Streaming<P::Request>>,
+    ) -> ReceiverStream<Result<P::Response, Status>> {
+        let (metadata, _, inbound) = request.into_parts();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(run_stream::<P>(self.shared.clone(), metadata, inbound, tx));
+        ReceiverStream::new(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Relay {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(Response::new(self.start::<Sotw>(request)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(Response::new(self.start::<Delta>(request)))
+    }
+}
+
+/// What differs between SotW and Delta.
+trait Protocol: Send + 'static {
+    type Request: Send + Sync + Clone + std::fmt::Debug + 'static;
+    type Response: Send + Sync + 'static;
+    type State: Send + Sync;
+    const NAME: &'static str;
+
+    fn node(req: &Self::Request) -> Option<&Node>;
+    fn open(
+        client: AggregatedDiscoveryServiceClient<Channel>,
+        request: Request<UnboundedReceiverStream<Self::Request>>,
+    ) -> impl Future<Output = Result<Streaming<Self::Response>, Status>> + Send;
+    fn new_state(node: NodeInfo, generation: u64) -> Self::State;
+    fn downstream(state: &mut Self::State, req: Self::Request) -> (Self::Request, Reply);
+    fn upstream(
+        state: &mut Self::State,
+        resp: Self::Response,
+        adj: &Adjuster<'_>,
+        interner: &Interner,
+        counts: &mut Counts,
+    ) -> Self::Response;
+    fn resources<'a>(state: &'a Self::State, type_url: &str) -> Option<&'a ResourceSet>;
+    /// Type URL, version and resource bytes of a response (for metrics and debug).
+    fn describe(resp: &Self::Response) -> (&str, &str, usize);
+    /// The answer to a request from a last good snapshot, when it needs one. `answered` keeps
+    /// per type what was last answered.
+    fn from_snapshot(
+        snap: &Snapshot,
+        req: &Self::Request,
+        answered: &mut HashMap<String, Vec<String>>,
+        seq: u64,
+    ) -> Option<Self::Response>;
+}
+
+struct Sotw;
+struct Delta;
+
+impl Protocol for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    type State = SotwStream;
+    const NAME: &'static str = "sotw";
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    async fn open(
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        request: Request<UnboundedReceiverStream<DiscoveryRequest>>,
+    ) -> Result<Streaming<DiscoveryResponse>, Status> {
+        client
+            .stream_aggregated_resources(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    fn new_state(node: NodeInfo, generation: u64) -> SotwStream {
+        SotwStream::new(node, generation)
+    }
+
+    fn downstream(state: &mut SotwStream, req: DiscoveryRequest) -> (DiscoveryRequest, Reply) {
+        state.downstream_request(req)
+    }
+
+    fn upstream(
+        state: &mut SotwStream,
+        resp: DiscoveryResponse,
+        adj: &Adjuster<'_>,
+        interner: &Interner,
+        counts: &mut Counts,
+    ) -> DiscoveryResponse {
+        state.upstream_response(resp, adj, interner, counts)
+    }
+
+    fn resources<'a>(state: &'a SotwStream, type_url: &str) -> Option<&'a ResourceSet> {
+        state.resources(type_url)
+    }
+
+    fn describe(resp: &DiscoveryResponse) -> (&str, &str, usize) {
+        let bytes = resp.resources.iter().map(|r| r.value.len()).sum();
+        (&resp.type_url, &resp.version_info, bytes)
+    }
+
+    fn from_snapshot(
+        snap: &Snapshot,
+        req: &DiscoveryRequest,
+        answered: &mut HashMap<String, Vec<String>>,
+        seq: u64,
+    ) -> Option<DiscoveryResponse> {
+        let mut names = req.resource_names.clone();
+        names.sort();
+        if !req.response_nonce.is_empty() && answered.get(&req.type_url) == Some(&names) {
+            return None; // an ACK
+        }
+        answered.insert(req.type_url.clone(), names);
+        let set = snap.types.get(&req.type_url);
+        let resources = if is_wildcard_type(&req.type_url) {
+            set.map(|s| s.values().map(|r| r.to_any()).collect())
+                .unwrap_or_default()
+        } else {
+            req.resource_names
+                .iter()
+                .filter_map(|n| named_or_empty(&req.type_url, n, set))
+                .collect()
+        };
+        Some(DiscoveryResponse {
+            version_info: format!("last-good-{}", snap.generation),
+            resources,
+            type_url: req.type_url.clone(),
+            nonce: format!("lg-{seq}"),
+            ..Default::default()
+        })
+    }
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    type State = DeltaStream;
+    const NAME: &'static str = "delta";
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    async fn open(
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        request: Request<UnboundedReceiverStream<DeltaDiscoveryRequest>>,
+    ) -> Result<Streaming<DeltaDiscoveryResponse>, Status> {
+        client
+            .delta_aggregated_resources(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    fn new_state(node: NodeInfo, generation: u64) -> DeltaStream {
+        DeltaStream::new(node, generation)
+    }
+
+    fn downstream(state: &mut DeltaStream, req: DeltaDiscoveryRequest) -> (DeltaDiscoveryRequest, Reply) {
+        state.downstream_request(req)
+    }
+
+    fn upstream(
+        state: &mut DeltaStream,
+        resp: DeltaDiscoveryResponse,
+        adj: &Adjuster<'_>,
+        interner: &Interner,
+        counts: &mut Counts,
+    ) -> DeltaDiscoveryResponse {
+        state.upstream_response(resp, adj, interner, counts)
+    }
+
+    fn resources<'a>(state: &'a DeltaStream, type_url: &str) -> Option<&'a ResourceSet> {
+        state.resources(type_url)
+    }
+
+    fn describe(resp: &DeltaDiscoveryResponse) -> (&str, &str, usize) {
+        let bytes = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|r| r.value.len())
+            .sum();
+        (&resp.type_url, &resp.system_version_info, bytes)
+    }
+
+    fn from_snapshot(
+        snap: &Snapshot,
+        req: &DeltaDiscoveryRequest,
+        answered: &mut HashMap<String, Vec<String>>,
+        seq: u64,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let first = !answered.contains_key(&req.type_url);
+        if !first && req.resource_names_subscribe.is_empty() {
+            return None; // an ACK or an unsubscribe
+        }
+        let set = snap.types.get(&req.type_url);
+        let wildcard = is_wildcard_type(&req.type_url)
+            && (first && req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*"));
+        let names: Vec<String> = if wildcard {
+            set.map(|s| s.keys().cloned().collect()).unwrap_or_default()
+        } else {
+            req.resource_names_subscribe.clone()
+        };
+        answered
+            .entry(req.type_url.clone())
+            .or_default()
+            .extend(names.iter().cloned());
+        let resources = names
+            .iter()
+            .filter_map(|n| {
+                named_or_empty(&req.type_url, n, set).map(|any| DeltaResource {
+                    name: n.clone(),
+                    version: format!("last-good-{}", snap.generation),
+                    resource: Some(any),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        Some(DeltaDiscoveryResponse {
+            system_version_info: format!("last-good-{}", snap.generation),
+            resources,
+            type_url: req.type_url.clone(),
+            nonce: format!("lg-{seq}"),
+            ..Default::default()
+        })
+    }
+}
+
+/// A named resource from a snapshot; a requested route or endpoint name the snapshot lacks is
+/// answered empty, because Envoy waits forever for names nobody answers.
+fn named_or_empty(type_url: &str, name: &str, set: Option<&ResourceSet>) -> Option<Any> {
+    if let Some(r) = set.and_then(|s| s.get(name)) {
+        return Some(r.to_any());
+    }
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    match type_url {
+        ROUTE => Some(super::adjust::pack(&RouteConfiguration {
+            name: name.into(),
+            ..Default::default()
+        })),
+        ENDPOINT => Some(super::adjust::pack(&ClusterLoadAssignment {
+            cluster_name: name.into(),
+            ..Default::default()
+        })),
+        _ => None,
+    }
+}
+
+fn short(type_url: &str) -> String {
+    type_url.rsplit('.').next().unwrap_or(type_url).to_string()
+}
+
+async fn run_stream<P: Protocol>(
+    shared: Arc<Shared>,
+    metadata: MetadataMap,
+    mut inbound: Streaming<P::Request>,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
+) {
+    let first = match inbound.message().await {
+        Ok(Some(first)) => first,
+        Ok(None) => return,
+        Err(status) => {
+            tracing::debug!("downstream stream failed before its first request: {status}");
+            return;
+        }
+    };
+    let node = NodeInfo::from_node(P::node(&first), shared.config.node_pattern.as_ref());
+    let generation = shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("xds", node = %node.id, protocol = P::NAME, generation);
+    let labels = StreamLabels {
+        protocol: P::NAME,
+        global_sidecar: node.global_sidecar,
+    };
+    async {
+        tracing::info!(class = %node.class, global_sidecar = node.global_sidecar, "stream opened");
+        shared.metrics.streams.get_or_create(&labels).inc();
+        set_view(&shared, generation, |v| {
+            *v = Some(StreamView {
+                node: node.id.clone(),
+                class: node.class.clone(),
+                protocol: P::NAME,
+                global_sidecar: node.global_sidecar,
+                mode: "relay",
+                versions: BTreeMap::new(),
+                started: Some(Instant::now()),
+            })
+        });
+        let result = couple::<P>(&shared, &metadata, first, inbound, &tx, node.clone(), generation).await;
+        shared.metrics.streams.get_or_create(&labels).dec();
+        shared.last_good.stream_ended(&node.class, generation);
+        set_view(&shared, generation, |v| *v = None);
+        match result {
+            Ok(()) => tracing::info!("stream closed"),
+            Err(status) => {
+                tracing::info!("ending the stream: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn set_view(shared: &Shared, generation: u64, f: impl FnOnce(&mut Option<StreamView>)) {
+    let mut streams = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+    let mut entry = streams.remove(&generation);
+    f(&mut entry);
+    if let Some(e) = entry {
+        streams.insert(generation, e);
+    }
+}
+
+/// Opens the upstream stream (retrying within the budget), then pumps both directions.
+async fn couple<P: Protocol>(
+    shared: &Shared,
+    metadata: &MetadataMap,
+    first: P::Request,
+    mut inbound: Streaming<P::Request>,
+    tx: &mpsc::Sender<Result<P::Response, Status>>,
+    node: NodeInfo,
+    generation: u64,
+) -> Result<(), Status> {
+    let mut state = node
+        .global_sidecar
+        .then(|| P::new_state(node.clone(), generation));
+    let first_up = match &mut state {
+        Some(s) => P::downstream(s, first.clone()).0,
+        None => first.clone(),
+    };
+    let opened = open::<P>(shared, metadata, &first_up).await;
+    let (up_tx, mut upstream) = match opened {
+        Ok(pair) => pair,
+        Err(status) => {
+            if node.global_sidecar
+                && let Some(snap) = shared.last_good.get(&node.class)
+            {
+                return serve_last_good::<P>(shared, &snap, first, inbound, tx, generation).await;
+            }
+            return Err(status);
+        }
+    };
+    let settings = &shared.config.settings;
+    let adjuster = Adjuster {
+        settings,
+        node: &node,
+    };
+    let mut pending: VecDeque<P::Response> = VecDeque::new();
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
+            permit = tx.reserve(), if !pending.is_empty() => {
+                let Ok(permit) = permit else { return Ok(()) };
+                if let Some(resp) = pending.pop_front() {
+                    permit.send(Ok(resp));
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    let req = match &mut state {
+                        Some(s) => {
+                            let (req, reply) = P::downstream(s, req);
+                            on_reply::<P>(shared, s, &node.class, generation, reply);
+                            req
+                        }
+                        None => req,
+                    };
+                    if up_tx.send(req).is_err() {
+                        return Err(Status::unavailable("upstream stream closed"));
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    tracing::debug!("downstream stream failed: {status}");
+                    return Ok(());
+                }
+            },
+            msg = upstream.message(), if pending.is_empty() => match msg {
+                Ok(Some(resp)) => {
+                    let resp = match &mut state {
+                        Some(s) => {
+                            let mut counts = Counts::default();
+                            let resp = P::upstream(s, resp, &adjuster, &shared.interner, &mut counts);
+                            for (what, n) in counts.0 {
+                                shared.metrics.adjustments.get_or_create(&AdjustLabels { adjustment: what }).inc_by(n);
+                            }
+                            resp
+                        }
+                        None => resp,
+                    };
+                    let (type_url, version, bytes) = P::describe(&resp);
+                    let labels = Metrics::type_labels(type_url);
+                    shared.metrics.pushes.get_or_create(&labels).inc();
+                    shared.metrics.push_bytes.get_or_create(&labels).inc_by(bytes as u64);
+                    tracing::debug!(type_url, version, bytes, "push");
+                    let (t, v) = (short(type_url), version.to_string());
+                    set_view(shared, generation, |view| {
+                        if let Some(view) = view {
+                            view.versions.insert(t, v);
+                        }
+                    });
+                    pending.push_back(resp);
+                }
+                Ok(None) => return Err(Status::unavailable("istiod closed the stream")),
+                Err(status) => {
+                    if routine_close(&status) {
+                        tracing::info!("upstream stream ended: {}", status.message());
+                    } else {
+                        tracing::warn!("upstream stream failed: {status}");
+                    }
+                    return Err(Status::unavailable(format!("upstream: {}", status.message())));
+                }
+            },
+        }
+    }
+}
+
+fn on_reply<P: Protocol>(shared: &Shared, state: &P::State, class: &str, generation: u64, reply: Reply) {
+    match reply {
+        Reply::Request => {}
+        Reply::Ack { type_url } => {
+            if let Some(set) = P::resources(state, &type_url) {
+                shared.last_good.acked(class, generation, &type_url, set);
+            }
+        }
+        Reply::Nack {
+            type_url,
+            detail,
+            adjusted,
+        } => {
+            let labels = Metrics::type_labels(&type_url);
+            shared.metrics.nacks.get_or_create(&labels).inc();
+            if adjusted.is_empty() {
+                tracing::warn!(type_url, "downstream rejected istiod's config: {detail}");
+            } else {
+                shared.metrics.adjusted_nacks.get_or_create(&labels).inc();
+                tracing::warn!(type_url, adjusted = ?adjusted, "downstream rejected a response with adjusted resources: {detail}");
+            }
+        }
+    }
+}
+
+type Opened<P> = (
+    mpsc::UnboundedSender<<P as Protocol>::Request>,
+    Streaming<<P as Protocol>::Response>,
+);
+
+/// Opens the upstream stream, retrying connection failures and `Unavailable` /
+/// `ResourceExhausted` with jittered backoff within the open budget.
+async fn open<P: Protocol>(
+    shared: &Shared,
+    metadata: &MetadataMap,
+    first: &P::Request,
+) -> Result<Opened<P>, Status> {
+    let upstream = &shared.config.upstream;
+    let deadline = Instant::now() + shared.config.open_budget;
+    let mut backoff = Backoff::new(Duration::from_secs(2));
+    loop {
+        let attempt = async {
+            let client = upstream
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", upstream.address())))?;
+            let (up_tx, up_rx) = mpsc::unbounded_channel();
+            // The receiver is alive: this send cannot fail.
+            let _ = up_tx.send(first.clone());
+            let mut request = Request::new(UnboundedReceiverStream::new(up_rx));
+            *request.metadata_mut() = upstream.metadata(metadata);
+            let stream = P::open(client, request).await?;
+            Ok::<_, Status>((up_tx, stream))
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
+        };
+        match result {
+            Ok(pair) => {
+                shared.metrics.upstream_connects.inc();
+                return Ok(pair);
+            }
+            Err(status) => {
+                shared.metrics.upstream_failures.inc();
+                let delay = backoff.delay();
+                if !retryable(&status) || Instant::now() + delay > deadline {
+                    tracing::warn!("cannot open the upstream stream: {status}");
+                    return Err(status);
+                }
+                tracing::debug!(?delay, "opening the upstream stream failed, retrying: {status}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Serves a stream from the last good config until istiod can be reached again, then ends it
+/// so that the next stream is a clean handshake with istiod.
+async fn serve_last_good<P: Protocol>(
+    shared: &Shared,
+    snap: &Snapshot,
+    first: P::Request,
+    mut inbound: Streaming<P::Request>,
+    tx: &mpsc::Sender<Result<P::Response, Status>>,
+    generation: u64,
+) -> Result<(), Status> {
+    shared.metrics.last_good_served.inc();
+    tracing::warn!(
+        from_generation = snap.generation,
+        "istiod is unreachable: serving the last good config"
+    );
+    set_view(shared, generation, |v| {
+        if let Some(v) = v {
+            v.mode = "last-good";
+        }
+    });
+    let mut answered = HashMap::new();
+    let mut seq = 0;
+    let mut pending = VecDeque::new();
+    pending.extend(P::from_snapshot(snap, &first, &mut answered, seq));
+    let mut probe = tokio::time::interval(shared.config.probe_interval);
+    probe.tick().await;
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
+            permit = tx.reserve(), if !pending.is_empty() => {
+                let Ok(permit) = permit else { return Ok(()) };
+                if let Some(resp) = pending.pop_front() {
+                    permit.send(Ok(resp));
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    seq += 1;
+                    pending.extend(P::from_snapshot(snap, &req, &mut answered, seq));
+                }
+                Ok(None) | Err(_) => return Ok(()),
+            },
+            _ = probe.tick() => {
+                if shared.config.upstream.connect().await.is_ok() {
+                    tracing::info!("istiod is reachable again: ending the last-good stream");
+                    return Err(Status::unavailable("istiod is reachable again; reconnect for a fresh handshake"));
+                }
+            }
+        }
+    }
+}

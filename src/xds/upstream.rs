@@ -1,0 +1,234 @@
+//! The connection to istiod: one fresh connection per downstream stream (as istio-agent does),
+//! TLS against the mesh root with ALPN h2, the downstream's own credentials forwarded (or a
+//! configured token for plain Envoy downstreams), keepalive no faster than istiod allows, a large
+//! message limit, and jittered backoff when opening the stream fails.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// Largest xDS message accepted from istiod (istio-agent uses `MaxInt32`).
+pub const MAX_MESSAGE: usize = 1 << 30;
+/// Keepalive ping interval: istiod answers pings more often than every 15 s with GOAWAY.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Why the upstream could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The address is not a URI tonic accepts.
+    #[error("invalid upstream address {0:?}: {1}")]
+    Address(String, String),
+    /// A TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// How to reach istiod.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamConfig {
+    /// `http://istiod.istio-system.svc:15010` or `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// The mesh root certificate (PEM) to verify istiod with.
+    pub ca_file: Option<PathBuf>,
+    /// The name istiod's certificate is checked for (default `istiod.istio-system.svc`).
+    pub server_name: Option<String>,
+    /// A token file sent as `authorization: Bearer` when the downstream sends none.
+    pub token_file: Option<PathBuf>,
+    /// `ClusterID` sent when the downstream sends none.
+    pub cluster_id: Option<String>,
+}
+
+/// A configured upstream.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    config: UpstreamConfig,
+    endpoint: Endpoint,
+}
+
+impl Upstream {
+    /// Validates the configuration (addresses, TLS files).
+    pub fn new(config: UpstreamConfig) -> Result<Self, Error> {
+        let mut endpoint = Endpoint::from_shared(config.address.clone())
+            .map_err(|e| Error::Address(config.address.clone(), e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(KEEPALIVE));
+        if config.address.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().domain_name(
+                config
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| "istiod.istio-system.svc".into()),
+            );
+            if let Some(ca) = &config.ca_file {
+                let pem = std::fs::read(ca).map_err(|source| Error::File {
+                    path: ca.clone(),
+                    source,
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            } else {
+                tls = tls.with_enabled_roots();
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| Error::Tls(e.to_string()))?;
+        }
+        Ok(Self { config, endpoint })
+    }
+
+    /// The configured address.
+    pub fn address(&self) -> &str {
+        &self.config.address
+    }
+
+    /// Dials a fresh connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<AggregatedDiscoveryServiceClient<Channel>, tonic::transport::Error> {
+        let channel = self.endpoint.connect().await?;
+        Ok(AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// The metadata of the upstream stream: the downstream's `authorization` and `ClusterID`
+    /// (istiod authorises the proxy, not the relay), else the configured token and cluster id.
+    /// The token file is read on every connection: it rotates.
+    pub fn metadata(&self, downstream: &MetadataMap) -> MetadataMap {
+        let mut out = MetadataMap::new();
+        for key in ["authorization", "clusterid"] {
+            if let Some(v) = downstream.get(key) {
+                out.insert(key, v.clone());
+            }
+        }
+        if !out.contains_key("authorization")
+            && let Some(path) = &self.config.token_file
+        {
+            match std::fs::read_to_string(path) {
+                Ok(token) => match MetadataValue::try_from(format!("Bearer {}", token.trim())) {
+                    Ok(v) => {
+                        out.insert("authorization", v);
+                    }
+                    Err(_) => {
+                        tracing::warn!(file = %path.display(), "token file holds characters a header cannot")
+                    }
+                },
+                Err(e) => tracing::warn!(file = %path.display(), "cannot read the token file: {e}"),
+            }
+        }
+        if !out.contains_key("clusterid")
+            && let Some(id) = &self.config.cluster_id
+            && let Ok(v) = MetadataValue::try_from(id.as_str())
+        {
+            out.insert("clusterid", v);
+        }
+        out
+    }
+}
+
+/// Whether an error opening a stream is worth retrying (istiod not ready, rate limited, or the
+/// connection failed).
+pub fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+    )
+}
+
+/// Whether an upstream stream ended the routine way: istiod's max-connection-age GOAWAY.
+pub fn routine_close(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || status.message().contains("NO_ERROR")
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to `cap`, each delay scaled by 0.5..1.5.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    /// A backoff capped at `cap`.
+    pub fn new(cap: Duration) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        Self {
+            next: Duration::from_millis(100),
+            cap,
+            seed,
+        }
+    }
+
+    /// The next delay.
+    pub fn delay(&mut self) -> Duration {
+        // xorshift: jitter only needs to decorrelate relays, not to be unpredictable.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let factor = 0.5 + (self.seed % 1000) as f64 / 1000.0;
+        let d = self.next.mul_f64(factor);
+        self.next = (self.next * 2).min(self.cap);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..8).map(|_| b.delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(150));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(3)));
+        assert!(delays[7] >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn metadata_forwarding() {
+        let dir = std::env::temp_dir().join(format!("lazyload-token-{}", std::process::id()));
+        std::fs::write(&dir, "tok\n").unwrap();
+        let up = Upstream::new(UpstreamConfig {
+            address: "http://127.0.0.1:15010".into(),
+            token_file: Some(dir.clone()),
+            cluster_id: Some("Kubernetes".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let md = up.metadata(&MetadataMap::new());
+        assert_eq!(md.get("authorization").unwrap(), "Bearer tok");
+        assert_eq!(md.get("clusterid").unwrap(), "Kubernetes");
+        let mut down = MetadataMap::new();
+        down.insert("authorization", "Bearer theirs".parse().unwrap());
+        down.insert("clusterid", "c2".parse().unwrap());
+        let md = up.metadata(&down);
+        assert_eq!(md.get("authorization").unwrap(), "Bearer theirs");
+        assert_eq!(md.get("clusterid").unwrap(), "c2");
+        std::fs::remove_file(dir).ok();
+        assert!(
+            Upstream::new(UpstreamConfig {
+                address: "not a uri".into(),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+}

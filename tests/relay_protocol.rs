@@ -1,0 +1,517 @@
+//! Protocol tests of the relay with an in-process xDS client and the test istiod: nonce
+//! translation, stale nonces, NACKs, partial EDS merge, upstream restarts and GOAWAYs, the last
+//! good config when istiod is down, unknown types, pass-through for ordinary nodes, Delta.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use lazyload::xds::adjust::{ALS_CLUSTER, Settings};
+use lazyload::xds::server::{Relay, RelayConfig};
+use lazyload::xds::upstream::{Upstream, UpstreamConfig};
+use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER};
+use prost::Message;
+use support::istiod::{Config, TestIstiod, any};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+const PCDS: &str = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn cluster(name: &str) -> Any {
+    any(&Cluster {
+        name: name.into(),
+        ..Default::default()
+    })
+}
+
+fn cla(name: &str, weight: u32) -> Any {
+    any(&ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![
+            envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints {
+                load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value { value: weight }),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    })
+}
+
+fn listener(name: &str) -> Any {
+    any(&Listener {
+        name: name.into(),
+        ..Default::default()
+    })
+}
+
+fn mesh() -> Config {
+    let mut c = Config::new();
+    c.insert(
+        CLUSTER.into(),
+        ["a", "b", "c"]
+            .iter()
+            .map(|n| (n.to_string(), cluster(n)))
+            .collect(),
+    );
+    c.insert(
+        ENDPOINT.into(),
+        ["a", "b", "c"]
+            .iter()
+            .map(|n| (n.to_string(), cla(n, 1)))
+            .collect(),
+    );
+    c.insert(LISTENER.into(), [("l1".to_string(), listener("l1"))].into());
+    c.insert(
+        PCDS.into(),
+        [(
+            "pc".to_string(),
+            Any {
+                type_url: PCDS.into(),
+                value: vec![1, 2, 3],
+            },
+        )]
+        .into(),
+    );
+    c
+}
+
+fn node(global_sidecar: bool) -> Node {
+    let mut fields = BTreeMap::new();
+    if global_sidecar {
+        fields.insert(
+            "SLIME_APP".to_string(),
+            Value {
+                kind: Some(Kind::StringValue("LAZYLOAD_GLOBAL_SIDECAR".into())),
+            },
+        );
+    }
+    Node {
+        id: "sidecar~10.0.0.9~global-sidecar-5d9f7-x2x.mesh-operator~mesh-operator.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: fields.into_iter().collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+struct TestRelay {
+    addr: SocketAddr,
+    relay: Relay,
+    stop: CancellationToken,
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn relay(upstream: &str) -> TestRelay {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let relay = Relay::new(
+        RelayConfig {
+            settings: Settings {
+                als_address: Some(("127.0.0.1".into(), 8082)),
+                ..Default::default()
+            },
+            upstream: Upstream::new(UpstreamConfig {
+                address: upstream.into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            node_pattern: None,
+            open_budget: Duration::from_millis(600),
+            probe_interval: Duration::from_millis(200),
+        },
+        stop.clone(),
+    );
+    tokio::spawn(relay.clone().serve(listener, None));
+    TestRelay { addr, relay, stop }
+}
+
+struct SotwClient {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+}
+
+impl SotwClient {
+    async fn connect(addr: SocketAddr, metadata: &[(&'static str, &str)]) -> Self {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        for (k, v) in metadata {
+            req.metadata_mut().insert(*k, v.parse().unwrap());
+        }
+        let rx = client
+            .stream_aggregated_resources(req)
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn send(&self, req: DiscoveryRequest) {
+        self.tx.send(req).await.unwrap();
+    }
+
+    async fn request(&self, node: Option<Node>, type_url: &str, names: &[&str], nonce: &str) {
+        self.send(DiscoveryRequest {
+            node,
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("response in time")
+            .unwrap()
+            .expect("a response")
+    }
+
+    async fn silent(&mut self, for_: Duration) -> bool {
+        tokio::time::timeout(for_, self.rx.message()).await.is_err()
+    }
+
+    async fn ended(&mut self) -> tonic::Status {
+        match tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("stream ends in time")
+        {
+            Err(status) => status,
+            Ok(other) => panic!("expected the stream to end, got {other:?}"),
+        }
+    }
+}
+
+fn names(resp: &DiscoveryResponse) -> Vec<String> {
+    let mut v: Vec<String> = resp
+        .resources
+        .iter()
+        .map(|a| match a.type_url.as_str() {
+            CLUSTER => Cluster::decode(&*a.value).unwrap().name,
+            ENDPOINT => ClusterLoadAssignment::decode(&*a.value).unwrap().cluster_name,
+            LISTENER => Listener::decode(&*a.value).unwrap().name,
+            other => other.to_string(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Connects a global-sidecar, takes CDS, EDS and LDS and ACKs them all.
+async fn converge(addr: SocketAddr) -> SotwClient {
+    let mut c = SotwClient::connect(addr, &[]).await;
+    c.request(Some(node(true)), CLUSTER, &[], "").await;
+    let cds = c.recv().await;
+    assert_eq!(names(&cds), ["a", "b", "c", ALS_CLUSTER]);
+    c.request(None, CLUSTER, &[], &cds.nonce).await;
+    c.request(None, ENDPOINT, &["a", "b", "c"], "").await;
+    let eds = c.recv().await;
+    c.request(None, ENDPOINT, &["a", "b", "c"], &eds.nonce).await;
+    c.request(None, LISTENER, &[], "").await;
+    let lds = c.recv().await;
+    c.request(None, LISTENER, &[], &lds.nonce).await;
+    c
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn nonces_are_translated_and_stale_ones_ignored() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut c = SotwClient::connect(r.addr, &[("authorization", "Bearer gs-token")]).await;
+    c.request(Some(node(true)), CLUSTER, &[], "").await;
+    let first = c.recv().await;
+    assert!(first.nonce.starts_with("ll-"), "relay nonce: {}", first.nonce);
+    c.request(None, CLUSTER, &[], &first.nonce).await;
+    istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
+    let second = c.recv().await;
+    assert_eq!(names(&second), ["a", ALS_CLUSTER]);
+    // ACK the new one, then send a request with the old (stale) nonce: istiod sees both
+    // translated, ignores the stale one, and nothing comes back.
+    c.request(None, CLUSTER, &[], &second.nonce).await;
+    c.request(None, CLUSTER, &[], &first.nonce).await;
+    assert!(c.silent(Duration::from_millis(300)).await);
+    let seen: Vec<_> = istiod
+        .seen()
+        .into_iter()
+        .filter(|s| s.type_url == CLUSTER)
+        .collect();
+    assert_eq!(seen.len(), 4);
+    assert!(seen[0].has_node && seen[0].nonce.is_empty());
+    assert!(seen.iter().all(|s| !s.nonce.starts_with("ll-")), "{seen:?}");
+    assert_eq!(
+        seen[3].nonce, seen[1].nonce,
+        "the stale nonce maps to istiod's first nonce"
+    );
+    assert_ne!(seen[2].nonce, seen[1].nonce);
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some("Bearer gs-token"),
+        "downstream credentials forwarded"
+    );
+}
+
+#[tokio::test]
+async fn nack_reaches_istiod_once_and_is_counted() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(true)), LISTENER, &[], "").await;
+    let lds = c.recv().await;
+    c.send(DiscoveryRequest {
+        type_url: LISTENER.into(),
+        response_nonce: lds.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "bad listener".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        c.silent(Duration::from_millis(300)).await,
+        "a NACK is never answered"
+    );
+    let nacks: Vec<_> = istiod.seen().into_iter().filter(|s| s.error.is_some()).collect();
+    assert_eq!(nacks.len(), 1);
+    assert_eq!(nacks[0].error.as_deref(), Some("bad listener"));
+    assert!(!nacks[0].nonce.starts_with("ll-"));
+    let counted: u64 = r
+        .relay
+        .metrics()
+        .nacks
+        .get_or_create(&lazyload::xds::metrics::Metrics::type_labels(LISTENER))
+        .get();
+    assert_eq!(counted, 1);
+}
+
+#[tokio::test]
+async fn partial_eds_pushes_merge_into_the_last_good_config() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut c = converge(r.addr).await;
+    istiod.update_partial(ENDPOINT, [("b".to_string(), cla("b", 7))].into());
+    let partial = c.recv().await;
+    assert_eq!(names(&partial), ["b"], "a partial push passes as it is");
+    c.request(None, ENDPOINT, &["a", "b", "c"], &partial.nonce).await;
+    wait_until("the partial push ACKed into the last good config", || {
+        r.relay
+            .debug_view()
+            .last_good
+            .values()
+            .any(|v| v.resources.get("ClusterLoadAssignment") == Some(&3))
+    })
+    .await;
+    // istiod goes away; a new replica connecting gets the merged endpoints.
+    let addr = istiod.addr;
+    istiod.stop().await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let mut n = SotwClient::connect(r.addr, &[]).await;
+    n.request(Some(node(true)), ENDPOINT, &["a", "b", "c", "missing"], "")
+        .await;
+    let eds = n.recv().await;
+    assert!(eds.version_info.starts_with("last-good-"));
+    let weights: BTreeMap<String, u32> = eds
+        .resources
+        .iter()
+        .map(|a| ClusterLoadAssignment::decode(&*a.value).unwrap())
+        .map(|c| {
+            (
+                c.cluster_name.clone(),
+                c.endpoints
+                    .first()
+                    .and_then(|e| e.load_balancing_weight)
+                    .map_or(0, |w| w.value),
+            )
+        })
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("a".into(), 1),
+            ("b".into(), 7),
+            ("c".into(), 1),
+            ("missing".into(), 0)
+        ]
+        .into()
+    );
+    n.request(None, CLUSTER, &[], "").await;
+    assert_eq!(names(&n.recv().await), ["a", "b", "c", ALS_CLUSTER]);
+    // istiod returns: the last-good stream ends so the next one is a clean handshake.
+    let back = TestIstiod::start_on(addr, mesh(), None).await;
+    assert_eq!(n.ended().await.code(), tonic::Code::Unavailable);
+    let mut fresh = SotwClient::connect(r.addr, &[]).await;
+    fresh.request(Some(node(true)), CLUSTER, &[], "").await;
+    assert!(!fresh.recv().await.version_info.starts_with("last-good-"));
+    assert!(back.streams() >= 1);
+}
+
+#[tokio::test]
+async fn upstream_restart_ends_the_stream_and_a_reconnect_converges() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let addr = istiod.addr;
+    let r = relay(&istiod.url()).await;
+    let mut c = converge(r.addr).await;
+    istiod.stop().await;
+    assert_eq!(c.ended().await.code(), tonic::Code::Unavailable);
+    let _back = TestIstiod::start_on(addr, mesh(), None).await;
+    let c = converge(r.addr).await;
+    drop(c);
+}
+
+#[tokio::test]
+async fn istiod_down_without_last_good_config_fails_the_stream() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = relay(&format!("http://127.0.0.1:{port}")).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(true)), CLUSTER, &[], "").await;
+    assert_eq!(c.ended().await.code(), tonic::Code::Unavailable);
+    assert!(
+        r.relay.metrics().upstream_failures.get() >= 2,
+        "retried with backoff"
+    );
+}
+
+#[tokio::test]
+async fn goaway_ends_the_stream_quietly_and_the_client_reconnects() {
+    let istiod = TestIstiod::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        mesh(),
+        Some(Duration::from_millis(700)),
+    )
+    .await;
+    let r = relay(&istiod.url()).await;
+    let mut c = converge(r.addr).await;
+    // The routine max-connection-age GOAWAY (every 30 minutes in istiod) arrives.
+    assert_eq!(c.ended().await.code(), tonic::Code::Unavailable);
+    let _c = converge(r.addr).await;
+    assert!(istiod.streams() >= 2);
+}
+
+#[tokio::test]
+async fn unknown_types_and_ordinary_nodes_pass_through_unchanged() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut gs = SotwClient::connect(r.addr, &[]).await;
+    gs.request(Some(node(true)), PCDS, &["pc"], "").await;
+    let pc = gs.recv().await;
+    assert_eq!(
+        pc.resources,
+        vec![Any {
+            type_url: PCDS.into(),
+            value: vec![1, 2, 3]
+        }]
+    );
+
+    // An ordinary sidecar: istiod's responses exactly, no relay nonce, no extra cluster.
+    let mut plain = SotwClient::connect(r.addr, &[]).await;
+    plain.request(Some(node(false)), CLUSTER, &[], "").await;
+    let via_relay = plain.recv().await;
+    let mut direct = SotwClient::connect(istiod.addr, &[]).await;
+    direct.request(Some(node(false)), CLUSTER, &[], "").await;
+    let from_istiod = direct.recv().await;
+    assert_eq!(via_relay.resources, from_istiod.resources);
+    assert!(!via_relay.nonce.starts_with("ll-"));
+}
+
+#[tokio::test]
+async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", r.addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let mut stream = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut recv = async || -> DeltaDiscoveryResponse {
+        tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node(true)),
+        type_url: CLUSTER.into(),
+        // A reconnecting Envoy lists what it has, the relay's own cluster included.
+        initial_resource_versions: [
+            ("a".to_string(), String::new()),
+            (ALS_CLUSTER.to_string(), "lazyload".to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = recv().await;
+    let mut got: Vec<_> = cds.resources.iter().map(|r| r.name.clone()).collect();
+    got.sort();
+    assert_eq!(got, ["a", "b", "c", ALS_CLUSTER]);
+    assert!(
+        cds.removed_resources.is_empty(),
+        "istiod never saw (and so never removes) the relay's cluster"
+    );
+    assert!(cds.nonce.starts_with("ll-"));
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
+    let update = recv().await;
+    let mut removed = update.removed_resources.clone();
+    removed.sort();
+    assert_eq!(removed, ["b", "c"]);
+    wait_until("the ACK reached istiod", || {
+        istiod.seen().iter().any(|s| !s.nonce.is_empty())
+    })
+    .await;
+    assert!(istiod.seen().iter().all(|s| !s.nonce.starts_with("ll-")));
+}
