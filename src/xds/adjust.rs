@@ -181,8 +181,11 @@ impl Adjuster<'_> {
         }
         if self.stock_envoy() {
             let before = l.listener_filters.len();
+            // The TLS inspector is what A11 relies on; every Envoy build has it.
             l.listener_filters.retain(|f| match &f.config_type {
-                Some(listener_filter::ConfigType::TypedConfig(any)) => self.supported(any),
+                Some(listener_filter::ConfigType::TypedConfig(any)) => {
+                    f.name == TLS_INSPECTOR || self.supported(any)
+                }
                 _ => true,
             });
             if l.listener_filters.len() != before {

@@ -1,1 +1,134 @@
-//! Table tests of the SotW state machine.
+//! Tests of the SotW state machine: nonce and version translation, ACK/NACK classification,
+//! merge by name, and that arbitrary bytes never panic it.
+
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::google::rpc::Status;
+use proptest::prelude::*;
+
+use super::*;
+use crate::xds::adjust::Settings;
+
+fn cla(name: &str) -> Any {
+    pack(&ClusterLoadAssignment {
+        cluster_name: name.into(),
+        ..Default::default()
+    })
+}
+
+fn response(type_url: &str, resources: Vec<Any>, version: &str, nonce: &str) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: version.into(),
+        resources,
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        error_detail: error.map(|m| Status {
+            message: m.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn nonces_versions_and_replies() {
+    let settings = Settings::default();
+    let node = NodeInfo::default();
+    let adj = Adjuster {
+        settings: &settings,
+        node: &node,
+    };
+    let interner = Interner::default();
+    let mut s = SotwStream::new(node.clone(), 7);
+    let first = s.upstream_response(
+        response(ENDPOINT, vec![cla("a")], "v1", "n1"),
+        &adj,
+        &interner,
+        &mut Counts::default(),
+    );
+    let second = s.upstream_response(
+        response(ENDPOINT, vec![cla("b")], "v2", "n2"),
+        &adj,
+        &interner,
+        &mut Counts::default(),
+    );
+    assert_eq!(first.nonce, "ll-7-1");
+    assert_ne!(first.version_info, "v1");
+
+    // (request, translated nonce, translated version, reply)
+    let cases = [
+        (request(ENDPOINT, "", "", None), "", "", Reply::Request),
+        (
+            request(ENDPOINT, &second.version_info, &second.nonce, None),
+            "n2",
+            "v2",
+            Reply::Ack {
+                type_url: ENDPOINT.into(),
+            },
+        ),
+        (
+            request(ENDPOINT, &first.version_info, &first.nonce, None),
+            "n1",
+            "v1",
+            Reply::Request,
+        ),
+        (
+            request(ENDPOINT, &first.version_info, &second.nonce, Some("bad")),
+            "n2",
+            "v1",
+            Reply::Nack {
+                type_url: ENDPOINT.into(),
+                detail: "bad".into(),
+                adjusted: vec![],
+            },
+        ),
+        (
+            request(ENDPOINT, "x", "unknown-nonce", None),
+            "unknown-nonce",
+            "x",
+            Reply::Request,
+        ),
+    ];
+    for (req, nonce, version, reply) in cases {
+        let (up, got) = s.downstream_request(req);
+        assert_eq!(
+            (up.response_nonce.as_str(), up.version_info.as_str(), got),
+            (nonce, version, reply)
+        );
+    }
+    // Partial EDS pushes merge by name.
+    let names: Vec<&String> = s.resources(ENDPOINT).unwrap().keys().collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        type_url in prop::sample::select(vec![CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, "type.googleapis.com/x"]),
+        resources in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..4),
+        nonce in "[a-z0-9-]{0,8}",
+        stock in any::<bool>(),
+    ) {
+        let settings = Settings { accept_mtls: true, als_address: Some(("127.0.0.1".into(), 1)), ..Default::default() };
+        let mut node = NodeInfo::default();
+        if stock {
+            node.supported_names.insert("envoy.filters.http.router".into());
+        }
+        let adj = Adjuster { settings: &settings, node: &node };
+        let interner = Interner::default();
+        let mut s = SotwStream::new(node.clone(), 1);
+        let anys: Vec<Any> = resources.into_iter().map(|value| Any { type_url: type_url.into(), value }).collect();
+        let n = anys.len();
+        let out = s.upstream_response(response(type_url, anys, "v", "n"), &adj, &interner, &mut Counts::default());
+        prop_assert!(out.resources.len() <= n + 1);
+        let _ = s.downstream_request(request(type_url, "v", &nonce, None));
+    }
+}
