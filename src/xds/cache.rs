@@ -46,18 +46,35 @@ impl Resource {
 }
 
 /// The resources of one type, by name.
-pub type ResourceSet = BTreeMap<String, Resource>;
+pub type ResourceSet = BTreeMap<Arc<str>, Resource>;
 
-/// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it).
+/// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
+/// plus the type URLs and resource names streams share.
 #[derive(Debug, Default)]
 pub struct Interner {
     table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
+    strings: Mutex<std::collections::HashSet<Arc<str>>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl Interner {
+    /// A shared copy of a short string (type URL, resource name).
+    pub fn name(&self, s: &str) -> Arc<str> {
+        let mut strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = strings.get(s) {
+            return v.clone();
+        }
+        if strings.len() > 4096 && strings.len().is_power_of_two() {
+            strings.retain(|v| Arc::strong_count(v) > 1);
+        }
+        let v: Arc<str> = s.into();
+        strings.insert(v.clone());
+        v
+    }
+
     /// Returns a shared buffer equal to `bytes`, reusing one that exists.
     pub fn intern(&self, type_url: &str, bytes: Vec<u8>) -> Resource {
+        let type_url = self.name(type_url);
         let key = self.hasher.hash_one(&bytes);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = table.entry(key).or_default();
@@ -73,10 +90,7 @@ impl Interner {
         if table.len() > 4096 && table.len().is_power_of_two() {
             table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
         }
-        Resource {
-            type_url: type_url.into(),
-            value,
-        }
+        Resource { type_url, value }
     }
 }
 
@@ -168,7 +182,7 @@ mod tests {
     fn set(items: &[(&str, &[u8])], interner: &Interner) -> ResourceSet {
         items
             .iter()
-            .map(|(n, b)| (n.to_string(), interner.intern("t", b.to_vec())))
+            .map(|(n, b)| (interner.name(n), interner.intern("t", b.to_vec())))
             .collect()
     }
 

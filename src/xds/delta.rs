@@ -115,9 +115,10 @@ impl DeltaStream {
                     if changed {
                         adjusted.push(r.name.clone());
                     }
-                    state
-                        .resources
-                        .insert(r.name.clone(), interner.intern(&any.type_url, any.value.clone()));
+                    state.resources.insert(
+                        interner.name(&r.name),
+                        interner.intern(&any.type_url, any.value.clone()),
+                    );
                     r.resource = Some(any);
                     resources.push(r);
                 }
@@ -125,16 +126,17 @@ impl DeltaStream {
             }
         }
         for name in &removed {
-            state.resources.remove(name);
+            state.resources.remove(name.as_str());
         }
         if resp.type_url == CLUSTER
             && !state.own_cluster_sent
             && let Some(als) = adj.als_cluster()
         {
             let any = pack(&als);
-            state
-                .resources
-                .insert(als.name.clone(), interner.intern(CLUSTER, any.value.clone()));
+            state.resources.insert(
+                interner.name(&als.name),
+                interner.intern(CLUSTER, any.value.clone()),
+            );
             resources.push(Resource {
                 name: als.name,
                 version: "lazyload".into(),

@@ -26,6 +26,7 @@ use regex::Regex;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
@@ -169,9 +170,16 @@ impl Relay {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
+        // tonic configures no socket it did not accept itself: without TCP_NODELAY every small
+        // ACK waits for Nagle and the peer's delayed ACK (tens of milliseconds).
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
         builder
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         Ok(())
     }
@@ -390,7 +398,8 @@ impl Protocol for Delta {
             && (first && req.resource_names_subscribe.is_empty()
                 || req.resource_names_subscribe.iter().any(|n| n == "*"));
         let names: Vec<String> = if wildcard {
-            set.map(|s| s.keys().cloned().collect()).unwrap_or_default()
+            set.map(|s| s.keys().map(|k| k.to_string()).collect())
+                .unwrap_or_default()
         } else {
             req.resource_names_subscribe.clone()
         };

@@ -231,9 +231,10 @@ impl SotwStream {
                         adjusted.push(name.clone());
                     }
                     if !name.is_empty() {
-                        state
-                            .resources
-                            .insert(name, interner.intern(&any.type_url, any.value.clone()));
+                        state.resources.insert(
+                            interner.name(&name),
+                            interner.intern(&any.type_url, any.value.clone()),
+                        );
                     }
                     resources.push(any);
                 }
@@ -242,12 +243,13 @@ impl SotwStream {
         }
         if resp.type_url == CLUSTER
             && let Some(als) = adj.als_cluster()
-            && !state.resources.contains_key(&als.name)
+            && !state.resources.contains_key(als.name.as_str())
         {
             let any = pack(&als);
-            state
-                .resources
-                .insert(als.name.clone(), interner.intern(CLUSTER, any.value.clone()));
+            state.resources.insert(
+                interner.name(&als.name),
+                interner.intern(CLUSTER, any.value.clone()),
+            );
             resources.push(any);
         }
         state.sent.push_back(Sent {

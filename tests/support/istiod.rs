@@ -20,6 +20,7 @@ use envoy_types::pb::google::protobuf::Any;
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use prost::{Message, Name};
 use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -109,9 +110,14 @@ impl TestIstiod {
                     .max_connection_age(age)
                     .max_connection_age_grace(std::time::Duration::from_millis(100));
             }
+            let incoming = TcpListenerStream::new(listener).map(|c| {
+                c.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
             let _ = builder
                 .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
                 .await;
         });
         Self {

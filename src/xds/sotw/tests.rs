@@ -105,7 +105,7 @@ fn nonces_versions_and_replies() {
         );
     }
     // Partial EDS pushes merge by name.
-    let names: Vec<&String> = s.resources(ENDPOINT).unwrap().keys().collect();
+    let names: Vec<&str> = s.resources(ENDPOINT).unwrap().keys().map(|k| &**k).collect();
     assert_eq!(names, ["a", "b"]);
 }
 

@@ -1,0 +1,462 @@
+//! Relay benchmark: an Istio-shaped mesh of N services (a cluster, 3 endpoints and a virtual host
+//! per service over 20 ports) served by the test istiod; a global-sidecar client converges
+//! directly and through `lazyload serve` (a separate process, so its memory can be read), in the
+//! same run. Prints, per N: convergence time via the relay vs direct, the added latency of an
+//! incremental EDS push (p50/p99), and the relay's RSS for the first and each further replica.
+//!
+//! `cargo bench --bench relay` (release). `LAZYLOAD_BENCH_SIZES=1000,10000` to choose N.
+
+#[path = "../tests/support/istiod.rs"]
+#[allow(dead_code)] // the tests use the rest of it
+mod istiod;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
+use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
+use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use envoy_types::pb::envoy::config::core::v3::{Address, ConfigSource, Node, SocketAddress, config_source};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::route::Action;
+use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
+use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, Rds};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
+use istiod::{Config, TestIstiod, any};
+use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+const PORTS: u32 = 20;
+
+fn socket(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(AddressKind::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn cla(name: &str, i: usize, generation: u32) -> Any {
+    let endpoints = (0..3)
+        .map(|e| LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket(
+                    &format!("10.{}.{}.{}", (i >> 8) & 255, i & 255, e + generation),
+                    8080,
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    any(&ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// The mesh: config, cluster names, route names, and its size in bytes.
+fn mesh(n: usize) -> (Config, Vec<String>, Vec<String>, usize) {
+    let ads = ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(Default::default())),
+        resource_api_version: 2,
+        ..Default::default()
+    };
+    let mut clusters = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    let mut vhosts: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
+    for i in 0..n {
+        let port = 8000 + (i as u32 % PORTS);
+        let (svc, ns) = (format!("svc-{i}"), format!("ns-{}", i % 50));
+        let fqdn = format!("{svc}.{ns}.svc.cluster.local");
+        let name = format!("outbound|{port}||{fqdn}");
+        clusters.insert(
+            name.clone(),
+            any(&Cluster {
+                name: name.clone(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                eds_cluster_config: Some(EdsClusterConfig {
+                    eds_config: Some(ads.clone()),
+                    service_name: name.clone(),
+                }),
+                connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        );
+        endpoints.insert(name.clone(), cla(&name, i, 0));
+        vhosts.entry(port).or_default().push(VirtualHost {
+            name: format!("{fqdn}:{port}"),
+            domains: vec![
+                fqdn.clone(),
+                format!("{svc}.{ns}"),
+                format!("{svc}.{ns}.svc"),
+                format!("10.96.{}.{}", (i >> 8) & 255, i & 255),
+            ],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(name)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    let mut routes = BTreeMap::new();
+    let mut listeners = BTreeMap::new();
+    for (port, mut vh) in vhosts {
+        vh.push(VirtualHost {
+            name: "allow_any".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster("PassthroughCluster".into())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        routes.insert(
+            port.to_string(),
+            any(&RouteConfiguration {
+                name: port.to_string(),
+                virtual_hosts: vh,
+                ..Default::default()
+            }),
+        );
+        let hcm = HttpConnectionManager {
+            stat_prefix: format!("outbound_0.0.0.0_{port}"),
+            route_specifier: Some(RouteSpecifier::Rds(Rds {
+                config_source: Some(ads.clone()),
+                route_config_name: port.to_string(),
+            })),
+            ..Default::default()
+        };
+        listeners.insert(
+            format!("0.0.0.0_{port}"),
+            any(&Listener {
+                name: format!("0.0.0.0_{port}"),
+                address: Some(socket("0.0.0.0", port)),
+                filter_chains: vec![FilterChain {
+                    filters: vec![Filter {
+                        name: "envoy.filters.network.http_connection_manager".into(),
+                        config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+                    }],
+                    ..Default::default()
+                }],
+                bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+                ..Default::default()
+            }),
+        );
+    }
+    let cluster_names = clusters.keys().cloned().collect();
+    let route_names = routes.keys().cloned().collect();
+    let mut config = Config::new();
+    config.insert(CLUSTER.into(), clusters);
+    config.insert(ENDPOINT.into(), endpoints);
+    config.insert(ROUTE.into(), routes);
+    config.insert(LISTENER.into(), listeners);
+    let bytes = config
+        .values()
+        .flat_map(|m| m.values())
+        .map(|a| a.value.len())
+        .sum();
+    (config, cluster_names, route_names, bytes)
+}
+
+/// A global-sidecar node; replicas >= 1000 are ordinary sidecars (passed through unadjusted).
+fn node(replica: usize) -> Node {
+    let marker = (replica < 1000).then(|| {
+        (
+            "SLIME_APP".to_string(),
+            Value {
+                kind: Some(Kind::StringValue("LAZYLOAD_GLOBAL_SIDECAR".into())),
+            },
+        )
+    });
+    Node {
+        id: format!(
+            "sidecar~10.0.0.{replica}~global-sidecar-5d9f7-r{replica}.mesh-operator~mesh-operator.svc.cluster.local"
+        ),
+        metadata: Some(Struct {
+            fields: marker.into_iter().collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+struct Client {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+}
+
+impl Client {
+    async fn recv(&mut self) -> DiscoveryResponse {
+        self.rx.message().await.expect("stream").expect("response")
+    }
+
+    async fn send(&self, type_url: &str, names: &[String], nonce: &str, node: Option<Node>) {
+        self.tx
+            .send(DiscoveryRequest {
+                node,
+                type_url: type_url.into(),
+                resource_names: names.to_vec(),
+                response_nonce: nonce.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Connects and converges: CDS, EDS for every cluster, LDS, RDS for every route; each ACKed.
+    async fn converge(
+        addr: SocketAddr,
+        replica: usize,
+        clusters: &[String],
+        routes: &[String],
+    ) -> (Client, Duration) {
+        let start = Instant::now();
+        let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+            .max_decoding_message_size(1 << 30);
+        let (tx, rx) = mpsc::channel(16);
+        let rx = ads
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut c = Client { tx, rx };
+        let mut plan = vec![
+            (CLUSTER, vec![]),
+            (ENDPOINT, clusters.to_vec()),
+            (LISTENER, vec![]),
+            (ROUTE, routes.to_vec()),
+        ];
+        let mut first = Some(node(replica));
+        for (type_url, names) in plan.drain(..) {
+            c.send(type_url, &names, "", first.take()).await;
+            let resp = c.recv().await;
+            c.send(type_url, &names, &resp.nonce, None).await;
+        }
+        (c, start.elapsed())
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct RelayProcess(Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_relay(upstream: &str) -> (RelayProcess, SocketAddr) {
+    let xds = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .args(["serve", "--upstream", upstream, "--als-address", "127.0.0.1:8082"])
+        .args([
+            "--xds-listen",
+            &xds.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("lazyload serve");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(xds).await.is_ok() {
+            return (RelayProcess(child), xds);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the relay did not start");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Time from istiod's push of one cluster's endpoints to the client receiving it.
+async fn eds_latencies(
+    istiod: &TestIstiod,
+    client: &mut Client,
+    clusters: &[String],
+    rounds: usize,
+) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let name = &clusters[r % clusters.len()];
+        let start = Instant::now();
+        istiod.update_partial(
+            ENDPOINT,
+            [(name.clone(), cla(name, r, 1 + (r % 7) as u32))].into(),
+        );
+        let resp = client.recv().await;
+        out.push(start.elapsed());
+        client.send(ENDPOINT, clusters, &resp.nonce, None).await;
+        // istiod debounces pushes (100 ms and more): let the ACK settle before the next one.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    out.sort();
+    out
+}
+
+async fn run(n: usize) {
+    let (config, clusters, routes, bytes) = mesh(n);
+    let istiod = TestIstiod::start(config).await;
+    let (relay, relay_addr) = start_relay(&istiod.url()).await;
+    let pid = relay.0.id();
+
+    // Warm both paths once (connection setup, allocator), then measure in alternation.
+    let _ = Client::converge(istiod.addr, 90, &clusters, &routes).await;
+    let mut direct_times = Vec::new();
+    let mut relay_times = Vec::new();
+    let rss_idle = rss_kib(pid);
+    let mut replicas = Vec::new();
+    let mut rss = vec![rss_idle];
+    for replica in 0..3 {
+        let (_, d) = Client::converge(istiod.addr, 100 + replica, &clusters, &routes).await;
+        direct_times.push(d);
+        let (c, r) = Client::converge(relay_addr, replica, &clusters, &routes).await;
+        relay_times.push(r);
+        replicas.push(c);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rss.push(rss_kib(pid));
+    }
+    let direct = direct_times.iter().min().unwrap();
+    let via = relay_times.iter().min().unwrap();
+    let mut plain = Vec::new();
+    for replica in 0..3 {
+        plain.push(
+            Client::converge(relay_addr, 1000 + replica, &clusters, &routes)
+                .await
+                .1,
+        );
+    }
+    let plain = plain.iter().min().unwrap();
+
+    // A push reaches every subscribed stream: measure each path with only its client connected.
+    drop(replicas);
+    let rounds = 300;
+    let (mut direct_client, _) = Client::converge(istiod.addr, 200, &clusters, &routes).await;
+    let direct_eds = eds_latencies(&istiod, &mut direct_client, &clusters, rounds).await;
+    drop(direct_client);
+    let (mut relay_client, _) = Client::converge(relay_addr, 201, &clusters, &routes).await;
+    let relay_eds = eds_latencies(&istiod, &mut relay_client, &clusters, rounds).await;
+
+    let mib = |k: u64| k as f64 / 1024.0;
+    let config_mib = bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "N = {n}: config {config_mib:.2} MiB ({} clusters, {} routes)",
+        clusters.len(),
+        routes.len()
+    );
+    println!(
+        "  converge (CDS+EDS+LDS+RDS, all ACKed): direct {:.1} ms, via relay {:.1} ms, ratio {:.2}x",
+        direct.as_secs_f64() * 1e3,
+        via.as_secs_f64() * 1e3,
+        via.as_secs_f64() / direct.as_secs_f64()
+    );
+    println!(
+        "  converge, ordinary sidecar through the relay (no adjustments): {:.1} ms, ratio {:.2}x",
+        plain.as_secs_f64() * 1e3,
+        plain.as_secs_f64() / direct.as_secs_f64()
+    );
+    let added = |p: f64| {
+        percentile(&relay_eds, p).as_secs_f64() * 1e3 - percentile(&direct_eds, p).as_secs_f64() * 1e3
+    };
+    println!(
+        "  incremental EDS push: direct p50 {:.3} ms p99 {:.3} ms; via relay p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms p99 {:.3} ms",
+        percentile(&direct_eds, 0.5).as_secs_f64() * 1e3,
+        percentile(&direct_eds, 0.99).as_secs_f64() * 1e3,
+        percentile(&relay_eds, 0.5).as_secs_f64() * 1e3,
+        percentile(&relay_eds, 0.99).as_secs_f64() * 1e3,
+        added(0.5),
+        added(0.99)
+    );
+    let first = mib(rss[1].saturating_sub(rss[0]));
+    let further: Vec<String> = rss
+        .windows(2)
+        .skip(1)
+        .map(|w| format!("{:.2}", mib(w[1].saturating_sub(w[0]))))
+        .collect();
+    println!(
+        "  relay RSS: idle {:.1} MiB; first replica +{first:.2} MiB ({:.2}x config); further replicas +[{}] MiB ({:.3}x config each, mean)",
+        mib(rss[0]),
+        first / config_mib,
+        further.join(", "),
+        (mib(rss[3].saturating_sub(rss[1])) / 2.0) / config_mib
+    );
+    drop(relay_client);
+    drop(relay);
+    istiod.stop().await;
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("LAZYLOAD_BENCH_SIZES")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for n in sizes {
+            run(n).await;
+        }
+    });
+}
