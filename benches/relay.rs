@@ -314,9 +314,10 @@ async fn start_relay(upstream: &str) -> (RelayProcess, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .expect("lazyload serve");
+    let relay = RelayProcess(child);
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(xds).await.is_ok() {
-            return (RelayProcess(child), xds);
+            return (relay, xds);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
