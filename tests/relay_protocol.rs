@@ -515,3 +515,82 @@ async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
     .await;
     assert!(istiod.seen().iter().all(|s| !s.nonce.starts_with("ll-")));
 }
+
+#[tokio::test]
+async fn tls_towards_pilot_agent_and_towards_istiod() {
+    let ca = support::certs::Ca::new();
+    let istiod_cert = ca.workload("istio-system", "istiod", &["istiod.istio-system.svc"]);
+    let istiod = TestIstiod::start_tls(mesh(), &istiod_cert.cert, &istiod_cert.key).await;
+    let dir = support::TempDir::new("relay-tls");
+    std::fs::write(dir.path("root-cert.pem"), &ca.root).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let relay = Relay::new(
+        RelayConfig {
+            settings: Settings::default(),
+            upstream: Upstream::new(UpstreamConfig {
+                address: format!("https://{}", istiod.addr),
+                ca_file: Some(dir.path("root-cert.pem")),
+                server_name: Some("istiod.istio-system.svc".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+            node_pattern: None,
+            open_budget: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+        },
+        stop.clone(),
+    );
+    let relay_cert = ca.workload("mesh-operator", "lazyload", &["lazyload.mesh-operator.svc"]);
+    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        &relay_cert.cert,
+        &relay_cert.key,
+    ));
+    tokio::spawn(relay.serve(listener, Some(tls)));
+
+    // pilot-agent's side: verify the relay against the mesh root for its discoveryAddress host.
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca.root))
+                .domain_name("lazyload.mesh-operator.svc"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DiscoveryRequest {
+        node: Some(node(true)),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(names(&cds), ["a", "b", "c"]);
+    stop.cancel();
+
+    // A relay that does not trust istiod's certificate fails the stream instead.
+    let wrong = Upstream::new(UpstreamConfig {
+        address: format!("https://{}", istiod.addr),
+        ca_file: Some(dir.path("root-cert.pem")),
+        server_name: Some("someone-else.svc".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(wrong.connect().await.is_err(), "server name is checked");
+}

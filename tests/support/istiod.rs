@@ -84,9 +84,24 @@ impl TestIstiod {
         Self::start_on("127.0.0.1:0".parse().unwrap(), config, None).await
     }
 
+    /// Starts on a free loopback port with TLS (`cert`, `key`: PEM), as istiod's port 15012.
+    pub async fn start_tls(config: Config, cert: &str, key: &str) -> Self {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        Self::start_with("127.0.0.1:0".parse().unwrap(), config, None, Some(identity)).await
+    }
+
     /// Starts on `addr` (restarting on a known port); with `max_age`, connections are closed
     /// with GOAWAY at that age, as istiod does every 30 minutes.
     pub async fn start_on(addr: SocketAddr, config: Config, max_age: Option<std::time::Duration>) -> Self {
+        Self::start_with(addr, config, max_age, None).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        config: Config,
+        max_age: Option<std::time::Duration>,
+        tls: Option<tonic::transport::Identity>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -105,6 +120,11 @@ impl TestIstiod {
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let mut builder = tonic::transport::Server::builder();
+            if let Some(identity) = tls {
+                builder = builder
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
             if let Some(age) = max_age {
                 builder = builder
                     .max_connection_age(age)
