@@ -6,6 +6,7 @@
 pub mod alias;
 pub mod autofence;
 pub mod dependencies;
+pub mod fallback;
 pub mod fence;
 pub mod host;
 pub mod istio;

@@ -237,3 +237,47 @@ fn autofence_cases() {
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvoyFilterCase {
+    #[allow(dead_code)]
+    description: String,
+    #[serde(default)]
+    config: Option<Value>,
+    ports: Vec<u16>,
+    expect: Value,
+}
+
+fn run_envoyfilter_case(path: &Path) -> Result<(), String> {
+    let case: EnvoyFilterCase =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let cfg = config(case.config);
+    let got = serde_json::to_value(lazyload::model::fallback::envoyfilters(
+        &cfg,
+        &case.ports.into_iter().collect(),
+    ))
+    .unwrap();
+    if got == case.expect {
+        Ok(())
+    } else {
+        Err(format!(
+            "--- want\n{}--- got\n{}",
+            serde_yaml::to_string(&case.expect).unwrap(),
+            serde_yaml::to_string(&got).unwrap()
+        ))
+    }
+}
+
+#[test]
+fn envoyfilter_cases() {
+    let failures: Vec<String> = cases("envoyfilter")
+        .iter()
+        .filter_map(|p| {
+            run_envoyfilter_case(p)
+                .err()
+                .map(|e| format!("== {}\n{e}", p.display()))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
