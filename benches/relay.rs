@@ -6,9 +6,8 @@
 //!
 //! `cargo bench --bench relay` (release). `LAZYLOAD_BENCH_SIZES=1000,10000` to choose N.
 
-#[path = "../tests/support/istiod.rs"]
-#[allow(dead_code)] // the tests use the rest of it
-mod istiod;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +31,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
-use istiod::{Config, TestIstiod, any};
+use support::free_port;
+use support::istiod::{Config, TestIstiod, any};
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -280,14 +280,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct RelayProcess(Child);

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod index;
 pub mod model;
+pub mod net;
 pub mod readiness;
 pub mod serve;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 //!
 //! - [`adjust`]: the adjustments, pure functions over decoded Listener/RouteConfiguration/Cluster.
 //! - [`sotw`] and [`delta`]: per-stream protocol state machines (sans-IO): nonce translation,
-//!   merge by name, ACK tracking.
+//!   merge by name, ACK tracking; [`stream`] holds what they share.
 //! - [`cache`]: the last config each node class ACKed, served when istiod is unreachable.
 //! - [`upstream`]: the connection to istiod (TLS, token and metadata forwarding, keepalive).
 //! - [`server`]: the tonic service coupling the streams.
@@ -15,6 +15,7 @@ pub mod delta;
 pub mod metrics;
 pub mod server;
 pub mod sotw;
+pub mod stream;
 pub mod upstream;
 
 use std::collections::HashSet;

@@ -17,17 +17,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lazyload::xds::adjust::Settings;
-use lazyload::xds::server::{Relay, RelayConfig};
-use lazyload::xds::upstream::{Upstream, UpstreamConfig};
+use lazyload::xds::upstream::UpstreamConfig;
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use serde_json::{Value, json};
 use support::als_sink::AlsSink;
 use support::certs::Ca;
 use support::envoy::Envoy;
 use support::istiod::{Config, TestIstiod};
-use support::{TempDir, fixtures, http};
+use support::{TempDir, TestRelay, fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 const GS_CLUSTER: &str = "global-sidecar.mesh-operator.svc.cluster.local";
 const DETAILS: &str = "outbound|9080||details.default.svc.cluster.local";
@@ -35,14 +33,6 @@ const DETAILS_OTHER: &str = "outbound|9080||details.other.svc.cluster.local";
 const RESERVED: [u64; 10] = [
     15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An HTTP backend answering every request with its name.
 async fn backend(name: &'static str) -> SocketAddr {
@@ -180,15 +170,9 @@ struct Setup {
     passthrough: SocketAddr,
     sink: AlsSink,
     ca: Ca,
+    _relay: TestRelay,
     _istiod: TestIstiod,
     _dir: TempDir,
-    stop: CancellationToken,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 async fn setup(api_type: &str) -> Setup {
@@ -199,28 +183,17 @@ async fn setup(api_type: &str) -> Setup {
     let istiod = TestIstiod::start(config).await;
     let sink = AlsSink::start().await;
 
-    let relay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_addr = relay_listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let relay = Relay::new(
-        RelayConfig {
-            settings: Settings {
-                als_address: Some(("127.0.0.1".into(), sink.addr.port())),
-                accept_mtls: true,
-                ..Default::default()
-            },
-            upstream: Upstream::new(UpstreamConfig {
-                address: istiod.url(),
-                ..Default::default()
-            })
-            .unwrap(),
-            node_pattern: None,
-            open_budget: Duration::from_secs(2),
-            probe_interval: Duration::from_secs(1),
-        },
-        stop.clone(),
-    );
-    tokio::spawn(relay.serve(relay_listener, None));
+    let settings = Settings {
+        als_address: Some(("127.0.0.1".into(), sink.addr.port())),
+        accept_mtls: true,
+        ..Default::default()
+    };
+    let upstream = UpstreamConfig {
+        address: istiod.url(),
+        ..Default::default()
+    };
+    let relay = TestRelay::start(upstream, settings).await;
+    let relay_addr = relay.addr;
 
     let dir = TempDir::new("gs-certs");
     let ca = Ca::new();
@@ -270,9 +243,9 @@ async fn setup(api_type: &str) -> Setup {
         passthrough,
         sink,
         ca,
+        _relay: relay,
         _istiod: istiod,
         _dir: dir,
-        stop,
     }
 }
 

@@ -19,14 +19,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use lazyload::xds::adjust::{ALS_CLUSTER, Settings};
-use lazyload::xds::server::{Relay, RelayConfig};
 use lazyload::xds::upstream::{Upstream, UpstreamConfig};
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER};
 use prost::Message;
+use support::TestRelay;
 use support::istiod::{Config, TestIstiod, any};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
 const PCDS: &str = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig";
@@ -109,41 +108,19 @@ fn node(global_sidecar: bool) -> Node {
     }
 }
 
-struct TestRelay {
-    addr: SocketAddr,
-    relay: Relay,
-    stop: CancellationToken,
-}
-
-impl Drop for TestRelay {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 async fn relay(upstream: &str) -> TestRelay {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let relay = Relay::new(
-        RelayConfig {
-            settings: Settings {
-                als_address: Some(("127.0.0.1".into(), 8082)),
-                ..Default::default()
-            },
-            upstream: Upstream::new(UpstreamConfig {
-                address: upstream.into(),
-                ..Default::default()
-            })
-            .unwrap(),
-            node_pattern: None,
-            open_budget: Duration::from_millis(600),
-            probe_interval: Duration::from_millis(200),
-        },
-        stop.clone(),
-    );
-    tokio::spawn(relay.clone().serve(listener, None));
-    TestRelay { addr, relay, stop }
+    let settings = Settings {
+        als_address: Some(("127.0.0.1".into(), 8082)),
+        ..Default::default()
+    };
+    TestRelay::start(upstream_config(upstream), settings).await
+}
+
+fn upstream_config(address: &str) -> UpstreamConfig {
+    UpstreamConfig {
+        address: address.into(),
+        ..Default::default()
+    }
 }
 
 struct SotwClient {
@@ -524,31 +501,19 @@ async fn tls_towards_pilot_agent_and_towards_istiod() {
     let dir = support::TempDir::new("relay-tls");
     std::fs::write(dir.path("root-cert.pem"), &ca.root).unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let relay = Relay::new(
-        RelayConfig {
-            settings: Settings::default(),
-            upstream: Upstream::new(UpstreamConfig {
-                address: format!("https://{}", istiod.addr),
-                ca_file: Some(dir.path("root-cert.pem")),
-                server_name: Some("istiod.istio-system.svc".into()),
-                ..Default::default()
-            })
-            .unwrap(),
-            node_pattern: None,
-            open_budget: Duration::from_secs(2),
-            probe_interval: Duration::from_secs(1),
-        },
-        stop.clone(),
-    );
     let relay_cert = ca.workload("mesh-operator", "lazyload", &["lazyload.mesh-operator.svc"]);
     let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
         &relay_cert.cert,
         &relay_cert.key,
     ));
-    tokio::spawn(relay.serve(listener, Some(tls)));
+    let upstream = UpstreamConfig {
+        address: format!("https://{}", istiod.addr),
+        ca_file: Some(dir.path("root-cert.pem")),
+        server_name: Some("istiod.istio-system.svc".into()),
+        ..Default::default()
+    };
+    let relay = TestRelay::start_tls(upstream, Settings::default(), Some(tls)).await;
+    let addr = relay.addr;
 
     // pilot-agent's side: verify the relay against the mesh root for its discoveryAddress host.
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
@@ -582,7 +547,7 @@ async fn tls_towards_pilot_agent_and_towards_istiod() {
         .unwrap()
         .unwrap();
     assert_eq!(names(&cds), ["a", "b", "c"]);
-    stop.cancel();
+    relay.stop();
 
     // A relay that does not trust istiod's certificate fails the stream instead.
     let wrong = Upstream::new(UpstreamConfig {

@@ -7,17 +7,9 @@ use std::time::{Duration, Instant};
 
 use support::http;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn admin_endpoints_and_clean_shutdown() {
-    let port = free_port();
+    let port = support::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
         .args(["serve", "--admin-listen", &addr.to_string()])

@@ -6,7 +6,7 @@
 //! per stream, hidden from istiod (filtered from `initial_resource_versions`) and never removed
 //! by it; a listener the relay drops is sent as a removal.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -14,21 +14,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 
 use super::adjust::{ALS_CLUSTER, Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
-use super::sotw::{Processed, Reply, process};
+use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
 use super::{CLUSTER, NodeInfo};
-
-const REMEMBERED: usize = 8;
-
-#[derive(Clone, Debug)]
-struct Sent {
-    nonce: String,
-    upstream_nonce: String,
-    adjusted: Vec<String>,
-}
 
 #[derive(Debug, Default)]
 struct TypeState {
-    sent: VecDeque<Sent>,
+    sent: SentLog,
     resources: ResourceSet,
     own_cluster_sent: bool,
 }
@@ -53,38 +44,30 @@ impl DeltaStream {
             types: HashMap::new(),
         }
     }
+}
 
-    /// Translates a downstream request for istiod and says what it meant.
-    pub fn downstream_request(&mut self, mut req: DeltaDiscoveryRequest) -> (DeltaDiscoveryRequest, Reply) {
+impl StreamState for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn downstream_request(&mut self, mut req: DeltaDiscoveryRequest) -> (DeltaDiscoveryRequest, Reply) {
         req.initial_resource_versions.remove(ALS_CLUSTER);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if req.response_nonce.is_empty() {
             return (req, Reply::Request);
         }
-        let Some(pos) = state.sent.iter().position(|s| s.nonce == req.response_nonce) else {
-            return (req, Reply::Request);
-        };
-        let sent = &state.sent[pos];
-        let latest = pos + 1 == state.sent.len();
-        req.response_nonce = sent.upstream_nonce.clone();
         let subscription_change =
             !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
-        let reply = match &req.error_detail {
-            Some(status) => Reply::Nack {
-                type_url: req.type_url.clone(),
-                detail: status.message.clone(),
-                adjusted: sent.adjusted.clone(),
-            },
-            None if latest && !subscription_change => Reply::Ack {
-                type_url: req.type_url.clone(),
-            },
-            None => Reply::Request,
-        };
+        let reply = state.sent.translate(
+            &req.type_url,
+            &mut req.response_nonce,
+            req.error_detail.as_ref(),
+            !subscription_change,
+        );
         (req, reply)
     }
 
-    /// Adjusts an upstream response for the downstream and applies it to the stream's view.
-    pub fn upstream_response(
+    fn upstream_response(
         &mut self,
         resp: DeltaDiscoveryResponse,
         adj: &Adjuster<'_>,
@@ -145,14 +128,12 @@ impl DeltaStream {
             });
             state.own_cluster_sent = true;
         }
-        state.sent.push_back(Sent {
+        state.sent.push(Sent {
             nonce: nonce.clone(),
             upstream_nonce: resp.nonce,
             adjusted,
+            ..Default::default()
         });
-        if state.sent.len() > REMEMBERED {
-            state.sent.pop_front();
-        }
         DeltaDiscoveryResponse {
             system_version_info: resp.system_version_info,
             resources,
@@ -165,8 +146,7 @@ impl DeltaStream {
         }
     }
 
-    /// The resources of a type as the downstream holds them.
-    pub fn resources(&self, type_url: &str) -> Option<&ResourceSet> {
+    fn resources(&self, type_url: &str) -> Option<&ResourceSet> {
         self.types.get(type_url).map(|s| &s.resources)
     }
 }

@@ -26,8 +26,7 @@ use regex::Regex;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Server, ServerTlsConfig};
@@ -38,7 +37,8 @@ use super::adjust::{Adjuster, Counts, Settings};
 use super::cache::{Interner, LastGood, ResourceSet, Snapshot};
 use super::delta::DeltaStream;
 use super::metrics::{AdjustLabels, Metrics, StreamLabels};
-use super::sotw::{Reply, SotwStream};
+use super::sotw::SotwStream;
+use super::stream::{Reply, StreamState};
 use super::upstream::{Backoff, MAX_MESSAGE, Upstream, retryable, routine_close};
 use super::{ENDPOINT, NodeInfo, ROUTE, is_wildcard_type};
 
@@ -170,16 +170,9 @@ impl Relay {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
-        // tonic configures no socket it did not accept itself: without TCP_NODELAY every small
-        // ACK waits for Nagle and the peer's delayed ACK (tens of milliseconds).
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
-        });
         builder
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(crate::net::nodelay_incoming(listener), shutdown.cancelled_owned())
             .await?;
         Ok(())
     }
@@ -219,7 +212,7 @@ impl AggregatedDiscoveryService for Relay {
 trait Protocol: Send + 'static {
     type Request: Send + Sync + Clone + std::fmt::Debug + 'static;
     type Response: Send + Sync + 'static;
-    type State: Send + Sync;
+    type State: StreamState<Request = Self::Request, Response = Self::Response>;
     const NAME: &'static str;
 
     fn node(req: &Self::Request) -> Option<&Node>;
@@ -228,15 +221,6 @@ trait Protocol: Send + 'static {
         request: Request<UnboundedReceiverStream<Self::Request>>,
     ) -> impl Future<Output = Result<Streaming<Self::Response>, Status>> + Send;
     fn new_state(node: NodeInfo, generation: u64) -> Self::State;
-    fn downstream(state: &mut Self::State, req: Self::Request) -> (Self::Request, Reply);
-    fn upstream(
-        state: &mut Self::State,
-        resp: Self::Response,
-        adj: &Adjuster<'_>,
-        interner: &Interner,
-        counts: &mut Counts,
-    ) -> Self::Response;
-    fn resources<'a>(state: &'a Self::State, type_url: &str) -> Option<&'a ResourceSet>;
     /// Type URL, version and resource bytes of a response (for metrics and debug).
     fn describe(resp: &Self::Response) -> (&str, &str, usize);
     /// The answer to a request from a last good snapshot, when it needs one. `answered` keeps
@@ -274,24 +258,6 @@ impl Protocol for Sotw {
 
     fn new_state(node: NodeInfo, generation: u64) -> SotwStream {
         SotwStream::new(node, generation)
-    }
-
-    fn downstream(state: &mut SotwStream, req: DiscoveryRequest) -> (DiscoveryRequest, Reply) {
-        state.downstream_request(req)
-    }
-
-    fn upstream(
-        state: &mut SotwStream,
-        resp: DiscoveryResponse,
-        adj: &Adjuster<'_>,
-        interner: &Interner,
-        counts: &mut Counts,
-    ) -> DiscoveryResponse {
-        state.upstream_response(resp, adj, interner, counts)
-    }
-
-    fn resources<'a>(state: &'a SotwStream, type_url: &str) -> Option<&'a ResourceSet> {
-        state.resources(type_url)
     }
 
     fn describe(resp: &DiscoveryResponse) -> (&str, &str, usize) {
@@ -353,24 +319,6 @@ impl Protocol for Delta {
 
     fn new_state(node: NodeInfo, generation: u64) -> DeltaStream {
         DeltaStream::new(node, generation)
-    }
-
-    fn downstream(state: &mut DeltaStream, req: DeltaDiscoveryRequest) -> (DeltaDiscoveryRequest, Reply) {
-        state.downstream_request(req)
-    }
-
-    fn upstream(
-        state: &mut DeltaStream,
-        resp: DeltaDiscoveryResponse,
-        adj: &Adjuster<'_>,
-        interner: &Interner,
-        counts: &mut Counts,
-    ) -> DeltaDiscoveryResponse {
-        state.upstream_response(resp, adj, interner, counts)
-    }
-
-    fn resources<'a>(state: &'a DeltaStream, type_url: &str) -> Option<&'a ResourceSet> {
-        state.resources(type_url)
     }
 
     fn describe(resp: &DeltaDiscoveryResponse) -> (&str, &str, usize) {
@@ -527,7 +475,7 @@ async fn couple<P: Protocol>(
         .global_sidecar
         .then(|| P::new_state(node.clone(), generation));
     let first_up = match &mut state {
-        Some(s) => P::downstream(s, first.clone()).0,
+        Some(s) => s.downstream_request(first.clone()).0,
         None => first.clone(),
     };
     let opened = open::<P>(shared, metadata, &first_up).await;
@@ -561,7 +509,7 @@ async fn couple<P: Protocol>(
                 Ok(Some(req)) => {
                     let req = match &mut state {
                         Some(s) => {
-                            let (req, reply) = P::downstream(s, req);
+                            let (req, reply) = s.downstream_request(req);
                             on_reply::<P>(shared, s, &node.class, generation, reply);
                             req
                         }
@@ -582,7 +530,7 @@ async fn couple<P: Protocol>(
                     let resp = match &mut state {
                         Some(s) => {
                             let mut counts = Counts::default();
-                            let resp = P::upstream(s, resp, &adjuster, &shared.interner, &mut counts);
+                            let resp = s.upstream_response(resp, &adjuster, &shared.interner, &mut counts);
                             for (what, n) in counts.0 {
                                 shared.metrics.adjustments.get_or_create(&AdjustLabels { adjustment: what }).inc_by(n);
                             }
@@ -621,7 +569,7 @@ fn on_reply<P: Protocol>(shared: &Shared, state: &P::State, class: &str, generat
     match reply {
         Reply::Request => {}
         Reply::Ack { type_url } => {
-            if let Some(set) = P::resources(state, &type_url) {
+            if let Some(set) = state.resources(&type_url) {
                 shared.last_good.acked(class, generation, &type_url, set);
             }
         }

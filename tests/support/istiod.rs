@@ -20,8 +20,7 @@ use envoy_types::pb::google::protobuf::Any;
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use prost::{Message, Name};
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -130,11 +129,7 @@ impl TestIstiod {
                     .max_connection_age(age)
                     .max_connection_age_grace(std::time::Duration::from_millis(100));
             }
-            let incoming = TcpListenerStream::new(listener).map(|c| {
-                c.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            });
+            let incoming = lazyload::net::nodelay_incoming(listener);
             let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
@@ -266,6 +261,16 @@ impl State {
     }
 }
 
+/// The names a push sends: the pushed ones the stream subscribed to (all pushed ones for a
+/// wildcard stream), or everything subscribed for a full push (`None`: every resource).
+fn pushed_names(only: Option<&[String]>, subscribed: Option<&BTreeSet<String>>) -> Option<BTreeSet<String>> {
+    match (only, subscribed) {
+        (Some(only), Some(sub)) => Some(only.iter().filter(|n| sub.contains(*n)).cloned().collect()),
+        (Some(only), None) => Some(only.iter().cloned().collect()),
+        (None, sub) => sub.cloned(),
+    }
+}
+
 fn wildcard(type_url: &str) -> bool {
     type_url == CLUSTER || type_url == LISTENER
 }
@@ -352,11 +357,7 @@ impl AggregatedDiscoveryService for Service {
                             Push::Partial(t, names) => (t, Some(names)),
                         };
                         let Some((_, subscribed)) = types.get(&type_url).cloned() else { continue };
-                        let names: Option<BTreeSet<String>> = match (only, subscribed) {
-                            (Some(only), Some(sub)) => Some(only.into_iter().filter(|n| sub.contains(n)).collect()),
-                            (Some(only), None) => Some(only.into_iter().collect()),
-                            (None, sub) => sub,
-                        };
+                        let names = pushed_names(only.as_deref(), subscribed.as_ref());
                         let items = state.resources(&type_url, names.as_ref());
                         let (nonce, resp) = respond(&type_url, items);
                         if tx.send(Ok(resp)).await.is_err() { return; }
@@ -434,11 +435,7 @@ impl AggregatedDiscoveryService for Service {
                             Push::Partial(t, names) => (t, Some(names)),
                         };
                         let Some(entry) = types.get_mut(&type_url) else { continue };
-                        let names: Option<BTreeSet<String>> = match (&only, &entry.0) {
-                            (Some(only), Some(sub)) => Some(only.iter().filter(|n| sub.contains(*n)).cloned().collect()),
-                            (Some(only), None) => Some(only.iter().cloned().collect()),
-                            (None, sub) => sub.clone(),
-                        };
+                        let names = pushed_names(only.as_deref(), entry.0.as_ref());
                         let items = state.resources(&type_url, names.as_ref());
                         let removed: Vec<String> = if only.is_none() {
                             entry.1.iter().filter(|n| !items.iter().any(|(i, _)| i == *n)).cloned().collect()

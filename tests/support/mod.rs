@@ -8,6 +8,69 @@ pub mod fixtures;
 pub mod http;
 pub mod istiod;
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A relay serving on a free loopback port until dropped.
+pub struct TestRelay {
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// The relay (metrics, debug view).
+    pub relay: lazyload::xds::server::Relay,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl TestRelay {
+    /// Starts a relay in front of `upstream` with `settings`.
+    pub async fn start(
+        upstream: lazyload::xds::upstream::UpstreamConfig,
+        settings: lazyload::xds::adjust::Settings,
+    ) -> Self {
+        Self::start_tls(upstream, settings, None).await
+    }
+
+    /// The same, serving TLS when `tls` is set.
+    pub async fn start_tls(
+        upstream: lazyload::xds::upstream::UpstreamConfig,
+        settings: lazyload::xds::adjust::Settings,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Self {
+        use std::time::Duration;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let relay = lazyload::xds::server::Relay::new(
+            lazyload::xds::server::RelayConfig {
+                settings,
+                upstream: lazyload::xds::upstream::Upstream::new(upstream).unwrap(),
+                node_pattern: None,
+                open_budget: Duration::from_millis(600),
+                probe_interval: Duration::from_millis(200),
+            },
+            stop.clone(),
+        );
+        tokio::spawn(relay.clone().serve(listener, tls));
+        Self { addr, relay, stop }
+    }
+
+    /// Stops serving (streams end).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
 

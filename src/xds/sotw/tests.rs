@@ -7,6 +7,9 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::xds::adjust::Settings;
+use crate::xds::stream::StreamState;
+use crate::xds::{ENDPOINT, LISTENER, ROUTE, SECRET};
+use envoy_types::pb::google::protobuf::Any;
 
 fn cla(name: &str) -> Any {
     pack(&ClusterLoadAssignment {

@@ -1,0 +1,208 @@
+//! What the SotW and Delta stream state machines share: the resource pipeline (name, adjust),
+//! the log of responses sent (to translate replies back to istiod's nonces), what a reply meant,
+//! and the interface the server drives them through.
+
+use std::collections::VecDeque;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+
+use super::adjust::{Adjuster, Counts, ListenerOutcome, pack};
+use super::cache::{Interner, ResourceSet};
+use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+
+/// Responses remembered per type for translating replies (Envoy only answers recent ones).
+const REMEMBERED: usize = 8;
+
+/// A stream state machine as the server drives it.
+pub trait StreamState: Send + Sync {
+    /// Downstream request type.
+    type Request;
+    /// Downstream response type.
+    type Response;
+    /// Translates a downstream request for istiod and says what it meant.
+    fn downstream_request(&mut self, req: Self::Request) -> (Self::Request, Reply);
+    /// Adjusts an upstream response for the downstream and keeps the stream's view of it.
+    fn upstream_response(
+        &mut self,
+        resp: Self::Response,
+        adj: &Adjuster<'_>,
+        interner: &Interner,
+        counts: &mut Counts,
+    ) -> Self::Response;
+    /// The resources of a type as the downstream holds them.
+    fn resources(&self, type_url: &str) -> Option<&ResourceSet>;
+}
+
+/// What a downstream request meant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A first request or a subscription change.
+    Request,
+    /// The latest response of the type was accepted.
+    Ack {
+        /// Type URL.
+        type_url: String,
+    },
+    /// A response was rejected.
+    Nack {
+        /// Type URL.
+        type_url: String,
+        /// Envoy's error message.
+        detail: String,
+        /// Resources of the rejected response the relay had adjusted.
+        adjusted: Vec<String>,
+    },
+}
+
+/// A response sent downstream.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sent {
+    /// The relay's nonce.
+    pub nonce: String,
+    /// The relay's version (SotW).
+    pub version: String,
+    /// istiod's nonce.
+    pub upstream_nonce: String,
+    /// istiod's version (SotW).
+    pub upstream_version: String,
+    /// Resources the relay changed.
+    pub adjusted: Vec<String>,
+}
+
+/// The recent responses of one type.
+#[derive(Debug, Default)]
+pub(crate) struct SentLog(VecDeque<Sent>);
+
+impl SentLog {
+    /// Remembers a response, forgetting the oldest beyond [`REMEMBERED`].
+    pub fn push(&mut self, sent: Sent) {
+        self.0.push_back(sent);
+        if self.0.len() > REMEMBERED {
+            self.0.pop_front();
+        }
+    }
+
+    /// istiod's version for one of the relay's.
+    pub fn upstream_version(&self, version: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|s| s.version == version)
+            .map(|s| s.upstream_version.as_str())
+    }
+
+    /// Rewrites a reply's nonce to istiod's and says what the reply meant. A reply to an
+    /// unknown or forgotten nonce is passed as it is: istiod ignores nonces it does not know.
+    /// `acks` says whether a reply without error can be an ACK (a Delta subscription change is not).
+    pub fn translate(&self, type_url: &str, nonce: &mut String, error: Option<&Status>, acks: bool) -> Reply {
+        let Some(pos) = self.0.iter().position(|s| s.nonce == *nonce) else {
+            return Reply::Request;
+        };
+        let sent = &self.0[pos];
+        *nonce = sent.upstream_nonce.clone();
+        match error {
+            Some(status) => Reply::Nack {
+                type_url: type_url.to_string(),
+                detail: status.message.clone(),
+                adjusted: sent.adjusted.clone(),
+            },
+            None if acks && pos + 1 == self.0.len() => Reply::Ack {
+                type_url: type_url.to_string(),
+            },
+            None => Reply::Request,
+        }
+    }
+}
+
+/// The `name` (field 1) shared by Cluster, ClusterLoadAssignment, Listener, RouteConfiguration
+/// and Secret; decoding only it skips the rest of the message.
+#[derive(Clone, PartialEq, Message)]
+struct NameOnly {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// The name of a resource of a type the relay knows.
+pub fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
+    matches!(type_url, CLUSTER | ENDPOINT | LISTENER | ROUTE | SECRET)
+        .then(|| NameOnly::decode(bytes).ok().map(|n| n.name))
+        .flatten()
+}
+
+/// A resource after adjustment.
+pub(crate) enum Processed {
+    /// Send it (`adjusted`: the relay changed it).
+    Keep {
+        /// Resource name (empty for types the relay does not know).
+        name: String,
+        /// The resource.
+        any: Any,
+        /// Whether it was changed.
+        adjusted: bool,
+    },
+    /// Do not send it (a listener on a reserved port).
+    Drop,
+}
+
+/// Adjusts one resource. Resources that cannot be decoded pass through unchanged (Envoy will
+/// judge them) and are counted.
+pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
+    let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
+    let keep = |any, adjusted| Processed::Keep {
+        name: name.clone(),
+        any,
+        adjusted,
+    };
+    match any.type_url.as_str() {
+        LISTENER => match Listener::decode(&*any.value) {
+            Ok(mut l) => match adj.listener(&mut l, counts) {
+                ListenerOutcome::Drop { port } => {
+                    tracing::debug!(listener = %name, port, "dropped: reserved port");
+                    Processed::Drop
+                }
+                ListenerOutcome::Keep { changed: true } => keep(pack(&l), true),
+                ListenerOutcome::Keep { changed: false } => keep(any, false),
+            },
+            Err(e) => undecodable(any, &name, e, counts),
+        },
+        ROUTE => match RouteConfiguration::decode(&*any.value) {
+            Ok(mut rc) => {
+                if adj.route(&mut rc, counts) {
+                    keep(pack(&rc), true)
+                } else {
+                    keep(any, false)
+                }
+            }
+            Err(e) => undecodable(any, &name, e, counts),
+        },
+        CLUSTER if adj.cluster_needs_decode(&any.value) => match Cluster::decode(&*any.value) {
+            Ok(mut c) => {
+                if adj.cluster(&mut c, counts) {
+                    keep(pack(&c), true)
+                } else {
+                    keep(any, false)
+                }
+            }
+            Err(e) => undecodable(any, &name, e, counts),
+        },
+        _ => keep(any, false),
+    }
+}
+
+fn undecodable(any: Any, name: &str, e: prost::DecodeError, counts: &mut Counts) -> Processed {
+    tracing::warn!(type_url = %any.type_url, resource = %name, "cannot decode resource, passing it through: {e}");
+    counts
+        .0
+        .entry("undecodable_resource")
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
+    Processed::Keep {
+        name: name.to_string(),
+        any,
+        adjusted: false,
+    }
+}
