@@ -25,6 +25,11 @@ impl Envoy {
     /// Starts Envoy with `bootstrap` (YAML; its admin should listen on `127.0.0.1:0`) and waits
     /// until the admin endpoint answers.
     pub async fn start(name: &str, bootstrap: &str) -> Envoy {
+        Self::start_with_env(name, bootstrap, &[]).await
+    }
+
+    /// The same, with extra environment variables (`POD_NAMESPACE` for `%ENVIRONMENT()%`).
+    pub async fn start_with_env(name: &str, bootstrap: &str, env: &[(&str, &str)]) -> Envoy {
         let dir = TempDir::new(&format!("envoy-{name}"));
         let config = dir.path("bootstrap.yaml");
         std::fs::write(&config, bootstrap).unwrap();
@@ -42,6 +47,7 @@ impl Envoy {
                 "--concurrency",
                 "1",
             ])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

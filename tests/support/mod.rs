@@ -4,6 +4,7 @@
 pub mod als_sink;
 pub mod certs;
 pub mod envoy;
+pub mod envoyfilter;
 pub mod fixtures;
 pub mod http;
 pub mod istiod;

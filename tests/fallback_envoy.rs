@@ -1,0 +1,225 @@
+//! The `to-global-sidecar` EnvoyFilter on a real Envoy: its patches applied to the recorded route
+//! configuration `"9080"` of an Istio 1.18 sidecar (as istiod would), served to a stock Envoy 1.40
+//! acting as a fenced workload. Envoy accepts it (one `*` virtual host, also when the mesh is
+//! `REGISTRY_ONLY` and when a dispatch asks for `*`), and an unknown host goes to the
+//! global-sidecar cluster with `Slime-Orig-Dest` and `Slime-Source-Ns`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lazyload::config::Config as LazyloadConfig;
+use lazyload::model::fallback::envoyfilters;
+use lazyload::xds::{CLUSTER, LISTENER, ROUTE};
+use serde_json::{Value, json};
+use support::envoy::Envoy;
+use support::envoyfilter::apply_route_patches;
+use support::istiod::{Config, TestIstiod};
+use support::{fixtures, free_port, http};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GS_CLUSTER: &str = "outbound|9080||global-sidecar.mesh-operator.svc.cluster.local";
+
+/// A backend that answers with the request headers it got.
+async fn echo_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 16384];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                    head.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+fn static_cluster(name: &str, addr: SocketAddr) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}}}]}]}
+    })
+}
+
+/// Route `"9080"` of the fixture, optionally with the mesh in `REGISTRY_ONLY` (Istio's
+/// `block_all` instead of `allow_any`), patched by the EnvoyFilter for `config`.
+fn patched_route(config: &str, registry_only: bool) -> Value {
+    let dump = fixtures::load(&["dsb-geo-sidecar_istio-1.18.2_config_dump_without_listeners.json"]);
+    let mut rc = dump.routes.iter().find(|r| r["name"] == "9080").unwrap().clone();
+    if registry_only {
+        for v in rc["virtual_hosts"].as_array_mut().unwrap() {
+            if v["name"] == "allow_any" {
+                *v = json!({"name": "block_all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 502}}]});
+            }
+        }
+    }
+    let cfg = LazyloadConfig::parse(config).unwrap().config;
+    let efs = envoyfilters(&cfg, &[9080].into());
+    apply_route_patches(&efs[0], &mut rc);
+    rc
+}
+
+async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod) {
+    let port = free_port();
+    let listener = json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "0.0.0.0_9080",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "outbound_0.0.0.0_9080",
+            "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "9080"},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]
+    });
+    let passthrough = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"
+    });
+    let by_name = |items: &[Value]| -> BTreeMap<String, envoy_types::pb::google::protobuf::Any> {
+        items
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().to_string(),
+                    fixtures::any_from_json(v),
+                )
+            })
+            .collect()
+    };
+    let mut config = Config::new();
+    config.insert(LISTENER.into(), by_name(&[listener]));
+    config.insert(ROUTE.into(), by_name(&[route]));
+    config.insert(
+        CLUSTER.into(),
+        by_name(&[static_cluster(GS_CLUSTER, gs), passthrough]),
+    );
+    let istiod = TestIstiod::start(config).await;
+    let bootstrap = format!(
+        r#"
+node: {{id: "sidecar~127.0.0.1~productpage-v1-abc-def.default~default.svc.cluster.local", cluster: productpage.default}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+"#,
+        istiod.addr.port()
+    );
+    let envoy = Envoy::start_with_env("workload", &bootstrap, &[("POD_NAMESPACE", "default")]).await;
+    envoy
+        .wait_for("the route configuration", Duration::from_secs(30), || async {
+            let stats = envoy.stats("rds").await;
+            let ok = stats
+                .iter()
+                .any(|(k, v)| k.ends_with("update_success") && *v >= 1);
+            let rejected = stats
+                .iter()
+                .any(|(k, v)| k.ends_with("update_rejected") && *v > 0);
+            (ok || rejected).then_some(())
+        })
+        .await;
+    (envoy, port, istiod)
+}
+
+async fn check(config: &str, registry_only: bool) {
+    let gs = echo_backend().await;
+    let route = patched_route(config, registry_only);
+    let wildcards = route["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["domains"].as_array().unwrap().contains(&json!("*")))
+        .count();
+    assert_eq!(wildcards, 1, "exactly one `*` virtual host");
+    let (envoy, port, _istiod) = workload_envoy(route, gs).await;
+    let rejected: BTreeMap<String, i64> = envoy
+        .stats("update_rejected")
+        .await
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    assert!(rejected.is_empty(), "{rejected:?}\n{}", envoy.log());
+
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let r = http::get(addr, "/", &[("Host", "unknown.example.com")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", envoy.log());
+    assert!(
+        r.body.contains(&format!("slime-orig-dest: 127.0.0.1:{port}")),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("slime-source-ns: default"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_hosts_go_to_the_global_sidecar() {
+    check("", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_mesh_gets_one_catch_all_too() {
+    check("", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_star_dispatch_retargets_the_catch_all() {
+    // The Slime tutorial's dispatch list: `*.sohu.com` to the global-sidecar, the rest (`*`)
+    // passthrough. A request for www.sohu.com reaches the global-sidecar with its headers.
+    let config = "general:\n  dispatches:\n    - {name: sohu, domains: ['*.sohu.com'], cluster: _GLOBAL_SIDECAR}\n    - {name: default, domains: ['*'], cluster: PassthroughCluster}\n";
+    let gs = echo_backend().await;
+    let route = patched_route(config, false);
+    let (envoy, port, _istiod) = workload_envoy(route, gs).await;
+    let rejected: BTreeMap<String, i64> = envoy
+        .stats("update_rejected")
+        .await
+        .into_iter()
+        .filter(|(_, v)| *v != 0)
+        .collect();
+    assert!(rejected.is_empty(), "{rejected:?}\n{}", envoy.log());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let r = http::get(addr, "/", &[("Host", "www.sohu.com")]).await.unwrap();
+    assert!(
+        r.body.contains("slime-source-ns: default"),
+        "{} {}",
+        r.status,
+        r.body
+    );
+}
