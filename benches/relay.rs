@@ -345,8 +345,44 @@ async fn eds_latencies(
     out
 }
 
+/// Time the relay's state machine spends on each type's full response (no network).
+fn adjust_costs(config: &Config) -> String {
+    use lazyload::xds::NodeInfo;
+    use lazyload::xds::adjust::{Adjuster, Counts, Settings};
+    use lazyload::xds::cache::Interner;
+    use lazyload::xds::sotw::SotwStream;
+    use lazyload::xds::stream::StreamState;
+    let settings = Settings {
+        als_address: Some(("127.0.0.1".into(), 8082)),
+        ..Default::default()
+    };
+    let node = NodeInfo::from_node(Some(&node(0)), None);
+    let adj = Adjuster {
+        settings: &settings,
+        node: &node,
+    };
+    let interner = Interner::default();
+    let mut state = SotwStream::new(node.clone(), 1);
+    let mut out = Vec::new();
+    for (type_url, resources) in config {
+        let resp = DiscoveryResponse {
+            version_info: "v".into(),
+            resources: resources.values().cloned().collect(),
+            type_url: type_url.clone(),
+            nonce: "n".into(),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let _ = state.upstream_response(resp, &adj, &interner, &mut Counts::default());
+        let short = type_url.rsplit('.').next().unwrap_or_default();
+        out.push(format!("{short} {:.1} ms", start.elapsed().as_secs_f64() * 1e3));
+    }
+    out.join(", ")
+}
+
 async fn run(n: usize) {
     let (config, clusters, routes, bytes) = mesh(n);
+    let costs = adjust_costs(&config);
     let istiod = TestIstiod::start(config).await;
     let (relay, relay_addr) = start_relay(&istiod.url()).await;
     let pid = relay.0.id();
@@ -395,6 +431,7 @@ async fn run(n: usize) {
         clusters.len(),
         routes.len()
     );
+    println!("  relay state machine per full response: {costs}");
     println!(
         "  converge (CDS+EDS+LDS+RDS, all ACKed): direct {:.1} ms, via relay {:.1} ms, ratio {:.2}x",
         direct.as_secs_f64() * 1e3,
