@@ -15,6 +15,7 @@ pub mod index;
 pub mod model;
 pub mod net;
 pub mod readiness;
+pub mod reconcile;
 pub mod serve;
 pub mod telemetry;
 pub mod xds;
