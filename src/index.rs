@@ -4,17 +4,26 @@
 //! ([`ServiceInfo::try_from`] and friends) and kept with the lookups the model makes on every
 //! reconcile already built: services by namespace and by label, VirtualServices by host. The
 //! index is plain data; the kube reflectors (or a snapshot file, [`snapshot`]) feed it.
+//!
+//! For the access-log learner it also keeps pods by IP and, per pod, the fences a call from it
+//! belongs to (the Services selecting it, and its workload fence): both are maintained when pods
+//! or Services change, so attributing an access-log entry is two hash lookups and no allocation.
+//! The index is a plain struct: a caller sharing it between tasks wraps it (the learner reads it
+//! under an `RwLock` read guard; writers are rare).
 
 pub mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+
+use crate::config::FenceLabelKey;
 
 use crate::model::host;
 use crate::model::istio::{HttpRoute, ServiceEntry, VirtualService};
-use crate::model::labels::Labels;
+use crate::model::labels::{Labels, subset_matches};
 
 /// `Result` alias for index conversions.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,6 +69,13 @@ impl ObjectKey {
             field: "namespace",
         })?;
         Ok(Self { namespace, name })
+    }
+}
+
+/// Serialised as `namespace/name`.
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -154,6 +170,73 @@ impl TryFrom<&Namespace> for NamespaceInfo {
             labels: ns.metadata.labels.clone().unwrap_or_default(),
         })
     }
+}
+
+/// What lazyload needs of a Pod: where calls from it come from, and who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// Labels (matched by Service selectors and `fenceLabelKeyAlias`).
+    pub labels: Labels,
+    /// Every pod IP (`status.podIPs`, `status.podIP`); empty once the pod has finished, because a
+    /// finished pod's IP may already belong to another pod.
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: such a pod shares its node's IP, so calls from that IP are never
+    /// attributed to it.
+    pub host_network: bool,
+    /// `spec.serviceAccountName` (`default` when unset), checked against a SPIFFE identity.
+    pub service_account: String,
+}
+
+impl TryFrom<&Pod> for PodInfo {
+    type Error = Error;
+
+    fn try_from(pod: &Pod) -> Result<Self> {
+        let key = ObjectKey::of("Pod", &pod.metadata)?;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let finished = status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if !finished && let Some(status) = status {
+            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+            for ip in listed.chain(status.pod_ip.as_deref()) {
+                if let Ok(ip) = ip.parse()
+                    && !ips.contains(&ip)
+                {
+                    ips.push(ip);
+                }
+            }
+        }
+        Ok(Self {
+            key,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        })
+    }
+}
+
+/// The name of the workload fence of pods labelled `<key>: <value>` under `fenceLabelKeyAlias`
+/// (`<alias>-<value>.workload.identity`, as documented on [`FenceLabelKey`]).
+pub fn workload_fence_name(label: &FenceLabelKey, value: &str) -> String {
+    format!("{}-{value}.workload.identity", label.alias)
+}
+
+/// An indexed pod and the fences its calls belong to.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    info: PodInfo,
+    /// Services selecting the pod (sorted), then its workload fence.
+    fences: Vec<ObjectKey>,
+    /// How many of `fences` are Services.
+    services: usize,
 }
 
 /// Which namespaces see an Istio object (`exportTo`).
@@ -308,6 +391,13 @@ pub struct ClusterIndex {
     virtual_services: HashMap<ObjectKey, VirtualServiceInfo>,
     virtual_services_by_host: HashMap<String, BTreeSet<ObjectKey>>,
     service_entries: HashMap<ObjectKey, ServiceEntryInfo>,
+    /// Exact ServiceEntry hosts and, for `*.suffix` hosts, `.suffix`, with reference counts.
+    service_entry_hosts: HashMap<String, usize>,
+    services_by_vip: HashMap<IpAddr, ObjectKey>,
+    pods: HashMap<ObjectKey, PodEntry>,
+    pods_by_namespace: HashMap<String, BTreeSet<String>>,
+    pods_by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
+    workload_label: Option<FenceLabelKey>,
 }
 
 impl ClusterIndex {
@@ -342,7 +432,17 @@ impl ClusterIndex {
                 .or_default()
                 .insert(svc.key.clone());
         }
-        self.services.insert(svc.key.clone(), svc);
+        for ip in &svc.cluster_ips {
+            if let Ok(ip) = ip.parse() {
+                self.services_by_vip.insert(ip, svc.key.clone());
+            }
+        }
+        let key = svc.key.clone();
+        let selects = svc.selector.is_some();
+        self.services.insert(key.clone(), svc);
+        if selects {
+            self.refresh_pods_of(&key);
+        }
     }
 
     /// Removes a Service.
@@ -363,7 +463,149 @@ impl ClusterIndex {
                 }
             }
         }
+        for ip in &old.cluster_ips {
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && self.services_by_vip.get(&ip) == Some(key)
+            {
+                self.services_by_vip.remove(&ip);
+            }
+        }
+        if old.selector.is_some() {
+            self.refresh_pods_of(key);
+        }
         Some(old)
+    }
+
+    /// Re-decides, for every pod of `key`'s namespace, whether Service `key` selects it. Costs
+    /// one selector match per pod of the namespace, not a rebuild.
+    fn refresh_pods_of(&mut self, key: &ObjectKey) {
+        let selector = self.services.get(key).and_then(|s| s.selector.clone());
+        let Some(names) = self.pods_by_namespace.get(&key.namespace) else {
+            return;
+        };
+        for name in names {
+            let pod_key = ObjectKey::new(key.namespace.clone(), name.clone());
+            if let Some(entry) = self.pods.get_mut(&pod_key) {
+                let selected = selector
+                    .as_ref()
+                    .is_some_and(|sel| subset_matches(sel, &entry.info.labels));
+                let pos = entry.fences[..entry.services].binary_search(key);
+                match (selected, pos) {
+                    (true, Err(at)) => {
+                        entry.fences.insert(at, key.clone());
+                        entry.services += 1;
+                    }
+                    (false, Ok(at)) => {
+                        entry.fences.remove(at);
+                        entry.services -= 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The Service whose cluster IP is `vip`.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<&ObjectKey> {
+        self.services_by_vip.get(&vip)
+    }
+
+    /// Whether a Service `name` exists in `namespace` (no allocation).
+    pub fn has_service(&self, namespace: &str, name: &str) -> bool {
+        self.services_by_namespace
+            .get(namespace)
+            .is_some_and(|names| names.contains(name))
+    }
+
+    /// Attributes calls from pods with the label `label.key` also to their workload fence
+    /// (`fenceLabelKeyAlias`). Recomputes every pod's fences.
+    pub fn set_workload_label(&mut self, label: Option<FenceLabelKey>) {
+        self.workload_label = label;
+        let pods: Vec<PodInfo> = self.pods.values().map(|e| e.info.clone()).collect();
+        for pod in pods {
+            self.apply_pod(pod);
+        }
+    }
+
+    /// Adds or replaces a Pod, computing the fences its calls belong to.
+    pub fn apply_pod(&mut self, pod: PodInfo) {
+        self.remove_pod(&pod.key);
+        let mut fences: Vec<ObjectKey> = self
+            .services_in(&pod.key.namespace)
+            .filter(|s| {
+                s.selector
+                    .as_ref()
+                    .is_some_and(|sel| subset_matches(sel, &pod.labels))
+            })
+            .map(|s| s.key.clone())
+            .collect();
+        fences.sort();
+        let services = fences.len();
+        if let Some(label) = &self.workload_label
+            && let Some(value) = pod.labels.get(&label.key)
+        {
+            fences.push(ObjectKey::new(
+                pod.key.namespace.clone(),
+                workload_fence_name(label, value),
+            ));
+        }
+        if !pod.host_network {
+            for ip in &pod.ips {
+                let at = self.pods_by_ip.entry(*ip).or_default();
+                if !at.contains(&pod.key) {
+                    at.push(pod.key.clone());
+                }
+            }
+        }
+        self.pods_by_namespace
+            .entry(pod.key.namespace.clone())
+            .or_default()
+            .insert(pod.key.name.clone());
+        self.pods.insert(
+            pod.key.clone(),
+            PodEntry {
+                info: pod,
+                fences,
+                services,
+            },
+        );
+    }
+
+    /// Removes a Pod.
+    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<PodInfo> {
+        let old = self.pods.remove(key)?;
+        for ip in &old.info.ips {
+            if let Some(at) = self.pods_by_ip.get_mut(ip) {
+                at.retain(|k| k != key);
+                if at.is_empty() {
+                    self.pods_by_ip.remove(ip);
+                }
+            }
+        }
+        if let Some(names) = self.pods_by_namespace.get_mut(&key.namespace) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.pods_by_namespace.remove(&key.namespace);
+            }
+        }
+        Some(old.info)
+    }
+
+    /// A Pod.
+    pub fn pod(&self, key: &ObjectKey) -> Option<&PodInfo> {
+        self.pods.get(key).map(|e| &e.info)
+    }
+
+    /// The pods (not on the host network) that have `ip`; several when IPs overlap (pods of
+    /// several clusters, or a stale pod not yet removed).
+    pub fn pods_at(&self, ip: IpAddr) -> &[ObjectKey] {
+        self.pods_by_ip.get(&ip).map_or(&[], Vec::as_slice)
+    }
+
+    /// The fences a call from pod `key` belongs to: the Services selecting it (sorted), then its
+    /// workload fence when `fenceLabelKeyAlias` applies.
+    pub fn pod_fences(&self, key: &ObjectKey) -> &[ObjectKey] {
+        self.pods.get(key).map_or(&[], |e| e.fences.as_slice())
     }
 
     /// A Service.
@@ -447,12 +689,38 @@ impl ClusterIndex {
 
     /// Adds or replaces a ServiceEntry.
     pub fn apply_service_entry(&mut self, se: ServiceEntryInfo) {
+        self.remove_service_entry(&se.key);
+        for h in &se.hosts {
+            *self
+                .service_entry_hosts
+                .entry(se_host_key(h).to_string())
+                .or_default() += 1;
+        }
         self.service_entries.insert(se.key.clone(), se);
     }
 
     /// Removes a ServiceEntry.
     pub fn remove_service_entry(&mut self, key: &ObjectKey) -> Option<ServiceEntryInfo> {
-        self.service_entries.remove(key)
+        let old = self.service_entries.remove(key)?;
+        for h in &old.hosts {
+            let k = se_host_key(h);
+            if let Some(n) = self.service_entry_hosts.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.service_entry_hosts.remove(k);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Whether a ServiceEntry declares `host`, exactly or by a `*.suffix` wildcard (no
+    /// allocation).
+    pub fn is_service_entry_host(&self, host: &str) -> bool {
+        self.service_entry_hosts.contains_key(host)
+            || host
+                .match_indices('.')
+                .any(|(i, _)| self.service_entry_hosts.contains_key(&host[i..]))
     }
 
     /// Every ServiceEntry, in no particular order.
@@ -516,8 +784,14 @@ impl ClusterIndex {
             ("namespaces", self.namespaces.len()),
             ("virtualservices", self.virtual_services.len()),
             ("serviceentries", self.service_entries.len()),
+            ("pods", self.pods.len()),
         ])
     }
+}
+
+/// The key of a ServiceEntry host in the host set: a `*.suffix` wildcard is kept as `.suffix`.
+fn se_host_key(host: &str) -> &str {
+    host.strip_prefix('*').unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -621,6 +895,83 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
             !idx.destinations("reviews.default.svc.cluster.local", "default")
                 .contains("shadow.tools.svc.cluster.local")
         );
+    }
+
+    #[test]
+    fn pod_fences_follow_pod_and_service_updates() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let pod = PodInfo {
+            key: ObjectKey::new("default", "reviews-1"),
+            labels: [("app".to_string(), "reviews".to_string())].into(),
+            ips: vec![ip],
+            host_network: false,
+            service_account: "default".into(),
+        };
+        idx.apply_pod(pod.clone());
+        assert_eq!(idx.pods_at(ip), std::slice::from_ref(&pod.key));
+        assert!(idx.pod_fences(&pod.key).is_empty());
+        // A Service created after the pod selects it; so does a second one.
+        idx.apply_service(svc("default", "reviews", &[]));
+        let mut all = svc("default", "all", &[]);
+        all.selector = Some([("app".to_string(), "reviews".to_string())].into());
+        idx.apply_service(all.clone());
+        idx.apply_service(svc("other", "reviews", &[]));
+        let both = [
+            ObjectKey::new("default", "all"),
+            ObjectKey::new("default", "reviews"),
+        ];
+        assert_eq!(idx.pod_fences(&pod.key), both);
+        // The workload fence comes last.
+        idx.set_workload_label(Some(FenceLabelKey {
+            key: "app".into(),
+            alias: "app".into(),
+        }));
+        assert_eq!(
+            idx.pod_fences(&pod.key).last(),
+            Some(&ObjectKey::new("default", "app-reviews.workload.identity"))
+        );
+        // A selector that stops matching, a removed Service.
+        all.selector = Some([("app".to_string(), "other".to_string())].into());
+        idx.apply_service(all);
+        idx.remove_service(&ObjectKey::new("default", "reviews"));
+        assert_eq!(idx.pod_fences(&pod.key).len(), 1);
+        // The pod moves to a new IP.
+        let moved = PodInfo {
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            ..pod.clone()
+        };
+        idx.apply_pod(moved);
+        assert!(idx.pods_at(ip).is_empty());
+        idx.remove_pod(&pod.key);
+        assert!(idx.pods_at("10.0.0.2".parse().unwrap()).is_empty());
+        assert_eq!(idx.counts()["pods"], 0);
+    }
+
+    #[test]
+    fn vips_and_service_entry_hosts() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let mut s = svc("default", "reviews", &[]);
+        s.cluster_ips = vec!["10.96.0.2".into()];
+        idx.apply_service(s);
+        assert_eq!(
+            idx.service_by_vip("10.96.0.2".parse().unwrap()),
+            Some(&ObjectKey::new("default", "reviews"))
+        );
+        assert!(idx.has_service("default", "reviews"));
+        idx.remove_service(&ObjectKey::new("default", "reviews"));
+        assert_eq!(idx.service_by_vip("10.96.0.2".parse().unwrap()), None);
+        let se: ServiceEntry = serde_yaml::from_str(
+            "metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}",
+        )
+        .unwrap();
+        idx.apply_service_entry(ServiceEntryInfo::try_from(&se).unwrap());
+        assert!(idx.is_service_entry_host("a.example.com"));
+        assert!(idx.is_service_entry_host("x.y.w.io"));
+        assert!(!idx.is_service_entry_host("w.io"));
+        assert!(!idx.is_service_entry_host("b.example.com"));
+        idx.remove_service_entry(&ObjectKey::new("n", "e"));
+        assert!(!idx.is_service_entry_host("a.example.com"));
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //!   [`telemetry`].
 
 pub mod admin;
+pub mod als;
 pub mod config;
 pub mod index;
+pub mod learn;
 pub mod model;
 pub mod readiness;
 pub mod serve;
