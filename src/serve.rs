@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,12 +12,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::config::Config;
+use crate::als::attribute::Attributor;
+use crate::als::collector::{self, Collector};
+use crate::config::{Config, MetricSourceType};
+use crate::index::snapshot::Snapshot;
+use crate::learn::pump::{EdgeStore, LearnerHandle};
+use crate::learn::{Learner, Limits};
 use crate::readiness::Readiness;
 use crate::telemetry::{self, LogFormat};
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most edges in one batch handed to the consumer.
+const EDGE_BATCH: usize = 500;
+/// How often queued edges are handed over when no batch is full.
+const EDGE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Flags of `lazyload serve` (each also read from an environment variable).
 #[derive(Clone, Debug, clap::Args)]
@@ -32,6 +41,14 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LAZYLOAD_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Access-log collector (gRPC ALS) address; default: `global.misc.logSourcePort`
+    /// (`:8082`). Runs with `metricSourceType: accesslog`, or whenever this flag is given.
+    #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
+    pub als_listen: Option<SocketAddr>,
+    /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
+    /// servicefences -A -o yaml` (until the Kubernetes reflectors exist).
+    #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
+    pub cluster_snapshot: Option<PathBuf>,
 }
 
 /// What the components share while they start.
@@ -88,6 +105,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tasks: JoinSet::new(),
     };
 
+    start_learning(&mut ctx, &args).await?;
+
     let listener = admin::bind(admin_addr)
         .await
         .with_context(|| format!("binding the admin address {admin_addr}"))?;
@@ -130,6 +149,66 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("components did not stop within {DRAIN_TIMEOUT:?}; exiting anyway");
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// The cluster index, the learner and its in-memory consumer (`/debug/edges`), and the
+/// access-log collector.
+async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let domain = &config.general.cluster_domain;
+    let mut snapshot = match &args.cluster_snapshot {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Snapshot::parse(&text, domain).with_context(|| format!("loading {}", path.display()))?
+        }
+        None => Snapshot::parse("", domain)?,
+    };
+    snapshot
+        .index
+        .set_workload_label(config.general.fence_label_key_alias.clone());
+    tracing::info!(counts = ?snapshot.index.counts(), fences = snapshot.fences.len(), "cluster index loaded");
+
+    let mut learner = Learner::new(Limits::default());
+    let store = EdgeStore::seeded(&snapshot.fences, &mut learner);
+    tracing::info!(
+        edges = learner.len(),
+        "learned dependencies restored from fence statuses"
+    );
+    let learner = LearnerHandle::new(learner, EDGE_BATCH);
+    ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    ctx.spawn("edge-store", async move {
+        store.consume(rx).await;
+        Ok(())
+    });
+    let shutdown = ctx.shutdown.clone();
+    let pump = learner.clone();
+    ctx.spawn("edge-pump", async move {
+        Ok(pump.pump(tx, EDGE_FLUSH, shutdown).await?)
+    });
+
+    let index = Arc::new(RwLock::new(snapshot.index));
+    if config.general.metric_source_type == MetricSourceType::Accesslog || args.als_listen.is_some() {
+        let addr = match args.als_listen {
+            Some(a) => a,
+            None => config
+                .misc_address("logSourcePort")
+                .and_then(|a| a.parse().ok())
+                .context("global.misc.logSourcePort is not an address")?,
+        };
+        let listener = collector::bind(addr)
+            .await
+            .with_context(|| format!("binding the access-log address {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "access-log collector listening");
+        let metrics = collector::Metrics::register(&mut ctx.registry);
+        let service = Collector::new(index, Attributor::new(&config), learner, metrics);
+        let shutdown = ctx.shutdown.clone();
+        ctx.spawn("access-log collector", async move {
+            Ok(collector::serve(listener, service, shutdown).await?)
+        });
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() -> &'static str {
