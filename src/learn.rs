@@ -9,6 +9,7 @@
 //! - [`prometheus`]: the alternative source, `metricSourceType: prometheus`.
 
 pub mod learner;
+pub mod prometheus;
 
 pub mod pump;
 pub mod status;

@@ -15,9 +15,10 @@ use crate::admin;
 use crate::als::attribute::Attributor;
 use crate::als::collector::{self, Collector};
 use crate::config::{Config, MetricSourceType};
+use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
 use crate::learn::pump::{EdgeStore, LearnerHandle};
-use crate::learn::{Learner, Limits};
+use crate::learn::{Learner, Limits, prometheus};
 use crate::readiness::Readiness;
 use crate::telemetry::{self, LogFormat};
 
@@ -49,6 +50,21 @@ pub struct ServeArgs {
     /// servicefences -A -o yaml` (until the Kubernetes reflectors exist).
     #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
     pub cluster_snapshot: Option<PathBuf>,
+    /// How often the Prometheus source (`metricSourceType: prometheus`) queries each enabled
+    /// fence (`30s`, `2m`).
+    #[arg(long, env = "LAZYLOAD_PROMETHEUS_INTERVAL", value_parser = parse_interval, default_value = "30s")]
+    pub prometheus_interval: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("expected a duration like `30s`: {e}"))?;
+    let d: Duration = d.into();
+    if d.is_zero() {
+        return Err("the interval must be positive".into());
+    }
+    Ok(d)
 }
 
 /// What the components share while they start.
@@ -178,8 +194,9 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     let learner = LearnerHandle::new(learner, EDGE_BATCH);
     ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let consumer = store.clone();
     ctx.spawn("edge-store", async move {
-        store.consume(rx).await;
+        consumer.consume(rx).await;
         Ok(())
     });
     let shutdown = ctx.shutdown.clone();
@@ -187,6 +204,32 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     ctx.spawn("edge-pump", async move {
         Ok(pump.pump(tx, EDGE_FLUSH, shutdown).await?)
     });
+
+    if config.general.metric_source_type == MetricSourceType::Prometheus {
+        let prom = config
+            .prometheus
+            .clone()
+            .context("metricSourceType is prometheus but metric.prometheus is not configured")?;
+        prometheus::Client::new(&prom.address)?;
+        let fences: Vec<ObjectKey> = snapshot
+            .fences
+            .iter()
+            .filter(|f| f.spec.enable)
+            .filter_map(|f| {
+                Some(ObjectKey::new(
+                    f.metadata.namespace.clone()?,
+                    f.metadata.name.clone()?,
+                ))
+            })
+            .collect();
+        tracing::info!(fences = fences.len(), address = %prom.address, "prometheus source polling");
+        let (shutdown, interval, store) = (ctx.shutdown.clone(), args.prometheus_interval, store.clone());
+        ctx.spawn("prometheus source", async move {
+            let sink =
+                |fence: &ObjectKey, metrics: &_| store.apply_metrics(fence, metrics, jiff::Timestamp::now());
+            Ok(prometheus::run(prom, fences, interval, sink, shutdown).await?)
+        });
+    }
 
     let index = Arc::new(RwLock::new(snapshot.index));
     if config.general.metric_source_type == MetricSourceType::Accesslog || args.als_listen.is_some() {

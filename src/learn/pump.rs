@@ -11,6 +11,7 @@ use jiff::Timestamp;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::prometheus::apply_metrics;
 use super::status::{apply_edges, by_fence, seed};
 use super::{Edge, Learner};
 use crate::index::ObjectKey;
@@ -138,6 +139,11 @@ impl EdgeStore {
         for (fence, edges) in by_fence(batch, |_| true) {
             apply_edges(map.entry(fence.clone()).or_default(), edges, now);
         }
+    }
+
+    /// Merges one Prometheus poll of `fence` into its status.
+    pub fn apply_metrics(&self, fence: &ObjectKey, metrics: &BTreeMap<String, String>, now: Timestamp) {
+        apply_metrics(self.lock().entry(fence.clone()).or_default(), metrics, now);
     }
 
     /// Receives batches until the senders are gone.
