@@ -196,7 +196,8 @@ impl Attributor {
             None => {}
         }
         if entry.kind == Kind::Http {
-            let authority = strip_port(entry.authority);
+            // Hosts are case-insensitive; a copy is made only for the rare upper-case one.
+            let authority = ascii_lower_cow(strip_port(entry.authority));
             match parse_ip(entry.authority) {
                 Some(ip) => self.vip_host(index, ip, hosts, &mut note),
                 None if !authority.is_empty() => {
@@ -205,7 +206,7 @@ impl Attributor {
                         .map(str::trim)
                         .filter(|n| is_dns_label(n))
                         .unwrap_or(&pod.namespace);
-                    self.requested_host(index, authority, ns, hosts, &mut note);
+                    self.requested_host(index, &authority, ns, hosts, &mut note);
                 }
                 None => {}
             }
@@ -236,6 +237,7 @@ impl Attributor {
         }
     }
 
+    /// `host` is lower-case, without port.
     fn requested_host(
         &self,
         index: &ClusterIndex,
@@ -277,7 +279,7 @@ impl Attributor {
         let short = host.strip_suffix(".svc").unwrap_or(host);
         if let Some((name, ns)) = short.split_once('.')
             && !ns.contains('.')
-            && index.has_service(&ascii_lower_cow(ns), &ascii_lower_cow(name))
+            && index.has_service(ns, name)
         {
             return self.service_host_parts(name, ns, hosts, note);
         }
@@ -313,7 +315,6 @@ impl Attributor {
     }
 }
 
-/// Hosts from the wire are usually lower-case already; only otherwise is a copy made.
 fn ascii_lower_cow(s: &str) -> std::borrow::Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(s.to_ascii_lowercase())
@@ -810,6 +811,18 @@ pub(crate) mod tests {
                 "bad Slime-Source-Ns falls back to the caller's ns",
                 &a,
                 http(PP, "", "details", &[("slime-source-ns", "Bad NS")]),
+                ok(&pp, &[FQDN]),
+            ),
+            (
+                "upper-case FQDN",
+                &a,
+                http(PP, "", "DETAILS.default.svc.Cluster.Local", &[]),
+                ok(&pp, &[FQDN]),
+            ),
+            (
+                "trailing dot",
+                &a,
+                http(PP, "", "details.default.svc.cluster.local.", &[]),
                 ok(&pp, &[FQDN]),
             ),
             (
