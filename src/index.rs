@@ -20,6 +20,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
 use crate::config::FenceLabelKey;
+use crate::hash::FastMap;
 
 use crate::model::host;
 use crate::model::istio::{HttpRoute, ServiceEntry, VirtualService};
@@ -385,7 +386,7 @@ impl TryFrom<&ServiceEntry> for ServiceEntryInfo {
 pub struct ClusterIndex {
     domain: String,
     services: HashMap<ObjectKey, ServiceInfo>,
-    services_by_namespace: HashMap<String, BTreeSet<String>>,
+    services_by_namespace: FastMap<String, BTreeSet<String>>,
     services_by_label: HashMap<(String, String), BTreeSet<ObjectKey>>,
     namespaces: HashMap<String, NamespaceInfo>,
     virtual_services: HashMap<ObjectKey, VirtualServiceInfo>,
@@ -393,10 +394,14 @@ pub struct ClusterIndex {
     service_entries: HashMap<ObjectKey, ServiceEntryInfo>,
     /// Exact ServiceEntry hosts and, for `*.suffix` hosts, `.suffix`, with reference counts.
     service_entry_hosts: HashMap<String, usize>,
-    services_by_vip: HashMap<IpAddr, ObjectKey>,
-    pods: HashMap<ObjectKey, PodEntry>,
+    services_by_vip: FastMap<IpAddr, ObjectKey>,
+    /// Pods by key -> their slot in `pod_slots`, so that the by-IP lookup of the hot path is one
+    /// hash lookup and no key comparison.
+    pods: HashMap<ObjectKey, u32>,
+    pod_slots: Vec<Option<PodEntry>>,
+    free_slots: Vec<u32>,
     pods_by_namespace: HashMap<String, BTreeSet<String>>,
-    pods_by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
+    pods_by_ip: FastMap<IpAddr, Vec<u32>>,
     workload_label: Option<FenceLabelKey>,
 }
 
@@ -485,7 +490,11 @@ impl ClusterIndex {
         };
         for name in names {
             let pod_key = ObjectKey::new(key.namespace.clone(), name.clone());
-            if let Some(entry) = self.pods.get_mut(&pod_key) {
+            let slot = self.pods.get(&pod_key).map(|&s| s as usize);
+            if let Some(entry) = slot
+                .and_then(|s| self.pod_slots.get_mut(s))
+                .and_then(Option::as_mut)
+            {
                 let selected = selector
                     .as_ref()
                     .is_some_and(|sel| subset_matches(sel, &entry.info.labels));
@@ -521,7 +530,7 @@ impl ClusterIndex {
     /// (`fenceLabelKeyAlias`). Recomputes every pod's fences.
     pub fn set_workload_label(&mut self, label: Option<FenceLabelKey>) {
         self.workload_label = label;
-        let pods: Vec<PodInfo> = self.pods.values().map(|e| e.info.clone()).collect();
+        let pods: Vec<PodInfo> = self.pod_slots.iter().flatten().map(|e| e.info.clone()).collect();
         for pod in pods {
             self.apply_pod(pod);
         }
@@ -549,11 +558,19 @@ impl ClusterIndex {
                 workload_fence_name(label, value),
             ));
         }
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                self.pod_slots.push(None);
+                // More than 4 billion pods do not fit in a process anyway.
+                u32::try_from(self.pod_slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
         if !pod.host_network {
             for ip in &pod.ips {
                 let at = self.pods_by_ip.entry(*ip).or_default();
-                if !at.contains(&pod.key) {
-                    at.push(pod.key.clone());
+                if !at.contains(&slot) {
+                    at.push(slot);
                 }
             }
         }
@@ -561,22 +578,24 @@ impl ClusterIndex {
             .entry(pod.key.namespace.clone())
             .or_default()
             .insert(pod.key.name.clone());
-        self.pods.insert(
-            pod.key.clone(),
-            PodEntry {
+        self.pods.insert(pod.key.clone(), slot);
+        if let Some(s) = self.pod_slots.get_mut(slot as usize) {
+            *s = Some(PodEntry {
                 info: pod,
                 fences,
                 services,
-            },
-        );
+            });
+        }
     }
 
     /// Removes a Pod.
     pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<PodInfo> {
-        let old = self.pods.remove(key)?;
+        let slot = self.pods.remove(key)?;
+        let old = self.pod_slots.get_mut(slot as usize)?.take()?;
+        self.free_slots.push(slot);
         for ip in &old.info.ips {
             if let Some(at) = self.pods_by_ip.get_mut(ip) {
-                at.retain(|k| k != key);
+                at.retain(|s| *s != slot);
                 if at.is_empty() {
                     self.pods_by_ip.remove(ip);
                 }
@@ -591,21 +610,32 @@ impl ClusterIndex {
         Some(old.info)
     }
 
-    /// A Pod.
-    pub fn pod(&self, key: &ObjectKey) -> Option<&PodInfo> {
-        self.pods.get(key).map(|e| &e.info)
+    fn pod_entry(&self, key: &ObjectKey) -> Option<&PodEntry> {
+        let slot = *self.pods.get(key)?;
+        self.pod_slots.get(slot as usize)?.as_ref()
     }
 
-    /// The pods (not on the host network) that have `ip`; several when IPs overlap (pods of
-    /// several clusters, or a stale pod not yet removed).
-    pub fn pods_at(&self, ip: IpAddr) -> &[ObjectKey] {
-        self.pods_by_ip.get(&ip).map_or(&[], Vec::as_slice)
+    /// A Pod.
+    pub fn pod(&self, key: &ObjectKey) -> Option<&PodInfo> {
+        self.pod_entry(key).map(|e| &e.info)
+    }
+
+    /// The pods (not on the host network) that have `ip`, each with the fences its calls
+    /// belong to (see [`Self::pod_fences`]); several when IPs overlap (pods of several clusters,
+    /// or a stale pod not yet removed). One hash lookup, no allocation.
+    pub fn pods_at(&self, ip: IpAddr) -> impl Iterator<Item = (&PodInfo, &[ObjectKey])> + '_ {
+        self.pods_by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|&slot| self.pod_slots.get(slot as usize)?.as_ref())
+            .map(|e| (&e.info, e.fences.as_slice()))
     }
 
     /// The fences a call from pod `key` belongs to: the Services selecting it (sorted), then its
     /// workload fence when `fenceLabelKeyAlias` applies.
     pub fn pod_fences(&self, key: &ObjectKey) -> &[ObjectKey] {
-        self.pods.get(key).map_or(&[], |e| e.fences.as_slice())
+        self.pod_entry(key).map_or(&[], |e| e.fences.as_slice())
     }
 
     /// A Service.
@@ -909,7 +939,10 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
             service_account: "default".into(),
         };
         idx.apply_pod(pod.clone());
-        assert_eq!(idx.pods_at(ip), std::slice::from_ref(&pod.key));
+        assert_eq!(
+            idx.pods_at(ip).map(|(p, _)| &p.key).collect::<Vec<_>>(),
+            [&pod.key]
+        );
         assert!(idx.pod_fences(&pod.key).is_empty());
         // A Service created after the pod selects it; so does a second one.
         idx.apply_service(svc("default", "reviews", &[]));
@@ -942,9 +975,9 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
             ..pod.clone()
         };
         idx.apply_pod(moved);
-        assert!(idx.pods_at(ip).is_empty());
+        assert_eq!(idx.pods_at(ip).count(), 0);
         idx.remove_pod(&pod.key);
-        assert!(idx.pods_at("10.0.0.2".parse().unwrap()).is_empty());
+        assert_eq!(idx.pods_at("10.0.0.2".parse().unwrap()).count(), 0);
         assert_eq!(idx.counts()["pods"], 0);
     }
 

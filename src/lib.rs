@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod als;
 pub mod config;
+pub mod hash;
 pub mod index;
 pub mod learn;
 pub mod model;

@@ -329,17 +329,15 @@ fn source<'i>(index: &'i ClusterIndex, entry: &Entry<'_>) -> Result<(&'i ObjectK
     let identity = entry.peer_identity.and_then(spiffe_ns_sa);
     let mut found: Option<(&ObjectKey, &[ObjectKey])> = None;
     let mut any = false;
-    for key in index.pods_at(ip) {
+    for (pod, fences) in index.pods_at(ip) {
         any = true;
-        if let Some((ns, sa)) = identity {
-            let matches = key.namespace == ns && index.pod(key).is_some_and(|p| p.service_account == sa);
-            if !matches {
-                continue;
-            }
+        if let Some((ns, sa)) = identity
+            && (pod.key.namespace != ns || pod.service_account != sa)
+        {
+            continue;
         }
-        let fences = index.pod_fences(key);
         match found {
-            None => found = Some((key, fences)),
+            None => found = Some((&pod.key, fences)),
             Some((_, seen)) if seen == fences => {}
             Some(_) => return Err(Drop::AmbiguousSource),
         }

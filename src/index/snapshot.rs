@@ -172,8 +172,11 @@ metadata: {name: default, labels: {istio-injection: enabled}}
         assert_eq!(snap.skipped, vec!["ConfigMap"]);
         let pod = ObjectKey::new("default", "p");
         assert_eq!(
-            snap.index.pods_at("fd00::5".parse().unwrap()),
-            std::slice::from_ref(&pod)
+            snap.index
+                .pods_at("fd00::5".parse().unwrap())
+                .map(|(p, _)| &p.key)
+                .collect::<Vec<_>>(),
+            [&pod]
         );
         assert_eq!(
             snap.index.pod_fences(&pod),

@@ -17,6 +17,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::Edge;
+use crate::hash::FastMap;
 use crate::index::ObjectKey;
 
 /// Caps and timing of a [`Learner`].
@@ -68,11 +69,13 @@ struct EdgeState {
 #[derive(Debug, Default)]
 pub struct Learner {
     limits: Limits,
-    source_ids: HashMap<ObjectKey, u32>,
+    /// Fences come from the cluster index, ids are ours: a fast hash is safe. Hosts come from
+    /// the wire (within what attribution allows): they keep std's keyed SipHash.
+    source_ids: FastMap<ObjectKey, u32>,
     sources: Vec<ObjectKey>,
     host_ids: HashMap<Box<str>, u32>,
     hosts: Vec<Box<str>>,
-    edges: HashMap<(u32, u32), EdgeState>,
+    edges: FastMap<(u32, u32), EdgeState>,
     pending: Vec<(u32, u32)>,
 }
 
