@@ -394,7 +394,10 @@ pub struct ClusterIndex {
     service_entries: HashMap<ObjectKey, ServiceEntryInfo>,
     /// Exact ServiceEntry hosts and, for `*.suffix` hosts, `.suffix`, with reference counts.
     service_entry_hosts: HashMap<String, usize>,
-    services_by_vip: FastMap<IpAddr, ObjectKey>,
+    /// Cluster IP -> the Service and its FQDN (written as is into learned hosts).
+    services_by_vip: FastMap<IpAddr, (ObjectKey, Box<str>)>,
+    /// `name.namespace` of every Service, for the `name.ns` authorities of the hot path.
+    service_short_names: FastMap<Box<str>, ()>,
     /// Pods by key -> their slot in `pod_slots`, so that the by-IP lookup of the hot path is one
     /// hash lookup and no key comparison.
     pods: HashMap<ObjectKey, u32>,
@@ -437,11 +440,14 @@ impl ClusterIndex {
                 .or_default()
                 .insert(svc.key.clone());
         }
+        let fqdn: Box<str> = self.fqdn(&svc.key).into();
         for ip in &svc.cluster_ips {
             if let Ok(ip) = ip.parse() {
-                self.services_by_vip.insert(ip, svc.key.clone());
+                self.services_by_vip.insert(ip, (svc.key.clone(), fqdn.clone()));
             }
         }
+        self.service_short_names
+            .insert(format!("{}.{}", svc.key.name, svc.key.namespace).into(), ());
         let key = svc.key.clone();
         let selects = svc.selector.is_some();
         self.services.insert(key.clone(), svc);
@@ -470,11 +476,13 @@ impl ClusterIndex {
         }
         for ip in &old.cluster_ips {
             if let Ok(ip) = ip.parse::<IpAddr>()
-                && self.services_by_vip.get(&ip) == Some(key)
+                && self.services_by_vip.get(&ip).is_some_and(|(k, _)| k == key)
             {
                 self.services_by_vip.remove(&ip);
             }
         }
+        self.service_short_names
+            .remove(format!("{}.{}", key.name, key.namespace).as_str());
         if old.selector.is_some() {
             self.refresh_pods_of(key);
         }
@@ -514,16 +522,15 @@ impl ClusterIndex {
         }
     }
 
-    /// The Service whose cluster IP is `vip`.
-    pub fn service_by_vip(&self, vip: IpAddr) -> Option<&ObjectKey> {
-        self.services_by_vip.get(&vip)
+    /// The Service whose cluster IP is `vip`, and its FQDN.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<(&ObjectKey, &str)> {
+        self.services_by_vip.get(&vip).map(|(k, fqdn)| (k, &**fqdn))
     }
 
-    /// Whether a Service `name` exists in `namespace` (no allocation).
-    pub fn has_service(&self, namespace: &str, name: &str) -> bool {
-        self.services_by_namespace
-            .get(namespace)
-            .is_some_and(|names| names.contains(name))
+    /// Whether a Service exists whose `name.namespace` is `name_ns` (one hash lookup, no
+    /// allocation).
+    pub fn has_service(&self, name_ns: &str) -> bool {
+        self.service_short_names.contains_key(name_ns)
     }
 
     /// Attributes calls from pods with the label `label.key` also to their workload fence
@@ -989,11 +996,15 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
         idx.apply_service(s);
         assert_eq!(
             idx.service_by_vip("10.96.0.2".parse().unwrap()),
-            Some(&ObjectKey::new("default", "reviews"))
+            Some((
+                &ObjectKey::new("default", "reviews"),
+                "reviews.default.svc.cluster.local"
+            ))
         );
-        assert!(idx.has_service("default", "reviews"));
+        assert!(idx.has_service("reviews.default"));
         idx.remove_service(&ObjectKey::new("default", "reviews"));
         assert_eq!(idx.service_by_vip("10.96.0.2".parse().unwrap()), None);
+        assert!(!idx.has_service("reviews.default"));
         let se: ServiceEntry = serde_yaml::from_str(
             "metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}",
         )

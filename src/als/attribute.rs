@@ -230,8 +230,8 @@ impl Attributor {
 
     fn vip_host(&self, index: &ClusterIndex, ip: IpAddr, hosts: &mut Hosts, note: &mut impl FnMut(Drop)) {
         match index.service_by_vip(ip) {
-            Some(key) if key.name == GLOBAL_SIDECAR => note(Drop::OwnTraffic),
-            Some(key) => hosts.push(&[&key.name, ".", &key.namespace, ".svc.", &self.domain]),
+            Some((key, _)) if key.name == GLOBAL_SIDECAR => note(Drop::OwnTraffic),
+            Some((_, fqdn)) => hosts.push(&[fqdn]),
             // Passthrough to an address no Service owns: not a host anyone can import.
             None => note(Drop::ExternalNotAllowed),
         }
@@ -279,9 +279,19 @@ impl Attributor {
         let short = host.strip_suffix(".svc").unwrap_or(host);
         if let Some((name, ns)) = short.split_once('.')
             && !ns.contains('.')
-            && index.has_service(ns, name)
         {
-            return self.service_host_parts(name, ns, hosts, note);
+            // Usually the routed cluster already named this Service: no lookup needed.
+            let routed = hosts.iter().any(|h| {
+                h.strip_prefix(short)
+                    .and_then(|rest| rest.strip_prefix(".svc."))
+                    .is_some_and(|d| d == self.domain)
+            });
+            if routed {
+                return;
+            }
+            if index.has_service(short) {
+                return self.service_host_parts(name, ns, hosts, note);
+            }
         }
         if index.is_service_entry_host(host) || self.is_dispatch_host(host) {
             hosts.push(&[host]);
