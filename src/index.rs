@@ -406,6 +406,8 @@ pub struct ClusterIndex {
     pods_by_namespace: HashMap<String, BTreeSet<String>>,
     pods_by_ip: FastMap<IpAddr, Vec<u32>>,
     workload_label: Option<FenceLabelKey>,
+    /// Bumped by every change attribution depends on (Services, Pods, ServiceEntries).
+    generation: u64,
 }
 
 impl ClusterIndex {
@@ -415,6 +417,12 @@ impl ClusterIndex {
             domain: domain.into(),
             ..Default::default()
         }
+    }
+
+    /// A number that changes whenever something attribution reads changes (Services, Pods,
+    /// ServiceEntries, the workload label): caches of attribution results compare it.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The cluster domain.
@@ -429,6 +437,7 @@ impl ClusterIndex {
 
     /// Adds or replaces a Service.
     pub fn apply_service(&mut self, svc: ServiceInfo) {
+        self.generation = self.generation.wrapping_add(1);
         self.remove_service(&svc.key);
         self.services_by_namespace
             .entry(svc.key.namespace.clone())
@@ -458,6 +467,7 @@ impl ClusterIndex {
 
     /// Removes a Service.
     pub fn remove_service(&mut self, key: &ObjectKey) -> Option<ServiceInfo> {
+        self.generation = self.generation.wrapping_add(1);
         let old = self.services.remove(key)?;
         if let Some(names) = self.services_by_namespace.get_mut(&key.namespace) {
             names.remove(&key.name);
@@ -536,6 +546,7 @@ impl ClusterIndex {
     /// Attributes calls from pods with the label `label.key` also to their workload fence
     /// (`fenceLabelKeyAlias`). Recomputes every pod's fences.
     pub fn set_workload_label(&mut self, label: Option<FenceLabelKey>) {
+        self.generation = self.generation.wrapping_add(1);
         self.workload_label = label;
         let pods: Vec<PodInfo> = self.pod_slots.iter().flatten().map(|e| e.info.clone()).collect();
         for pod in pods {
@@ -545,6 +556,7 @@ impl ClusterIndex {
 
     /// Adds or replaces a Pod, computing the fences its calls belong to.
     pub fn apply_pod(&mut self, pod: PodInfo) {
+        self.generation = self.generation.wrapping_add(1);
         self.remove_pod(&pod.key);
         let mut fences: Vec<ObjectKey> = self
             .services_in(&pod.key.namespace)
@@ -597,6 +609,7 @@ impl ClusterIndex {
 
     /// Removes a Pod.
     pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<PodInfo> {
+        self.generation = self.generation.wrapping_add(1);
         let slot = self.pods.remove(key)?;
         let old = self.pod_slots.get_mut(slot as usize)?.take()?;
         self.free_slots.push(slot);
@@ -726,6 +739,7 @@ impl ClusterIndex {
 
     /// Adds or replaces a ServiceEntry.
     pub fn apply_service_entry(&mut self, se: ServiceEntryInfo) {
+        self.generation = self.generation.wrapping_add(1);
         self.remove_service_entry(&se.key);
         for h in &se.hosts {
             *self
@@ -738,6 +752,7 @@ impl ClusterIndex {
 
     /// Removes a ServiceEntry.
     pub fn remove_service_entry(&mut self, key: &ObjectKey) -> Option<ServiceEntryInfo> {
+        self.generation = self.generation.wrapping_add(1);
         let old = self.service_entries.remove(key)?;
         for h in &old.hosts {
             let k = se_host_key(h);

@@ -1,12 +1,15 @@
 //! The part of an Envoy access-log entry that attribution reads, borrowed from the decoded
 //! proto so that converting costs no allocation.
 
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::data::accesslog::v3::tls_properties::certificate_properties::subject_alt_name::San;
 use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry, TcpAccessLogEntry};
+
+use crate::hash::FxHasher;
 
 /// HTTP or TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,6 +106,23 @@ impl<'a> Entry<'a> {
                 })
             });
         entry
+    }
+}
+
+impl Entry<'_> {
+    /// A 64-bit fingerprint of what attribution reads, except the health-check fields
+    /// (`User-Agent` and path vary per request; a probe that repeats a known call's other fields
+    /// is then counted as known, not as a health check).
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = FxHasher::default();
+        (self.kind as u8).hash(&mut h);
+        self.source.hash(&mut h);
+        self.peer_identity.hash(&mut h);
+        self.upstream_cluster.hash(&mut h);
+        self.authority.hash(&mut h);
+        self.orig_dest.hash(&mut h);
+        self.source_ns.hash(&mut h);
+        h.finish()
     }
 }
 

@@ -5,6 +5,11 @@
 //! last-seen time is older than the refresh granularity, so a fence's status is rewritten at most
 //! once per granularity per dependency, not on every call.
 //!
+//! In front of that, a cache of entry fingerprints found fully known: a call repeated within the
+//! refresh granularity (same caller, cluster, authority, headers; same index generation) costs
+//! one lookup and no attribution. Its price: a known edge's last-seen refresh can lag by up to
+//! one more granularity (two minutes instead of one), which a TTL of hours does not notice.
+//!
 //! Memory is bounded: at most `max_edges` edges, `max_hosts` distinct hosts and `max_pending`
 //! queued edges. What does not fit is refused ([`Observed::TableFull`], [`Observed::QueueFull`])
 //! and counted by the caller; it is learned on a later call once there is room. The collector
@@ -77,6 +82,9 @@ pub struct Learner {
     hosts: Vec<Box<str>>,
     edges: FastMap<(u32, u32), EdgeState>,
     pending: Vec<(u32, u32)>,
+    /// Entry fingerprints whose every edge was known and fresh, with when that was decided and
+    /// under which index generation: a repeated call then costs one lookup.
+    recent: FastMap<u64, (Timestamp, u64)>,
 }
 
 impl Learner {
@@ -156,6 +164,25 @@ impl Learner {
             self.pending.push((s, h));
         }
         Some(())
+    }
+
+    /// Whether an entry with this fingerprint was found fully known (every edge known and fresh)
+    /// within the refresh granularity, under the same index `generation`. Such an entry needs no
+    /// attribution: whatever it would teach is already queued or recorded. A fingerprint
+    /// collision can at worst delay learning a call by one refresh granularity.
+    pub fn recently_known(&self, fingerprint: u64, generation: u64, now: Timestamp) -> bool {
+        self.recent
+            .get(&fingerprint)
+            .is_some_and(|&(at, g)| g == generation && !is_stale(at, now, self.limits.refresh))
+    }
+
+    /// Records that an entry with this fingerprint was found fully known. The memory is bounded
+    /// like the edge table; when full it starts over (a cache miss only costs an attribution).
+    pub fn remember_known(&mut self, fingerprint: u64, generation: u64, now: Timestamp) {
+        if self.recent.len() >= self.limits.max_edges {
+            self.recent.clear();
+        }
+        self.recent.insert(fingerprint, (now, generation));
     }
 
     /// Whether the queue is full (the collector then stops reading until it drains).
@@ -270,6 +297,17 @@ mod tests {
             Observed::Refreshed
         );
         assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn recent_entries_expire_with_time_and_index_changes() {
+        let mut l = Learner::new(Limits::default());
+        assert!(!l.recently_known(7, 1, t(0)));
+        l.remember_known(7, 1, t(0));
+        assert!(l.recently_known(7, 1, t(59)));
+        assert!(!l.recently_known(7, 1, t(60)), "stale");
+        assert!(!l.recently_known(7, 2, t(1)), "index changed");
+        assert!(!l.recently_known(8, 1, t(1)));
     }
 
     #[test]
