@@ -230,6 +230,50 @@ pub fn workload_fence_name(label: &FenceLabelKey, value: &str) -> String {
     format!("{}-{value}.workload.identity", label.alias)
 }
 
+/// The pod slots of one IP: almost always one, kept inline so that the hot path makes no extra
+/// memory hop.
+#[derive(Clone, Debug)]
+enum IpSlots {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl IpSlots {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, slot: u32) {
+        match self {
+            Self::One(s) if *s == slot => {}
+            Self::One(s) => *self = Self::Many(vec![*s, slot]),
+            Self::Many(v) if v.contains(&slot) => {}
+            Self::Many(v) => v.push(slot),
+        }
+    }
+
+    /// Removes `slot`; whether none is left.
+    fn remove(&mut self, slot: u32) -> bool {
+        match self {
+            Self::One(s) => *s == slot,
+            Self::Many(v) => {
+                v.retain(|s| *s != slot);
+                match v.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Self::One(*one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
 /// An indexed pod and the fences its calls belong to.
 #[derive(Clone, Debug)]
 struct PodEntry {
@@ -404,7 +448,7 @@ pub struct ClusterIndex {
     pod_slots: Vec<Option<PodEntry>>,
     free_slots: Vec<u32>,
     pods_by_namespace: HashMap<String, BTreeSet<String>>,
-    pods_by_ip: FastMap<IpAddr, Vec<u32>>,
+    pods_by_ip: FastMap<IpAddr, IpSlots>,
     workload_label: Option<FenceLabelKey>,
     /// Bumped by every change attribution depends on (Services, Pods, ServiceEntries).
     generation: u64,
@@ -587,9 +631,11 @@ impl ClusterIndex {
         };
         if !pod.host_network {
             for ip in &pod.ips {
-                let at = self.pods_by_ip.entry(*ip).or_default();
-                if !at.contains(&slot) {
-                    at.push(slot);
+                match self.pods_by_ip.get_mut(ip) {
+                    Some(at) => at.add(slot),
+                    None => {
+                        self.pods_by_ip.insert(*ip, IpSlots::One(slot));
+                    }
                 }
             }
         }
@@ -614,11 +660,10 @@ impl ClusterIndex {
         let old = self.pod_slots.get_mut(slot as usize)?.take()?;
         self.free_slots.push(slot);
         for ip in &old.info.ips {
-            if let Some(at) = self.pods_by_ip.get_mut(ip) {
-                at.retain(|s| *s != slot);
-                if at.is_empty() {
-                    self.pods_by_ip.remove(ip);
-                }
+            if let Some(at) = self.pods_by_ip.get_mut(ip)
+                && at.remove(slot)
+            {
+                self.pods_by_ip.remove(ip);
             }
         }
         if let Some(names) = self.pods_by_namespace.get_mut(&key.namespace) {
@@ -646,8 +691,8 @@ impl ClusterIndex {
     pub fn pods_at(&self, ip: IpAddr) -> impl Iterator<Item = (&PodInfo, &[ObjectKey])> + '_ {
         self.pods_by_ip
             .get(&ip)
-            .into_iter()
-            .flatten()
+            .map_or(&[][..], IpSlots::as_slice)
+            .iter()
             .filter_map(|&slot| self.pod_slots.get(slot as usize)?.as_ref())
             .map(|e| (&e.info, e.fences.as_slice()))
     }
@@ -1001,6 +1046,36 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
         idx.remove_pod(&pod.key);
         assert_eq!(idx.pods_at("10.0.0.2".parse().unwrap()).count(), 0);
         assert_eq!(idx.counts()["pods"], 0);
+    }
+
+    #[test]
+    fn overlapping_ips_keep_every_pod() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let pod = |ns: &str| PodInfo {
+            key: ObjectKey::new(ns, "p"),
+            labels: Labels::new(),
+            ips: vec![ip],
+            host_network: false,
+            service_account: "default".into(),
+        };
+        let names =
+            |idx: &ClusterIndex| -> Vec<String> { idx.pods_at(ip).map(|(p, _)| p.key.to_string()).collect() };
+        idx.apply_pod(pod("a"));
+        idx.apply_pod(pod("b"));
+        idx.apply_pod(pod("c"));
+        idx.apply_pod(pod("b"));
+        let mut all = names(&idx);
+        all.sort();
+        assert_eq!(all, ["a/p", "b/p", "c/p"]);
+        idx.remove_pod(&ObjectKey::new("a", "p"));
+        idx.remove_pod(&ObjectKey::new("c", "p"));
+        assert_eq!(names(&idx), ["b/p"]);
+        idx.remove_pod(&ObjectKey::new("b", "p"));
+        assert!(names(&idx).is_empty());
+        // Slots are reused.
+        idx.apply_pod(pod("d"));
+        assert_eq!(names(&idx), ["d/p"]);
     }
 
     #[test]
