@@ -222,6 +222,6 @@ async fn a_full_queue_stops_reading_until_the_consumer_drains_it() {
     call.await.unwrap().unwrap();
     assert_eq!(r.learner.lock().len(), 1_000);
     let text = metrics_text(&r.registry);
-    assert!(!text.contains("queue_full"), "{text}");
+    assert!(text.contains("reason=\"queue_full\"} 0"), "{text}");
     r.shutdown.cancel();
 }

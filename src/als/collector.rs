@@ -119,11 +119,17 @@ pub fn process(
     }
 }
 
-/// The collector's metrics.
+/// The collector's metrics. Every labelled series is created at registration (so it reads 0,
+/// not absent, until something happens) and kept, so counting allocates nothing.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    entries: Family<Vec<(String, String)>, Counter>,
-    dropped: Family<Vec<(String, String)>, Counter>,
+    http: Counter,
+    tcp: Counter,
+    /// Indexed like [`Drop::ALL`].
+    dropped: Vec<Counter>,
+    queue_full: Counter,
+    table_full: Counter,
+    decode_error: Counter,
     learned: Counter,
     refreshed: Counter,
     streams: Gauge,
@@ -132,23 +138,34 @@ pub struct Metrics {
 impl Metrics {
     /// Registers the metrics under `als_`.
     pub fn register(registry: &mut Registry) -> Self {
+        type Labels = Vec<(String, String)>;
+        let entries = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
+        let series = |family: &Family<Labels, Counter>, key: &str, value: &str| {
+            family
+                .get_or_create(&vec![(key.to_string(), value.to_string())])
+                .clone()
+        };
         let m = Self {
-            entries: Family::default(),
-            dropped: Family::default(),
+            http: series(&entries, "kind", Kind::Http.as_str()),
+            tcp: series(&entries, "kind", Kind::Tcp.as_str()),
+            dropped: Drop::ALL
+                .iter()
+                .map(|d| series(&dropped, "reason", d.as_str()))
+                .collect(),
+            queue_full: series(&dropped, "reason", "queue_full"),
+            table_full: series(&dropped, "reason", "table_full"),
+            decode_error: series(&dropped, "reason", "decode_error"),
             learned: Counter::default(),
             refreshed: Counter::default(),
             streams: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("als");
-        r.register(
-            "entries",
-            "Access-log entries received, by kind",
-            m.entries.clone(),
-        );
+        r.register("entries", "Access-log entries received, by kind", entries);
         r.register(
             "dropped_entries",
             "Entries or edges that taught nothing, by reason",
-            m.dropped.clone(),
+            dropped,
         );
         r.register("edges_learned", "New dependencies learned", m.learned.clone());
         r.register(
@@ -160,32 +177,21 @@ impl Metrics {
         m
     }
 
-    fn label(key: &str, value: &str) -> Vec<(String, String)> {
-        vec![(key.to_string(), value.to_string())]
-    }
-
     /// Adds a message's tally.
     pub fn record(&self, t: &Tally) {
-        let add = |family: &Family<_, Counter>, key: &str, value: &str, n: u64| {
-            if n > 0 {
-                family.get_or_create(&Self::label(key, value)).inc_by(n);
-            }
-        };
-        add(&self.entries, "kind", Kind::Http.as_str(), t.http);
-        add(&self.entries, "kind", Kind::Tcp.as_str(), t.tcp);
-        for (why, n) in Drop::ALL.iter().zip(t.dropped) {
-            add(&self.dropped, "reason", why.as_str(), n);
+        self.http.inc_by(t.http);
+        self.tcp.inc_by(t.tcp);
+        for (counter, n) in self.dropped.iter().zip(t.dropped) {
+            counter.inc_by(n);
         }
-        add(&self.dropped, "reason", "queue_full", t.queue_full);
-        add(&self.dropped, "reason", "table_full", t.table_full);
+        self.queue_full.inc_by(t.queue_full);
+        self.table_full.inc_by(t.table_full);
         self.learned.inc_by(t.learned);
         self.refreshed.inc_by(t.refreshed);
     }
 
     fn decode_error(&self) {
-        self.dropped
-            .get_or_create(&Self::label("reason", "decode_error"))
-            .inc();
+        self.decode_error.inc();
     }
 }
 
