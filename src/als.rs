@@ -24,8 +24,6 @@ pub const HEADER_ORIG_DEST: &str = "Slime-Orig-Dest";
 pub const HEADER_SOURCE_NS: &str = "Slime-Source-Ns";
 /// `additional_request_headers_to_log` of the logger the relay installs.
 pub const LOGGED_REQUEST_HEADERS: [&str; 2] = [HEADER_ORIG_DEST, HEADER_SOURCE_NS];
-/// The collector's default port (Slime's `logSourcePort`).
-pub const DEFAULT_PORT: u16 = 8082;
 /// Largest gRPC message the collector decodes. Envoy flushes its buffer at 16 KiB by default
 /// (`buffer_size_bytes`); 4 MiB leaves room for large configured buffers and huge headers while
 /// bounding what one bad peer can make us allocate.

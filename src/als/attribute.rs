@@ -103,11 +103,6 @@ impl Hosts {
         })
     }
 
-    /// Number of hosts.
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()

@@ -221,13 +221,6 @@ impl Learner {
         }
         out
     }
-
-    /// Every remembered edge with its last-seen time, in no particular order.
-    pub fn edges(&self) -> impl Iterator<Item = (&ObjectKey, &str, Timestamp)> {
-        self.edges
-            .iter()
-            .map(|(&(s, h), st)| (&self.sources[s as usize], &*self.hosts[h as usize], st.seen))
-    }
 }
 
 fn is_stale(seen: Timestamp, now: Timestamp, refresh: Duration) -> bool {
@@ -329,6 +322,6 @@ mod tests {
         assert_eq!(l.observe(&b, "h1", t(0)), Observed::New);
         l.take_batch(10);
         assert_eq!(l.observe(&b, "h2", t(0)), Observed::TableFull, "edge table full");
-        assert_eq!(l.edges().count(), 3);
+        assert_eq!(l.len(), 3);
     }
 }

@@ -34,8 +34,6 @@ use crate::config::{HandlerType, Prometheus};
 use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFenceStatus, metric_key_host};
 
-/// Default poll interval.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// How long one query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body read.
