@@ -680,11 +680,6 @@ impl ClusterIndex {
         self.pod_slots.get(slot as usize)?.as_ref()
     }
 
-    /// A Pod.
-    pub fn pod(&self, key: &ObjectKey) -> Option<&PodInfo> {
-        self.pod_entry(key).map(|e| &e.info)
-    }
-
     /// The pods (not on the host network) that have `ip`, each with the fences its calls
     /// belong to (see [`Self::pod_fences`]); several when IPs overlap (pods of several clusters,
     /// or a stale pod not yet removed). One hash lookup, no allocation.
