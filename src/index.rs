@@ -4,17 +4,27 @@
 //! ([`ServiceInfo::try_from`] and friends) and kept with the lookups the model makes on every
 //! reconcile already built: services by namespace and by label, VirtualServices by host. The
 //! index is plain data; the kube reflectors (or a snapshot file, [`snapshot`]) feed it.
+//!
+//! For the access-log learner it also keeps pods by IP and, per pod, the fences a call from it
+//! belongs to (the Services selecting it, and its workload fence): both are maintained when pods
+//! or Services change, so attributing an access-log entry is two hash lookups and no allocation.
+//! The index is a plain struct: a caller sharing it between tasks wraps it (the learner reads it
+//! under an `RwLock` read guard; writers are rare).
 
 pub mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+
+use crate::config::FenceLabelKey;
+use crate::hash::FastMap;
 
 use crate::model::host;
 use crate::model::istio::{HttpRoute, ServiceEntry, VirtualService};
-use crate::model::labels::Labels;
+use crate::model::labels::{Labels, subset_matches};
 
 /// `Result` alias for index conversions.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,6 +70,13 @@ impl ObjectKey {
             field: "namespace",
         })?;
         Ok(Self { namespace, name })
+    }
+}
+
+/// Serialised as `namespace/name`.
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -154,6 +171,117 @@ impl TryFrom<&Namespace> for NamespaceInfo {
             labels: ns.metadata.labels.clone().unwrap_or_default(),
         })
     }
+}
+
+/// What lazyload needs of a Pod: where calls from it come from, and who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// Labels (matched by Service selectors and `fenceLabelKeyAlias`).
+    pub labels: Labels,
+    /// Every pod IP (`status.podIPs`, `status.podIP`); empty once the pod has finished, because a
+    /// finished pod's IP may already belong to another pod.
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: such a pod shares its node's IP, so calls from that IP are never
+    /// attributed to it.
+    pub host_network: bool,
+    /// `spec.serviceAccountName` (`default` when unset), checked against a SPIFFE identity.
+    pub service_account: String,
+}
+
+impl TryFrom<&Pod> for PodInfo {
+    type Error = Error;
+
+    fn try_from(pod: &Pod) -> Result<Self> {
+        let key = ObjectKey::of("Pod", &pod.metadata)?;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let finished = status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if !finished && let Some(status) = status {
+            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+            for ip in listed.chain(status.pod_ip.as_deref()) {
+                if let Ok(ip) = ip.parse()
+                    && !ips.contains(&ip)
+                {
+                    ips.push(ip);
+                }
+            }
+        }
+        Ok(Self {
+            key,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        })
+    }
+}
+
+/// The name of the workload fence of pods labelled `<key>: <value>` under `fenceLabelKeyAlias`
+/// (`<alias>-<value>.workload.identity`, as documented on [`FenceLabelKey`]).
+pub fn workload_fence_name(label: &FenceLabelKey, value: &str) -> String {
+    format!("{}-{value}.workload.identity", label.alias)
+}
+
+/// The pod slots of one IP: almost always one, kept inline so that the hot path makes no extra
+/// memory hop.
+#[derive(Clone, Debug)]
+enum IpSlots {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl IpSlots {
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+
+    fn add(&mut self, slot: u32) {
+        match self {
+            Self::One(s) if *s == slot => {}
+            Self::One(s) => *self = Self::Many(vec![*s, slot]),
+            Self::Many(v) if v.contains(&slot) => {}
+            Self::Many(v) => v.push(slot),
+        }
+    }
+
+    /// Removes `slot`; whether none is left.
+    fn remove(&mut self, slot: u32) -> bool {
+        match self {
+            Self::One(s) => *s == slot,
+            Self::Many(v) => {
+                v.retain(|s| *s != slot);
+                match v.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Self::One(*one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// An indexed pod and the fences its calls belong to.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    info: PodInfo,
+    /// Services selecting the pod (sorted), then its workload fence.
+    fences: Vec<ObjectKey>,
+    /// How many of `fences` are Services.
+    services: usize,
 }
 
 /// Which namespaces see an Istio object (`exportTo`).
@@ -302,12 +430,28 @@ impl TryFrom<&ServiceEntry> for ServiceEntryInfo {
 pub struct ClusterIndex {
     domain: String,
     services: HashMap<ObjectKey, ServiceInfo>,
-    services_by_namespace: HashMap<String, BTreeSet<String>>,
+    services_by_namespace: FastMap<String, BTreeSet<String>>,
     services_by_label: HashMap<(String, String), BTreeSet<ObjectKey>>,
     namespaces: HashMap<String, NamespaceInfo>,
     virtual_services: HashMap<ObjectKey, VirtualServiceInfo>,
     virtual_services_by_host: HashMap<String, BTreeSet<ObjectKey>>,
     service_entries: HashMap<ObjectKey, ServiceEntryInfo>,
+    /// Exact ServiceEntry hosts and, for `*.suffix` hosts, `.suffix`, with reference counts.
+    service_entry_hosts: HashMap<String, usize>,
+    /// Cluster IP -> the Service and its FQDN (written as is into learned hosts).
+    services_by_vip: FastMap<IpAddr, (ObjectKey, Box<str>)>,
+    /// `name.namespace` of every Service, for the `name.ns` authorities of the hot path.
+    service_short_names: FastMap<Box<str>, ()>,
+    /// Pods by key -> their slot in `pod_slots`, so that the by-IP lookup of the hot path is one
+    /// hash lookup and no key comparison.
+    pods: HashMap<ObjectKey, u32>,
+    pod_slots: Vec<Option<PodEntry>>,
+    free_slots: Vec<u32>,
+    pods_by_namespace: HashMap<String, BTreeSet<String>>,
+    pods_by_ip: FastMap<IpAddr, IpSlots>,
+    workload_label: Option<FenceLabelKey>,
+    /// Bumped by every change attribution depends on (Services, Pods, ServiceEntries).
+    generation: u64,
 }
 
 impl ClusterIndex {
@@ -317,6 +461,12 @@ impl ClusterIndex {
             domain: domain.into(),
             ..Default::default()
         }
+    }
+
+    /// A number that changes whenever something attribution reads changes (Services, Pods,
+    /// ServiceEntries, the workload label): caches of attribution results compare it.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The cluster domain.
@@ -331,6 +481,7 @@ impl ClusterIndex {
 
     /// Adds or replaces a Service.
     pub fn apply_service(&mut self, svc: ServiceInfo) {
+        self.generation = self.generation.wrapping_add(1);
         self.remove_service(&svc.key);
         self.services_by_namespace
             .entry(svc.key.namespace.clone())
@@ -342,11 +493,25 @@ impl ClusterIndex {
                 .or_default()
                 .insert(svc.key.clone());
         }
-        self.services.insert(svc.key.clone(), svc);
+        let fqdn: Box<str> = self.fqdn(&svc.key).into();
+        for ip in &svc.cluster_ips {
+            if let Ok(ip) = ip.parse() {
+                self.services_by_vip.insert(ip, (svc.key.clone(), fqdn.clone()));
+            }
+        }
+        self.service_short_names
+            .insert(format!("{}.{}", svc.key.name, svc.key.namespace).into(), ());
+        let key = svc.key.clone();
+        let selects = svc.selector.is_some();
+        self.services.insert(key.clone(), svc);
+        if selects {
+            self.refresh_pods_of(&key);
+        }
     }
 
     /// Removes a Service.
     pub fn remove_service(&mut self, key: &ObjectKey) -> Option<ServiceInfo> {
+        self.generation = self.generation.wrapping_add(1);
         let old = self.services.remove(key)?;
         if let Some(names) = self.services_by_namespace.get_mut(&key.namespace) {
             names.remove(&key.name);
@@ -363,7 +528,174 @@ impl ClusterIndex {
                 }
             }
         }
+        for ip in &old.cluster_ips {
+            if let Ok(ip) = ip.parse::<IpAddr>()
+                && self.services_by_vip.get(&ip).is_some_and(|(k, _)| k == key)
+            {
+                self.services_by_vip.remove(&ip);
+            }
+        }
+        self.service_short_names
+            .remove(format!("{}.{}", key.name, key.namespace).as_str());
+        if old.selector.is_some() {
+            self.refresh_pods_of(key);
+        }
         Some(old)
+    }
+
+    /// Re-decides, for every pod of `key`'s namespace, whether Service `key` selects it. Costs
+    /// one selector match per pod of the namespace, not a rebuild.
+    fn refresh_pods_of(&mut self, key: &ObjectKey) {
+        let selector = self.services.get(key).and_then(|s| s.selector.clone());
+        let Some(names) = self.pods_by_namespace.get(&key.namespace) else {
+            return;
+        };
+        for name in names {
+            let pod_key = ObjectKey::new(key.namespace.clone(), name.clone());
+            let slot = self.pods.get(&pod_key).map(|&s| s as usize);
+            if let Some(entry) = slot
+                .and_then(|s| self.pod_slots.get_mut(s))
+                .and_then(Option::as_mut)
+            {
+                let selected = selector
+                    .as_ref()
+                    .is_some_and(|sel| subset_matches(sel, &entry.info.labels));
+                let pos = entry.fences[..entry.services].binary_search(key);
+                match (selected, pos) {
+                    (true, Err(at)) => {
+                        entry.fences.insert(at, key.clone());
+                        entry.services += 1;
+                    }
+                    (false, Ok(at)) => {
+                        entry.fences.remove(at);
+                        entry.services -= 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The Service whose cluster IP is `vip`, and its FQDN.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<(&ObjectKey, &str)> {
+        self.services_by_vip.get(&vip).map(|(k, fqdn)| (k, &**fqdn))
+    }
+
+    /// Whether a Service exists whose `name.namespace` is `name_ns` (one hash lookup, no
+    /// allocation).
+    pub fn has_service(&self, name_ns: &str) -> bool {
+        self.service_short_names.contains_key(name_ns)
+    }
+
+    /// Attributes calls from pods with the label `label.key` also to their workload fence
+    /// (`fenceLabelKeyAlias`). Recomputes every pod's fences.
+    pub fn set_workload_label(&mut self, label: Option<FenceLabelKey>) {
+        self.generation = self.generation.wrapping_add(1);
+        self.workload_label = label;
+        let pods: Vec<PodInfo> = self.pod_slots.iter().flatten().map(|e| e.info.clone()).collect();
+        for pod in pods {
+            self.apply_pod(pod);
+        }
+    }
+
+    /// Adds or replaces a Pod, computing the fences its calls belong to.
+    pub fn apply_pod(&mut self, pod: PodInfo) {
+        self.generation = self.generation.wrapping_add(1);
+        self.remove_pod(&pod.key);
+        let mut fences: Vec<ObjectKey> = self
+            .services_in(&pod.key.namespace)
+            .filter(|s| {
+                s.selector
+                    .as_ref()
+                    .is_some_and(|sel| subset_matches(sel, &pod.labels))
+            })
+            .map(|s| s.key.clone())
+            .collect();
+        fences.sort();
+        let services = fences.len();
+        if let Some(label) = &self.workload_label
+            && let Some(value) = pod.labels.get(&label.key)
+        {
+            fences.push(ObjectKey::new(
+                pod.key.namespace.clone(),
+                workload_fence_name(label, value),
+            ));
+        }
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                self.pod_slots.push(None);
+                // More than 4 billion pods do not fit in a process anyway.
+                u32::try_from(self.pod_slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        if !pod.host_network {
+            for ip in &pod.ips {
+                match self.pods_by_ip.get_mut(ip) {
+                    Some(at) => at.add(slot),
+                    None => {
+                        self.pods_by_ip.insert(*ip, IpSlots::One(slot));
+                    }
+                }
+            }
+        }
+        self.pods_by_namespace
+            .entry(pod.key.namespace.clone())
+            .or_default()
+            .insert(pod.key.name.clone());
+        self.pods.insert(pod.key.clone(), slot);
+        if let Some(s) = self.pod_slots.get_mut(slot as usize) {
+            *s = Some(PodEntry {
+                info: pod,
+                fences,
+                services,
+            });
+        }
+    }
+
+    /// Removes a Pod.
+    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<PodInfo> {
+        self.generation = self.generation.wrapping_add(1);
+        let slot = self.pods.remove(key)?;
+        let old = self.pod_slots.get_mut(slot as usize)?.take()?;
+        self.free_slots.push(slot);
+        for ip in &old.info.ips {
+            if let Some(at) = self.pods_by_ip.get_mut(ip)
+                && at.remove(slot)
+            {
+                self.pods_by_ip.remove(ip);
+            }
+        }
+        if let Some(names) = self.pods_by_namespace.get_mut(&key.namespace) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.pods_by_namespace.remove(&key.namespace);
+            }
+        }
+        Some(old.info)
+    }
+
+    fn pod_entry(&self, key: &ObjectKey) -> Option<&PodEntry> {
+        let slot = *self.pods.get(key)?;
+        self.pod_slots.get(slot as usize)?.as_ref()
+    }
+
+    /// The pods (not on the host network) that have `ip`, each with the fences its calls
+    /// belong to (see [`Self::pod_fences`]); several when IPs overlap (pods of several clusters,
+    /// or a stale pod not yet removed). One hash lookup, no allocation.
+    pub fn pods_at(&self, ip: IpAddr) -> impl Iterator<Item = (&PodInfo, &[ObjectKey])> + '_ {
+        self.pods_by_ip
+            .get(&ip)
+            .map_or(&[][..], IpSlots::as_slice)
+            .iter()
+            .filter_map(|&slot| self.pod_slots.get(slot as usize)?.as_ref())
+            .map(|e| (&e.info, e.fences.as_slice()))
+    }
+
+    /// The fences a call from pod `key` belongs to: the Services selecting it (sorted), then its
+    /// workload fence when `fenceLabelKeyAlias` applies.
+    pub fn pod_fences(&self, key: &ObjectKey) -> &[ObjectKey] {
+        self.pod_entry(key).map_or(&[], |e| e.fences.as_slice())
     }
 
     /// A Service.
@@ -447,12 +779,40 @@ impl ClusterIndex {
 
     /// Adds or replaces a ServiceEntry.
     pub fn apply_service_entry(&mut self, se: ServiceEntryInfo) {
+        self.generation = self.generation.wrapping_add(1);
+        self.remove_service_entry(&se.key);
+        for h in &se.hosts {
+            *self
+                .service_entry_hosts
+                .entry(se_host_key(h).to_string())
+                .or_default() += 1;
+        }
         self.service_entries.insert(se.key.clone(), se);
     }
 
     /// Removes a ServiceEntry.
     pub fn remove_service_entry(&mut self, key: &ObjectKey) -> Option<ServiceEntryInfo> {
-        self.service_entries.remove(key)
+        self.generation = self.generation.wrapping_add(1);
+        let old = self.service_entries.remove(key)?;
+        for h in &old.hosts {
+            let k = se_host_key(h);
+            if let Some(n) = self.service_entry_hosts.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.service_entry_hosts.remove(k);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Whether a ServiceEntry declares `host`, exactly or by a `*.suffix` wildcard (no
+    /// allocation).
+    pub fn is_service_entry_host(&self, host: &str) -> bool {
+        self.service_entry_hosts.contains_key(host)
+            || host
+                .match_indices('.')
+                .any(|(i, _)| self.service_entry_hosts.contains_key(&host[i..]))
     }
 
     /// Every ServiceEntry, in no particular order.
@@ -516,8 +876,14 @@ impl ClusterIndex {
             ("namespaces", self.namespaces.len()),
             ("virtualservices", self.virtual_services.len()),
             ("serviceentries", self.service_entries.len()),
+            ("pods", self.pods.len()),
         ])
     }
+}
+
+/// The key of a ServiceEntry host in the host set: a `*.suffix` wildcard is kept as `.suffix`.
+fn se_host_key(host: &str) -> &str {
+    host.strip_prefix('*').unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -621,6 +987,120 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
             !idx.destinations("reviews.default.svc.cluster.local", "default")
                 .contains("shadow.tools.svc.cluster.local")
         );
+    }
+
+    #[test]
+    fn pod_fences_follow_pod_and_service_updates() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let pod = PodInfo {
+            key: ObjectKey::new("default", "reviews-1"),
+            labels: [("app".to_string(), "reviews".to_string())].into(),
+            ips: vec![ip],
+            host_network: false,
+            service_account: "default".into(),
+        };
+        idx.apply_pod(pod.clone());
+        assert_eq!(
+            idx.pods_at(ip).map(|(p, _)| &p.key).collect::<Vec<_>>(),
+            [&pod.key]
+        );
+        assert!(idx.pod_fences(&pod.key).is_empty());
+        // A Service created after the pod selects it; so does a second one.
+        idx.apply_service(svc("default", "reviews", &[]));
+        let mut all = svc("default", "all", &[]);
+        all.selector = Some([("app".to_string(), "reviews".to_string())].into());
+        idx.apply_service(all.clone());
+        idx.apply_service(svc("other", "reviews", &[]));
+        let both = [
+            ObjectKey::new("default", "all"),
+            ObjectKey::new("default", "reviews"),
+        ];
+        assert_eq!(idx.pod_fences(&pod.key), both);
+        // The workload fence comes last.
+        idx.set_workload_label(Some(FenceLabelKey {
+            key: "app".into(),
+            alias: "app".into(),
+        }));
+        assert_eq!(
+            idx.pod_fences(&pod.key).last(),
+            Some(&ObjectKey::new("default", "app-reviews.workload.identity"))
+        );
+        // A selector that stops matching, a removed Service.
+        all.selector = Some([("app".to_string(), "other".to_string())].into());
+        idx.apply_service(all);
+        idx.remove_service(&ObjectKey::new("default", "reviews"));
+        assert_eq!(idx.pod_fences(&pod.key).len(), 1);
+        // The pod moves to a new IP.
+        let moved = PodInfo {
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            ..pod.clone()
+        };
+        idx.apply_pod(moved);
+        assert_eq!(idx.pods_at(ip).count(), 0);
+        idx.remove_pod(&pod.key);
+        assert_eq!(idx.pods_at("10.0.0.2".parse().unwrap()).count(), 0);
+        assert_eq!(idx.counts()["pods"], 0);
+    }
+
+    #[test]
+    fn overlapping_ips_keep_every_pod() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let pod = |ns: &str| PodInfo {
+            key: ObjectKey::new(ns, "p"),
+            labels: Labels::new(),
+            ips: vec![ip],
+            host_network: false,
+            service_account: "default".into(),
+        };
+        let names =
+            |idx: &ClusterIndex| -> Vec<String> { idx.pods_at(ip).map(|(p, _)| p.key.to_string()).collect() };
+        idx.apply_pod(pod("a"));
+        idx.apply_pod(pod("b"));
+        idx.apply_pod(pod("c"));
+        idx.apply_pod(pod("b"));
+        let mut all = names(&idx);
+        all.sort();
+        assert_eq!(all, ["a/p", "b/p", "c/p"]);
+        idx.remove_pod(&ObjectKey::new("a", "p"));
+        idx.remove_pod(&ObjectKey::new("c", "p"));
+        assert_eq!(names(&idx), ["b/p"]);
+        idx.remove_pod(&ObjectKey::new("b", "p"));
+        assert!(names(&idx).is_empty());
+        // Slots are reused.
+        idx.apply_pod(pod("d"));
+        assert_eq!(names(&idx), ["d/p"]);
+    }
+
+    #[test]
+    fn vips_and_service_entry_hosts() {
+        let mut idx = ClusterIndex::new("cluster.local");
+        let mut s = svc("default", "reviews", &[]);
+        s.cluster_ips = vec!["10.96.0.2".into()];
+        idx.apply_service(s);
+        assert_eq!(
+            idx.service_by_vip("10.96.0.2".parse().unwrap()),
+            Some((
+                &ObjectKey::new("default", "reviews"),
+                "reviews.default.svc.cluster.local"
+            ))
+        );
+        assert!(idx.has_service("reviews.default"));
+        idx.remove_service(&ObjectKey::new("default", "reviews"));
+        assert_eq!(idx.service_by_vip("10.96.0.2".parse().unwrap()), None);
+        assert!(!idx.has_service("reviews.default"));
+        let se: ServiceEntry = serde_yaml::from_str(
+            "metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}",
+        )
+        .unwrap();
+        idx.apply_service_entry(ServiceEntryInfo::try_from(&se).unwrap());
+        assert!(idx.is_service_entry_host("a.example.com"));
+        assert!(idx.is_service_entry_host("x.y.w.io"));
+        assert!(!idx.is_service_entry_host("w.io"));
+        assert!(!idx.is_service_entry_host("b.example.com"));
+        idx.remove_service_entry(&ObjectKey::new("n", "e"));
+        assert!(!idx.is_service_entry_host("a.example.com"));
     }
 
     #[test]

@@ -5,13 +5,19 @@
 //!
 //! - [`config`]: the Slime-compatible module configuration.
 //! - [`model`]: the pure domain: ServiceFence and Istio types, fence -> Sidecar, auto-fencing.
-//! - [`index`]: the cluster state the model reads (Services, Namespaces, VirtualServices, ...).
+//! - [`index`]: the cluster state the model reads (Services, Pods by IP, Namespaces,
+//!   VirtualServices, ...).
+//! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
+//! - [`learn`]: dependency dedup, batches, the merge into fence status, the Prometheus source.
 //! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
 //!   [`telemetry`].
 
 pub mod admin;
+pub mod als;
 pub mod config;
+pub mod hash;
 pub mod index;
+pub mod learn;
 pub mod model;
 pub mod net;
 pub mod readiness;

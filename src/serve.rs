@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,7 +16,13 @@ use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::admin;
+use crate::als::attribute::Attributor;
+use crate::als::collector::{self, Collector};
 use crate::config::{Config, MetricSourceType};
+use crate::index::ObjectKey;
+use crate::index::snapshot::Snapshot;
+use crate::learn::pump::{EdgeStore, LearnerHandle};
+use crate::learn::{Learner, Limits, prometheus};
 use crate::readiness::Readiness;
 use crate::telemetry::{self, LogFormat};
 use crate::xds::adjust::{RESERVED_PORTS, Settings};
@@ -25,6 +31,10 @@ use crate::xds::upstream::{Upstream, UpstreamConfig};
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most edges in one batch handed to the consumer.
+const EDGE_BATCH: usize = 500;
+/// How often queued edges are handed over when no batch is full.
+const EDGE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Flags of `lazyload serve` (each also read from an environment variable).
 #[derive(Clone, Debug, clap::Args)]
@@ -39,6 +49,18 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LAZYLOAD_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Access-log collector (gRPC ALS) address; default: `global.misc.logSourcePort`
+    /// (`:8082`). Runs with `metricSourceType: accesslog`, or whenever this flag is given.
+    #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
+    pub als_listen: Option<SocketAddr>,
+    /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
+    /// servicefences -A -o yaml` (until the Kubernetes reflectors exist).
+    #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
+    pub cluster_snapshot: Option<PathBuf>,
+    /// How often the Prometheus source (`metricSourceType: prometheus`) queries each enabled
+    /// fence (`30s`, `2m`).
+    #[arg(long, env = "LAZYLOAD_PROMETHEUS_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub prometheus_interval: Duration,
     /// The xDS relay.
     #[command(flatten)]
     pub relay: RelayArgs,
@@ -104,9 +126,16 @@ pub struct RelayArgs {
     pub upstream_open_budget: Duration,
 }
 
+/// Parses a positive Go-style duration (`30s`, `2m`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s.parse().map_err(|e| format!("{e}"))?;
-    Ok(d.into())
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("expected a duration like `30s`: {e}"))?;
+    let d: Duration = d.into();
+    if d.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(d)
 }
 
 /// What the components share while they start.
@@ -163,6 +192,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tasks: JoinSet::new(),
     };
 
+    start_learning(&mut ctx, &args).await?;
     if let Some(upstream) = &args.relay.upstream {
         start_relay(&mut ctx, &args.relay, upstream).await?;
     }
@@ -304,6 +334,93 @@ fn parse_host_port(s: &str) -> anyhow::Result<(String, u16)> {
         host.trim_matches(['[', ']']).to_string(),
         port.parse().context("invalid port")?,
     ))
+}
+
+/// The cluster index, the learner and its in-memory consumer (`/debug/edges`), and the
+/// access-log collector.
+async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let domain = &config.general.cluster_domain;
+    let mut snapshot = match &args.cluster_snapshot {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Snapshot::parse(&text, domain).with_context(|| format!("loading {}", path.display()))?
+        }
+        None => Snapshot::parse("", domain)?,
+    };
+    snapshot
+        .index
+        .set_workload_label(config.general.fence_label_key_alias.clone());
+    tracing::info!(counts = ?snapshot.index.counts(), fences = snapshot.fences.len(), "cluster index loaded");
+
+    let mut learner = Learner::new(Limits::default());
+    let store = EdgeStore::seeded(&snapshot.fences, &mut learner);
+    tracing::info!(
+        edges = learner.len(),
+        "learned dependencies restored from fence statuses"
+    );
+    let learner = LearnerHandle::new(learner, EDGE_BATCH);
+    ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let consumer = store.clone();
+    ctx.spawn("edge-store", async move {
+        consumer.consume(rx).await;
+        Ok(())
+    });
+    let shutdown = ctx.shutdown.clone();
+    let pump = learner.clone();
+    ctx.spawn("edge-pump", async move {
+        Ok(pump.pump(tx, EDGE_FLUSH, shutdown).await?)
+    });
+
+    if config.general.metric_source_type == MetricSourceType::Prometheus {
+        let prom = config
+            .prometheus
+            .clone()
+            .context("metricSourceType is prometheus but metric.prometheus is not configured")?;
+        prometheus::Client::new(&prom.address)?;
+        let fences: Vec<ObjectKey> = snapshot
+            .fences
+            .iter()
+            .filter(|f| f.spec.enable)
+            .filter_map(|f| {
+                Some(ObjectKey::new(
+                    f.metadata.namespace.clone()?,
+                    f.metadata.name.clone()?,
+                ))
+            })
+            .collect();
+        tracing::info!(fences = fences.len(), address = %prom.address, "prometheus source polling");
+        let (shutdown, interval, store) = (ctx.shutdown.clone(), args.prometheus_interval, store.clone());
+        ctx.spawn("prometheus source", async move {
+            let sink =
+                |fence: &ObjectKey, metrics: &_| store.apply_metrics(fence, metrics, jiff::Timestamp::now());
+            Ok(prometheus::run(prom, fences, interval, sink, shutdown).await?)
+        });
+    }
+
+    let index = Arc::new(RwLock::new(snapshot.index));
+    if config.general.metric_source_type == MetricSourceType::Accesslog || args.als_listen.is_some() {
+        let addr = match args.als_listen {
+            Some(a) => a,
+            None => config
+                .misc_address("logSourcePort")
+                .and_then(|a| a.parse().ok())
+                .context("global.misc.logSourcePort is not an address")?,
+        };
+        let listener = collector::bind(addr)
+            .await
+            .with_context(|| format!("binding the access-log address {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "access-log collector listening");
+        let metrics = collector::Metrics::register(&mut ctx.registry);
+        let service = Collector::new(index, Attributor::new(&config), learner, metrics);
+        let shutdown = ctx.shutdown.clone();
+        ctx.spawn("access-log collector", async move {
+            Ok(collector::serve(listener, service, shutdown).await?)
+        });
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -18,7 +18,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use lazyload::xds::adjust::{ALS_CLUSTER, Settings};
+use lazyload::als::ACCESS_LOG_CLUSTER;
+use lazyload::xds::adjust::Settings;
 use lazyload::xds::upstream::{Upstream, UpstreamConfig};
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER};
 use prost::Message;
@@ -204,7 +205,7 @@ async fn converge(addr: SocketAddr) -> SotwClient {
     let mut c = SotwClient::connect(addr, &[]).await;
     c.request(Some(node(true)), CLUSTER, &[], "").await;
     let cds = c.recv().await;
-    assert_eq!(names(&cds), ["a", "b", "c", ALS_CLUSTER]);
+    assert_eq!(names(&cds), ["a", "b", "c", ACCESS_LOG_CLUSTER]);
     c.request(None, CLUSTER, &[], &cds.nonce).await;
     c.request(None, ENDPOINT, &["a", "b", "c"], "").await;
     let eds = c.recv().await;
@@ -237,7 +238,7 @@ async fn nonces_are_translated_and_stale_ones_ignored() {
     c.request(None, CLUSTER, &[], &first.nonce).await;
     istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
     let second = c.recv().await;
-    assert_eq!(names(&second), ["a", ALS_CLUSTER]);
+    assert_eq!(names(&second), ["a", ACCESS_LOG_CLUSTER]);
     // ACK the new one, then send a request with the old (stale) nonce: istiod sees both
     // translated, ignores the stale one, and nothing comes back.
     c.request(None, CLUSTER, &[], &second.nonce).await;
@@ -350,7 +351,7 @@ async fn partial_eds_pushes_merge_into_the_last_good_config() {
         .into()
     );
     n.request(None, CLUSTER, &[], "").await;
-    assert_eq!(names(&n.recv().await), ["a", "b", "c", ALS_CLUSTER]);
+    assert_eq!(names(&n.recv().await), ["a", "b", "c", ACCESS_LOG_CLUSTER]);
     // istiod returns: the last-good stream ends so the next one is a clean handshake.
     let back = TestIstiod::start_on(addr, mesh(), None).await;
     assert_eq!(n.ended().await.code(), tonic::Code::Unavailable);
@@ -458,7 +459,7 @@ async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
         // A reconnecting Envoy lists what it has, the relay's own cluster included.
         initial_resource_versions: [
             ("a".to_string(), String::new()),
-            (ALS_CLUSTER.to_string(), "lazyload".to_string()),
+            (ACCESS_LOG_CLUSTER.to_string(), "lazyload".to_string()),
         ]
         .into(),
         ..Default::default()
@@ -468,7 +469,7 @@ async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
     let cds = recv().await;
     let mut got: Vec<_> = cds.resources.iter().map(|r| r.name.clone()).collect();
     got.sort();
-    assert_eq!(got, ["a", "b", "c", ALS_CLUSTER]);
+    assert_eq!(got, ["a", "b", "c", ACCESS_LOG_CLUSTER]);
     assert!(
         cds.removed_resources.is_empty(),
         "istiod never saw (and so never removes) the relay's cluster"

@@ -12,7 +12,13 @@ async fn admin_endpoints_and_clean_shutdown() {
     let port = support::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .args(["serve", "--admin-listen", &addr.to_string()])
+        .args([
+            "serve",
+            "--admin-listen",
+            &addr.to_string(),
+            "--als-listen",
+            "127.0.0.1:0",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

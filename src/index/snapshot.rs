@@ -1,11 +1,11 @@
 //! Loading a cluster snapshot from YAML: the output of
-//! `kubectl get ns,svc,virtualservices,serviceentries,servicefences -A -o yaml` (a `List`),
+//! `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences -A -o yaml` (a `List`),
 //! multi-document YAML, or any mix of both.
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ClusterIndex, NamespaceInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
+use super::{ClusterIndex, NamespaceInfo, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
 use crate::model::fence::ServiceFence;
 
 /// Why a snapshot could not be loaded.
@@ -34,11 +34,11 @@ pub enum Error {
 /// A loaded snapshot.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Namespaces, Services, VirtualServices and ServiceEntries.
+    /// Namespaces, Services, Pods, VirtualServices and ServiceEntries.
     pub index: ClusterIndex,
     /// ServiceFences.
     pub fences: Vec<ServiceFence>,
-    /// Kinds that were present but are not used (`Pod 3`, ...).
+    /// Kinds that were present but are not used (`ConfigMap`, ...).
     pub skipped: Vec<String>,
 }
 
@@ -105,6 +105,11 @@ impl Snapshot {
                 self.index
                     .apply_service(ServiceInfo::try_from(&svc).map_err(|e| err(e.to_string()))?);
             }
+            "Pod" => {
+                let pod = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
+                self.index
+                    .apply_pod(PodInfo::try_from(&pod).map_err(|e| err(e.to_string()))?);
+            }
             "VirtualService" => {
                 let vs = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
                 let info = VirtualServiceInfo::from_object(&vs, &domain).map_err(|e| err(e.to_string()))?;
@@ -149,7 +154,11 @@ items:
   spec: {selector: {app: details}, ports: [{name: http, port: 9080}], clusterIP: 10.0.0.7}
 - apiVersion: v1
   kind: Pod
-  metadata: {name: p, namespace: default}
+  metadata: {name: p, namespace: default, labels: {app: details}}
+  status: {podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}, {ip: "fd00::5"}]}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: c, namespace: default}
 ---
 apiVersion: v1
 kind: Namespace
@@ -160,7 +169,19 @@ metadata: {name: default, labels: {istio-injection: enabled}}
         assert_eq!(svc.ports[0].port, 9080);
         assert_eq!(svc.cluster_ips, vec!["10.0.0.7"]);
         assert!(snap.index.namespace("default").is_some());
-        assert_eq!(snap.skipped, vec!["Pod"]);
+        assert_eq!(snap.skipped, vec!["ConfigMap"]);
+        let pod = ObjectKey::new("default", "p");
+        assert_eq!(
+            snap.index
+                .pods_at("fd00::5".parse().unwrap())
+                .map(|(p, _)| &p.key)
+                .collect::<Vec<_>>(),
+            [&pod]
+        );
+        assert_eq!(
+            snap.index.pod_fences(&pod),
+            [ObjectKey::new("default", "details")]
+        );
     }
 
     #[test]

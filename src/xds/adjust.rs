@@ -54,19 +54,11 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
 use prost::{Message, Name};
 
 use super::NodeInfo;
+use crate::als::{ACCESS_LOG_CLUSTER, HEADER_ORIG_DEST, LOG_NAME, LOGGED_REQUEST_HEADERS};
 use crate::model::dependencies::is_global_sidecar;
-
-/// The cluster the global-sidecar's access logger sends to (Slime's name).
-pub const ALS_CLUSTER: &str = "lazyload-accesslog-source";
-/// The `log_name` of the global-sidecar's access logger.
-pub const ALS_LOG_NAME: &str = "lazyload";
-/// Request headers the access logger records for attribution.
-pub const LOGGED_HEADERS: [&str; 2] = ["Slime-Orig-Dest", "Slime-Source-Ns"];
 
 /// The cluster istiod uses for unknown destinations.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-/// The header carrying the caller's original destination (`ip:port`).
-pub const ORIG_DEST_HEADER: &str = "Slime-Orig-Dest";
 /// The header carrying the caller's namespace.
 pub const SOURCE_NS_HEADER: &str = "slime-source-ns";
 /// Ports a sidecar proxy itself binds (pilot-agent, Envoy admin, inbound/outbound capture, ...).
@@ -266,10 +258,10 @@ impl Adjuster<'_> {
         self.settings.als_address.as_ref()?;
         let config = HttpGrpcAccessLogConfig {
             common_config: Some(CommonGrpcAccessLogConfig {
-                log_name: ALS_LOG_NAME.into(),
+                log_name: LOG_NAME.into(),
                 grpc_service: Some(GrpcService {
                     target_specifier: Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
-                        cluster_name: ALS_CLUSTER.into(),
+                        cluster_name: ACCESS_LOG_CLUSTER.into(),
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -277,7 +269,7 @@ impl Adjuster<'_> {
                 transport_api_version: ApiVersion::V3 as i32,
                 ..Default::default()
             }),
-            additional_request_headers_to_log: LOGGED_HEADERS.iter().map(|h| h.to_string()).collect(),
+            additional_request_headers_to_log: LOGGED_REQUEST_HEADERS.iter().map(|h| h.to_string()).collect(),
             ..Default::default()
         };
         Some(AccessLog {
@@ -302,7 +294,7 @@ impl Adjuster<'_> {
             ..Default::default()
         };
         Some(Cluster {
-            name: ALS_CLUSTER.into(),
+            name: ACCESS_LOG_CLUSTER.into(),
             connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(if is_ip {
                 DiscoveryType::Static as i32
@@ -315,7 +307,7 @@ impl Adjuster<'_> {
             )]
             .into(),
             load_assignment: Some(ClusterLoadAssignment {
-                cluster_name: ALS_CLUSTER.into(),
+                cluster_name: ACCESS_LOG_CLUSTER.into(),
                 endpoints: vec![LocalityLbEndpoints {
                     lb_endpoints: vec![LbEndpoint {
                         host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
@@ -522,7 +514,7 @@ impl Adjuster<'_> {
         if c.name == PASSTHROUGH_CLUSTER {
             let wanted = OriginalDstLbConfig {
                 use_http_header: true,
-                http_header_name: ORIG_DEST_HEADER.into(),
+                http_header_name: HEADER_ORIG_DEST.into(),
                 ..Default::default()
             };
             let current = match &c.lb_config {

@@ -12,10 +12,11 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
-use super::adjust::{ALS_CLUSTER, Adjuster, Counts, pack};
+use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
 use super::{CLUSTER, NodeInfo};
+use crate::als::ACCESS_LOG_CLUSTER;
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -51,7 +52,7 @@ impl StreamState for DeltaStream {
     type Response = DeltaDiscoveryResponse;
 
     fn downstream_request(&mut self, mut req: DeltaDiscoveryRequest) -> (DeltaDiscoveryRequest, Reply) {
-        req.initial_resource_versions.remove(ALS_CLUSTER);
+        req.initial_resource_versions.remove(ACCESS_LOG_CLUSTER);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if req.response_nonce.is_empty() {
             return (req, Reply::Request);
@@ -82,7 +83,7 @@ impl StreamState for DeltaStream {
         let mut removed: Vec<String> = resp
             .removed_resources
             .into_iter()
-            .filter(|n| n != ALS_CLUSTER)
+            .filter(|n| n != ACCESS_LOG_CLUSTER)
             .collect();
         for mut r in resp.resources {
             let Some(any) = r.resource.take() else {

@@ -177,7 +177,7 @@ fn loopback_listeners_are_rebound_and_get_the_access_logger_once() {
         cfg.additional_request_headers_to_log,
         ["Slime-Orig-Dest", "Slime-Source-Ns"]
     );
-    assert_eq!(cfg.common_config.unwrap().log_name, ALS_LOG_NAME);
+    assert_eq!(cfg.common_config.unwrap().log_name, LOG_NAME);
     // Idempotent.
     assert_eq!(
         adj.listener(&mut l, &mut Counts::default()),
@@ -525,7 +525,7 @@ fn passthrough_cluster_takes_its_destination_from_the_header() {
         panic!()
     };
     assert!(o.use_http_header);
-    assert_eq!(o.http_header_name, ORIG_DEST_HEADER);
+    assert_eq!(o.http_header_name, HEADER_ORIG_DEST);
     assert!(!adj.cluster(&mut c, &mut Counts::default()), "idempotent");
     let other = Cluster {
         name: "outbound|9080||details.default.svc.cluster.local".into(),
@@ -586,7 +586,7 @@ fn als_cluster_points_at_the_collector() {
         node: &node,
     };
     let c = adj.als_cluster().unwrap();
-    assert_eq!(c.name, ALS_CLUSTER);
+    assert_eq!(c.name, ACCESS_LOG_CLUSTER);
     assert_eq!(
         c.cluster_discovery_type,
         Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32))

@@ -1,0 +1,34 @@
+//! Learning dependencies: attributed calls -> deduplicated edges -> batches for the reconciler,
+//! persisted in `ServiceFence.status`.
+//!
+//! - [`learner`]: the dedup state machine (sans I/O): which calls are new or refresh a stale
+//!   last-seen time, with caps on memory.
+//! - [`status`]: the pure merge of edges into a fence's status, and the restart seed.
+//! - [`pump`]: the task that moves pending edges to the consumer in batches, and the in-memory
+//!   consumer `serve` uses until the reconciler exists (`/debug/edges`).
+//! - [`prometheus`]: the alternative source, `metricSourceType: prometheus`.
+
+pub mod learner;
+pub mod prometheus;
+
+pub mod pump;
+pub mod status;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::index::ObjectKey;
+
+pub use learner::{Learner, Limits, Observed};
+
+/// A learned dependency: calls from the fence's workloads reach `host`, last seen at `seen`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Edge {
+    /// The caller's fence: the Service selecting the calling pod, or its workload fence.
+    pub fence: ObjectKey,
+    /// The destination host (an FQDN, a ServiceEntry or dispatch host, or a short name with
+    /// `enableShortDomain`).
+    pub host: String,
+    /// When it was seen.
+    pub seen: Timestamp,
+}
