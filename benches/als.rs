@@ -383,6 +383,7 @@ fn e2e() {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let als: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
         .args([
             "serve",
             "--admin-listen",

@@ -295,6 +295,7 @@ async fn start_relay(upstream: &str) -> (RelayProcess, SocketAddr) {
     let xds = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
         .args(["serve", "--upstream", upstream, "--als-address", "127.0.0.1:8082"])
         .args([
             "--xds-listen",

@@ -5,12 +5,13 @@
 //!   last-seen time, with caps on memory.
 //! - [`status`]: the pure merge of edges into a fence's status, and the restart seed.
 //! - [`pump`]: the task that moves pending edges to the consumer in batches, and the in-memory
-//!   consumer `serve` uses until the reconciler exists (`/debug/edges`).
+//!   view of what each fence learned (`/debug/edges`).
+//! - [`persist`]: writing the batches into the fences' statuses when lazyload has a cluster.
 //! - [`prometheus`]: the alternative source, `metricSourceType: prometheus`.
 
 pub mod learner;
+pub mod persist;
 pub mod prometheus;
-
 pub mod pump;
 pub mod status;
 

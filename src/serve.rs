@@ -21,6 +21,7 @@ use crate::als::collector::{self, Collector};
 use crate::config::{Config, MetricSourceType};
 use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
+use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Learner, Limits, prometheus};
 use crate::readiness::Readiness;
@@ -61,6 +62,11 @@ pub struct ServeArgs {
     /// fence (`30s`, `2m`).
     #[arg(long, env = "LAZYLOAD_PROMETHEUS_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub prometheus_interval: Duration,
+    /// Kubeconfig of the cluster lazyload writes to (learned dependencies into fence statuses);
+    /// without it, the in-cluster configuration when running in a pod, else none (learned
+    /// dependencies are then kept in memory only).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// The xDS relay.
     #[command(flatten)]
     pub relay: RelayArgs,
@@ -355,6 +361,14 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     tracing::info!(counts = ?snapshot.index.counts(), fences = snapshot.fences.len(), "cluster index loaded");
 
     let mut learner = Learner::new(Limits::default());
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    if let Some(client) = &client {
+        // What the cluster's fences already hold is not learned (and written) again.
+        let fences = persist::seed_from_cluster(client.clone(), &mut learner)
+            .await
+            .context("reading the ServiceFences of the cluster")?;
+        snapshot.fences.extend(fences);
+    }
     let store = EdgeStore::seeded(&snapshot.fences, &mut learner);
     tracing::info!(
         edges = learner.len(),
@@ -362,10 +376,21 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     );
     let learner = LearnerHandle::new(learner, EDGE_BATCH);
     ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<crate::learn::Edge>>(16);
     let consumer = store.clone();
-    ctx.spawn("edge-store", async move {
-        consumer.consume(rx).await;
+    let mut writer = client.map(StatusWriter::new);
+    if writer.is_none() {
+        tracing::warn!("no cluster configured: learned dependencies are kept in memory only");
+    }
+    ctx.spawn("edge-consumer", async move {
+        while let Some(batch) = rx.recv().await {
+            let now = jiff::Timestamp::now();
+            consumer.apply(&batch, now);
+            if let Some(w) = &mut writer {
+                let done = w.write(batch, now).await;
+                tracing::debug!(?done, "learned dependencies written");
+            }
+        }
         Ok(())
     });
     let shutdown = ctx.shutdown.clone();
@@ -421,6 +446,26 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         });
     }
     Ok(())
+}
+
+/// A client of the cluster: from `--kubeconfig`, else in-cluster when running in a pod, else none.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Option<kube::Client>> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            kube::Config::incluster().context("the in-cluster configuration")?
+        }
+        None => return Ok(None),
+    };
+    Ok(Some(
+        kube::Client::try_from(config).context("building the Kubernetes client")?,
+    ))
 }
 
 async fn shutdown_signal() -> &'static str {

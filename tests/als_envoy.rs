@@ -229,6 +229,7 @@ async fn envoy_access_logs_teach_lazyload_serve() {
     let als: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _serve = Serve(
         Command::new(env!("CARGO_BIN_EXE_lazyload"))
+            .env_remove("KUBECONFIG")
             .args([
                 "serve",
                 "--admin-listen",

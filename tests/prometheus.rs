@@ -113,6 +113,7 @@ metric:
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _serve = Serve(
         Command::new(env!("CARGO_BIN_EXE_lazyload"))
+            .env_remove("KUBECONFIG")
             .args([
                 "serve",
                 "--admin-listen",

@@ -308,14 +308,21 @@ async fn partial_eds_pushes_merge_into_the_last_good_config() {
     let partial = c.recv().await;
     assert_eq!(names(&partial), ["b"], "a partial push passes as it is");
     c.request(None, ENDPOINT, &["a", "b", "c"], &partial.nonce).await;
+    // The relay records an ACK in the last good config before forwarding it: once istiod has
+    // seen the ACK of the partial push (the second EDS ACK), the cache holds it.
     wait_until("the partial push ACKed into the last good config", || {
-        r.relay
-            .debug_view()
-            .last_good
-            .values()
-            .any(|v| v.resources.get("ClusterLoadAssignment") == Some(&3))
+        let acks = istiod
+            .seen()
+            .iter()
+            .filter(|s| s.type_url == ENDPOINT && !s.nonce.is_empty())
+            .count();
+        acks >= 2
     })
     .await;
+    assert_eq!(
+        r.relay.debug_view().last_good.values().next().unwrap().resources["ClusterLoadAssignment"],
+        3
+    );
     // istiod goes away; a new replica connecting gets the merged endpoints.
     let addr = istiod.addr;
     istiod.stop().await;

@@ -12,6 +12,7 @@ async fn admin_endpoints_and_clean_shutdown() {
     let port = support::free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
         .args([
             "serve",
             "--admin-listen",
@@ -64,6 +65,7 @@ fn unusable_config_fails_with_the_field() {
     let cfg = dir.path("bad.yaml");
     std::fs::write(&cfg, "general:\n  wormholePort: ['99999']\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
         .args(["serve", "--config"])
         .arg(&cfg)
         .output()

@@ -146,13 +146,6 @@ impl EdgeStore {
         apply_metrics(self.lock().entry(fence.clone()).or_default(), metrics, now);
     }
 
-    /// Receives batches until the senders are gone.
-    pub async fn consume(self, mut rx: mpsc::Receiver<Vec<Edge>>) {
-        while let Some(batch) = rx.recv().await {
-            self.apply(&batch, Timestamp::now());
-        }
-    }
-
     /// `{"<ns>/<name>": {"metricStatus": ..., "lastSeen": ...}}`.
     pub fn to_json(&self) -> serde_json::Value {
         let map = self.lock();

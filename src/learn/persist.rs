@@ -1,0 +1,218 @@
+//! Persisting learned dependencies in `ServiceFence.status`, so nothing learned is lost on a
+//! restart: each batch is grouped by fence, merged into the fence's current status
+//! ([`apply_edges`]) and written as a merge patch of what changed (new `metricStatus` keys and
+//! `lastSeen` times; keys other writers added are untouched). Edges of callers without a fence
+//! are not written. A fence whose write fails keeps its edges for the next batch.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use kube::api::ListParams;
+use kube::{Api, Client};
+
+use super::Edge;
+use super::status::{apply_edges, seed};
+use crate::index::ObjectKey;
+use crate::learn::Learner;
+use crate::model::fence::ServiceFence;
+use crate::model::istio::IstioVersion;
+use crate::reconcile::fence::{FenceWriter, Write};
+
+/// Writes learned edges into fence statuses.
+pub struct StatusWriter {
+    client: Client,
+    writer: FenceWriter,
+    retry: BTreeMap<ObjectKey, Vec<Edge>>,
+}
+
+/// What one batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Fences whose status was patched.
+    pub patched: usize,
+    /// Fences whose status already held everything.
+    pub unchanged: usize,
+    /// Callers without a fence (their edges are not written).
+    pub unfenced: usize,
+    /// Fences kept for a retry after an error.
+    pub failed: usize,
+}
+
+impl StatusWriter {
+    /// A writer using `client`.
+    pub fn new(client: Client) -> Self {
+        Self {
+            writer: FenceWriter::new(client.clone(), IstioVersion::default()),
+            client,
+            retry: BTreeMap::new(),
+        }
+    }
+
+    /// Writes a batch (and whatever earlier batches could not write).
+    pub async fn write(&mut self, batch: Vec<Edge>, now: Timestamp) -> Written {
+        let mut all = std::mem::take(&mut self.retry);
+        for edge in batch {
+            all.entry(edge.fence.clone()).or_default().push(edge);
+        }
+        let mut done = Written::default();
+        for (key, edges) in all {
+            let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
+            let fence = match api.get_opt(&key.name).await {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    done.unfenced += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(fence = %key, "reading the fence failed, retrying with the next batch: {e}");
+                    self.retry.insert(key, edges);
+                    done.failed += 1;
+                    continue;
+                }
+            };
+            let mut status = fence.status.clone().unwrap_or_default();
+            if !apply_edges(&mut status, edges.iter(), now) {
+                done.unchanged += 1;
+                continue;
+            }
+            match self.writer.sync_status(&fence, &status).await {
+                Ok(Write::Unchanged) => done.unchanged += 1,
+                Ok(_) => done.patched += 1,
+                Err(e) => {
+                    tracing::warn!(fence = %key, "writing learned dependencies failed, retrying with the next batch: {e}");
+                    self.retry.insert(key, edges);
+                    done.failed += 1;
+                }
+            }
+        }
+        done
+    }
+}
+
+/// Reads every ServiceFence of the cluster and seeds the learner with what they already hold.
+pub async fn seed_from_cluster(client: Client, learner: &mut Learner) -> kube::Result<Vec<ServiceFence>> {
+    let api: Api<ServiceFence> = Api::all(client);
+    let fences = api.list(&ListParams::default()).await?.items;
+    seed(learner, &fences);
+    Ok(fences)
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    use super::*;
+
+    fn edge(ns: &str, name: &str, host: &str) -> Edge {
+        Edge {
+            fence: ObjectKey::new(ns, name),
+            host: host.into(),
+            seen: "2026-06-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    fn json_response(code: u16, v: Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    fn fence_json() -> Value {
+        json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFence",
+               "metadata": {"name": "productpage", "namespace": "default", "uid": "u1"},
+               "spec": {"enable": true},
+               "status": {"metricStatus": {"{destination_service=\"details.default.svc.cluster.local\"}": "1"}}})
+    }
+
+    #[tokio::test]
+    async fn edges_become_status_patches_of_existing_fences_only() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut w = StatusWriter::new(Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            // `ghost` has no fence: read, not written.
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.uri().path(),
+                "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/ghost"
+            );
+            send.send_response(json_response(
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found"}),
+            ));
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), http::Method::GET);
+            send.send_response(json_response(200, fence_json()));
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), http::Method::PATCH);
+            assert!(req.uri().path().ends_with("/servicefences/productpage/status"));
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let status = &body["status"];
+            assert_eq!(
+                status["metricStatus"],
+                json!({"{destination_service=\"reviews.default.svc.cluster.local\"}": "1"})
+            );
+            assert_eq!(
+                status["lastSeen"]["reviews.default.svc.cluster.local"],
+                "2026-06-01T00:00:00Z"
+            );
+            send.send_response(json_response(200, fence_json()));
+        });
+        let batch = vec![
+            edge("default", "productpage", "reviews.default.svc.cluster.local"),
+            edge("default", "ghost", "reviews.default.svc.cluster.local"),
+        ];
+        let now = "2026-06-01T00:00:05Z".parse().unwrap();
+        let done = w.write(batch, now).await;
+        assert_eq!(
+            done,
+            Written {
+                patched: 1,
+                unchanged: 0,
+                unfenced: 1,
+                failed: 0
+            }
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_kept_for_the_next_batch() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut w = StatusWriter::new(Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_response(json_response(
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "Forbidden", "code": 403, "message": "forbidden"}),
+            ));
+            // Next batch (empty): the kept edge is written now.
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_response(json_response(200, fence_json()));
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), http::Method::PATCH);
+            send.send_response(json_response(200, fence_json()));
+        });
+        let now = "2026-06-01T00:00:05Z".parse().unwrap();
+        let first = w
+            .write(
+                vec![edge(
+                    "default",
+                    "productpage",
+                    "ratings.default.svc.cluster.local",
+                )],
+                now,
+            )
+            .await;
+        assert_eq!(first.failed, 1);
+        let second = w.write(vec![], now).await;
+        assert_eq!(second.patched, 1);
+        server.await.unwrap();
+    }
+}
