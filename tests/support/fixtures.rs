@@ -74,8 +74,14 @@ pub struct Dump {
 pub fn load(files: &[&str]) -> Dump {
     let mut dump = Dump::default();
     for f in files {
-        let v: Value =
-            serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join(f)).unwrap()).unwrap();
+        let path = fixtures_dir().join(f);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (the recorded fixtures live in shared/, beside this repository)",
+                path.display()
+            )
+        });
+        let v: Value = serde_json::from_str(&text).unwrap();
         for config in v["configs"].as_array().into_iter().flatten() {
             let pick = |list: &str, field: &[&str]| -> Vec<Value> {
                 config[list]
