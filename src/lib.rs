@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod als;
+pub mod cluster;
 pub mod config;
 pub mod hash;
 pub mod index;

@@ -1,0 +1,118 @@
+//! What lazyload knows of the cluster at run time, shared by the collector and the controllers:
+//! the cluster index, the ServiceFences and the fences' Sidecars as last seen, and a stream of
+//! what changed so controllers react to exactly that.
+//!
+//! It is filled by the kube watchers (or once from a snapshot file); readers take short read
+//! locks and never hold them across an await.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::broadcast;
+
+use crate::index::{ClusterIndex, ObjectKey};
+use crate::model::fence::ServiceFence;
+use crate::model::istio::Sidecar;
+
+/// One change the controllers may care about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A Service was added, changed or deleted.
+    Service(ObjectKey),
+    /// A Namespace was added, changed or deleted.
+    Namespace(String),
+    /// Pods changed (attribution only; no controller reacts).
+    Pods,
+    /// A VirtualService or ServiceEntry changed: any fence's expansion may have.
+    Routing,
+    /// A ServiceFence was added, changed or deleted.
+    Fence(ObjectKey),
+    /// A Sidecar owned by a fence changed or was deleted (someone else edited it).
+    Sidecar(ObjectKey),
+    /// A watch re-listed everything of a kind: controllers should resync.
+    Resync,
+}
+
+/// The shared state.
+#[derive(Clone, Debug)]
+pub struct ClusterState {
+    index: Arc<RwLock<ClusterIndex>>,
+    fences: Arc<RwLock<BTreeMap<ObjectKey, ServiceFence>>>,
+    sidecars: Arc<RwLock<BTreeMap<ObjectKey, Sidecar>>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl ClusterState {
+    /// A state starting from `index` (and the fences of a snapshot, if any).
+    pub fn new(index: ClusterIndex, fences: impl IntoIterator<Item = ServiceFence>) -> Self {
+        let fences = fences
+            .into_iter()
+            .filter_map(|f| Some((ObjectKey::new(f.metadata.namespace.clone()?, f.metadata.name.clone()?), f)))
+            .collect();
+        Self {
+            index: Arc::new(RwLock::new(index)),
+            fences: Arc::new(RwLock::new(fences)),
+            sidecars: Arc::new(RwLock::new(BTreeMap::new())),
+            changes: broadcast::channel(4096).0,
+        }
+    }
+
+    /// The index, for reading.
+    pub fn index(&self) -> RwLockReadGuard<'_, ClusterIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index, for updating (watchers only).
+    pub fn index_mut(&self) -> RwLockWriteGuard<'_, ClusterIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shared index handle (the collector keeps one).
+    pub fn index_handle(&self) -> Arc<RwLock<ClusterIndex>> {
+        self.index.clone()
+    }
+
+    /// A fence as last seen.
+    pub fn fence(&self, key: &ObjectKey) -> Option<ServiceFence> {
+        self.fences.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Every fence's key.
+    pub fn fence_keys(&self) -> Vec<ObjectKey> {
+        self.fences.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// Stores or removes a fence (watchers only).
+    pub fn set_fence(&self, key: ObjectKey, fence: Option<ServiceFence>) {
+        let mut fences = self.fences.write().unwrap_or_else(|e| e.into_inner());
+        match fence {
+            Some(f) => fences.insert(key, f),
+            None => fences.remove(&key),
+        };
+    }
+
+    /// The Sidecar of a fence as last seen.
+    pub fn sidecar(&self, key: &ObjectKey) -> Option<Sidecar> {
+        self.sidecars.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    /// Stores or removes a Sidecar (watchers only).
+    pub fn set_sidecar(&self, key: ObjectKey, sidecar: Option<Sidecar>) {
+        let mut sidecars = self.sidecars.write().unwrap_or_else(|e| e.into_inner());
+        match sidecar {
+            Some(s) => sidecars.insert(key, s),
+            None => sidecars.remove(&key),
+        };
+    }
+
+    /// Announces a change.
+    pub fn changed(&self, change: Change) {
+        // No subscriber yet is fine: controllers resync when they start.
+        let _ = self.changes.send(change);
+    }
+
+    /// Subscribes to changes (a lagging subscriber gets `Lagged` and should resync).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
