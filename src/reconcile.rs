@@ -3,6 +3,8 @@
 //! issue as few writes as possible (istiod recomputes scopes on every Sidecar change).
 
 pub mod fence;
+pub mod fences;
+pub mod queue;
 
 use std::time::Duration;
 

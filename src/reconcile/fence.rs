@@ -104,6 +104,11 @@ impl FenceWriter {
         Self { client, version }
     }
 
+    /// The API version Sidecars are written at.
+    pub fn version(&self) -> IstioVersion {
+        self.version
+    }
+
     fn sidecars(&self, namespace: &str) -> Api<Sidecar> {
         Api::namespaced_with(self.client.clone(), namespace, &self.version.resource("Sidecar"))
     }

@@ -1,0 +1,185 @@
+//! The fence controller driven through its change stream against a mocked API server: the first
+//! reconcile applies the Sidecar and the status; a burst of changes that alters nothing writes
+//! nothing; a learned dependency arriving with a burst of changes costs exactly one Sidecar write
+//! per debounce window; followers write nothing until they lead.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::client::Body;
+use lazyload::cluster::{Change, ClusterState};
+use lazyload::config::Config;
+use lazyload::index::{ClusterIndex, ObjectKey};
+use lazyload::model::fence::{ServiceFence, ServiceFenceSpec, ServiceFenceStatus, metric_key};
+use lazyload::model::istio::{IstioVersion, Sidecar};
+use lazyload::reconcile::fence::FenceWriter;
+use lazyload::reconcile::fences::{FenceController, Metrics};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_test::mock;
+
+/// What the mock API server received: (method, path, body).
+type Log = Arc<Mutex<Vec<(Method, String, Value)>>>;
+
+fn fence(learned: &[&str]) -> ServiceFence {
+    let mut f = ServiceFence::new(
+        "productpage",
+        ServiceFenceSpec {
+            enable: true,
+            ..Default::default()
+        },
+    );
+    f.metadata = ObjectMeta {
+        name: Some("productpage".into()),
+        namespace: Some("default".into()),
+        uid: Some("u1".into()),
+        ..Default::default()
+    };
+    f.status = Some(ServiceFenceStatus {
+        metric_status: learned.iter().map(|h| (metric_key(h), "1".to_string())).collect(),
+        ..Default::default()
+    });
+    f
+}
+
+/// A mock API server that answers every request with its own body (what a PATCH returns) and logs it.
+fn api() -> (Client, Log) {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            l.lock().unwrap().push((method, path.clone(), body.clone()));
+            // An apply returns the object; a status patch returns the whole fence.
+            let reply = if path.ends_with("/status") {
+                serde_json::to_value(fence(&[])).unwrap()
+            } else {
+                body.clone()
+            };
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(service, "default"), log)
+}
+
+fn writes(log: &Log) -> Vec<(Method, String)> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .collect()
+}
+
+const SIDECAR: &str = "/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/productpage";
+const STATUS: &str =
+    "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/productpage/status";
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
+#[tokio::test]
+async fn writes_only_what_changed_once_per_window() {
+    let key = ObjectKey::new("default", "productpage");
+    let state = ClusterState::new(
+        ClusterIndex::new("cluster.local"),
+        [fence(&["details.default.svc.cluster.local"])],
+    );
+    let (client, log) = api();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let controller = FenceController::new(
+        state.clone(),
+        Arc::new(Config::default()),
+        FenceWriter::new(client, IstioVersion::V1beta1),
+        None,
+        Metrics::register(&mut registry),
+    );
+    let (lead_tx, lead_rx) = watch::channel(true);
+    let stop = CancellationToken::new();
+    tokio::spawn(controller.run(lead_rx, stop.clone()));
+
+    // 1. First reconcile: the Sidecar is applied, then the status written.
+    settle().await;
+    assert_eq!(
+        writes(&log),
+        [
+            (Method::PATCH, SIDECAR.to_string()),
+            (Method::PATCH, STATUS.to_string())
+        ]
+    );
+    let applied: Sidecar = serde_json::from_value(log.lock().unwrap()[0].2.clone()).unwrap();
+    let status = log.lock().unwrap()[1].2["status"].clone();
+    assert_eq!(
+        applied.spec.egress[0].hosts,
+        [
+            "*/details.default.svc.cluster.local",
+            "istio-system/*",
+            "mesh-operator/*"
+        ]
+    );
+
+    // The watches report what was written back.
+    let mut current = fence(&["details.default.svc.cluster.local"]);
+    let merged: ServiceFenceStatus = serde_json::from_value(status).unwrap();
+    let mut full = current.status.clone().unwrap();
+    full.domains = merged.domains;
+    full.last_seen = merged.last_seen;
+    full.conditions = merged.conditions;
+    current.status = Some(full);
+    state.set_fence(key.clone(), Some(current.clone()));
+    state.set_sidecar(key.clone(), Some(applied));
+    log.lock().unwrap().clear();
+
+    // 2. A burst of changes that alters nothing writes nothing.
+    for _ in 0..5 {
+        state.changed(Change::Fence(key.clone()));
+        state.changed(Change::Service(ObjectKey::new("default", "details")));
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(writes(&log), []);
+
+    // 3. A learned dependency with a burst of fence changes: one Sidecar write, one status write.
+    let status = current.status.as_mut().unwrap();
+    status
+        .metric_status
+        .insert(metric_key("reviews.default.svc.cluster.local"), "1".into());
+    state.set_fence(key.clone(), Some(current));
+    for _ in 0..5 {
+        state.changed(Change::Fence(key.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    let w = writes(&log);
+    assert_eq!(w.iter().filter(|(_, p)| p == SIDECAR).count(), 1, "{w:?}");
+    let body = log.lock().unwrap()[0].2.clone();
+    assert!(body.to_string().contains("*/reviews.default.svc.cluster.local"));
+    log.lock().unwrap().clear();
+
+    // 4. A follower writes nothing, whatever changes; leading again resyncs.
+    lead_tx.send(false).unwrap();
+    state.set_sidecar(key.clone(), None);
+    state.changed(Change::Sidecar(key.clone()));
+    settle().await;
+    assert_eq!(writes(&log), []);
+    lead_tx.send(true).unwrap();
+    settle().await;
+    assert_eq!(
+        writes(&log).first().map(|(_, p)| p.as_str()),
+        Some(SIDECAR),
+        "the new leader restores the Sidecar"
+    );
+    stop.cancel();
+}
