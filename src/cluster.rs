@@ -47,7 +47,12 @@ impl ClusterState {
     pub fn new(index: ClusterIndex, fences: impl IntoIterator<Item = ServiceFence>) -> Self {
         let fences = fences
             .into_iter()
-            .filter_map(|f| Some((ObjectKey::new(f.metadata.namespace.clone()?, f.metadata.name.clone()?), f)))
+            .filter_map(|f| {
+                Some((
+                    ObjectKey::new(f.metadata.namespace.clone()?, f.metadata.name.clone()?),
+                    f,
+                ))
+            })
             .collect();
         Self {
             index: Arc::new(RwLock::new(index)),
@@ -74,12 +79,21 @@ impl ClusterState {
 
     /// A fence as last seen.
     pub fn fence(&self, key: &ObjectKey) -> Option<ServiceFence> {
-        self.fences.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.fences
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// Every fence's key.
     pub fn fence_keys(&self) -> Vec<ObjectKey> {
-        self.fences.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.fences
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Stores or removes a fence (watchers only).
@@ -93,7 +107,11 @@ impl ClusterState {
 
     /// The Sidecar of a fence as last seen.
     pub fn sidecar(&self, key: &ObjectKey) -> Option<Sidecar> {
-        self.sidecars.read().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.sidecars
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// Stores or removes a Sidecar (watchers only).
