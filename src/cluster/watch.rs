@@ -108,7 +108,12 @@ impl Watch {
             let listed = match next {
                 // The watcher never ends on its own; nothing is left to do if it did.
                 None => return,
-                Some(Ok(event)) => apply_event(&self.state, &self.domain, event, &mut relist),
+                Some(Ok(event)) => {
+                    let listed = apply_event(&self.state, &self.domain, event, &mut relist);
+                    // Served again: a later outage is worth a warning again.
+                    missing &= !listed;
+                    listed
+                }
                 Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
                     if status.is_not_found() =>
                 {
@@ -147,8 +152,8 @@ trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'stat
         let meta = self.meta();
         Some(ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?))
     }
-    /// Stores the object; `Ok(false)` when it is not one lazyload keeps.
-    fn store(self, state: &ClusterState, domain: &str) -> Result<bool, index::Error>;
+    /// Stores the object under `key`; `Ok(false)` when it is not one lazyload keeps.
+    fn store(self, key: ObjectKey, state: &ClusterState, domain: &str) -> Result<bool, index::Error>;
     /// Removes the object; whether it was there.
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool;
     /// The keys stored of this kind.
@@ -162,7 +167,7 @@ impl Watched for Service {
     fn api(client: Client) -> Api<Self> {
         Api::all(client)
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
         state.index_mut().apply_service(ServiceInfo::try_from(&self)?);
         Ok(true)
     }
@@ -186,7 +191,7 @@ impl Watched for Namespace {
     fn key(&self) -> Option<ObjectKey> {
         Some(ObjectKey::new("", self.metadata.name.clone()?))
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
         state.index_mut().apply_namespace(NamespaceInfo::try_from(&self)?);
         Ok(true)
     }
@@ -210,7 +215,7 @@ impl Watched for Pod {
     fn api(client: Client) -> Api<Self> {
         Api::all(client)
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
         state.index_mut().apply_pod(PodInfo::try_from(&self)?);
         Ok(true)
     }
@@ -230,7 +235,7 @@ impl Watched for VirtualService {
     fn api(client: Client) -> Api<Self> {
         Api::all_with(client, &IstioVersion::default().resource("VirtualService"))
     }
-    fn store(self, state: &ClusterState, domain: &str) -> Result<bool, index::Error> {
+    fn store(self, _: ObjectKey, state: &ClusterState, domain: &str) -> Result<bool, index::Error> {
         let info = VirtualServiceInfo::from_object(&self, domain)?;
         state.index_mut().apply_virtual_service(info);
         Ok(true)
@@ -251,7 +256,7 @@ impl Watched for ServiceEntry {
     fn api(client: Client) -> Api<Self> {
         Api::all_with(client, &IstioVersion::default().resource("ServiceEntry"))
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
         state
             .index_mut()
             .apply_service_entry(ServiceEntryInfo::try_from(&self)?);
@@ -274,10 +279,8 @@ impl Watched for ServiceFence {
     fn api(client: Client) -> Api<Self> {
         Api::all(client)
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        if let Some(key) = self.key() {
-            state.set_fence(key, Some(self));
-        }
+    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+        state.set_fence(key, Some(self));
         Ok(true)
     }
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
@@ -300,19 +303,17 @@ impl Watched for Sidecar {
     fn api(client: Client) -> Api<Self> {
         Api::all_with(client, &IstioVersion::default().resource("Sidecar"))
     }
-    fn store(self, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+        let group = ServiceFence::group(&());
         let owned = self.metadata.owner_references.iter().flatten().any(|o| {
             o.controller == Some(true)
-                && o.kind == "ServiceFence"
-                && o.api_version.starts_with("microservice.slime.io/")
+                && o.kind == ServiceFence::kind(&())
+                && o.api_version.split('/').next() == Some(&*group)
         });
-        match self.key() {
-            Some(key) if owned => {
-                state.set_sidecar(key, Some(self));
-                Ok(true)
-            }
-            _ => Ok(false),
+        if owned {
+            state.set_sidecar(key, Some(self));
         }
+        Ok(owned)
     }
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
         let had = state.sidecar(key).is_some();
@@ -393,7 +394,7 @@ fn keep<K: Watched>(state: &ClusterState, domain: &str, obj: K) -> Kept {
         tracing::warn!(kind = K::KIND, "object without a name or namespace skipped");
         return Kept::No(None);
     };
-    match obj.store(state, domain) {
+    match obj.store(key.clone(), state, domain) {
         Ok(true) => return Kept::Yes(key),
         Ok(false) => {}
         Err(e) => tracing::warn!(kind = K::KIND, object = %key, "skipped: {e}"),
