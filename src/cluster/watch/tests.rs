@@ -256,8 +256,8 @@ fn list(kind: &str, rv: &str, items: &[&str]) -> Response<Body> {
 }
 
 /// Namespaces: listed `a, b` at version 1; the watch from 1 fails with 410 Gone (as an API server
-/// does when the version is too old); the re-list has `a, c` at version 2 and its watch stays
-/// open. Services and Pods: empty, watches stay open. Everything else: 404 (no CRDs).
+/// does when the version is too old); the re-list has `a, c` at version 2, its watch adds `d`,
+/// and the watch from `d`'s version 3 stays open. Services and Pods: empty, watches stay open. Everything else: 404 (no CRDs).
 async fn api_server(mut handle: Handle) {
     let mut open = Vec::new();
     let mut namespace_lists = 0;
@@ -278,6 +278,11 @@ async fn api_server(mut handle: Handle) {
                 let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status",
                     "status": "Failure", "reason": "Expired", "message": "too old resource version", "code": 410}});
                 send.send_response(respond(200, gone));
+            }
+            ("/api/v1/namespaces", true) if query.contains("resourceVersion=2") => {
+                let added = json!({"type": "ADDED", "object": {"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": "d", "resourceVersion": "3"}}});
+                send.send_response(respond(200, added));
             }
             ("/api/v1/services", false) => send.send_response(list("Service", "1", &[])),
             ("/api/v1/pods", false) => send.send_response(list("Pod", "1", &[])),
@@ -305,7 +310,7 @@ async fn a_watch_that_fails_with_gone_relists_and_the_index_recovers() {
     let recovered = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let names: BTreeSet<String> = s.index().namespaces().map(|n| n.name.clone()).collect();
-            if names == BTreeSet::from(["a".to_string(), "c".to_string()]) && readiness.pending().is_empty() {
+            if names == BTreeSet::from(["a", "c", "d"].map(String::from)) && readiness.pending().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
