@@ -5,6 +5,8 @@
 //! It is filled by the kube watchers (or once from a snapshot file); readers take short read
 //! locks and never hold them across an await.
 
+pub mod watch;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -112,6 +114,16 @@ impl ClusterState {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .cloned()
+    }
+
+    /// Every stored Sidecar's key.
+    pub fn sidecar_keys(&self) -> Vec<ObjectKey> {
+        self.sidecars
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Stores or removes a Sidecar (watchers only).

@@ -751,6 +751,21 @@ impl ClusterIndex {
         self.namespaces.get(name)
     }
 
+    /// Every Namespace, in no particular order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
+        self.namespaces.values()
+    }
+
+    /// Every Pod, in no particular order.
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pod_slots.iter().flatten().map(|e| &e.info)
+    }
+
+    /// Every VirtualService, in no particular order.
+    pub fn virtual_services(&self) -> impl Iterator<Item = &VirtualServiceInfo> {
+        self.virtual_services.values()
+    }
+
     /// Adds or replaces a VirtualService.
     pub fn apply_virtual_service(&mut self, vs: VirtualServiceInfo) {
         self.remove_virtual_service(&vs.key);

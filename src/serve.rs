@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::admin;
 use crate::als::attribute::Attributor;
 use crate::als::collector::{self, Collector};
+use crate::cluster::{ClusterState, watch};
 use crate::config::{Config, MetricSourceType};
 use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
@@ -445,6 +446,24 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             Ok(collector::serve(listener, service, shutdown).await?)
         });
     }
+    Ok(())
+}
+
+/// The cluster watchers: keep `state` up to date from `client` until shutdown; readiness task
+/// `cluster-index` is done once every kind has been listed (see [`watch::run`]).
+pub async fn start_watching(
+    ctx: &mut Components,
+    client: kube::Client,
+    state: ClusterState,
+) -> anyhow::Result<()> {
+    let ready = ctx.readiness.register("cluster-index");
+    // The index's own domain, so converted VirtualService hosts match its Service FQDNs.
+    let domain = state.index().domain().to_string();
+    let shutdown = ctx.shutdown.clone();
+    ctx.spawn("cluster watchers", async move {
+        watch::run(client, state, domain, ready, shutdown).await;
+        Ok(())
+    });
     Ok(())
 }
 
