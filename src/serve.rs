@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -25,11 +25,19 @@ use crate::index::snapshot::Snapshot;
 use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Learner, Limits, prometheus};
+use crate::model::istio::IstioVersion;
 use crate::readiness::Readiness;
+use crate::reconcile::fence::FenceWriter;
+use crate::reconcile::fences::{self, FenceController};
 use crate::telemetry::{self, LogFormat};
 use crate::xds::adjust::{RESERVED_PORTS, Settings};
 use crate::xds::server::{Relay, RelayConfig};
 use crate::xds::upstream::{Upstream, UpstreamConfig};
+
+/// Lease duration: how long a follower waits before taking over from a silent leader.
+const LEASE_SECONDS: u64 = 15;
+/// How long before the lease ends its holder renews it.
+const LEASE_GRACE_SECONDS: u64 = 5;
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -379,7 +387,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<crate::learn::Edge>>(16);
     let consumer = store.clone();
-    let mut writer = client.map(StatusWriter::new);
+    let mut writer = client.clone().map(StatusWriter::new);
     if writer.is_none() {
         tracing::warn!("no cluster configured: learned dependencies are kept in memory only");
     }
@@ -426,7 +434,12 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         });
     }
 
-    let index = Arc::new(RwLock::new(snapshot.index));
+    let state = ClusterState::new(snapshot.index, snapshot.fences);
+    if let Some(client) = &client {
+        start_watching(ctx, client.clone(), state.clone()).await?;
+        start_reconciling(ctx, client.clone(), state.clone()).await?;
+    }
+    let index = state.index_handle();
     if config.general.metric_source_type == MetricSourceType::Accesslog || args.als_listen.is_some() {
         let addr = match args.als_listen {
             Some(a) => a,
@@ -462,6 +475,53 @@ pub async fn start_watching(
     let shutdown = ctx.shutdown.clone();
     ctx.spawn("cluster watchers", async move {
         watch::run(client, state, domain, ready, shutdown).await;
+        Ok(())
+    });
+    Ok(())
+}
+
+/// The reconciler: a Lease elects the one replica that writes (kube-lease-manager; followers
+/// keep their state warm and take over within the lease duration), and the fence controller
+/// writes Sidecars and statuses while it leads. The lease is released on shutdown.
+async fn start_reconciling(
+    ctx: &mut Components,
+    client: kube::Client,
+    state: ClusterState,
+) -> anyhow::Result<()> {
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("lazyload-{}", std::process::id()));
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "lazyload")
+        .with_namespace(ctx.config.global.slime_namespace.clone())
+        .with_identity(identity.clone())
+        .with_duration(LEASE_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await
+        .context("setting up the leader lease")?;
+    let (leader, lease_task) = lease.watch().await;
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "lazyload".into(),
+            instance: Some(identity),
+        },
+    );
+    let controller = FenceController::new(
+        state,
+        ctx.config.clone(),
+        FenceWriter::new(client, IstioVersion::default()),
+        Some(recorder),
+        fences::Metrics::register(&mut ctx.registry),
+    );
+    let shutdown = ctx.shutdown.clone();
+    ctx.spawn("fence controller", async move {
+        controller.run(leader, shutdown).await;
+        Ok(())
+    });
+    // The controller dropped its receiver: the lease task releases the lease and ends.
+    ctx.spawn("leader lease", async move {
+        lease_task.await?.context("the leader lease")?;
         Ok(())
     });
     Ok(())
