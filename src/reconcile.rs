@@ -2,6 +2,7 @@
 //! decisions come from [`crate::model`], and these functions only compare with what is live and
 //! issue as few writes as possible (istiod recomputes scopes on every Sidecar change).
 
+pub mod autofence;
 pub mod fence;
 pub mod fences;
 pub mod queue;

@@ -27,6 +27,7 @@ use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Learner, Limits, prometheus};
 use crate::model::istio::IstioVersion;
 use crate::readiness::Readiness;
+use crate::reconcile::autofence::AutoFenceController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
 use crate::telemetry::{self, LogFormat};
@@ -481,8 +482,9 @@ pub async fn start_watching(
 }
 
 /// The reconciler: a Lease elects the one replica that writes (kube-lease-manager; followers
-/// keep their state warm and take over within the lease duration), and the fence controller
-/// writes Sidecars and statuses while it leads. The lease is released on shutdown.
+/// keep their state warm and take over within the lease duration); while it leads, the
+/// auto-fence controller creates and deletes fences and the fence controller writes Sidecars and
+/// statuses. The lease is released on shutdown.
 async fn start_reconciling(
     ctx: &mut Components,
     client: kube::Client,
@@ -507,6 +509,12 @@ async fn start_reconciling(
             instance: Some(identity),
         },
     );
+    let autofence = AutoFenceController::new(state.clone(), ctx.config.clone(), client.clone());
+    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
+    ctx.spawn("auto-fence controller", async move {
+        autofence.run(lead, shutdown).await;
+        Ok(())
+    });
     let controller = FenceController::new(
         state,
         ctx.config.clone(),
