@@ -28,6 +28,7 @@ use crate::learn::{Learner, Limits, prometheus};
 use crate::model::istio::IstioVersion;
 use crate::readiness::Readiness;
 use crate::reconcile::autofence::AutoFenceController;
+use crate::reconcile::fallback::FallbackController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
 use crate::telemetry::{self, LogFormat};
@@ -483,8 +484,9 @@ pub async fn start_watching(
 
 /// The reconciler: a Lease elects the one replica that writes (kube-lease-manager; followers
 /// keep their state warm and take over within the lease duration); while it leads, the
-/// auto-fence controller creates and deletes fences and the fence controller writes Sidecars and
-/// statuses. The lease is released on shutdown.
+/// auto-fence controller creates and deletes fences, the fallback controller keeps the
+/// `to-global-sidecar` EnvoyFilter and wormhole ports, and the fence controller writes Sidecars
+/// and statuses. The lease is released on shutdown.
 async fn start_reconciling(
     ctx: &mut Components,
     client: kube::Client,
@@ -513,6 +515,12 @@ async fn start_reconciling(
     let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
     ctx.spawn("auto-fence controller", async move {
         autofence.run(lead, shutdown).await;
+        Ok(())
+    });
+    let fallback = FallbackController::new(state.clone(), ctx.config.clone(), client.clone());
+    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
+    ctx.spawn("fallback controller", async move {
+        fallback.run(lead, shutdown).await;
         Ok(())
     });
     let controller = FenceController::new(

@@ -1,0 +1,279 @@
+//! The fallback controller: keeps the `to-global-sidecar` EnvoyFilter(s) and, with `autoPort`,
+//! the global-sidecar Service's ports in line with the wormhole ports
+//! ([`crate::model::fallback`]).
+//!
+//! The computed port set is written into an annotation of the EnvoyFilter and read back when a
+//! replica starts leading, so ports that only grow keep growing across restarts. Writes are
+//! server-side applies (field manager `lazyload`), issued only when the port set changed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Error, FIELD_MANAGER, Result, with_retries};
+use crate::cluster::{Change, ClusterState};
+use crate::config::{Config, GlobalSidecarMode};
+use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
+use crate::model::istio::{EnvoyFilter, IstioVersion};
+use crate::model::sidecar::GLOBAL_SIDECAR;
+
+/// Annotation holding the wormhole ports the EnvoyFilter covers (`80,9080`).
+pub const PORTS_ANNOTATION: &str = "lazyload.io/wormhole-ports";
+/// How long after a Service or ServiceEntry change the ports are recomputed.
+const DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// The fallback controller.
+pub struct FallbackController {
+    state: ClusterState,
+    config: Arc<Config>,
+    client: Client,
+    ports: Option<BTreeSet<u16>>,
+}
+
+impl FallbackController {
+    /// A controller writing through `client`.
+    pub fn new(state: ClusterState, config: Arc<Config>, client: Client) -> Self {
+        Self {
+            state,
+            config,
+            client,
+            ports: None,
+        }
+    }
+
+    fn envoyfilters_api(&self, namespace: &str) -> Api<EnvoyFilter> {
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &IstioVersion::V1alpha3.resource("EnvoyFilter"),
+        )
+    }
+
+    /// The ports recorded by the previous leader (empty when there is no EnvoyFilter yet).
+    async fn recorded_ports(&self) -> BTreeSet<u16> {
+        let ns = match self.config.general.global_sidecar_mode {
+            GlobalSidecarMode::Cluster => self.config.global.istio_namespace.clone(),
+            GlobalSidecarMode::Namespace => match self.config.general.namespace.first() {
+                Some(ns) => ns.clone(),
+                None => return BTreeSet::new(),
+            },
+        };
+        match self.envoyfilters_api(&ns).get_opt(ENVOYFILTER_NAME).await {
+            Ok(Some(ef)) => ef
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(PORTS_ANNOTATION))
+                .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+                .unwrap_or_default(),
+            Ok(None) => BTreeSet::new(),
+            Err(e) => {
+                tracing::warn!("reading the recorded wormhole ports failed: {e}");
+                BTreeSet::new()
+            }
+        }
+    }
+
+    /// Recomputes the ports and writes what changed. Returns whether anything was written.
+    pub async fn sync(&mut self) -> Result<bool> {
+        let previous = match &self.ports {
+            Some(p) => p.clone(),
+            None => self.recorded_ports().await,
+        };
+        let ports = wormhole_ports(&self.config, &self.state.index(), &previous);
+        if self.ports.as_ref() == Some(&ports) {
+            return Ok(false);
+        }
+        let annotation = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for mut ef in envoyfilters(&self.config, &ports) {
+            ef.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(PORTS_ANNOTATION.into(), annotation.clone());
+            let ns = ef.metadata.namespace.clone().unwrap_or_default();
+            let api = self.envoyfilters_api(&ns);
+            let patch = Patch::Apply(&ef);
+            with_retries(|| api.patch(ENVOYFILTER_NAME, &params, &patch))
+                .await
+                .map_err(|source| Error::Kube {
+                    action: "apply EnvoyFilter",
+                    object: format!("{ns}/{ENVOYFILTER_NAME}"),
+                    source,
+                })?;
+        }
+        if self.config.general.auto_port {
+            self.apply_service_ports(&ports).await?;
+        }
+        tracing::info!(ports = %annotation, "wormhole ports applied");
+        self.ports = Some(ports);
+        Ok(true)
+    }
+
+    /// The global-sidecar Service(s) listen on every wormhole port.
+    async fn apply_service_ports(&self, ports: &BTreeSet<u16>) -> Result<()> {
+        let namespaces = match self.config.general.global_sidecar_mode {
+            GlobalSidecarMode::Cluster => vec![self.config.general.cluster_gs_namespace.clone()],
+            GlobalSidecarMode::Namespace => self.config.general.namespace.clone(),
+        };
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for ns in namespaces {
+            let svc = Service {
+                metadata: kube::core::ObjectMeta {
+                    name: Some(GLOBAL_SIDECAR.into()),
+                    namespace: Some(ns.clone()),
+                    ..Default::default()
+                },
+                spec: Some(ServiceSpec {
+                    ports: Some(global_sidecar_service_ports(ports)),
+                    ..Default::default()
+                }),
+                status: None,
+            };
+            let api: Api<Service> = Api::namespaced(self.client.clone(), &ns);
+            let mut value = serde_json::to_value(&svc).map_err(|source| Error::Serialize {
+                object: format!("{ns}/{GLOBAL_SIDECAR}"),
+                source,
+            })?;
+            value["apiVersion"] = "v1".into();
+            value["kind"] = "Service".into();
+            let patch = Patch::Apply(&value);
+            with_retries(|| api.patch(GLOBAL_SIDECAR, &params, &patch))
+                .await
+                .map_err(|source| Error::Kube {
+                    action: "apply global-sidecar Service ports",
+                    object: format!("{ns}/{GLOBAL_SIDECAR}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown`, writing only while `leader` is true.
+    pub async fn run(mut self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+        let mut changes = self.state.subscribe();
+        let mut due = (*leader.borrow()).then(tokio::time::Instant::now);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if *leader.borrow() {
+                        // A new leader reads the recorded ports again.
+                        self.ports = None;
+                        due = Some(tokio::time::Instant::now());
+                    }
+                }
+                change = changes.recv() => match change {
+                    Ok(Change::Service(_) | Change::Routing | Change::Resync)
+                    | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        due = due.or(Some(tokio::time::Instant::now() + DEBOUNCE));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if due.is_some() && *leader.borrow() => {
+                    due = None;
+                    if let Err(e) = self.sync().await {
+                        tracing::warn!("writing the fallback EnvoyFilter failed, retrying: {e}");
+                        due = Some(tokio::time::Instant::now() + DEBOUNCE * 5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    use super::*;
+    use crate::index::{ClusterIndex, ObjectKey, ServiceInfo, ServicePort};
+
+    #[tokio::test]
+    async fn ports_from_services_are_applied_once_and_recorded() {
+        let cfg = Config::parse("general:\n  autoPort: true\n  wormholePort: ['9080']\n")
+            .unwrap()
+            .config;
+        let mut index = ClusterIndex::new("cluster.local");
+        index.apply_service(ServiceInfo {
+            key: ObjectKey::new("default", "web"),
+            labels: Default::default(),
+            selector: None,
+            ports: vec![ServicePort {
+                name: "http-web".into(),
+                port: 8080,
+                protocol: "TCP".into(),
+                app_protocol: None,
+            }],
+            cluster_ips: vec![],
+        });
+        let state = ClusterState::new(index, []);
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut ctl = FallbackController::new(state, Arc::new(cfg), Client::new(service, "default"));
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let (req, send) = handle.next_request().await.unwrap();
+                let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
+                    .unwrap_or(Value::Null);
+                let reply = if method == Method::GET {
+                    // A previous leader recorded port 7000.
+                    json!({"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+                           "metadata": {"name": "to-global-sidecar", "namespace": "istio-system",
+                                        "annotations": {"lazyload.io/wormhole-ports": "7000"}}, "spec": {}})
+                } else {
+                    body.clone()
+                };
+                seen.push((method, path, body));
+                send.send_response(
+                    Response::builder()
+                        .status(200)
+                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                        .unwrap(),
+                );
+            }
+            seen
+        });
+        assert!(ctl.sync().await.unwrap());
+        let seen = server.await.unwrap();
+        assert_eq!(seen[0].0, Method::GET);
+        assert_eq!(seen[1].0, Method::PATCH);
+        assert_eq!(
+            seen[1].1,
+            "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/to-global-sidecar"
+        );
+        assert_eq!(
+            seen[1].2["metadata"]["annotations"][PORTS_ANNOTATION], "7000,8080,9080",
+            "ports only grow"
+        );
+        let patched: Vec<&str> = seen[1].2["spec"]["configPatches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["match"]["routeConfiguration"]["name"].as_str())
+            .collect();
+        assert!(patched.contains(&"7000") && patched.contains(&"8080") && patched.contains(&"9080"));
+        assert_eq!(
+            seen[2].1,
+            "/api/v1/namespaces/mesh-operator/services/global-sidecar"
+        );
+        assert_eq!(seen[2].2["spec"]["ports"].as_array().unwrap().len(), 3);
+        // Nothing changed: nothing written.
+        assert!(!ctl.sync().await.unwrap());
+    }
+}
