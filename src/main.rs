@@ -24,6 +24,8 @@ enum Command {
     Crd,
     /// Run lazyload: the admin endpoint and every enabled component.
     Serve(Box<ServeArgs>),
+    /// Write ServiceFence and Sidecar manifests from a cluster snapshot and access logs.
+    Generate(lazyload::generate::GenerateArgs),
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -47,6 +49,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(lazyload::serve::run(*args))?;
+        }
+        Command::Generate(args) => {
+            let summary = lazyload::generate::run(&args, jiff::Timestamp::now())?;
+            eprintln!(
+                "wrote {} fences and {} Sidecars to {} ({} dependencies from {} attributed log lines; skipped: {:?})",
+                summary.fences,
+                summary.sidecars,
+                args.out.display(),
+                summary.edges,
+                summary.attributed,
+                summary.skipped
+            );
         }
         Command::Crd => {
             print!("{}", crd_yaml()?);

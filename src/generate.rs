@@ -1,0 +1,154 @@
+//! `lazyload generate`: ServiceFence and Sidecar manifests from a cluster snapshot and access logs,
+//! for review (GitOps) instead of writes to the API server. The same model and attribution code as
+//! `serve`; a directory is the sink.
+//!
+//! Access logs are Envoy JSON access logs, one object per line, with Istio's JSON format keys
+//! (`downstream_remote_address`, `authority`, `upstream_cluster`, `user_agent`, `path`) and,
+//! when the format logs them, `slime_orig_dest` / `slime_source_ns`. Lines that are not such
+//! objects are counted and skipped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::als::attribute::{Attributor, Hosts};
+use crate::als::entry::{Entry, Kind, parse_ip};
+use crate::config::Config;
+use crate::index::ObjectKey;
+use crate::index::snapshot::Snapshot;
+use crate::learn::Edge;
+use crate::learn::status::apply_edges;
+use crate::model::autofence::{Action, decide};
+use crate::model::evaluate;
+use crate::model::fence::ServiceFence;
+use crate::model::istio::IstioVersion;
+
+/// Flags of `lazyload generate`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Configuration file (SlimeBoot lazyload module); `general.autoFence` and `defaultFence`
+    /// decide which Services get a fence besides the snapshot's own fences.
+    #[arg(short, long, env = "LAZYLOAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The cluster: `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences -A -o yaml`.
+    #[arg(long)]
+    pub cluster_snapshot: PathBuf,
+    /// Envoy JSON access logs (repeatable).
+    #[arg(long)]
+    pub access_log: Vec<PathBuf>,
+    /// Directory the manifests are written to (`<namespace>/<name>.{servicefence,sidecar}.yaml`).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// What a run produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Fences written.
+    pub fences: usize,
+    /// Sidecars written.
+    pub sidecars: usize,
+    /// Dependencies learned from the logs.
+    pub edges: usize,
+    /// Log lines that named a dependency.
+    pub attributed: usize,
+    /// Log lines skipped, by reason.
+    pub skipped: BTreeMap<String, usize>,
+}
+
+/// Runs `generate`.
+pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
+    let config = match &args.config {
+        Some(p) => Config::load(p)?.config,
+        None => Config::default(),
+    };
+    let text = std::fs::read_to_string(&args.cluster_snapshot)
+        .with_context(|| format!("reading {}", args.cluster_snapshot.display()))?;
+    let mut snap = Snapshot::parse(&text, &config.general.cluster_domain)
+        .with_context(|| format!("loading {}", args.cluster_snapshot.display()))?;
+    snap.index
+        .set_workload_label(config.general.fence_label_key_alias.clone());
+
+    let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
+    for f in snap.fences.drain(..) {
+        if let (Some(ns), Some(name)) = (f.metadata.namespace.clone(), f.metadata.name.clone()) {
+            fences.insert(ObjectKey::new(ns, name), f);
+        }
+    }
+    let services: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
+    for key in services {
+        if let Action::Create(f) = decide(&key, fences.get(&key), &snap.index, &config) {
+            fences.insert(key, *f);
+        }
+    }
+
+    let mut summary = Summary::default();
+    let mut edges: Vec<Edge> = Vec::new();
+    let attributor = Attributor::new(&config);
+    let mut hosts = Hosts::default();
+    for path in &args.access_log {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                *summary.skipped.entry("not_json".into()).or_default() += 1;
+                continue;
+            };
+            let field = |k: &str| v.get(k).and_then(Value::as_str);
+            let entry = Entry {
+                kind: Kind::Http,
+                source: field("downstream_remote_address").and_then(parse_ip),
+                peer_identity: None,
+                upstream_cluster: field("upstream_cluster").unwrap_or_default(),
+                authority: field("authority").unwrap_or_default(),
+                orig_dest: field("slime_orig_dest"),
+                source_ns: field("slime_source_ns"),
+                user_agent: field("user_agent").unwrap_or_default(),
+                path: field("path").unwrap_or_default(),
+            };
+            match attributor.attribute(&snap.index, &entry, &mut hosts) {
+                Ok(sources) => {
+                    summary.attributed += 1;
+                    for fence in sources {
+                        edges.extend(hosts.iter().map(|h| Edge {
+                            fence: fence.clone(),
+                            host: h.to_string(),
+                            seen: now,
+                        }));
+                    }
+                }
+                Err(why) => *summary.skipped.entry(why.as_str().into()).or_default() += 1,
+            }
+        }
+    }
+    edges.sort_by(|a, b| (&a.fence, &a.host).cmp(&(&b.fence, &b.host)));
+    edges.dedup_by(|a, b| a.fence == b.fence && a.host == b.host);
+    summary.edges = edges.len();
+    for (key, fence) in &mut fences {
+        let status = fence.status.get_or_insert_with(Default::default);
+        apply_edges(status, edges.iter().filter(|e| &e.fence == key), now);
+    }
+
+    for (key, fence) in &fences {
+        let eval = evaluate(fence, &snap.index, &config, now, IstioVersion::default());
+        let mut fence = fence.clone();
+        fence.status = Some(eval.status);
+        write(&args.out, key, "servicefence", &fence)?;
+        summary.fences += 1;
+        if let Ok(sidecar) = eval.sidecar {
+            write(&args.out, key, "sidecar", &sidecar)?;
+            summary.sidecars += 1;
+        }
+    }
+    Ok(summary)
+}
+
+fn write<T: serde::Serialize>(out: &Path, key: &ObjectKey, kind: &str, object: &T) -> anyhow::Result<()> {
+    let dir = out.join(&key.namespace);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.{kind}.yaml", key.name));
+    let yaml = serde_yaml::to_string(object).context("serialising a manifest")?;
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))
+}

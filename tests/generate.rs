@@ -1,0 +1,83 @@
+//! `lazyload generate`: fences and Sidecars from a snapshot and JSON access logs, as files.
+
+mod support;
+
+use std::process::Command;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/generate")
+        .join(name)
+}
+
+#[test]
+fn writes_learned_sidecars_for_review() {
+    let out = support::TempDir::new("generate");
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .arg("generate")
+        .arg("--config")
+        .arg(fixture("config.yaml"))
+        .arg("--cluster-snapshot")
+        .arg(fixture("cluster.yaml"))
+        .arg("--access-log")
+        .arg(fixture("access.log"))
+        .arg("--out")
+        .arg(&out.0)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
+    assert!(stderr.contains("not_json"), "{stderr}");
+
+    let read = |f: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&std::fs::read_to_string(out.path(&format!("default/{f}"))).unwrap()).unwrap()
+    };
+    let sidecar = read("productpage.sidecar.yaml");
+    let hosts: Vec<&str> = sidecar["spec"]["egress"][0]["hosts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "*/details.default.svc.cluster.local",
+            "*/reviews.default.svc.cluster.local",
+            "istio-system/*",
+            "mesh-operator/*"
+        ]
+    );
+    assert_eq!(
+        sidecar["spec"]["workloadSelector"]["labels"]["app"],
+        "productpage"
+    );
+    let fence = read("productpage.servicefence.yaml");
+    assert_eq!(
+        fence["status"]["metricStatus"]["{destination_service=\"details.default.svc.cluster.local\"}"],
+        "1"
+    );
+    assert_eq!(
+        fence["metadata"]["labels"]["app.kubernetes.io/created-by"],
+        "fence-controller"
+    );
+    // reviews called nothing: its Sidecar imports only the defaults.
+    let reviews = read("reviews.sidecar.yaml");
+    assert_eq!(
+        reviews["spec"]["egress"][0]["hosts"].as_sequence().unwrap().len(),
+        2
+    );
+}
+
+#[test]
+fn a_missing_snapshot_is_a_clear_error() {
+    let out = support::TempDir::new("generate-missing");
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .args(["generate", "--cluster-snapshot", "/nonexistent.yaml", "--out"])
+        .arg(&out.0)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("/nonexistent.yaml"));
+}
