@@ -187,7 +187,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::parse("")?,
     };
-    telemetry::init(&loaded.config.global.log.log_level, args.log_format)?;
+    telemetry::init(&loaded.config.global.log, args.log_format)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }

@@ -74,3 +74,43 @@ fn unusable_config_fails_with_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("general.wormholePort[0]"), "{err}");
 }
+
+#[tokio::test]
+async fn log_rotate_writes_to_the_configured_file() {
+    let dir = support::TempDir::new("serve-logs");
+    let cfg = dir.path("cfg.yaml");
+    let log = dir.path("logs/slime.log");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  log:\n    logRotate: true\n    logRotateConfig:\n      filePath: {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let port = support::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
+        .args([
+            "serve",
+            "--als-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &addr.to_string(),
+            "--config",
+        ])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http::get(addr, "/healthz", &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "admin did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("admin listening"), "{text}");
+}
