@@ -437,6 +437,14 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     }
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
+    let (view, cfg) = (state.clone(), config.clone());
+    ctx.debug = std::mem::take(&mut ctx.debug).route(
+        "/debug/fences",
+        axum::routing::get(move || {
+            let (view, cfg) = (view.clone(), cfg.clone());
+            async move { axum::Json(fences_view(&view, &cfg)) }
+        }),
+    );
     if let Some(client) = &client {
         start_watching(ctx, client.clone(), state.clone()).await?;
         start_reconciling(ctx, client.clone(), state.clone()).await?;
@@ -541,6 +549,30 @@ async fn start_reconciling(
         Ok(())
     });
     Ok(())
+}
+
+/// `/debug/fences`: every fence with its status and the Sidecar hosts the model gives it now
+/// (or why it gets none).
+fn fences_view(state: &ClusterState, config: &Config) -> serde_json::Value {
+    let now = jiff::Timestamp::now();
+    let index = state.index();
+    let fences: serde_json::Map<String, serde_json::Value> = state
+        .fence_keys()
+        .into_iter()
+        .filter_map(|key| {
+            let fence = state.fence(&key)?;
+            let eval = crate::model::evaluate(&fence, &index, config, now, IstioVersion::default());
+            let sidecar = match &eval.sidecar {
+                Ok(s) => serde_json::json!({"hosts": s.spec.egress.first().map(|e| e.hosts.clone()).unwrap_or_default()}),
+                Err(why) => serde_json::json!({"none": why.reason()}),
+            };
+            Some((
+                key.to_string(),
+                serde_json::json!({"enable": fence.spec.enable, "status": eval.status, "sidecar": sidecar}),
+            ))
+        })
+        .collect();
+    serde_json::Value::Object(fences)
 }
 
 /// A client of the cluster: from `--kubeconfig`, else in-cluster when running in a pod, else none.

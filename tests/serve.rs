@@ -114,3 +114,48 @@ async fn log_rotate_writes_to_the_configured_file() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("admin listening"), "{text}");
 }
+
+#[tokio::test]
+async fn debug_fences_shows_each_fences_sidecar() {
+    let dir = support::TempDir::new("serve-fences");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(
+        &snapshot,
+        r#"
+apiVersion: microservice.slime.io/v1alpha1
+kind: ServiceFence
+metadata: {name: productpage, namespace: default}
+spec: {enable: true, host: {reviews.default.svc.cluster.local: {stable: {}}}}
+"#,
+    )
+    .unwrap();
+    let port = support::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env_remove("KUBECONFIG")
+        .args([
+            "serve",
+            "--als-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &addr.to_string(),
+            "--cluster-snapshot",
+        ])
+        .arg(&snapshot)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        if let Ok(r) = http::get(addr, "/debug/fences", &[]).await {
+            break r.body;
+        }
+        assert!(Instant::now() < deadline, "admin did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hosts = &v["default/productpage"]["sidecar"]["hosts"];
+    assert_eq!(hosts[0], "*/reviews.default.svc.cluster.local", "{body}");
+}
