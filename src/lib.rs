@@ -24,6 +24,7 @@ pub mod model;
 pub mod net;
 pub mod readiness;
 pub mod reconcile;
+pub mod report;
 pub mod serve;
 pub mod telemetry;
 pub mod xds;

@@ -26,6 +26,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Write ServiceFence and Sidecar manifests from a cluster snapshot and access logs.
     Generate(lazyload::generate::GenerateArgs),
+    /// Compare the full config with what each fenced workload's Sidecar scope keeps.
+    Report(lazyload::report::ReportArgs),
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -61,6 +63,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.attributed,
                 summary.skipped
             );
+        }
+        Command::Report(args) => {
+            let report = lazyload::report::run(&args, jiff::Timestamp::now())?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).context("printing the report")?
+                );
+            } else {
+                print!("{}", lazyload::report::table(&report));
+            }
         }
         Command::Crd => {
             print!("{}", crd_yaml()?);
