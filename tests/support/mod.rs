@@ -9,13 +9,24 @@ pub mod fixtures;
 pub mod http;
 pub mod istiod;
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, and never handed out before in this test binary.
+///
+/// The kernel may return the same ephemeral port to two back-to-back binds once the first socket
+/// is closed; a test that rewrites many listeners to "free" ports would then give Envoy two
+/// listeners on one address, which it rejects.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A relay serving on a free loopback port until dropped.
