@@ -66,7 +66,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
     pub als_listen: Option<SocketAddr>,
     /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
-    /// servicefences -A -o yaml` (until the Kubernetes reflectors exist).
+    /// servicefences -A -o yaml`; for running without a cluster (with one, its watchers keep
+    /// the index up to date).
     #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
     pub cluster_snapshot: Option<PathBuf>,
     /// How often the Prometheus source (`metricSourceType: prometheus`) queries each enabled
