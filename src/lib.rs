@@ -16,6 +16,7 @@ pub mod admin;
 pub mod als;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod generate;
 pub mod hash;
 pub mod index;

@@ -28,6 +28,8 @@ enum Command {
     Generate(lazyload::generate::GenerateArgs),
     /// Compare the full config with what each fenced workload's Sidecar scope keeps.
     Report(lazyload::report::ReportArgs),
+    /// Learn Sidecars for a built-in sample mesh and show how much smaller each proxy's config is.
+    Demo(lazyload::demo::DemoArgs),
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -74,6 +76,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", lazyload::report::table(&report));
             }
+        }
+        Command::Demo(args) => {
+            let outcome =
+                lazyload::demo::run(&args, jiff::Timestamp::now(), &mut |line| eprintln!("{line}"))?;
+            print!("{}", lazyload::demo::summary(&outcome));
         }
         Command::Crd => {
             print!("{}", crd_yaml()?);
