@@ -135,17 +135,24 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
         let eval = evaluate(fence, &snap.index, &config, now, IstioVersion::default());
         let mut fence = fence.clone();
         fence.status = Some(eval.status);
-        write(&args.out, key, "servicefence", &fence)?;
+        write_manifest(&args.out, key, "servicefence", &fence)?;
         summary.fences += 1;
         if let Ok(sidecar) = eval.sidecar {
-            write(&args.out, key, "sidecar", &sidecar)?;
+            write_manifest(&args.out, key, "sidecar", &sidecar)?;
             summary.sidecars += 1;
         }
     }
     Ok(summary)
 }
 
-fn write<T: serde::Serialize>(out: &Path, key: &ObjectKey, kind: &str, object: &T) -> anyhow::Result<()> {
+/// Writes `object` as `<out>/<namespace>/<name>.<kind>.yaml` (the file sink of `generate` and of
+/// `serve` without a cluster).
+pub fn write_manifest<T: serde::Serialize>(
+    out: &Path,
+    key: &ObjectKey,
+    kind: &str,
+    object: &T,
+) -> anyhow::Result<()> {
     let dir = out.join(&key.namespace);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{}.{kind}.yaml", key.name));

@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// dependencies are then kept in memory only).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Without a cluster: write each fence changed by learned dependencies, and its Sidecar, to
+    /// `<dir>/<namespace>/<name>.{servicefence,sidecar}.yaml` (a file sink instead of the API
+    /// server, for review or GitOps).
+    #[arg(long, env = "LAZYLOAD_MANIFESTS_DIR")]
+    pub manifests_dir: Option<PathBuf>,
     /// The xDS relay.
     #[command(flatten)]
     pub relay: RelayArgs,
@@ -390,21 +395,6 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<crate::learn::Edge>>(16);
     let consumer = store.clone();
-    let mut writer = client.clone().map(StatusWriter::new);
-    if writer.is_none() {
-        tracing::warn!("no cluster configured: learned dependencies are kept in memory only");
-    }
-    ctx.spawn("edge-consumer", async move {
-        while let Some(batch) = rx.recv().await {
-            let now = jiff::Timestamp::now();
-            consumer.apply(&batch, now);
-            if let Some(w) = &mut writer {
-                let done = w.write(batch, now).await;
-                tracing::debug!(?done, "learned dependencies written");
-            }
-        }
-        Ok(())
-    });
     let shutdown = ctx.shutdown.clone();
     let pump = learner.clone();
     ctx.spawn("edge-pump", async move {
@@ -438,6 +428,34 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     }
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
+    let mut writer = client.clone().map(StatusWriter::new);
+    if writer.is_none() {
+        match &args.manifests_dir {
+            Some(dir) => {
+                tracing::info!(dir = %dir.display(), "no cluster configured: learned fences and Sidecars are written as files")
+            }
+            None => tracing::warn!("no cluster configured: learned dependencies are kept in memory only"),
+        }
+    }
+    let (local, local_config, manifests) = (state.clone(), config.clone(), args.manifests_dir.clone());
+    ctx.spawn("edge-consumer", async move {
+        while let Some(batch) = rx.recv().await {
+            let now = jiff::Timestamp::now();
+            consumer.apply(&batch, now);
+            match &mut writer {
+                Some(w) => {
+                    let done = w.write(batch, now).await;
+                    tracing::debug!(?done, "learned dependencies written");
+                }
+                None => {
+                    if let Err(e) = apply_locally(&local, &local_config, &batch, now, manifests.as_deref()) {
+                        tracing::error!(error = %format!("{e:#}"), "writing learned fences");
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
     let (view, cfg) = (state.clone(), config.clone());
     ctx.debug = std::mem::take(&mut ctx.debug).route(
         "/debug/fences",
@@ -549,6 +567,35 @@ async fn start_reconciling(
         lease_task.await?.context("the leader lease")?;
         Ok(())
     });
+    Ok(())
+}
+
+/// Without a cluster: merges learned edges into the in-memory fences (so `/debug/fences` shows the
+/// Sidecars they now get) and, with a manifests directory, writes each changed fence and its
+/// Sidecar there. Edges of fences the snapshot does not hold stay in `/debug/edges` only.
+fn apply_locally(
+    state: &ClusterState,
+    config: &Config,
+    batch: &[crate::learn::Edge],
+    now: jiff::Timestamp,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    for (key, edges) in crate::learn::status::by_fence(batch, |k| state.fence(k).is_some()) {
+        let Some(mut fence) = state.fence(key) else {
+            continue;
+        };
+        crate::learn::status::apply_edges(fence.status.get_or_insert_with(Default::default), edges, now);
+        let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
+        fence.status = Some(eval.status);
+        if let Some(dir) = dir {
+            crate::generate::write_manifest(dir, key, "servicefence", &fence)?;
+            match &eval.sidecar {
+                Ok(sidecar) => crate::generate::write_manifest(dir, key, "sidecar", sidecar)?,
+                Err(why) => tracing::info!(fence = %key, reason = why.reason(), "no Sidecar"),
+            }
+        }
+        state.set_fence(key.clone(), Some(fence));
+    }
     Ok(())
 }
 

@@ -8,7 +8,8 @@
 //! to the global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
 //! `details` service in a second namespace. Istio's TLS transport sockets stay: they take their
 //! certificates from `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets,
-//! made here by a throwaway CA.
+//! made here by a throwaway CA. The last test runs the same global-sidecar against `lazyload
+//! serve` itself: relay, collector and learner in one process, the learned Sidecar as a file.
 
 mod support;
 
@@ -195,6 +196,21 @@ async fn setup(api_type: &str) -> Setup {
     let relay = TestRelay::start(upstream, settings).await;
     let relay_addr = relay.addr;
 
+    let (envoy, dir, ca) = start_global_sidecar(api_type, relay_addr.port()).await;
+    Setup {
+        envoy,
+        ports,
+        passthrough,
+        sink,
+        ca,
+        _relay: relay,
+        _istiod: istiod,
+        _dir: dir,
+    }
+}
+/// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, certificates from a
+/// throwaway CA, returned for callers' certificates) connected to the relay at `relay_port`, once it has accepted LDS and CDS.
+async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDir, Ca) {
     let dir = TempDir::new("gs-certs");
     let ca = Ca::new();
     let gs = ca.workload(
@@ -217,7 +233,7 @@ async fn setup(api_type: &str) -> Setup {
         )
         .replace("{{NAMESPACE}}", "mesh-operator")
         .replace("{{RELAY_HOST}}", "127.0.0.1")
-        .replace("{{RELAY_PORT}}", &relay_addr.port().to_string())
+        .replace("{{RELAY_PORT}}", &relay_port.to_string())
         .replace("{{ADS_API_TYPE}}", api_type)
         .replace("{{CERT_DIR}}", dir.0.to_str().unwrap())
         .replace("{{ADMIN_PORT}}", "0");
@@ -237,16 +253,7 @@ async fn setup(api_type: &str) -> Setup {
             },
         )
         .await;
-    Setup {
-        envoy,
-        ports,
-        passthrough,
-        sink,
-        ca,
-        _relay: relay,
-        _istiod: istiod,
-        _dir: dir,
-    }
+    (envoy, dir, ca)
 }
 
 fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
@@ -486,4 +493,122 @@ async fn stock_envoy_global_sidecar_over_delta() {
     let s = setup("DELTA_GRPC").await;
     check_config(&s).await;
     check_traffic(&s).await;
+}
+
+/// Kills the child process when dropped (a failed assertion must not leave `lazyload serve` up).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The whole product in one process: `lazyload serve` relays the test istiod's config to a real
+/// Envoy global-sidecar (with the access logger A6 pointing at its own collector), a call from
+/// productpage's pod (127.0.0.1 in the snapshot) to `details` goes through the global-sidecar, the
+/// collector learns it, and the fence's Sidecar, written to the manifests directory, imports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_learns_a_sidecar_from_global_sidecar_traffic() {
+    let default = backend("default").await;
+    let other = backend("other").await;
+    let (config, ports) = global_sidecar_config(default, other);
+    let istiod = TestIstiod::start(config).await;
+
+    let work = TempDir::new("serve-e2e");
+    std::fs::write(
+        work.path("cluster.yaml"),
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: default}}
+- {apiVersion: v1, kind: Service, metadata: {name: productpage, namespace: default}, spec: {selector: {app: productpage}, clusterIP: 10.96.0.1, ports: [{name: http, port: 9080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: details, namespace: default}, spec: {selector: {app: details}, clusterIP: 10.96.0.2, ports: [{name: http, port: 9080}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: productpage-1, namespace: default, labels: {app: productpage}}, status: {podIP: 127.0.0.1}}
+- apiVersion: microservice.slime.io/v1alpha1
+  kind: ServiceFence
+  metadata: {name: productpage, namespace: default}
+  spec: {enable: true}
+"#,
+    )
+    .unwrap();
+    let (xds, als, admin) = (free_port(), free_port(), free_port());
+    let _serve = Running(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lazyload"))
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "warn")
+            .args(["serve", "--upstream", &istiod.url()])
+            .args(["--xds-listen", &format!("127.0.0.1:{xds}")])
+            .args(["--als-listen", &format!("127.0.0.1:{als}")])
+            .args(["--als-address", &format!("127.0.0.1:{als}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .arg("--cluster-snapshot")
+            .arg(work.path("cluster.yaml"))
+            .arg("--manifests-dir")
+            .arg(work.path("manifests"))
+            .spawn()
+            .unwrap(),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http::get(admin, "/healthz", &[]).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lazyload serve did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (envoy, _certs, _ca) = start_global_sidecar("GRPC", xds).await;
+
+    let listener: SocketAddr = format!("127.0.0.1:{}", ports[&9080]).parse().unwrap();
+    let r = http::get(
+        listener,
+        "/details/0",
+        &[("Host", "details.default.svc.cluster.local")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.body, "backend=default\n", "{}", envoy.log());
+
+    // The global-sidecar flushes its access logs about once a second; the learner batches.
+    let sidecar_file = work.path("manifests/default/productpage.sidecar.yaml");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sidecar_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Sidecar written; edges: {:?}",
+            http::get(admin, "/debug/edges", &[]).await.map(|r| r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sidecar: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&sidecar_file).unwrap()).unwrap();
+    assert_eq!(sidecar["kind"], "Sidecar");
+    assert_eq!(
+        sidecar["spec"]["workloadSelector"]["labels"]["app"],
+        "productpage"
+    );
+    let hosts: Vec<&str> = sidecar["spec"]["egress"][0]["hosts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert!(
+        hosts.contains(&"*/details.default.svc.cluster.local"),
+        "{hosts:?}"
+    );
+    let fence: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(work.path("manifests/default/productpage.servicefence.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        fence["status"]["metricStatus"]["{destination_service=\"details.default.svc.cluster.local\"}"],
+        "1"
+    );
+    // `/debug/fences` shows the same Sidecar.
+    let view = http::get(admin, "/debug/fences", &[]).await.unwrap().body;
+    assert!(view.contains("*/details.default.svc.cluster.local"), "{view}");
 }
