@@ -1,21 +1,36 @@
-//! `lazyload demo`: the offline path on a built-in sample mesh, with nothing but this binary.
+//! `lazyload demo`: the learning path on a built-in sample mesh, over loopback, with nothing but
+//! this binary.
 //!
 //! It writes, into a working directory, a sample cluster (bookinfo plus generated services in
-//! several namespaces, as `kubectl get -o yaml` prints it), the Istio-shaped full config every
-//! proxy of that mesh receives (an Envoy config dump: one cluster, endpoint assignment and virtual
-//! host per service port, one listener per port), and the traffic of the mesh as Envoy JSON
-//! access-log lines. Then it runs `generate` on them (learned dependencies -> ServiceFences and
-//! Sidecars) and `report` on the result (what each workload's Sidecar keeps), and prints both.
-//! The relay and the collector are not part of it: they need an istiod and an Envoy.
+//! several namespaces, each with a ServiceFence, as `kubectl get -o yaml` prints them) and the
+//! Istio-shaped full config every proxy of that mesh receives (an Envoy config dump: one cluster,
+//! endpoint assignment and virtual host per service port, one listener per port). It starts
+//! `lazyload serve` on that cluster (no API server: learned fences and Sidecars go to
+//! `manifests/`), replays the mesh's traffic to its collector as the access-log entries a
+//! global-sidecar sends (gRPC ALS over loopback), waits until every call is learned, then runs
+//! `report` on the result (what each workload's Sidecar keeps). The relay is not part of it: it
+//! needs an istiod (the tests run it against a test istiod and a real Envoy).
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
+use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress};
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+    HttpAccessLogEntries, Identifier, LogEntries,
+};
 use jiff::Timestamp;
 use serde_json::{Value, json};
 
-use crate::generate::{self, GenerateArgs};
 use crate::report::{self, Report, ReportArgs};
 
 /// Flags of `lazyload demo`.
@@ -32,8 +47,8 @@ pub struct DemoArgs {
 /// What a demo run produced.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The `generate` step.
-    pub generated: generate::Summary,
+    /// Dependencies learned by `lazyload serve`.
+    pub learned: usize,
     /// The `report` step.
     pub report: Report,
     /// The bookinfo productpage's Sidecar, as written.
@@ -56,6 +71,12 @@ impl Service {
 
     fn cluster(&self) -> String {
         format!("outbound|{}||{}", self.port, self.fqdn())
+    }
+
+    /// Its ServiceFence, before anything is learned.
+    fn fence(&self) -> Value {
+        json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFence",
+            "metadata": {"name": self.name, "namespace": self.namespace}, "spec": {"enable": true}})
     }
 }
 
@@ -102,8 +123,9 @@ impl Mesh {
         Mesh { services, calls }
     }
 
-    /// The cluster as one `kubectl get ns,svc,pods -A -o yaml` List.
-    fn cluster_yaml(&self) -> String {
+    /// The cluster as one `kubectl get ns,svc,pods,servicefences -A -o yaml` List (fences
+    /// only with `fences`).
+    fn cluster_yaml(&self, fences: bool) -> String {
         let mut items = Vec::new();
         let mut namespaces: Vec<&str> = self.services.iter().map(|s| s.namespace.as_str()).collect();
         namespaces.sort_unstable();
@@ -121,6 +143,9 @@ impl Mesh {
                 "metadata": {"name": format!("{}-v1-0", s.name), "namespace": s.namespace, "labels": labels},
                 "spec": {"containers": [{"name": "app", "image": "demo"}]},
                 "status": {"phase": "Running", "podIP": s.pod_ip, "podIPs": [{"ip": s.pod_ip}]}}));
+            if fences {
+                items.push(s.fence());
+            }
         }
         serde_yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
             .unwrap_or_default()
@@ -215,10 +240,10 @@ impl Mesh {
         ]})
     }
 
-    /// The mesh's calls as the global-sidecar logs them (three requests per call; callers in
-    /// the same namespace use the short name, as applications do).
-    fn access_log(&self, now: Timestamp) -> String {
-        let mut out = String::new();
+    /// The mesh's calls as a global-sidecar reports them (three requests per call; callers in the
+    /// same namespace use the short name, as applications do), in messages of 100 entries.
+    fn access_logs(&self) -> Vec<StreamAccessLogsMessage> {
+        let mut entries = Vec::new();
         for (n, &(from, to)) in self.calls.iter().enumerate() {
             let (a, b) = (&self.services[from], &self.services[to]);
             let authority = if a.namespace == b.namespace {
@@ -226,87 +251,223 @@ impl Mesh {
             } else {
                 format!("{}.{}:{}", b.name, b.namespace, b.port)
             };
-            for k in 0..3 {
-                let line = json!({"start_time": now.to_string(), "method": "GET", "path": "/",
-                    "response_code": 200, "authority": authority, "upstream_cluster": b.cluster(),
-                    "downstream_remote_address": format!("{}:{}", a.pod_ip, 40000 + (n * 3 + k) % 20000),
-                    "slime_source_ns": a.namespace, "user_agent": "demo"});
-                let _ = writeln!(out, "{line}");
+            for k in 0..3u32 {
+                let address = Address {
+                    address: Some(AddressKind::SocketAddress(SocketAddress {
+                        address: a.pod_ip.clone(),
+                        port_specifier: Some(
+                            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                                40_000 + (n as u32 * 3 + k) % 20_000,
+                            ),
+                        ),
+                        ..Default::default()
+                    })),
+                };
+                entries.push(HttpAccessLogEntry {
+                    common_properties: Some(AccessLogCommon {
+                        downstream_remote_address: Some(address),
+                        upstream_cluster: b.cluster(),
+                        ..Default::default()
+                    }),
+                    request: Some(HttpRequestProperties {
+                        authority: authority.clone(),
+                        path: "/".into(),
+                        user_agent: "demo".into(),
+                        request_headers: [("slime-source-ns".to_string(), a.namespace.clone())].into(),
+                        ..Default::default()
+                    }),
+                    response: Some(HttpResponseProperties {
+                        response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 200 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
             }
         }
-        out
+        let mut messages = Vec::new();
+        let mut rest = entries.into_iter().peekable();
+        while rest.peek().is_some() {
+            messages.push(StreamAccessLogsMessage {
+                identifier: messages.is_empty().then(|| Identifier {
+                    node: Some(Node {
+                        id: "sidecar~10.0.0.1~global-sidecar-demo.mesh-operator~mesh-operator.svc.cluster.local"
+                            .into(),
+                        ..Default::default()
+                    }),
+                    log_name: crate::als::LOG_NAME.into(),
+                }),
+                log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+                    log_entry: rest.by_ref().take(100).collect(),
+                })),
+            });
+        }
+        messages
     }
 }
 
+/// `lazyload serve`, killed when dropped.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback address nothing listens on right now.
+fn free_address() -> anyhow::Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(probe.local_addr()?)
+}
+
+/// Dependencies recorded in the fences `serve` wrote so far.
+fn learned_so_far(manifests: &Path, mesh: &Mesh) -> usize {
+    mesh.services
+        .iter()
+        .filter_map(|s| {
+            let path = manifests
+                .join(&s.namespace)
+                .join(format!("{}.servicefence.yaml", s.name));
+            let fence: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+            Some(
+                fence["status"]["metricStatus"]
+                    .as_mapping()
+                    .map_or(0, |m| m.len()),
+            )
+        })
+        .sum()
+}
+
 /// Runs the demo, printing what it does to `say` as it goes.
-pub fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> anyhow::Result<Outcome> {
+pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> anyhow::Result<Outcome> {
     let mesh = Mesh::sample(args.services);
     let dir = &args.out;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     say(&format!(
-        "[1/4] sample mesh: {} services in {} calls, written to {}",
+        "[1/4] sample mesh: {} services, {} calls between them, written to {}",
         mesh.services.len(),
         mesh.calls.len(),
         dir.display()
     ));
     let cluster = dir.join("cluster.yaml");
-    write(&cluster, &mesh.cluster_yaml())?;
-    let config = dir.join("config.yaml");
-    write(&config, "general:\n  autoFence: true\n  defaultFence: true\n")?;
+    write(&cluster, &mesh.cluster_yaml(true))?;
     let dump = dir.join("full-config-dump.json");
     write(&dump, &mesh.config_dump().to_string())?;
-    let log = dir.join("access.log");
-    write(&log, &mesh.access_log(now))?;
-
-    say("[2/4] learning dependencies from the access logs and deriving Sidecars");
     let manifests = dir.join("manifests");
     if manifests.exists() {
         std::fs::remove_dir_all(&manifests).with_context(|| format!("clearing {}", manifests.display()))?;
     }
-    let generated = generate::run(
-        &GenerateArgs {
-            config: Some(config.clone()),
-            cluster_snapshot: cluster.clone(),
-            access_log: vec![log],
-            out: manifests.clone(),
-        },
-        now,
-    )?;
+
+    let (als, admin) = (free_address()?, free_address()?);
+    let log = dir.join("serve.log");
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let exe = std::env::current_exe().context("locating the lazyload binary")?;
+    let mut serve = Serve(
+        Command::new(exe)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG")
+            .args(["serve", "--log-format", "json"])
+            .args([
+                "--als-listen",
+                &als.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .arg("--cluster-snapshot")
+            .arg(&cluster)
+            .arg("--manifests-dir")
+            .arg(&manifests)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting lazyload serve")?,
+    );
     say(&format!(
-        "      {} dependencies learned from {} log lines; {} ServiceFences and {} Sidecars in {}",
-        generated.edges,
-        generated.attributed,
-        generated.fences,
-        generated.sidecars,
-        manifests.display()
+        "[2/4] lazyload serve: collector on {als}, admin on http://{admin} (log: {})",
+        log.display()
     ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        match AccessLogServiceClient::connect(format!("http://{als}")).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => {
+                bail!("lazyload serve did not come up (see {}): {e}", log.display())
+            }
+            Err(_) => {
+                if let Some(status) = serve.0.try_wait().context("watching lazyload serve")? {
+                    bail!("lazyload serve exited ({status}); see {}", log.display())
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+        }
+    };
+    let messages = mesh.access_logs();
+    let entries: usize = messages
+        .iter()
+        .map(|m| match &m.log_entries {
+            Some(LogEntries::HttpLogs(h)) => h.log_entry.len(),
+            _ => 0,
+        })
+        .sum();
+    say(&format!(
+        "[3/4] replaying {entries} access-log entries of the global-sidecar over gRPC"
+    ));
+    client
+        .stream_access_logs(tokio_stream::iter(messages))
+        .await
+        .context("streaming access logs to the collector")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut shown = None;
+    let learned = loop {
+        let learned = learned_so_far(&manifests, &mesh);
+        if shown != Some(learned) {
+            say(&format!(
+                "      learned {learned}/{} dependencies",
+                mesh.calls.len()
+            ));
+            shown = Some(learned);
+        }
+        if learned >= mesh.calls.len() {
+            break learned;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {learned} of {} dependencies learned after 60 s (see {})",
+                mesh.calls.len(),
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let productpage_sidecar = read(&manifests.join("bookinfo/productpage.sidecar.yaml"))?;
 
-    say("[3/4] comparing each workload's scoped config with the full config");
-    let mut fenced = read(&cluster)?;
+    say("[4/4] comparing each workload's scoped config with the full config");
+    let mut fenced = mesh.cluster_yaml(false);
     for m in &mesh.services {
         let fence = manifests
             .join(&m.namespace)
             .join(format!("{}.servicefence.yaml", m.name));
+        fenced.push_str("\n---\n");
         if fence.exists() {
-            fenced.push_str("\n---\n");
             fenced.push_str(&read(&fence)?);
+        } else {
+            fenced.push_str(&serde_yaml::to_string(&m.fence()).context("serialising a fence")?);
         }
     }
     let fenced_path = dir.join("cluster-with-fences.yaml");
     write(&fenced_path, &fenced)?;
     let report = report::run(
         &ReportArgs {
-            config: Some(config),
+            config: None,
             cluster_snapshot: fenced_path,
             config_dump: vec![dump],
             json: false,
         },
         now,
     )?;
-    say("[4/4] done");
     Ok(Outcome {
-        generated,
+        learned,
         report,
         productpage_sidecar,
     })

@@ -78,8 +78,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Demo(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let outcome =
-                lazyload::demo::run(&args, jiff::Timestamp::now(), &mut |line| eprintln!("{line}"))?;
+                runtime.block_on(lazyload::demo::run(&args, jiff::Timestamp::now(), &mut |line| {
+                    eprintln!("{line}")
+                }))?;
             print!("{}", lazyload::demo::summary(&outcome));
         }
         Command::Crd => {

@@ -1,5 +1,5 @@
-//! `lazyload demo` on a fresh directory: it learns the sample mesh's Sidecars and prints them with a
-//! push-size table; `lazyload report` on the mesh it wrote shows the same reduction per workload.
+//! `lazyload demo` on a fresh directory: `lazyload serve` learns the sample mesh's Sidecars from
+//! access logs streamed to its collector, and the demo prints them with a push-size table; `lazyload report` on the mesh it wrote shows the same reduction per workload.
 
 mod support;
 
@@ -19,14 +19,14 @@ fn demo_prints_learned_sidecars_and_push_sizes() {
     // 64 services; bookinfo's 3 calls and two distinct calls per generated service (i -> i+1 and
     // i -> 7i+3 mod 60 never coincide nor loop back).
     assert!(
-        stderr.contains("[1/4] sample mesh: 64 services in 123 calls"),
+        stderr.contains("[1/4] sample mesh: 64 services, 123 calls between them"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("123 dependencies learned from 369 log lines; 64 ServiceFences and 64 Sidecars"),
+        stderr.contains("replaying 369 access-log entries of the global-sidecar over gRPC"),
         "{stderr}"
     );
-    assert!(stderr.contains("[4/4] done"), "{stderr}");
+    assert!(stderr.contains("learned 123/123 dependencies"), "{stderr}");
     for host in [
         "'*/details.bookinfo.svc.cluster.local'",
         "'*/reviews.bookinfo.svc.cluster.local'",
