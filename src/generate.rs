@@ -5,7 +5,8 @@
 //! Access logs are Envoy JSON access logs, one object per line, with Istio's JSON format keys
 //! (`downstream_remote_address`, `authority`, `upstream_cluster`, `user_agent`, `path`) and,
 //! when the format logs them, `slime_orig_dest` / `slime_source_ns`. Lines that are not such
-//! objects are counted and skipped.
+//! objects are counted and skipped. A Prometheus export (a `/api/v1/query` JSON result over
+//! Istio's request metrics) is the other input: one dependency per series.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::learn::status::apply_edges;
 use crate::model::autofence::{Action, decide};
 use crate::model::evaluate;
 use crate::model::fence::ServiceFence;
+use crate::model::host::host_name;
 use crate::model::istio::IstioVersion;
 
 /// Flags of `lazyload generate`.
@@ -39,6 +41,13 @@ pub struct GenerateArgs {
     /// Envoy JSON access logs (repeatable).
     #[arg(long)]
     pub access_log: Vec<PathBuf>,
+    /// Prometheus query results (repeatable): the JSON `/api/v1/query` returns for Istio's
+    /// request metrics, e.g. `sum by (source_app, source_workload_namespace,
+    /// destination_service) (istio_requests_total{reporter="source"})`. Each series with a
+    /// non-zero value is a dependency of the fence `<source_workload_namespace>/<source_app>`
+    /// (Slime's `$namespace` / `$source_app`) on `destination_service`.
+    #[arg(long)]
+    pub prometheus_export: Vec<PathBuf>,
     /// Directory the manifests are written to (`<namespace>/<name>.{servicefence,sidecar}.yaml`).
     #[arg(long)]
     pub out: PathBuf,
@@ -53,7 +62,7 @@ pub struct Summary {
     pub sidecars: usize,
     /// Dependencies learned from the logs.
     pub edges: usize,
-    /// Log lines that named a dependency.
+    /// Log lines and Prometheus series that named a dependency.
     pub attributed: usize,
     /// Log lines skipped, by reason.
     pub skipped: BTreeMap<String, usize>,
@@ -123,6 +132,12 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
             }
         }
     }
+    for path in &args.prometheus_export {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let found = prometheus_edges(&text, now, &mut summary)
+            .with_context(|| format!("{} is not a Prometheus query result", path.display()))?;
+        edges.extend(found);
+    }
     edges.sort_by(|a, b| (&a.fence, &a.host).cmp(&(&b.fence, &b.host)));
     edges.dedup_by(|a, b| a.fence == b.fence && a.host == b.host);
     summary.edges = edges.len();
@@ -145,6 +160,56 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// The dependencies in a Prometheus `/api/v1/query` result (a vector); series that name no
+/// fence or no valid destination, or whose value is zero, are counted as skipped.
+fn prometheus_edges(text: &str, now: Timestamp, summary: &mut Summary) -> anyhow::Result<Vec<Edge>> {
+    let v: Value = serde_json::from_str(text).context("not JSON")?;
+    if v["status"].as_str().is_some_and(|s| s != "success") {
+        anyhow::bail!(
+            "the query failed: {}",
+            v["error"].as_str().unwrap_or("no error message")
+        );
+    }
+    let results = v["data"]["result"].as_array().context("no `data.result` list")?;
+    let mut edges = Vec::new();
+    for r in results {
+        let label = |k: &str| {
+            r["metric"][k]
+                .as_str()
+                .filter(|s| !s.is_empty() && *s != "unknown")
+        };
+        let value = r["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let fence = match (label("source_workload_namespace"), label("source_app")) {
+            (Some(ns), Some(app)) => ObjectKey::new(ns, app),
+            _ => {
+                *summary.skipped.entry("prometheus_no_source".into()).or_default() += 1;
+                continue;
+            }
+        };
+        let Some(host) = label("destination_service").and_then(|h| host_name(h).ok()) else {
+            *summary
+                .skipped
+                .entry("prometheus_invalid_destination".into())
+                .or_default() += 1;
+            continue;
+        };
+        if value > 0.0 {
+            summary.attributed += 1;
+            edges.push(Edge {
+                fence,
+                host,
+                seen: now,
+            });
+        } else {
+            *summary.skipped.entry("prometheus_zero".into()).or_default() += 1;
+        }
+    }
+    Ok(edges)
+}
+
 /// Writes `object` as `<out>/<namespace>/<name>.<kind>.yaml` (the file sink of `generate` and of
 /// `serve` without a cluster).
 pub fn write_manifest<T: serde::Serialize>(
@@ -158,4 +223,73 @@ pub fn write_manifest<T: serde::Serialize>(
     let path = dir.join(format!("{}.{kind}.yaml", key.name));
     let yaml = serde_yaml::to_string(object).context("serialising a manifest")?;
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_series_become_edges() {
+        let text = r#"{"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {"source_app": "productpage", "source_workload_namespace": "default",
+                        "destination_service": "details.default.svc.cluster.local"}, "value": [1.7e9, "12"]},
+            {"metric": {"source_app": "productpage", "source_workload_namespace": "default",
+                        "destination_service": "reviews.default.svc.cluster.local"}, "value": [1.7e9, "0"]},
+            {"metric": {"source_app": "unknown", "source_workload_namespace": "default",
+                        "destination_service": "details.default.svc.cluster.local"}, "value": [1.7e9, "3"]},
+            {"metric": {"source_app": "reviews", "source_workload_namespace": "default",
+                        "destination_service": "10.96.0.1:9080"}, "value": [1.7e9, "3"]},
+            {"metric": {}, "value": "garbage"}
+        ]}}"#;
+        let now = Timestamp::UNIX_EPOCH;
+        let mut summary = Summary::default();
+        let edges = prometheus_edges(text, now, &mut summary).unwrap();
+        assert_eq!(
+            edges,
+            [Edge {
+                fence: ObjectKey::new("default", "productpage"),
+                host: "details.default.svc.cluster.local".into(),
+                seen: now,
+            }]
+        );
+        assert_eq!(summary.attributed, 1);
+        assert_eq!(summary.skipped["prometheus_zero"], 1);
+        assert_eq!(summary.skipped["prometheus_no_source"], 2);
+        assert_eq!(summary.skipped["prometheus_invalid_destination"], 1);
+    }
+
+    #[test]
+    fn a_failed_or_foreign_export_is_an_error() {
+        let mut summary = Summary::default();
+        let now = Timestamp::UNIX_EPOCH;
+        for text in [
+            "not json",
+            r#"{"status": "error", "error": "bad query"}"#,
+            r#"{"status": "success", "data": {"resultType": "scalar", "result": [1, "2"]}}"#,
+            r#"{"configs": []}"#,
+        ] {
+            let err = prometheus_edges(text, now, &mut summary);
+            assert!(
+                err.is_err() || err.as_ref().is_ok_and(|e| e.is_empty()),
+                "{text}: {err:?}"
+            );
+        }
+        let err =
+            prometheus_edges(r#"{"status": "error", "error": "bad query"}"#, now, &mut summary).unwrap_err();
+        assert!(err.to_string().contains("bad query"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_export_is_an_error_or_edges(text in ".{0,200}", value in ".{0,12}", dest in ".{0,40}") {
+            let mut summary = Summary::default();
+            let _ = prometheus_edges(&text, Timestamp::UNIX_EPOCH, &mut summary);
+            let shaped = serde_json::json!({"status": "success", "data": {"result": [
+                {"metric": {"source_app": "a", "source_workload_namespace": "n", "destination_service": dest},
+                 "value": [0, value]}]}});
+            let edges = prometheus_edges(&shaped.to_string(), Timestamp::UNIX_EPOCH, &mut summary).unwrap();
+            proptest::prop_assert!(edges.iter().all(|e| host_name(&e.host).is_ok()));
+        }
+    }
 }

@@ -57,7 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => {
             let summary = lazyload::generate::run(&args, jiff::Timestamp::now())?;
             eprintln!(
-                "wrote {} fences and {} Sidecars to {} ({} dependencies from {} attributed log lines; skipped: {:?})",
+                "wrote {} fences and {} Sidecars to {} ({} dependencies from {} log lines and series; skipped: {:?})",
                 summary.fences,
                 summary.sidecars,
                 args.out.display(),

@@ -71,6 +71,37 @@ fn writes_learned_sidecars_for_review() {
 }
 
 #[test]
+fn a_prometheus_export_is_learned_like_access_logs() {
+    let out = support::TempDir::new("generate-prometheus");
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .arg("generate")
+        .arg("--config")
+        .arg(fixture("config.yaml"))
+        .arg("--cluster-snapshot")
+        .arg(fixture("cluster.yaml"))
+        .arg("--prometheus-export")
+        .arg(fixture("prometheus.json"))
+        .arg("--out")
+        .arg(&out.0)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 dependencies from 1 log lines and series"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("prometheus_invalid_destination"), "{stderr}");
+    let sidecar: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(out.path("default/reviews.sidecar.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        sidecar["spec"]["egress"][0]["hosts"][0],
+        "*/ratings.default.svc.cluster.local"
+    );
+}
+
+#[test]
 fn a_missing_snapshot_is_a_clear_error() {
     let out = support::TempDir::new("generate-missing");
     let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
