@@ -10,23 +10,31 @@ fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-#[test]
-fn writes_learned_sidecars_for_review() {
-    let out = support::TempDir::new("generate");
+/// Runs `generate` on the fixture cluster with `input` (`--access-log <file>` or
+/// `--prometheus-export <file>`); returns the output directory and standard error, after
+/// checking that it succeeded.
+fn generate(name: &str, input: [&str; 2]) -> (support::TempDir, String) {
+    let out = support::TempDir::new(name);
     let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
         .arg("generate")
         .arg("--config")
         .arg(fixture("config.yaml"))
         .arg("--cluster-snapshot")
         .arg(fixture("cluster.yaml"))
-        .arg("--access-log")
-        .arg(fixture("access.log"))
+        .arg(input[0])
+        .arg(fixture(input[1]))
         .arg("--out")
         .arg(&out.0)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "{stderr}");
+    (out, stderr)
+}
+
+#[test]
+fn writes_learned_sidecars_for_review() {
+    let (out, stderr) = generate("generate", ["--access-log", "access.log"]);
     assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
     assert!(stderr.contains("not_json"), "{stderr}");
 
@@ -72,21 +80,7 @@ fn writes_learned_sidecars_for_review() {
 
 #[test]
 fn a_prometheus_export_is_learned_like_access_logs() {
-    let out = support::TempDir::new("generate-prometheus");
-    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .arg("generate")
-        .arg("--config")
-        .arg(fixture("config.yaml"))
-        .arg("--cluster-snapshot")
-        .arg(fixture("cluster.yaml"))
-        .arg("--prometheus-export")
-        .arg(fixture("prometheus.json"))
-        .arg("--out")
-        .arg(&out.0)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let (out, stderr) = generate("generate-prometheus", ["--prometheus-export", "prometheus.json"]);
     assert!(
         stderr.contains("1 dependencies from 1 log lines and series"),
         "{stderr}"
