@@ -5,22 +5,15 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use lazyload::als::{ACCESS_LOG_CLUSTER, LOG_NAME, LOGGED_REQUEST_HEADERS};
 use support::envoy::Envoy;
-use support::{TempDir, http};
+use support::serve::Serve;
+use support::{TempDir, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The calling pods: productpage at 127.0.0.2, reviews at 127.0.0.3 (Linux routes all of
 /// 127/8 to loopback, so each test client can have its own source address).
@@ -203,47 +196,23 @@ async fn get_from(from: &str, to: SocketAddr, headers: &[(&str, &str)]) -> Strin
         .to_string()
 }
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_until_up(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http::get(addr, "/healthz", &[]).await.is_err() {
-        assert!(Instant::now() < deadline, "lazyload serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn envoy_access_logs_teach_lazyload_serve() {
     let dir = TempDir::new("als-envoy");
     let snapshot = dir.path("cluster.yaml");
     std::fs::write(&snapshot, SNAPSHOT).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let als: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _serve = Serve(
-        Command::new(env!("CARGO_BIN_EXE_lazyload"))
-            .env_remove("KUBECONFIG")
-            .args([
-                "serve",
-                "--admin-listen",
-                &admin.to_string(),
-                "--als-listen",
-                &als.to_string(),
-            ])
-            .arg("--cluster-snapshot")
-            .arg(&snapshot)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until_up(admin).await;
+    let serve = Serve::start(
+        [
+            "--als-listen",
+            &als.to_string(),
+            "--cluster-snapshot",
+            snapshot.to_str().unwrap(),
+        ],
+        Stdio::inherit(),
+    )
+    .await;
+    let admin = serve.admin;
 
     let (http_port, tcp_port) = (free_port(), free_port());
     let envoy = Envoy::start(

@@ -5,10 +5,11 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::serve::Serve;
 use support::{TempDir, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -16,14 +17,6 @@ use tokio::net::TcpListener;
 /// A recorded answer of `sum(istio_requests_total{...}) by (destination_service)`.
 const RECORDED: &str = r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"destination_service":"details.default.svc.cluster.local"},"value":[1763870000.123,"17"]},{"metric":{"destination_service":"unknown"},"value":[1763870000.123,"2"]}]}}"#;
 const RECORDED_ERROR: &str = r#"{"status":"error","errorType":"unavailable","error":"warming up"}"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Answers the first query with a 503, every later one with [`RECORDED`]; records the request
 /// lines.
@@ -68,15 +61,6 @@ async fn fake_prometheus(seen: Arc<Mutex<Vec<String>>>) -> SocketAddr {
     addr
 }
 
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn prometheus_results_become_metric_status() {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -110,25 +94,19 @@ metric:
 "#,
     )
     .unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _serve = Serve(
-        Command::new(env!("CARGO_BIN_EXE_lazyload"))
-            .env_remove("KUBECONFIG")
-            .args([
-                "serve",
-                "--admin-listen",
-                &admin.to_string(),
-                "--prometheus-interval",
-                "200ms",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--cluster-snapshot")
-            .arg(&snapshot)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let serve = Serve::start(
+        [
+            "--prometheus-interval",
+            "200ms",
+            "--config",
+            config.to_str().unwrap(),
+            "--cluster-snapshot",
+            snapshot.to_str().unwrap(),
+        ],
+        Stdio::inherit(),
+    )
+    .await;
+    let admin = serve.admin;
 
     let key = r#"{destination_service="details.default.svc.cluster.local"}"#;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -25,6 +25,7 @@ use support::als_sink::AlsSink;
 use support::certs::Ca;
 use support::envoy::Envoy;
 use support::istiod::{Config, TestIstiod};
+use support::serve::Serve;
 use support::{TempDir, TestRelay, fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -495,16 +496,6 @@ async fn stock_envoy_global_sidecar_over_delta() {
     check_traffic(&s).await;
 }
 
-/// Kills the child process when dropped (a failed assertion must not leave `lazyload serve` up).
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The whole product in one process: `lazyload serve` relays the test istiod's config to a real
 /// Envoy global-sidecar (with the access logger A6 pointing at its own collector), a call from
 /// productpage's pod (127.0.0.1 in the snapshot) to `details` goes through the global-sidecar, the
@@ -534,32 +525,27 @@ items:
 "#,
     )
     .unwrap();
-    let (xds, als, admin) = (free_port(), free_port(), free_port());
-    let _serve = Running(
-        std::process::Command::new(env!("CARGO_BIN_EXE_lazyload"))
-            .env_remove("KUBECONFIG")
-            .env("RUST_LOG", "warn")
-            .args(["serve", "--upstream", &istiod.url()])
-            .args(["--xds-listen", &format!("127.0.0.1:{xds}")])
-            .args(["--als-listen", &format!("127.0.0.1:{als}")])
-            .args(["--als-address", &format!("127.0.0.1:{als}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .arg("--cluster-snapshot")
-            .arg(work.path("cluster.yaml"))
-            .arg("--manifests-dir")
-            .arg(work.path("manifests"))
-            .spawn()
-            .unwrap(),
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while http::get(admin, "/healthz", &[]).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "lazyload serve did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (xds, als) = (free_port(), free_port());
+    let (xds_addr, als_addr) = (format!("127.0.0.1:{xds}"), format!("127.0.0.1:{als}"));
+    let serve = Serve::start(
+        [
+            "--upstream",
+            &istiod.url(),
+            "--xds-listen",
+            &xds_addr,
+            "--als-listen",
+            &als_addr,
+            "--als-address",
+            &als_addr,
+            "--cluster-snapshot",
+            work.path("cluster.yaml").to_str().unwrap(),
+            "--manifests-dir",
+            work.path("manifests").to_str().unwrap(),
+        ],
+        std::process::Stdio::inherit(),
+    )
+    .await;
+    let admin = serve.admin;
     let (envoy, _certs, _ca) = start_global_sidecar("GRPC", xds).await;
 
     let listener: SocketAddr = format!("127.0.0.1:{}", ports[&9080]).parse().unwrap();

@@ -6,31 +6,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::http;
+use support::serve::Serve;
 
 #[tokio::test]
 async fn admin_endpoints_and_clean_shutdown() {
-    let port = support::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .env_remove("KUBECONFIG")
-        .args([
-            "serve",
-            "--admin-listen",
-            &addr.to_string(),
-            "--als-listen",
-            "127.0.0.1:0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let health = loop {
-        if let Ok(r) = http::get(addr, "/healthz", &[]).await {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "admin did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut serve = Serve::start(["--als-listen", "127.0.0.1:0"], Stdio::null()).await;
+    let addr = serve.admin;
+    let health = http::get(addr, "/healthz", &[]).await.unwrap();
     assert_eq!(health.status, 200);
     assert_eq!(http::get(addr, "/readyz", &[]).await.unwrap().status, 200);
     let metrics = http::get(addr, "/metrics", &[]).await.unwrap();
@@ -38,7 +20,8 @@ async fn admin_endpoints_and_clean_shutdown() {
     assert!(metrics.body.contains("# EOF"), "{}", metrics.body);
 
     // SIGTERM: the process exits 0.
-    let pid = child.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = serve.child.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -47,13 +30,10 @@ async fn admin_endpoints_and_clean_shutdown() {
             .success()
     );
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = serve.child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline + Duration::from_secs(10),
-            "serve did not stop on SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
@@ -88,29 +68,13 @@ async fn log_rotate_writes_to_the_configured_file() {
         ),
     )
     .unwrap();
-    let port = support::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .env_remove("KUBECONFIG")
-        .args([
-            "serve",
-            "--als-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            &addr.to_string(),
-            "--config",
-        ])
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http::get(addr, "/healthz", &[]).await.is_err() {
-        assert!(Instant::now() < deadline, "admin did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(
+        Serve::start(
+            ["--als-listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()],
+            Stdio::null(),
+        )
+        .await,
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("admin listening"), "{text}");
 }
@@ -129,32 +93,17 @@ spec: {enable: true, host: {reviews.default.svc.cluster.local: {stable: {}}}}
 "#,
     )
     .unwrap();
-    let port = support::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .env_remove("KUBECONFIG")
-        .args([
-            "serve",
+    let serve = Serve::start(
+        [
             "--als-listen",
             "127.0.0.1:0",
-            "--admin-listen",
-            &addr.to_string(),
             "--cluster-snapshot",
-        ])
-        .arg(&snapshot)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        if let Ok(r) = http::get(addr, "/debug/fences", &[]).await {
-            break r.body;
-        }
-        assert!(Instant::now() < deadline, "admin did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+            snapshot.to_str().unwrap(),
+        ],
+        Stdio::null(),
+    )
+    .await;
+    let body = http::get(serve.admin, "/debug/fences", &[]).await.unwrap().body;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let hosts = &v["default/productpage"]["sidecar"]["hosts"];
     assert_eq!(hosts[0], "*/reviews.default.svc.cluster.local", "{body}");

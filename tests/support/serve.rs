@@ -1,0 +1,44 @@
+//! `lazyload serve` as a child process of a test.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `lazyload serve` without a cluster, its admin endpoint on a free loopback port; killed when
+/// dropped, so a failed assertion never leaves it running.
+pub struct Serve {
+    /// The process.
+    pub child: Child,
+    /// Its admin address.
+    pub admin: SocketAddr,
+}
+
+impl Serve {
+    /// Starts `lazyload serve --admin-listen <free port> <args>` (standard error as `stderr`)
+    /// and waits until `/healthz` answers.
+    pub async fn start<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>, stderr: Stdio) -> Self {
+        let admin: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+            .env_remove("KUBECONFIG")
+            .args(["serve", "--admin-listen", &admin.to_string()])
+            .args(args)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let serve = Serve { child, admin };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while super::http::get(admin, "/healthz", &[]).await.is_err() {
+            assert!(Instant::now() < deadline, "lazyload serve did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        serve
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
