@@ -61,4 +61,27 @@ for bin in target/debug/lazyload target/release/lazyload; do
 done
 echo "config check with: ${LAZYLOAD_BIN:-no built lazyload binary (skipped)}"
 python3 deploy/validate.py "$out"/*.yaml
+
+# `kubectl apply --dry-run=client` of every rendered file, against deploy/dry_run_server.py (an
+# empty Kubernetes 1.33 cluster with Istio's and the Prometheus Operator's CRDs, without
+# lazyload's). Schemas were checked above, so kubectl's own validation (it needs the server's
+# OpenAPI) is off. kubectl must report every object of the file as applied.
+python3 deploy/dry_run_server.py "$out/port" &
+server=$!
+trap 'kill "$server" 2>/dev/null; rm -rf "$out" "${tmp:-}"' EXIT
+for _ in $(seq 100); do [[ -s $out/port ]] && break; sleep 0.1; done
+printf '%s\n' 'apiVersion: v1' 'kind: Config' \
+  "clusters: [{name: dry-run, cluster: {server: \"http://127.0.0.1:$(cat "$out/port")\"}}]" \
+  'contexts: [{name: dry-run, context: {cluster: dry-run, namespace: default}}]' \
+  'current-context: dry-run' 'users: []' >"$out/kubeconfig"
+for rendered in "$out"/*.yaml; do
+  objects=$(python3 -c 'import sys, yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$rendered")
+  applied=$("$KUBECTL" --kubeconfig "$out/kubeconfig" apply --dry-run=client --validate=false -f "$rendered" |
+    grep -c ' (dry run)$') || true
+  if [[ $applied != "$objects" ]]; then
+    echo "kubectl apply --dry-run=client -f $(basename "$rendered"): $applied of $objects objects applied" >&2
+    exit 1
+  fi
+  echo "ok: kubectl apply --dry-run=client -f $(basename "$rendered"): $applied objects"
+done
 echo "deploy/check.sh: all manifests valid"
