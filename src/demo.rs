@@ -1,15 +1,20 @@
-//! `lazyload demo`: the learning path on a built-in sample mesh, over loopback, with nothing but
+//! `lazyload demo`: the whole path on a built-in sample mesh, over loopback, with nothing but
 //! this binary.
 //!
 //! It writes, into a working directory, a sample cluster (bookinfo plus generated services in
 //! several namespaces, each with a ServiceFence, as `kubectl get -o yaml` prints them) and the
-//! Istio-shaped full config every proxy of that mesh receives (an Envoy config dump: one cluster,
-//! endpoint assignment and virtual host per service port, one listener per port). It starts
-//! `lazyload serve` on that cluster (no API server: learned fences and Sidecars go to
-//! `manifests/`), replays the mesh's traffic to its collector as the access-log entries a
-//! global-sidecar sends (gRPC ALS over loopback), waits until every call is learned, then runs
-//! `report` on the result (what each workload's Sidecar keeps). The relay is not part of it: it
-//! needs an istiod (the tests run it against a test istiod and a real Envoy).
+//! full config every proxy of that mesh receives as an Envoy config dump ([`mesh`]). It serves
+//! that config over ADS from a built-in istiod stand-in ([`upstream`]) and starts `lazyload
+//! serve` against it and that cluster (no API server: learned fences and Sidecars go to
+//! `manifests/`). A global-sidecar ([`global_sidecar`]) takes the full config through the relay;
+//! the mesh's traffic is replayed to the collector as the access-log entries a global-sidecar
+//! sends (gRPC ALS over loopback); the demo waits until every call is learned, then runs `report`
+//! on the result (what each workload's Sidecar keeps).
+
+mod envoy;
+mod global_sidecar;
+mod mesh;
+mod upstream;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,20 +23,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
-use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress};
-use envoy_types::pb::envoy::data::accesslog::v3::{
-    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
-};
-use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, Identifier, LogEntries,
-};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use jiff::Timestamp;
-use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
+use self::global_sidecar::Received;
+use self::mesh::Mesh;
 use crate::report::{self, Report, ReportArgs};
+use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Flags of `lazyload demo`.
 #[derive(Clone, Debug, clap::Args)]
@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// Working directory: the sample mesh, its access logs and the manifests are written here.
     #[arg(long, default_value = "lazyload-demo")]
     pub out: PathBuf,
+    /// The global-sidecar's traffic: `auto` sends it through a real Envoy when `envoy` is on
+    /// `PATH` (else replays it as access-log entries), `off` always replays, or an Envoy binary.
+    #[arg(long, default_value = "auto", value_name = "auto|off|PATH")]
+    pub envoy: String,
 }
 
 /// What a demo run produced.
@@ -53,256 +57,8 @@ pub struct Outcome {
     pub report: Report,
     /// The bookinfo productpage's Sidecar, as written.
     pub productpage_sidecar: String,
-}
-
-/// One service of the sample mesh (one port, one pod).
-struct Service {
-    namespace: String,
-    name: String,
-    port: u16,
-    cluster_ip: String,
-    pod_ip: String,
-}
-
-impl Service {
-    fn fqdn(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
-    }
-
-    fn cluster(&self) -> String {
-        format!("outbound|{}||{}", self.port, self.fqdn())
-    }
-
-    /// Its ServiceFence, before anything is learned.
-    fn fence(&self) -> Value {
-        json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFence",
-            "metadata": {"name": self.name, "namespace": self.namespace}, "spec": {"enable": true}})
-    }
-}
-
-/// The sample mesh: its services and who calls whom (indexes into `services`).
-struct Mesh {
-    services: Vec<Service>,
-    calls: Vec<(usize, usize)>,
-}
-
-impl Mesh {
-    /// Bookinfo (productpage -> details, reviews; reviews -> ratings) and `generated` services in
-    /// `shop-*` namespaces, each calling two others (deterministically).
-    fn sample(generated: usize) -> Self {
-        let mut services = Vec::new();
-        let mut add = |namespace: String, name: String, port: u16| {
-            let i = services.len();
-            services.push(Service {
-                namespace,
-                name,
-                port,
-                cluster_ip: format!("10.96.{}.{}", i / 250, i % 250 + 1),
-                pod_ip: format!("10.1.{}.{}", i / 250, i % 250 + 1),
-            });
-        };
-        for name in ["productpage", "details", "reviews", "ratings"] {
-            add("bookinfo".into(), name.into(), 9080);
-        }
-        let namespaces = generated.div_ceil(25).max(1);
-        for i in 0..generated {
-            add(format!("shop-{}", i % namespaces), format!("svc-{i}"), 8080);
-        }
-        let mut calls = vec![(0, 1), (0, 2), (2, 3)];
-        if generated > 1 {
-            for i in 0..generated {
-                for j in [(i + 1) % generated, (i * 7 + 3) % generated] {
-                    if j != i {
-                        calls.push((4 + i, 4 + j));
-                    }
-                }
-            }
-        }
-        calls.sort_unstable();
-        calls.dedup();
-        Mesh { services, calls }
-    }
-
-    /// The cluster as one `kubectl get ns,svc,pods,servicefences -A -o yaml` List (fences
-    /// only with `fences`).
-    fn cluster_yaml(&self, fences: bool) -> String {
-        let mut items = Vec::new();
-        let mut namespaces: Vec<&str> = self.services.iter().map(|s| s.namespace.as_str()).collect();
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        for ns in namespaces {
-            items.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
-        }
-        for s in &self.services {
-            let labels = json!({"app": s.name});
-            items.push(json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": s.name, "namespace": s.namespace, "labels": labels},
-                "spec": {"selector": labels, "clusterIP": s.cluster_ip,
-                         "ports": [{"name": "http", "port": s.port}]}}));
-            items.push(json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": format!("{}-v1-0", s.name), "namespace": s.namespace, "labels": labels},
-                "spec": {"containers": [{"name": "app", "image": "demo"}]},
-                "status": {"phase": "Running", "podIP": s.pod_ip, "podIPs": [{"ip": s.pod_ip}]}}));
-            if fences {
-                items.push(s.fence());
-            }
-        }
-        serde_yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
-            .unwrap_or_default()
-    }
-
-    /// The full config of a proxy without a Sidecar, shaped like istiod's output.
-    fn config_dump(&self) -> Value {
-        let mut clusters = Vec::new();
-        let mut endpoints = Vec::new();
-        let mut ports: Vec<u16> = self.services.iter().map(|s| s.port).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        for s in &self.services {
-            let name = s.cluster();
-            clusters.push(json!({"cluster": {
-                "name": name, "type": "EDS",
-                "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "0s",
-                    "resource_api_version": "V3"}, "service_name": name},
-                "connect_timeout": "10s", "lb_policy": "LEAST_REQUEST",
-                "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u64,
-                    "max_pending_requests": 4294967295u64, "max_requests": 4294967295u64,
-                    "max_retries": 4294967295u64, "track_remaining": true}]},
-                "common_lb_config": {},
-                "metadata": {"filter_metadata": {"istio": {"services": [
-                    {"host": s.fqdn(), "name": s.name, "namespace": s.namespace}]}}},
-                "filters": [{"name": "istio.metadata_exchange", "typed_config": {
-                    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-                    "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config"}}],
-                "transport_socket_matches": [{"name": "tlsMode-istio",
-                    "match": {"tlsMode": "istio"},
-                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                        "common_tls_context": {
-                            "alpn_protocols": ["istio-peer-exchange", "istio"],
-                            "tls_certificate_sds_secret_configs": [{"name": "default"}],
-                            "combined_validation_context": {"validation_context_sds_secret_config":
-                                {"name": "ROOTCA"}}},
-                        "sni": format!("outbound_.{}_._.{}", s.port, s.fqdn())}}},
-                    {"name": "tlsMode-disabled", "match": {},
-                     "transport_socket": {"name": "envoy.transport_sockets.raw_buffer"}}]}}));
-            endpoints.push(json!({"endpoint_config": {
-                "cluster_name": name,
-                "endpoints": [{"locality": {}, "lb_endpoints": [{
-                    "endpoint": {"address": {"socket_address": {"address": s.pod_ip, "port_value": s.port}}},
-                    "health_status": "HEALTHY",
-                    "metadata": {"filter_metadata": {"istio": {"workload": format!("{};{};{};v1;Kubernetes", s.name, s.namespace, s.name)},
-                        "envoy.transport_socket_match": {"tlsMode": "istio"}}},
-                    "load_balancing_weight": 1}]}]}}));
-        }
-        let mut listeners = Vec::new();
-        let mut routes = Vec::new();
-        for port in ports {
-            listeners.push(json!({"active_state": {"listener": {
-                "name": format!("0.0.0.0_{port}"),
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"stat_prefix": format!("outbound_0.0.0.0_{port}"),
-                        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
-                                "route_config_name": port.to_string()}}}]}],
-                "traffic_direction": "OUTBOUND"}}}));
-            let mut vhosts: Vec<Value> = self
-                .services
-                .iter()
-                .filter(|s| s.port == port)
-                .map(|s| {
-                    let short = format!("{}.{}", s.name, s.namespace);
-                    json!({"name": format!("{}:{port}", s.fqdn()),
-                        "domains": [s.fqdn(), format!("{}:{port}", s.fqdn()), short.clone(),
-                                    format!("{short}:{port}"), s.cluster_ip.clone(),
-                                    format!("{}:{port}", s.cluster_ip)],
-                        "routes": [{"name": "default", "match": {"prefix": "/"},
-                            "route": {"cluster": s.cluster(), "timeout": "0s",
-                                "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-                                    "num_retries": 2, "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
-                                    "host_selection_retry_max_attempts": "5"},
-                                "max_grpc_timeout": "0s"},
-                            "decorator": {"operation": format!("{}:{port}/*", s.fqdn())}}],
-                        "include_request_attempt_count": true})
-                })
-                .collect();
-            vhosts.push(json!({"name": "allow_any", "domains": ["*"],
-                "routes": [{"name": "allow_any", "match": {"prefix": "/"},
-                    "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]}));
-            routes.push(json!({"route_config": {"name": port.to_string(),
-                "virtual_hosts": vhosts, "validate_clusters": false}}));
-        }
-        json!({"configs": [
-            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners},
-            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes},
-            {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
-        ]})
-    }
-
-    /// The mesh's calls as a global-sidecar reports them (three requests per call; callers in the
-    /// same namespace use the short name, as applications do), in messages of 100 entries.
-    fn access_logs(&self) -> Vec<StreamAccessLogsMessage> {
-        let mut entries = Vec::new();
-        for (n, &(from, to)) in self.calls.iter().enumerate() {
-            let (a, b) = (&self.services[from], &self.services[to]);
-            let authority = if a.namespace == b.namespace {
-                format!("{}:{}", b.name, b.port)
-            } else {
-                format!("{}.{}:{}", b.name, b.namespace, b.port)
-            };
-            for k in 0..3u32 {
-                let address = Address {
-                    address: Some(AddressKind::SocketAddress(SocketAddress {
-                        address: a.pod_ip.clone(),
-                        port_specifier: Some(
-                            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
-                                40_000 + (n as u32 * 3 + k) % 20_000,
-                            ),
-                        ),
-                        ..Default::default()
-                    })),
-                };
-                entries.push(HttpAccessLogEntry {
-                    common_properties: Some(AccessLogCommon {
-                        downstream_remote_address: Some(address),
-                        upstream_cluster: b.cluster(),
-                        ..Default::default()
-                    }),
-                    request: Some(HttpRequestProperties {
-                        authority: authority.clone(),
-                        path: "/".into(),
-                        user_agent: "demo".into(),
-                        request_headers: [("slime-source-ns".to_string(), a.namespace.clone())].into(),
-                        ..Default::default()
-                    }),
-                    response: Some(HttpResponseProperties {
-                        response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 200 }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                });
-            }
-        }
-        let mut messages = Vec::new();
-        let mut rest = entries.into_iter().peekable();
-        while rest.peek().is_some() {
-            messages.push(StreamAccessLogsMessage {
-                identifier: messages.is_empty().then(|| Identifier {
-                    node: Some(Node {
-                        id: "sidecar~10.0.0.1~global-sidecar-demo.mesh-operator~mesh-operator.svc.cluster.local"
-                            .into(),
-                        ..Default::default()
-                    }),
-                    log_name: crate::als::LOG_NAME.into(),
-                }),
-                log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-                    log_entry: rest.by_ref().take(100).collect(),
-                })),
-            });
-        }
-        messages
-    }
+    /// The config the global-sidecar received through the relay.
+    pub relayed: Received,
 }
 
 /// `lazyload serve`, killed when dropped.
@@ -313,6 +69,98 @@ impl Drop for Serve {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The source address of the first pod when the mesh runs on loopback ([`Mesh::on_loopback`]).
+const LOOPBACK_POD: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 1, 0, 1));
+
+/// Two distinct ports nothing listens on right now.
+fn free_ports() -> anyhow::Result<[u16; 2]> {
+    let probe = || std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port");
+    let (a, b) = (probe()?, probe()?);
+    Ok([a.local_addr()?.port(), b.local_addr()?.port()])
+}
+
+/// Step 4 without Envoy: the mesh's calls as the access-log entries a global-sidecar sends.
+async fn replay_access_logs(mesh: &Mesh, als: SocketAddr, say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    let mut client = AccessLogServiceClient::connect(format!("http://{als}"))
+        .await
+        .with_context(|| format!("connecting to the collector on {als}"))?;
+    let messages = mesh.access_logs();
+    let entries: usize = messages
+        .iter()
+        .map(|m| match &m.log_entries {
+            Some(LogEntries::HttpLogs(h)) => h.log_entry.len(),
+            _ => 0,
+        })
+        .sum();
+    say(&format!(
+        "[4/5] replaying {entries} access-log entries of the global-sidecar over gRPC"
+    ));
+    client
+        .stream_access_logs(tokio_stream::iter(messages))
+        .await
+        .context("streaming access logs to the collector")?;
+    Ok(())
+}
+
+/// Step 4 with Envoy: a real global-sidecar on the relay, and each of the mesh's calls sent
+/// through it from the caller's address, as the caller's sidecar forwards an unknown host.
+async fn send_through_envoy(
+    mesh: &Mesh,
+    relayed: &Received,
+    binary: &Path,
+    relay: SocketAddr,
+    dir: &Path,
+    say: &mut dyn FnMut(&str),
+) -> anyhow::Result<envoy::Envoy> {
+    let envoy = envoy::Envoy::start(binary, relay, dir).await?;
+    let log = dir.join("envoy.log");
+    let (listeners, clusters) = (relayed.count(LISTENER) as u64, relayed.count(CLUSTER) as u64);
+    // Its own static cluster (the relay) comes on top of the relayed ones.
+    envoy
+        .wait_for(listeners, clusters + 1, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("see {}", log.display()))?;
+    let rejected = envoy.rejected().await?;
+    say(&format!(
+        "[4/5] Envoy global-sidecar ({}, admin http://{}): {listeners} listeners and {clusters} \
+         clusters through the relay, {rejected} updates rejected; sending the mesh's {} calls through it",
+        binary.display(),
+        envoy.admin,
+        mesh.calls.len()
+    ));
+    if rejected > 0 {
+        bail!(
+            "Envoy rejected {rejected} config updates from the relay (see {})",
+            log.display()
+        );
+    }
+    let mut answered = 0;
+    for &(from, to) in &mesh.calls {
+        let (a, b) = (&mesh.services[from], &mesh.services[to]);
+        let caller: std::net::IpAddr = a.pod_ip.parse().context("a pod address")?;
+        let orig_dest = format!("{}:{}", b.cluster_ip, b.port);
+        let headers = [
+            ("host", mesh::authority(a, b)),
+            ("slime-source-ns", a.namespace.clone()),
+            (crate::als::HEADER_ORIG_DEST, orig_dest),
+        ];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let to = SocketAddr::from(([127, 0, 0, 1], b.port));
+        let (status, _) = envoy::call(Some(caller), to, "/", &headers)
+            .await
+            .with_context(|| format!("{}/{} calling {}", a.namespace, a.name, b.name))?;
+        answered += usize::from(status == 200);
+    }
+    say(&format!(
+        "      {answered}/{} calls answered by the backend behind Envoy",
+        mesh.calls.len()
+    ));
+    if answered != mesh.calls.len() {
+        bail!("Envoy did not route every call (see {})", log.display());
+    }
+    Ok(envoy)
 }
 
 /// A loopback address nothing listens on right now.
@@ -341,11 +189,27 @@ fn learned_so_far(manifests: &Path, mesh: &Mesh) -> usize {
 
 /// Runs the demo, printing what it does to `say` as it goes.
 pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> anyhow::Result<Outcome> {
-    let mesh = Mesh::sample(args.services);
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let mut mesh = Mesh::sample(args.services);
+    let mut envoy_binary = envoy::find(&args.envoy);
+    if envoy_binary.is_some() && !envoy::can_bind(LOOPBACK_POD) {
+        say(&format!(
+            "      this machine cannot send from {LOOPBACK_POD} (a pod address): the traffic is replayed \
+             as access-log entries instead of through Envoy"
+        ));
+        envoy_binary = None;
+    }
+    if envoy_binary.is_some() {
+        let backend = envoy::backend(stop.clone())
+            .await
+            .context("starting the demo backend")?;
+        mesh = mesh.on_loopback(free_ports()?, backend);
+    }
     let dir = &args.out;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     say(&format!(
-        "[1/4] sample mesh: {} services, {} calls between them, written to {}",
+        "[1/5] sample mesh: {} services, {} calls between them, written to {}",
         mesh.services.len(),
         mesh.calls.len(),
         dir.display()
@@ -358,8 +222,11 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     if manifests.exists() {
         std::fs::remove_dir_all(&manifests).with_context(|| format!("clearing {}", manifests.display()))?;
     }
+    let istiod = upstream::start(mesh.xds(), stop.clone())
+        .await
+        .context("starting the built-in upstream")?;
 
-    let (als, admin) = (free_address()?, free_address()?);
+    let (xds, als, admin) = (free_address()?, free_address()?, free_address()?);
     let log = dir.join("serve.log");
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe().context("locating the lazyload binary")?;
@@ -369,11 +236,18 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             .env_remove("KUBECONFIG")
             .args(["serve", "--log-format", "json"])
             .args([
+                "--upstream",
+                &format!("http://{istiod}"),
+                "--xds-listen",
+                &xds.to_string(),
+            ])
+            .args([
                 "--als-listen",
                 &als.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
+                "--als-address",
+                &als.to_string(),
             ])
+            .args(["--admin-listen", &admin.to_string()])
             .arg("--cluster-snapshot")
             .arg(&cluster)
             .arg("--manifests-dir")
@@ -384,39 +258,70 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             .context("starting lazyload serve")?,
     );
     say(&format!(
-        "[2/4] lazyload serve: collector on {als}, admin on http://{admin} (log: {})",
+        "[2/5] lazyload serve: relay on {xds} (upstream: the built-in istiod stand-in on {istiod}), \
+         collector on {als}, admin on http://{admin} (log: {})",
         log.display()
     ));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut client = loop {
-        match AccessLogServiceClient::connect(format!("http://{als}")).await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => {
-                bail!("lazyload serve did not come up (see {}): {e}", log.display())
+
+    let relayed = match global_sidecar::subscribe(xds, Duration::from_secs(30)).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(status) = serve.0.try_wait().context("watching lazyload serve")? {
+                bail!("lazyload serve exited ({status}); see {}", log.display())
             }
-            Err(_) => {
-                if let Some(status) = serve.0.try_wait().context("watching lazyload serve")? {
-                    bail!("lazyload serve exited ({status}); see {}", log.display())
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
+            return Err(e.context(format!("see {}", log.display())));
         }
     };
-    let messages = mesh.access_logs();
-    let entries: usize = messages
-        .iter()
-        .map(|m| match &m.log_entries {
-            Some(LogEntries::HttpLogs(h)) => h.log_entry.len(),
-            _ => 0,
-        })
-        .sum();
     say(&format!(
-        "[3/4] replaying {entries} access-log entries of the global-sidecar over gRPC"
+        "[3/5] global-sidecar through the relay: {} clusters, {} endpoint assignments, {} listeners, \
+         {} route configurations ({} virtual hosts), {:.2} MiB",
+        relayed.count(CLUSTER),
+        relayed.count(ENDPOINT),
+        relayed.count(LISTENER),
+        relayed.count(ROUTE),
+        relayed.virtual_hosts,
+        relayed.bytes as f64 / (1024.0 * 1024.0)
     ));
-    client
-        .stream_access_logs(tokio_stream::iter(messages))
-        .await
-        .context("streaming access logs to the collector")?;
+    say(&format!(
+        "      relay adjustments: {}/{} HTTP connection managers log to the collector{}, \
+         {}/{} route configurations send unknown hosts to PassthroughCluster, \
+         which {} Slime-Orig-Dest",
+        relayed.logging_to_collector,
+        relayed.connection_managers,
+        if relayed.collector_cluster {
+            " (cluster added)"
+        } else {
+            " (no cluster!)"
+        },
+        relayed.catch_all_to_passthrough,
+        relayed.count(ROUTE),
+        if relayed.passthrough_by_header {
+            "follows"
+        } else {
+            "ignores"
+        },
+    ));
+    if !relayed.collector_cluster
+        || !relayed.passthrough_by_header
+        || relayed.logging_to_collector != relayed.connection_managers
+        || relayed.catch_all_to_passthrough != relayed.count(ROUTE)
+    {
+        bail!(
+            "the relay did not adjust the global-sidecar's config (see {})",
+            log.display()
+        );
+    }
+
+    // Kept running until everything is learned: its access logs are still being flushed.
+    let _envoy = match &envoy_binary {
+        Some(binary) => Some(send_through_envoy(&mesh, &relayed, binary, xds, dir, say).await?),
+        None => {
+            replay_access_logs(&mesh, als, say)
+                .await
+                .with_context(|| format!("see {}", log.display()))?;
+            None
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut shown = None;
     let learned = loop {
@@ -442,7 +347,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     };
     let productpage_sidecar = read(&manifests.join("bookinfo/productpage.sidecar.yaml"))?;
 
-    say("[4/4] comparing each workload's scoped config with the full config");
+    say("[5/5] comparing each workload's scoped config with the full config");
     let mut fenced = mesh.cluster_yaml(false);
     for m in &mesh.services {
         let fence = manifests
@@ -470,6 +375,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         learned,
         report,
         productpage_sidecar,
+        relayed,
     })
 }
 
@@ -477,7 +383,18 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
 pub fn summary(outcome: &Outcome) -> String {
     let table = report::table(&outcome.report);
     let mut lines = table.lines();
-    let mut out = String::from("\nLearned Sidecar of bookinfo/productpage:\n");
+    let r = &outcome.relayed;
+    let mut out = format!(
+        "\nThe global-sidecar's full config through the relay: {} clusters, {} endpoint assignments, \
+         {} listeners, {} virtual hosts ({:.2} MiB).; each fenced workload now receives \
+         only what its Sidecar imports.\n",
+        r.count(CLUSTER),
+        r.count(ENDPOINT),
+        r.count(LISTENER),
+        r.virtual_hosts,
+        r.bytes as f64 / (1024.0 * 1024.0)
+    );
+    out.push_str("\nLearned Sidecar of bookinfo/productpage:\n");
     out.push_str(&outcome.productpage_sidecar);
     out.push_str("\nPush size per workload (bookinfo shown; `lazyload report` lists all):\n");
     for l in lines.by_ref().take(2) {
@@ -497,22 +414,4 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sample_mesh_is_consistent() {
-        for generated in [0, 1, 2, 60] {
-            let mesh = Mesh::sample(generated);
-            assert_eq!(mesh.services.len(), 4 + generated);
-            assert!(mesh.calls.iter().all(|&(a, b)| a != b && b < mesh.services.len()));
-            let ips: std::collections::BTreeSet<&str> =
-                mesh.services.iter().map(|s| s.pod_ip.as_str()).collect();
-            assert_eq!(ips.len(), mesh.services.len(), "pod IPs are unique");
-        }
-        assert_eq!(Mesh::sample(60).calls.len(), 3 + 120);
-    }
 }

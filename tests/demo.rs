@@ -1,29 +1,38 @@
-//! `lazyload demo` on a fresh directory: `lazyload serve` learns the sample mesh's Sidecars from
-//! access logs streamed to its collector, and the demo prints them with a push-size table; `lazyload report` on the mesh it wrote shows the same reduction per workload.
+//! `lazyload demo` on a fresh directory: the built-in upstream's config reaches a global-sidecar
+//! through the relay, adjusted; `lazyload serve` learns the sample mesh's Sidecars from access logs
+//! (sent by a real Envoy global-sidecar, or replayed to its collector) and the demo prints them
+//! with a push-size table; `lazyload report` on the mesh it wrote shows the same reduction per
+//! workload.
 
 mod support;
 
 use std::process::Command;
 
-#[test]
-fn demo_prints_learned_sidecars_and_push_sizes() {
-    let dir = support::TempDir::new("demo");
+/// Runs `lazyload demo` on 60 generated services with `--envoy <envoy>`; checks what both modes
+/// print (the relay step, learning, the productpage Sidecar) and returns (stdout, stderr).
+fn demo(dir: &support::TempDir, envoy: &str) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .args(["demo", "--services", "60", "--out"])
+        .args(["demo", "--services", "60", "--envoy", envoy, "--out"])
         .arg(&dir.0)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{stderr}");
     // 64 services; bookinfo's 3 calls and two distinct calls per generated service (i -> i+1 and
     // i -> 7i+3 mod 60 never coincide nor loop back).
     assert!(
-        stderr.contains("[1/4] sample mesh: 64 services, 123 calls between them"),
+        stderr.contains("[1/5] sample mesh: 64 services, 123 calls between them"),
+        "{stderr}"
+    );
+    // The built-in upstream's config through the relay: every service's cluster plus
+    // PassthroughCluster, BlackHoleCluster and the collector's cluster the relay adds.
+    assert!(
+        stderr.contains("[3/5] global-sidecar through the relay: 67 clusters, 64 endpoint assignments, 2 listeners, 2 route configurations"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("replaying 369 access-log entries of the global-sidecar over gRPC"),
+        stderr.contains("2/2 HTTP connection managers log to the collector (cluster added), 2/2 route configurations send unknown hosts to PassthroughCluster, which follows Slime-Orig-Dest"),
         "{stderr}"
     );
     assert!(stderr.contains("learned 123/123 dependencies"), "{stderr}");
@@ -36,6 +45,32 @@ fn demo_prints_learned_sidecars_and_push_sizes() {
     assert!(
         !stdout.contains("ratings.bookinfo"),
         "productpage never calls ratings: {stdout}"
+    );
+    (stdout, stderr)
+}
+
+#[test]
+fn demo_through_a_real_envoy_global_sidecar() {
+    let dir = support::TempDir::new("demo-envoy");
+    let (_, stderr) = demo(&dir, &support::envoy::binary());
+    assert!(
+        stderr.contains("2 listeners and 67 clusters through the relay, 0 updates rejected; sending the mesh's 123 calls through it"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("123/123 calls answered by the backend behind Envoy"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("replaying"), "{stderr}");
+}
+
+#[test]
+fn demo_prints_learned_sidecars_and_push_sizes() {
+    let dir = support::TempDir::new("demo");
+    let (stdout, stderr) = demo(&dir, "off");
+    assert!(
+        stderr.contains("[4/5] replaying 369 access-log entries of the global-sidecar over gRPC"),
+        "{stderr}"
     );
     let row = |fence: &str| -> Vec<String> {
         stdout

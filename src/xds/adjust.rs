@@ -774,7 +774,8 @@ pub fn pack<M: Message + Name>(m: &M) -> Any {
     }
 }
 
-fn socket(host: &str, port: u32) -> Address {
+/// A socket address `host:port`.
+pub fn socket(host: &str, port: u32) -> Address {
     Address {
         address: Some(AddressKind::SocketAddress(SocketAddress {
             address: host.into(),
