@@ -1,15 +1,16 @@
-//! `lazyload demo`: the whole path on a built-in sample mesh, over loopback, with nothing but
-//! this binary.
+//! `lazyload demo`: the whole path on a built-in sample mesh, over loopback, in one process,
+//! with nothing but this binary (and Envoy, when one is at hand).
 //!
 //! It writes, into a working directory, a sample cluster (bookinfo plus generated services in
 //! several namespaces, each with a ServiceFence, as `kubectl get -o yaml` prints them) and the
 //! full config every proxy of that mesh receives as an Envoy config dump ([`mesh`]). It serves
-//! that config over ADS from a built-in istiod stand-in ([`upstream`]) and starts `lazyload
-//! serve` against it and that cluster (no API server: learned fences and Sidecars go to
-//! `manifests/`). A global-sidecar ([`global_sidecar`]) takes the full config through the relay;
-//! the mesh's traffic is replayed to the collector as the access-log entries a global-sidecar
-//! sends (gRPC ALS over loopback); the demo waits until every call is learned, then runs `report`
-//! on the result (what each workload's Sidecar keeps).
+//! that config over ADS from a built-in istiod stand-in ([`upstream`]) and runs `lazyload serve`
+//! in this process against it and that cluster (no API server: learned fences and Sidecars go to
+//! `manifests/`, its log to `serve.log`). A global-sidecar ([`global_sidecar`]) takes the full
+//! config through the relay. The mesh's traffic then goes through a real Envoy global-sidecar
+//! ([`envoy`]) or, without one, is replayed to the collector as the access-log entries a
+//! global-sidecar sends; the demo waits until every call is learned, then runs `report` on the
+//! result (what each workload's Sidecar keeps).
 
 pub mod envoy;
 mod global_sidecar;
@@ -19,10 +20,10 @@ mod upstream;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use clap::Parser as _;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use jiff::Timestamp;
@@ -30,7 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use self::global_sidecar::Received;
 use self::mesh::Mesh;
+use crate::config::Config;
 use crate::report::{self, Report, ReportArgs};
+use crate::serve::{self, ServeArgs};
+use crate::telemetry::{self, LogFormat};
 use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Flags of `lazyload demo`.
@@ -61,13 +65,70 @@ pub struct Outcome {
     pub relayed: Received,
 }
 
-/// `lazyload serve`, killed when dropped.
-struct Serve(Child);
+/// `lazyload serve`, running in this process; stopped when dropped.
+struct Serve {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop: CancellationToken,
+}
+
+impl Serve {
+    /// Starts `lazyload serve` with `flags`, on the cluster in `snapshot`, writing to `manifests`
+    /// (never to a cluster) and logging JSON to `log`.
+    fn start(flags: &[&str], snapshot: &Path, manifests: &Path, log: &Path) -> anyhow::Result<Serve> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let mut args = Flags::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .context("the demo's serve flags")?
+            .serve;
+        args.config = None;
+        args.kubeconfig = None;
+        args.cluster_snapshot = Some(snapshot.to_path_buf());
+        args.manifests_dir = Some(manifests.to_path_buf());
+        let mut config = Config::parse("")?.config;
+        config.global.log.log_rotate = true;
+        config.global.log.log_rotate_config.file_path = log.display().to_string();
+        let _ = std::fs::remove_file(log);
+        // Fails only when this process already logs somewhere (a second demo run in it).
+        if let Err(e) = telemetry::init(&config.global.log, LogFormat::Json) {
+            tracing::debug!("the demo's serve log stays where it was: {e}");
+        }
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let task = tokio::spawn(serve::run_until(args, config, async move {
+            until.cancelled().await;
+            "demo finished"
+        }));
+        Ok(Serve { task, stop })
+    }
+
+    /// Stops `serve` as SIGTERM would (streams drained, files flushed) and waits for it.
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        match (&mut self.task).await {
+            Ok(result) => result.context("lazyload serve failed while stopping"),
+            Err(e) => Err(anyhow::anyhow!("lazyload serve panicked: {e}")),
+        }
+    }
+
+    /// Why `serve` stopped, if it did.
+    async fn failure(&mut self) -> Option<anyhow::Error> {
+        if !self.task.is_finished() {
+            return None;
+        }
+        Some(match (&mut self.task).await {
+            Ok(Ok(())) => anyhow::anyhow!("lazyload serve stopped"),
+            Ok(Err(e)) => e.context("lazyload serve failed"),
+            Err(e) => anyhow::anyhow!("lazyload serve panicked: {e}"),
+        })
+    }
+}
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.stop.cancel();
     }
 }
 
@@ -228,35 +289,23 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
 
     let (xds, als, admin) = (free_address()?, free_address()?, free_address()?);
     let log = dir.join("serve.log");
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let exe = std::env::current_exe().context("locating the lazyload binary")?;
-    let mut serve = Serve(
-        Command::new(exe)
-            .env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG")
-            .args(["serve", "--log-format", "json"])
-            .args([
-                "--upstream",
-                &format!("http://{istiod}"),
-                "--xds-listen",
-                &xds.to_string(),
-            ])
-            .args([
-                "--als-listen",
-                &als.to_string(),
-                "--als-address",
-                &als.to_string(),
-            ])
-            .args(["--admin-listen", &admin.to_string()])
-            .arg("--cluster-snapshot")
-            .arg(&cluster)
-            .arg("--manifests-dir")
-            .arg(&manifests)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("starting lazyload serve")?,
-    );
+    let mut serve = Serve::start(
+        &[
+            "--upstream",
+            &format!("http://{istiod}"),
+            "--xds-listen",
+            &xds.to_string(),
+            "--als-listen",
+            &als.to_string(),
+            "--als-address",
+            &als.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+        &cluster,
+        &manifests,
+        &log,
+    )?;
     say(&format!(
         "[2/5] lazyload serve: relay on {xds} (upstream: the built-in istiod stand-in on {istiod}), \
          collector on {als}, admin on http://{admin} (log: {})",
@@ -266,10 +315,11 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let relayed = match global_sidecar::subscribe(xds, Duration::from_secs(30)).await {
         Ok(r) => r,
         Err(e) => {
-            if let Some(status) = serve.0.try_wait().context("watching lazyload serve")? {
-                bail!("lazyload serve exited ({status}); see {}", log.display())
-            }
-            return Err(e.context(format!("see {}", log.display())));
+            return Err(serve
+                .failure()
+                .await
+                .unwrap_or(e)
+                .context(format!("see {}", log.display())));
         }
     };
     say(&format!(
@@ -313,7 +363,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     }
 
     // Kept running until everything is learned: its access logs are still being flushed.
-    let _envoy = match &envoy_binary {
+    let envoy = match &envoy_binary {
         Some(binary) => Some(send_through_envoy(&mesh, &relayed, binary, xds, dir, say).await?),
         None => {
             replay_access_logs(&mesh, als, say)
@@ -336,6 +386,9 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         if learned >= mesh.calls.len() {
             break learned;
         }
+        if let Some(e) = serve.failure().await {
+            return Err(e.context(format!("see {}", log.display())));
+        }
         if Instant::now() > deadline {
             bail!(
                 "only {learned} of {} dependencies learned after 60 s (see {})",
@@ -345,6 +398,8 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    drop(envoy);
+    serve.shutdown().await?;
     let productpage_sidecar = read(&manifests.join("bookinfo/productpage.sidecar.yaml"))?;
 
     say("[5/5] comparing each workload's scoped config with the full config");

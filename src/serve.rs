@@ -79,9 +79,10 @@ pub struct ServeArgs {
     /// dependencies are then kept in memory only).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Without a cluster: write each fence changed by learned dependencies, and its Sidecar, to
-    /// `<dir>/<namespace>/<name>.{servicefence,sidecar}.yaml` (a file sink instead of the API
-    /// server, for review or GitOps).
+    /// Write each fence changed by learned dependencies, and its Sidecar, to
+    /// `<dir>/<namespace>/<name>.{servicefence,sidecar}.yaml`: a file sink instead of the API
+    /// server (for review or GitOps); with it, no cluster is contacted, even in a pod or with a
+    /// kubeconfig (the cluster comes from --cluster-snapshot).
     #[arg(long, env = "LAZYLOAD_MANIFESTS_DIR")]
     pub manifests_dir: Option<PathBuf>,
     /// The xDS relay.
@@ -197,17 +198,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
+    run_until(args, loaded.config, shutdown_signal()).await
+}
+
+/// Runs lazyload with `config` (logging already set up) until `stop` completes, with the reason
+/// it gives, or a component fails; then drains the components.
+pub async fn run_until(
+    args: ServeArgs,
+    config: Config,
+    stop: impl Future<Output = &'static str>,
+) -> anyhow::Result<()> {
     let admin_addr = match args.admin_listen {
         Some(a) => a,
-        None => loaded
-            .config
+        None => config
             .misc_address("aux-addr")
             .and_then(|a| a.parse().ok())
             .context("global.misc.aux-addr is not an address")?,
     };
 
     let mut ctx = Components {
-        config: Arc::new(loaded.config),
+        config: Arc::new(config),
         shutdown: CancellationToken::new(),
         registry: Registry::with_prefix("lazyload"),
         readiness: Readiness::default(),
@@ -239,8 +249,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let failure = tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!("{signal}: shutting down");
+        reason = stop => {
+            tracing::info!("{reason}: shutting down");
             None
         }
         Some(done) = tasks.join_next() => Some(match done {
@@ -378,7 +388,11 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     tracing::info!(counts = ?snapshot.index.counts(), fences = snapshot.fences.len(), "cluster index loaded");
 
     let mut learner = Learner::new(Limits::default());
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    // `--manifests-dir` is a file sink instead of the API server: the cluster is not contacted.
+    let client = match &args.manifests_dir {
+        Some(_) => None,
+        None => kube_client(args.kubeconfig.as_deref()).await?,
+    };
     if let Some(client) = &client {
         // What the cluster's fences already hold is not learned (and written) again.
         let fences = persist::seed_from_cluster(client.clone(), &mut learner)
@@ -432,7 +446,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     if writer.is_none() {
         match &args.manifests_dir {
             Some(dir) => {
-                tracing::info!(dir = %dir.display(), "no cluster configured: learned fences and Sidecars are written as files")
+                tracing::info!(dir = %dir.display(), "learned fences and Sidecars are written as files (--manifests-dir), not to a cluster")
             }
             None => tracing::warn!("no cluster configured: learned dependencies are kept in memory only"),
         }

@@ -108,3 +108,47 @@ spec: {enable: true, host: {reviews.default.svc.cluster.local: {stable: {}}}}
     let hosts = &v["default/productpage"]["sidecar"]["hosts"];
     assert_eq!(hosts[0], "*/reviews.default.svc.cluster.local", "{body}");
 }
+
+/// `--manifests-dir` is a file sink instead of the API server: in a pod (where lazyload would
+/// otherwise use the in-cluster configuration, unusable here: no service-account token) it
+/// starts without contacting a cluster; without it, the in-cluster configuration is used and its
+/// failure is the error.
+#[test]
+fn manifests_dir_never_contacts_a_cluster() {
+    let dir = support::TempDir::new("serve-manifests-in-pod");
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let serve = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazyload"));
+        cmd.env_remove("KUBECONFIG")
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "1")
+            .args(["serve", "--admin-listen", &admin])
+            .args(extra)
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let failed = serve(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(err.contains("in-cluster configuration"), "{err}");
+
+    let mut with_files = serve(&["--manifests-dir", &dir.0.display().to_string()])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let came_up = loop {
+        if with_files.try_wait().unwrap().is_some() {
+            break false;
+        }
+        if std::net::TcpStream::connect(&admin).is_ok() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = with_files.kill();
+    let out = with_files.wait_with_output().unwrap();
+    assert!(came_up, "{}", String::from_utf8_lossy(&out.stderr));
+}
