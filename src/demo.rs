@@ -165,17 +165,16 @@ async fn replay_access_logs(mesh: &Mesh, als: SocketAddr, say: &mut dyn FnMut(&s
     Ok(())
 }
 
-/// Step 4 with Envoy: a real global-sidecar on the relay, and each of the mesh's calls sent
+/// Step 4 with Envoy: a real global-sidecar (started on the relay), and each of the mesh's calls sent
 /// through it from the caller's address, as the caller's sidecar forwards an unknown host.
 async fn send_through_envoy(
+    envoy: envoy::Envoy,
     mesh: &Mesh,
     relayed: &Received,
     binary: &Path,
-    relay: SocketAddr,
     dir: &Path,
     say: &mut dyn FnMut(&str),
 ) -> anyhow::Result<envoy::Envoy> {
-    let envoy = envoy::Envoy::start(binary, relay, dir).await?;
     let log = dir.join("envoy.log");
     let (listeners, clusters) = (relayed.count(LISTENER) as u64, relayed.count(CLUSTER) as u64);
     // Its own static cluster (the relay) comes on top of the relayed ones.
@@ -362,9 +361,23 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         );
     }
 
+    let started = match &envoy_binary {
+        Some(binary) => match envoy::Envoy::start(binary, xds, dir).await {
+            Ok(envoy) => Some((envoy, binary)),
+            // `envoy` found on PATH may still not run (a stale shim): the demo goes on without.
+            Err(e) if args.envoy == "auto" => {
+                say(&format!(
+                    "      {e:#}: replaying the traffic as access-log entries instead"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
     // Kept running until everything is learned: its access logs are still being flushed.
-    let envoy = match &envoy_binary {
-        Some(binary) => Some(send_through_envoy(&mesh, &relayed, binary, xds, dir, say).await?),
+    let envoy = match started {
+        Some((envoy, binary)) => Some(send_through_envoy(envoy, &mesh, &relayed, binary, dir, say).await?),
         None => {
             replay_access_logs(&mesh, als, say)
                 .await

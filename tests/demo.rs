@@ -11,9 +11,15 @@ use std::process::Command;
 /// Runs `lazyload demo` on 60 generated services with `--envoy <envoy>`; checks what both modes
 /// print (the relay step, learning, the productpage Sidecar) and returns (stdout, stderr).
 fn demo(dir: &support::TempDir, envoy: &str) -> (String, String) {
+    demo_with_path(dir, envoy, std::env::var_os("PATH").unwrap_or_default())
+}
+
+/// [`demo`] with `PATH` set to `path`.
+fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .env("PATH", path)
         .args(["demo", "--services", "60", "--envoy", envoy, "--out"])
-        .arg(&dir.0)
+        .arg(dir.path("demo"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -64,6 +70,38 @@ fn demo_through_a_real_envoy_global_sidecar() {
     assert!(!stderr.contains("replaying"), "{stderr}");
 }
 
+/// An `envoy` on PATH that does not run (a stale shim) is reported and the traffic replayed.
+#[test]
+fn demo_goes_on_without_an_envoy_that_does_not_run() {
+    let dir = support::TempDir::new("demo-broken-envoy");
+    let bin = dir.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("envoy"),
+        "#!/bin/sh\necho 'envoy: command not found' >&2\nexit 127\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("envoy"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .unwrap();
+    let (_, stderr) = demo_with_path(&dir, "auto", path);
+    assert!(stderr.contains("Envoy exited"), "{stderr}");
+    assert!(
+        stderr.contains("replaying the traffic as access-log entries instead"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[4/5] replaying 369 access-log entries"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn demo_prints_learned_sidecars_and_push_sizes() {
     let dir = support::TempDir::new("demo");
@@ -90,7 +128,7 @@ fn demo_prints_learned_sidecars_and_push_sizes() {
 
     // The manifests it wrote are what the controller would apply.
     let sidecar: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(dir.path("manifests/bookinfo/reviews.sidecar.yaml")).unwrap(),
+        &std::fs::read_to_string(dir.path("demo/manifests/bookinfo/reviews.sidecar.yaml")).unwrap(),
     )
     .unwrap();
     assert_eq!(sidecar["kind"], "Sidecar");
@@ -102,9 +140,9 @@ fn demo_prints_learned_sidecars_and_push_sizes() {
     // `lazyload report` on the demo mesh: the same per-workload reduction, as JSON.
     let report = Command::new(env!("CARGO_BIN_EXE_lazyload"))
         .args(["report", "--json", "--cluster-snapshot"])
-        .arg(dir.path("cluster-with-fences.yaml"))
+        .arg(dir.path("demo/cluster-with-fences.yaml"))
         .arg("--config-dump")
-        .arg(dir.path("full-config-dump.json"))
+        .arg(dir.path("demo/full-config-dump.json"))
         .output()
         .unwrap();
     assert!(
