@@ -17,6 +17,7 @@ mod global_sidecar;
 pub mod mesh;
 mod upstream;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -229,8 +230,9 @@ fn free_address() -> anyhow::Result<SocketAddr> {
     Ok(probe.local_addr()?)
 }
 
-/// Dependencies recorded in the fences `serve` wrote so far.
-fn learned_so_far(manifests: &Path, mesh: &Mesh) -> usize {
+/// The hosts each fence `serve` wrote so far has learned (its status' `lastSeen`), by
+/// `namespace/name`.
+fn learned_so_far(manifests: &Path, mesh: &Mesh) -> BTreeMap<String, Vec<String>> {
     mesh.services
         .iter()
         .filter_map(|s| {
@@ -238,13 +240,14 @@ fn learned_so_far(manifests: &Path, mesh: &Mesh) -> usize {
                 .join(&s.namespace)
                 .join(format!("{}.servicefence.yaml", s.name));
             let fence: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-            Some(
-                fence["status"]["metricStatus"]
-                    .as_mapping()
-                    .map_or(0, |m| m.len()),
-            )
+            let hosts = fence["status"]["lastSeen"]
+                .as_mapping()?
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect();
+            Some((format!("{}/{}", s.namespace, s.name), hosts))
         })
-        .sum()
+        .collect()
 }
 
 /// Runs the demo, printing what it does to `say` as it goes.
@@ -388,7 +391,8 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut shown = None;
     let learned = loop {
-        let learned = learned_so_far(&manifests, &mesh);
+        let by_fence = learned_so_far(&manifests, &mesh);
+        let learned = by_fence.values().map(Vec::len).sum();
         if shown != Some(learned) {
             say(&format!(
                 "      learned {learned}/{} dependencies",
@@ -397,6 +401,13 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             shown = Some(learned);
         }
         if learned >= mesh.calls.len() {
+            for (fence, hosts) in by_fence.iter().filter(|(f, _)| f.starts_with(mesh::BOOKINFO)) {
+                say(&format!("      {fence} calls {}", hosts.join(", ")));
+            }
+            say(&format!(
+                "      ... and {} more workloads",
+                by_fence.keys().filter(|f| !f.starts_with(mesh::BOOKINFO)).count()
+            ));
             break learned;
         }
         if let Some(e) = serve.failure().await {

@@ -42,6 +42,14 @@ fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString)
         "{stderr}"
     );
     assert!(stderr.contains("learned 123/123 dependencies"), "{stderr}");
+    assert!(
+        stderr.contains("bookinfo/productpage calls details.bookinfo.svc.cluster.local, reviews.bookinfo.svc.cluster.local"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bookinfo/reviews calls ratings.bookinfo.svc.cluster.local"),
+        "{stderr}"
+    );
     for host in [
         "'*/details.bookinfo.svc.cluster.local'",
         "'*/reviews.bookinfo.svc.cluster.local'",
