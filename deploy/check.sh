@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks deploy/: the CRD copies equal crds/servicefence.yaml; the kustomize base and overlay and
 # the Helm chart (cluster and namespace mode) render; `helm lint` passes; every rendered object is
-# valid (deploy/validate.py). Installs its tools itself (PyPI only) and skips what is present.
+# valid (deploy/validate.py); `kubectl apply --dry-run=client` applies every rendered object
+# (against deploy/dry_run_server.py). Installs its tools itself (PyPI only) and skips what is
+# present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,13 +72,14 @@ python3 deploy/dry_run_server.py "$out/port" &
 server=$!
 trap 'kill "$server" 2>/dev/null; rm -rf "$out" "${tmp:-}"' EXIT
 for _ in $(seq 100); do [[ -s $out/port ]] && break; sleep 0.1; done
+[[ -s $out/port ]] || { echo "deploy/dry_run_server.py did not start" >&2; exit 1; }
 printf '%s\n' 'apiVersion: v1' 'kind: Config' \
   "clusters: [{name: dry-run, cluster: {server: \"http://127.0.0.1:$(cat "$out/port")\"}}]" \
   'contexts: [{name: dry-run, context: {cluster: dry-run, namespace: default}}]' \
   'current-context: dry-run' 'users: []' >"$out/kubeconfig"
 for rendered in "$out"/*.yaml; do
   objects=$(python3 -c 'import sys, yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$rendered")
-  applied=$("$KUBECTL" --kubeconfig "$out/kubeconfig" apply --dry-run=client --validate=false -f "$rendered" |
+  applied=$("$KUBECTL" --kubeconfig "$out/kubeconfig" --cache-dir "$out/kube-cache" apply --dry-run=client --validate=false -f "$rendered" |
     grep -c ' (dry run)$') || true
   if [[ $applied != "$objects" ]]; then
     echo "kubectl apply --dry-run=client -f $(basename "$rendered"): $applied of $objects objects applied" >&2

@@ -24,13 +24,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::Parser as _;
+use clap::{Args as _, FromArgMatches as _};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use self::global_sidecar::Received;
+pub use self::global_sidecar::Received;
 use self::mesh::Mesh;
 use crate::config::Config;
 use crate::report::{self, Report, ReportArgs};
@@ -41,14 +41,16 @@ use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 /// Flags of `lazyload demo`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Services generated besides bookinfo's four.
-    #[arg(long, default_value_t = 200)]
+    /// Services generated besides bookinfo's four (at most 50,000).
+    #[arg(long, default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=50_000))]
     pub services: usize,
     /// Working directory: the sample mesh, its access logs and the manifests are written here.
     #[arg(long, default_value = "lazyload-demo")]
     pub out: PathBuf,
     /// The global-sidecar's traffic: `auto` sends it through a real Envoy when `envoy` is on
-    /// `PATH` (else replays it as access-log entries), `off` always replays, or an Envoy binary.
+    /// `PATH` and runs (else replays it as access-log entries), `off` always replays, or the
+    /// Envoy binary to use. Through Envoy, callers send from their pods' addresses on loopback
+    /// (`127.1.x.y`, which Linux has; elsewhere `auto` replays).
     #[arg(long, default_value = "auto", value_name = "auto|off|PATH")]
     pub envoy: String,
 }
@@ -68,7 +70,8 @@ pub struct Outcome {
 
 /// `lazyload serve`, running in this process; stopped when dropped.
 struct Serve {
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// `None` once its outcome was taken by [`Serve::failure`].
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     stop: CancellationToken,
 }
 
@@ -76,14 +79,12 @@ impl Serve {
     /// Starts `lazyload serve` with `flags`, on the cluster in `snapshot`, writing to `manifests`
     /// (never to a cluster) and logging JSON to `log`.
     fn start(flags: &[&str], snapshot: &Path, manifests: &Path, log: &Path) -> anyhow::Result<Serve> {
-        #[derive(clap::Parser)]
-        struct Flags {
-            #[command(flatten)]
-            serve: ServeArgs,
-        }
-        let mut args = Flags::try_parse_from(std::iter::once("serve").chain(flags.iter().copied()))
-            .context("the demo's serve flags")?
-            .serve;
+        // The demo decides every flag: `LAZYLOAD_*` variables of the shell must not reach it.
+        let command = ServeArgs::augment_args(clap::Command::new("serve")).mut_args(|a| a.env(None));
+        let matches = command
+            .try_get_matches_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .context("the demo's serve flags")?;
+        let mut args = ServeArgs::from_arg_matches(&matches).context("the demo's serve flags")?;
         args.config = None;
         args.kubeconfig = None;
         args.cluster_snapshot = Some(snapshot.to_path_buf());
@@ -92,9 +93,10 @@ impl Serve {
         config.global.log.log_rotate = true;
         config.global.log.log_rotate_config.file_path = log.display().to_string();
         let _ = std::fs::remove_file(log);
-        // Fails only when this process already logs somewhere (a second demo run in it).
-        if let Err(e) = telemetry::init(&config.global.log, LogFormat::Json) {
-            tracing::debug!("the demo's serve log stays where it was: {e}");
+        // A second demo run in one process (tests) keeps logging where the first one did.
+        if !tracing::dispatcher::has_been_set() {
+            telemetry::init(&config.global.log, LogFormat::Json)
+                .with_context(|| format!("logging to {}", log.display()))?;
         }
         let stop = CancellationToken::new();
         let until = stop.clone();
@@ -102,28 +104,36 @@ impl Serve {
             until.cancelled().await;
             "demo finished"
         }));
-        Ok(Serve { task, stop })
+        Ok(Serve {
+            task: Some(task),
+            stop,
+        })
     }
 
     /// Stops `serve` as SIGTERM would (streams drained, files flushed) and waits for it.
     async fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop.cancel();
-        match (&mut self.task).await {
-            Ok(result) => result.context("lazyload serve failed while stopping"),
-            Err(e) => Err(anyhow::anyhow!("lazyload serve panicked: {e}")),
+        match self.task.take() {
+            Some(task) => outcome(task.await).context("lazyload serve, stopping"),
+            None => Ok(()),
         }
     }
 
-    /// Why `serve` stopped, if it did.
+    /// Why `serve` stopped, if it did (reported once).
     async fn failure(&mut self) -> Option<anyhow::Error> {
-        if !self.task.is_finished() {
-            return None;
-        }
-        Some(match (&mut self.task).await {
-            Ok(Ok(())) => anyhow::anyhow!("lazyload serve stopped"),
-            Ok(Err(e)) => e.context("lazyload serve failed"),
-            Err(e) => anyhow::anyhow!("lazyload serve panicked: {e}"),
+        let task = self.task.take_if(|t| t.is_finished())?;
+        Some(match outcome(task.await) {
+            Ok(()) => anyhow::anyhow!("lazyload serve stopped"),
+            Err(e) => e,
         })
+    }
+}
+
+/// What a `serve` task ended with.
+fn outcome(joined: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match joined {
+        Ok(result) => result.context("lazyload serve failed"),
+        Err(e) => Err(anyhow::anyhow!("lazyload serve panicked: {e}")),
     }
 }
 
@@ -133,14 +143,17 @@ impl Drop for Serve {
     }
 }
 
-/// The source address of the first pod when the mesh runs on loopback ([`Mesh::on_loopback`]).
-const LOOPBACK_POD: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 1, 0, 1));
-
-/// Two distinct ports nothing listens on right now.
-fn free_ports() -> anyhow::Result<[u16; 2]> {
-    let probe = || std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port");
-    let (a, b) = (probe()?, probe()?);
-    Ok([a.local_addr()?.port(), b.local_addr()?.port()])
+/// `N` distinct loopback ports nothing listens on right now (all probed at once, so none is
+/// handed out twice).
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let probes = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, probe) in ports.iter_mut().zip(&probes) {
+        *port = probe.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Step 4 without Envoy: the mesh's calls as the access-log entries a global-sidecar sends.
@@ -224,12 +237,6 @@ async fn send_through_envoy(
     Ok(envoy)
 }
 
-/// A loopback address nothing listens on right now.
-fn free_address() -> anyhow::Result<SocketAddr> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(probe.local_addr()?)
-}
-
 /// The hosts each fence `serve` wrote so far has learned (its status' `lastSeen`), by
 /// `namespace/name`.
 fn learned_so_far(manifests: &Path, mesh: &Mesh) -> BTreeMap<String, Vec<String>> {
@@ -256,10 +263,14 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let _stop = stop.clone().drop_guard();
     let mut mesh = Mesh::sample(args.services);
     let mut envoy_binary = envoy::find(&args.envoy);
-    if envoy_binary.is_some() && !envoy::can_bind(LOOPBACK_POD) {
+    let first_pod = mesh::loopback_pod_ip(0);
+    if envoy_binary.is_some() && !envoy::can_bind(first_pod.into()) {
+        let why = format!("this machine cannot send from {first_pod} (a pod's address on loopback)");
+        if args.envoy != "auto" {
+            bail!("--envoy {}: {why}", args.envoy);
+        }
         say(&format!(
-            "      this machine cannot send from {LOOPBACK_POD} (a pod address): the traffic is replayed \
-             as access-log entries instead of through Envoy"
+            "      {why}: the traffic is replayed as access-log entries instead of through Envoy"
         ));
         envoy_binary = None;
     }
@@ -289,7 +300,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         .await
         .context("starting the built-in upstream")?;
 
-    let (xds, als, admin) = (free_address()?, free_address()?, free_address()?);
+    let [xds, als, admin] = free_ports()?.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     let log = dir.join("serve.log");
     let mut serve = Serve::start(
         &[
@@ -303,6 +314,10 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             &als.to_string(),
             "--admin-listen",
             &admin.to_string(),
+            // The global-sidecar's listeners stay on loopback: its PassthroughCluster goes
+            // wherever a request's Slime-Orig-Dest says.
+            "--rebind-address",
+            "127.0.0.1",
         ],
         &cluster,
         &manifests,
@@ -388,11 +403,23 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             None
         }
     };
+    let bookinfo = format!("{}/", mesh::BOOKINFO);
+    let expected: Vec<(String, String)> = mesh
+        .calls
+        .iter()
+        .map(|&(from, to)| {
+            let (a, b) = (&mesh.services[from], &mesh.services[to]);
+            (format!("{}/{}", a.namespace, a.name), b.fqdn())
+        })
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut shown = None;
     let learned = loop {
         let by_fence = learned_so_far(&manifests, &mesh);
-        let learned = by_fence.values().map(Vec::len).sum();
+        let learned = expected
+            .iter()
+            .filter(|(fence, host)| by_fence.get(fence).is_some_and(|hosts| hosts.contains(host)))
+            .count();
         if shown != Some(learned) {
             say(&format!(
                 "      learned {learned}/{} dependencies",
@@ -400,13 +427,13 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             ));
             shown = Some(learned);
         }
-        if learned >= mesh.calls.len() {
-            for (fence, hosts) in by_fence.iter().filter(|(f, _)| f.starts_with(mesh::BOOKINFO)) {
+        if learned == expected.len() {
+            for (fence, hosts) in by_fence.iter().filter(|(f, _)| f.starts_with(&bookinfo)) {
                 say(&format!("      {fence} calls {}", hosts.join(", ")));
             }
             say(&format!(
                 "      ... and {} more workloads",
-                by_fence.keys().filter(|f| !f.starts_with(mesh::BOOKINFO)).count()
+                by_fence.keys().filter(|f| !f.starts_with(&bookinfo)).count()
             ));
             break learned;
         }

@@ -79,10 +79,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let outcome =
-                runtime.block_on(lazyload::demo::run(&args, jiff::Timestamp::now(), &mut |line| {
-                    eprintln!("{line}")
-                }))?;
+            // On a signal the demo is dropped, which stops what it started (Envoy included).
+            let mut say = |line: &str| eprintln!("{line}");
+            let outcome = runtime.block_on(async {
+                tokio::select! {
+                    outcome = lazyload::demo::run(&args, jiff::Timestamp::now(), &mut say) => outcome,
+                    signal = lazyload::serve::shutdown_signal() => Err(anyhow::anyhow!("{signal}: demo stopped")),
+                }
+            })?;
             print!("{}", lazyload::demo::summary(&outcome));
         }
         Command::Crd => {

@@ -67,7 +67,7 @@ pub struct ServeArgs {
     pub als_listen: Option<SocketAddr>,
     /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
     /// servicefences -A -o yaml`; for running without a cluster (with one, its watchers keep
-    /// the index up to date).
+    /// the index up to date); required with --manifests-dir.
     #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
     pub cluster_snapshot: Option<PathBuf>,
     /// How often the Prometheus source (`metricSourceType: prometheus`) queries each enabled
@@ -76,14 +76,14 @@ pub struct ServeArgs {
     pub prometheus_interval: Duration,
     /// Kubeconfig of the cluster lazyload writes to (learned dependencies into fence statuses);
     /// without it, the in-cluster configuration when running in a pod, else none (learned
-    /// dependencies are then kept in memory only).
+    /// dependencies are then kept in memory only). Not used with --manifests-dir.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Write each fence changed by learned dependencies, and its Sidecar, to
     /// `<dir>/<namespace>/<name>.{servicefence,sidecar}.yaml`: a file sink instead of the API
     /// server (for review or GitOps); with it, no cluster is contacted, even in a pod or with a
     /// kubeconfig (the cluster comes from --cluster-snapshot).
-    #[arg(long, env = "LAZYLOAD_MANIFESTS_DIR")]
+    #[arg(long, env = "LAZYLOAD_MANIFESTS_DIR", requires = "cluster_snapshot")]
     pub manifests_dir: Option<PathBuf>,
     /// The xDS relay.
     #[command(flatten)]
@@ -390,7 +390,12 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     let mut learner = Learner::new(Limits::default());
     // `--manifests-dir` is a file sink instead of the API server: the cluster is not contacted.
     let client = match &args.manifests_dir {
-        Some(_) => None,
+        Some(_) => {
+            if let Some(kubeconfig) = &args.kubeconfig {
+                tracing::info!(kubeconfig = %kubeconfig.display(), "--manifests-dir given: the kubeconfig is not used");
+            }
+            None
+        }
         None => kube_client(args.kubeconfig.as_deref()).await?,
     };
     if let Some(client) = &client {
@@ -657,7 +662,8 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Opt
     ))
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Waits for SIGTERM or an interrupt; names which came.
+pub async fn shutdown_signal() -> &'static str {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

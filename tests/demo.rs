@@ -63,6 +63,8 @@ fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString)
     (stdout, stderr)
 }
 
+// Callers send from 127.1.x.y: every 127/8 address is local on Linux only.
+#[cfg(target_os = "linux")]
 #[test]
 fn demo_through_a_real_envoy_global_sidecar() {
     let dir = support::TempDir::new("demo-envoy");
@@ -79,6 +81,8 @@ fn demo_through_a_real_envoy_global_sidecar() {
 }
 
 /// An `envoy` on PATH that does not run (a stale shim) is reported and the traffic replayed.
+// Callers send from 127.1.x.y: every 127/8 address is local on Linux only.
+#[cfg(target_os = "linux")]
 #[test]
 fn demo_goes_on_without_an_envoy_that_does_not_run() {
     let dir = support::TempDir::new("demo-broken-envoy");

@@ -110,19 +110,22 @@ spec: {enable: true, host: {reviews.default.svc.cluster.local: {stable: {}}}}
 }
 
 /// `--manifests-dir` is a file sink instead of the API server: in a pod (where lazyload would
-/// otherwise use the in-cluster configuration, unusable here: no service-account token) it
-/// starts without contacting a cluster; without it, the in-cluster configuration is used and its
-/// failure is the error.
+/// otherwise use the in-cluster configuration, here pointing at a closed port) it starts without
+/// contacting a cluster; without it, the in-cluster configuration is used and its failure is the
+/// error (a missing service-account token, or the closed port where there is one).
 #[test]
 fn manifests_dir_never_contacts_a_cluster() {
     let dir = support::TempDir::new("serve-manifests-in-pod");
     let admin = format!("127.0.0.1:{}", support::free_port());
+    let als = format!("127.0.0.1:{}", support::free_port());
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, "").unwrap();
     let serve = |extra: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazyload"));
         cmd.env_remove("KUBECONFIG")
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
             .env("KUBERNETES_SERVICE_PORT", "1")
-            .args(["serve", "--admin-listen", &admin])
+            .args(["serve", "--admin-listen", &admin, "--als-listen", &als])
             .args(extra)
             .stderr(std::process::Stdio::piped());
         cmd
@@ -130,9 +133,11 @@ fn manifests_dir_never_contacts_a_cluster() {
     let failed = serve(&[]).output().unwrap();
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success());
-    assert!(err.contains("in-cluster configuration"), "{err}");
+    assert!(err.contains("cluster"), "{err}");
 
-    let mut with_files = serve(&["--manifests-dir", &dir.0.display().to_string()])
+    let manifests = dir.path("manifests").display().to_string();
+    let snapshot = snapshot.display().to_string();
+    let mut with_files = serve(&["--manifests-dir", &manifests, "--cluster-snapshot", &snapshot])
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

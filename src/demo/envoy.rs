@@ -184,7 +184,11 @@ pub async fn backend(shutdown: CancellationToken) -> std::io::Result<SocketAddr>
                 _ = shutdown.cancelled() => return,
                 conn = listener.accept() => conn,
             };
-            let Ok((conn, _)) = conn else { continue };
+            let Ok((conn, _)) = conn else {
+                // Out of file descriptors, say: wait rather than spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
             tokio::spawn(answer_ok(conn));
         }
     });
@@ -219,6 +223,20 @@ async fn answer_ok(conn: TcpStream) {
 /// `GET path` on `to` with `headers`, from `from` (an address of this machine) when given;
 /// returns the status code and body.
 pub async fn call(
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(CALL_TIMEOUT, exchange(from, to, path, headers))
+        .await
+        .with_context(|| format!("{to} did not answer {path} within {CALL_TIMEOUT:?}"))?
+}
+
+/// How long one request of the demo may take (all are on loopback).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn exchange(
     from: Option<IpAddr>,
     to: SocketAddr,
     path: &str,

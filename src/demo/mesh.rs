@@ -138,7 +138,7 @@ impl Mesh {
     /// pod served by the one `backend`.
     pub fn on_loopback(mut self, ports: [u16; 2], backend: SocketAddr) -> Self {
         for (i, s) in self.services.iter_mut().enumerate() {
-            s.pod_ip = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+            s.pod_ip = loopback_pod_ip(i).to_string();
             s.port = if s.namespace == BOOKINFO {
                 ports[0]
             } else {
@@ -325,9 +325,10 @@ impl Mesh {
         messages
     }
 
-    /// The full config istiod pushes to a proxy without a Sidecar, as xDS resources: per service
-    /// an EDS cluster over ADS, its endpoints and a virtual host; per port an outbound listener
-    /// whose routes come by RDS, ending in istiod's `allow_any` virtual host; and istiod's
+    /// The full config istiod pushes to the global-sidecar (a proxy without a Sidecar, in
+    /// INTERCEPTION_MODE=NONE), as xDS resources: per service an EDS cluster over ADS, its
+    /// endpoints and a virtual host; per port an outbound listener on `127.0.0.1` whose routes
+    /// come by RDS, ending in istiod's `allow_any` virtual host; and istiod's
     /// `PassthroughCluster` and `BlackHoleCluster`.
     pub fn xds(&self) -> Resources {
         let mut clusters = BTreeMap::new();
@@ -406,7 +407,8 @@ impl Mesh {
         let mut routes = BTreeMap::new();
         let mut listeners = BTreeMap::new();
         for (port, vh) in vhosts {
-            let (route, listener) = outbound_port(port, vh);
+            // As istiod binds them for a proxy with INTERCEPTION_MODE=NONE (the global-sidecar).
+            let (route, listener) = outbound_port("127.0.0.1", port, vh);
             routes.insert(route.name.clone(), pack(&route));
             listeners.insert(listener.name.clone(), pack(&listener));
         }
@@ -420,6 +422,11 @@ impl Mesh {
         .map(|(t, r)| (t.to_string(), r))
         .collect()
     }
+}
+
+/// The address of the `i`th pod when the mesh runs on loopback ([`Mesh::on_loopback`]).
+pub fn loopback_pod_ip(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
 /// Config from the ADS stream (`ads: {}`), as istiod's resources refer to each other.
@@ -450,9 +457,13 @@ pub fn route_to(cluster: &str) -> Route {
 }
 
 /// istiod's outbound config for one port: the route configuration named after the port (the
-/// services' virtual hosts, then `allow_any` to `PassthroughCluster`) and the `0.0.0.0_<port>`
+/// services' virtual hosts, then `allow_any` to `PassthroughCluster`) and the `<bind>_<port>`
 /// listener whose HTTP connection manager takes it by RDS.
-pub fn outbound_port(port: u16, mut virtual_hosts: Vec<VirtualHost>) -> (RouteConfiguration, Listener) {
+pub fn outbound_port(
+    bind: &str,
+    port: u16,
+    mut virtual_hosts: Vec<VirtualHost>,
+) -> (RouteConfiguration, Listener) {
     virtual_hosts.push(VirtualHost {
         name: "allow_any".into(),
         domains: vec!["*".into()],
@@ -461,7 +472,7 @@ pub fn outbound_port(port: u16, mut virtual_hosts: Vec<VirtualHost>) -> (RouteCo
     });
     let name = port.to_string();
     let hcm = HttpConnectionManager {
-        stat_prefix: format!("outbound_0.0.0.0_{port}"),
+        stat_prefix: format!("outbound_{bind}_{port}"),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: name.clone(),
@@ -474,8 +485,8 @@ pub fn outbound_port(port: u16, mut virtual_hosts: Vec<VirtualHost>) -> (RouteCo
         ..Default::default()
     };
     let listener = Listener {
-        name: format!("0.0.0.0_{port}"),
-        address: Some(socket("0.0.0.0", port.into())),
+        name: format!("{bind}_{port}"),
+        address: Some(socket(bind, port.into())),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
