@@ -29,7 +29,8 @@ pub enum Change {
     Routing,
     /// A ServiceFence was added, changed or deleted.
     Fence(ObjectKey),
-    /// A Sidecar owned by a fence changed or was deleted (someone else edited it).
+    /// A Sidecar changed or was deleted: a fence's (someone else edited it), or another one (it
+    /// may now scope the global-sidecar, A8).
     Sidecar(ObjectKey),
     /// A watch re-listed everything of a kind: controllers should resync.
     Resync,
@@ -41,6 +42,9 @@ pub struct ClusterState {
     index: Arc<RwLock<ClusterIndex>>,
     fences: Arc<RwLock<BTreeMap<ObjectKey, ServiceFence>>>,
     sidecars: Arc<RwLock<BTreeMap<ObjectKey, Sidecar>>>,
+    /// Sidecars no fence owns (the users'): only read, to tell whether one scopes the
+    /// global-sidecar.
+    other_sidecars: Arc<RwLock<BTreeMap<ObjectKey, Sidecar>>>,
     changes: broadcast::Sender<Change>,
 }
 
@@ -60,6 +64,7 @@ impl ClusterState {
             index: Arc::new(RwLock::new(index)),
             fences: Arc::new(RwLock::new(fences)),
             sidecars: Arc::new(RwLock::new(BTreeMap::new())),
+            other_sidecars: Arc::new(RwLock::new(BTreeMap::new())),
             changes: broadcast::channel(4096).0,
         }
     }
@@ -129,6 +134,35 @@ impl ClusterState {
     /// Stores or removes a Sidecar (watchers only).
     pub fn set_sidecar(&self, key: ObjectKey, sidecar: Option<Sidecar>) {
         let mut sidecars = self.sidecars.write().unwrap_or_else(|e| e.into_inner());
+        match sidecar {
+            Some(s) => sidecars.insert(key, s),
+            None => sidecars.remove(&key),
+        };
+    }
+
+    /// The Sidecars no fence owns, as last seen.
+    pub fn other_sidecars(&self) -> Vec<Sidecar> {
+        self.other_sidecars
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every stored Sidecar no fence owns, by key.
+    pub fn other_sidecar_keys(&self) -> Vec<ObjectKey> {
+        self.other_sidecars
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Stores or removes a Sidecar no fence owns (watchers only).
+    pub fn set_other_sidecar(&self, key: ObjectKey, sidecar: Option<Sidecar>) {
+        let mut sidecars = self.other_sidecars.write().unwrap_or_else(|e| e.into_inner());
         match sidecar {
             Some(s) => sidecars.insert(key, s),
             None => sidecars.remove(&key),

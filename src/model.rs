@@ -11,6 +11,7 @@ pub mod fence;
 pub mod host;
 pub mod istio;
 pub mod labels;
+pub mod scope;
 pub mod sidecar;
 
 use jiff::Timestamp;

@@ -7,6 +7,7 @@ pub mod fallback;
 pub mod fence;
 pub mod fences;
 pub mod queue;
+pub mod scope;
 
 use std::time::Duration;
 

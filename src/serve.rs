@@ -31,6 +31,7 @@ use crate::reconcile::autofence::AutoFenceController;
 use crate::reconcile::fallback::FallbackController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
+use crate::reconcile::scope::ScopeCheck;
 use crate::telemetry::{self, LogFormat};
 use crate::xds::adjust::{RESERVED_PORTS, Settings};
 use crate::xds::server::{Relay, RelayConfig};
@@ -485,6 +486,12 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     );
     if let Some(client) = &client {
         start_watching(ctx, client.clone(), state.clone()).await?;
+        let check = ScopeCheck::new(state.clone(), config.clone(), &mut ctx.registry);
+        let shutdown = ctx.shutdown.clone();
+        ctx.spawn("global-sidecar scope check", async move {
+            check.run(shutdown).await;
+            Ok(())
+        });
         start_reconciling(ctx, client.clone(), state.clone()).await?;
     }
     let index = state.index_handle();

@@ -296,8 +296,9 @@ impl Watched for ServiceFence {
     }
 }
 
-/// Only the Sidecars a fence controls are kept: the controllers repair those when someone else
-/// edits them, and every other Sidecar is none of lazyload's business.
+/// The Sidecars a fence controls are kept for the controllers, which repair them when someone
+/// else edits them; the others only so that the A8 check can tell whether one scopes the
+/// global-sidecar (nothing ever writes them).
 impl Watched for Sidecar {
     const KIND: &'static str = "Sidecar";
     fn api(client: Client) -> Api<Self> {
@@ -310,18 +311,26 @@ impl Watched for Sidecar {
                 && o.kind == ServiceFence::kind(&())
                 && o.api_version.split('/').next() == Some(&*group)
         });
+        // Ownership can change: the Sidecar moves between the two.
         if owned {
+            state.set_other_sidecar(key.clone(), None);
             state.set_sidecar(key, Some(self));
+        } else {
+            state.set_sidecar(key.clone(), None);
+            state.set_other_sidecar(key, Some(self));
         }
-        Ok(owned)
+        Ok(true)
     }
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        let had = state.sidecar(key).is_some();
+        let had = state.sidecar(key).is_some() || state.other_sidecar_keys().contains(key);
         state.set_sidecar(key.clone(), None);
+        state.set_other_sidecar(key.clone(), None);
         had
     }
     fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.sidecar_keys()
+        let mut keys = state.sidecar_keys();
+        keys.extend(state.other_sidecar_keys());
+        keys
     }
     fn change(key: ObjectKey) -> Change {
         Change::Sidecar(key)

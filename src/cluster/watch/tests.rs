@@ -153,12 +153,13 @@ fn an_unserved_kind_counts_as_empty_and_announces_only_a_removal() {
 }
 
 #[test]
-fn only_sidecars_a_fence_controls_are_kept() {
+fn sidecars_a_fence_controls_are_kept_apart_from_the_others() {
     let s = state();
     let mut rx = s.subscribe();
     let mut r = Relist::default();
     let k = key("default", "reviews");
-    // Not a fence's, or a fence's but not as controller: ignored.
+    // Not a fence's, or a fence's but not as controller: not the controllers' (kept apart for
+    // the A8 check, and announced, since one may scope the global-sidecar).
     apply_event(
         &s,
         DOMAIN,
@@ -178,7 +179,15 @@ fn only_sidecars_a_fence_controls_are_kept() {
         &mut r,
     );
     assert!(s.sidecar(&k).is_none());
-    assert!(changes(&mut rx).is_empty());
+    assert!(s.other_sidecar_keys().is_empty(), "deleted");
+    assert_eq!(
+        changes(&mut rx),
+        [
+            Change::Sidecar(k.clone()),
+            Change::Sidecar(k.clone()),
+            Change::Sidecar(k.clone())
+        ]
+    );
 
     apply_event(
         &s,
@@ -195,9 +204,13 @@ fn only_sidecars_a_fence_controls_are_kept() {
         &mut r,
     );
     assert!(s.sidecar(&k).is_none());
+    assert!(
+        s.other_sidecar_keys() == std::slice::from_ref(&k),
+        "kept apart, for the A8 check"
+    );
     assert_eq!(changes(&mut rx), [Change::Sidecar(k.clone()), Change::Sidecar(k)]);
 
-    // A re-list does not keep unowned ones either.
+    // A re-list keeps each in its place and drops what it no longer has.
     apply_event::<Sidecar>(&s, DOMAIN, Event::Init, &mut r);
     apply_event(
         &s,
@@ -213,6 +226,7 @@ fn only_sidecars_a_fence_controls_are_kept() {
     );
     apply_event::<Sidecar>(&s, DOMAIN, Event::InitDone, &mut r);
     assert_eq!(s.sidecar_keys(), [key("default", "mine")]);
+    assert_eq!(s.other_sidecar_keys(), [key("default", "other")]);
 }
 
 #[test]

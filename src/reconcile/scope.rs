@@ -1,0 +1,144 @@
+//! The A8 watchdog: tells the operator, loudly, when a Sidecar lazyload does not own scopes a
+//! global-sidecar ([`crate::model::scope`]). It writes nothing: the Sidecar is the user's, and
+//! the fix (import `*/*`, or give the global-sidecar's namespace its own open default) is theirs
+//! to choose. Runs on every replica, so each one's `/metrics` shows it.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Change, ClusterState};
+use crate::config::Config;
+use crate::model::scope::{Scoped, scoped_global_sidecars};
+
+/// Watches the cluster's Sidecars for ones that scope a global-sidecar.
+pub struct ScopeCheck {
+    state: ClusterState,
+    config: Arc<Config>,
+    scoped: Gauge,
+    /// What the last check found (reported when it changes).
+    found: Vec<Scoped>,
+}
+
+impl ScopeCheck {
+    /// A check over `state`; registers `lazyload_global_sidecar_scoped` in `registry`.
+    pub fn new(state: ClusterState, config: Arc<Config>, registry: &mut Registry) -> Self {
+        let scoped = Gauge::default();
+        registry.register(
+            "global_sidecar_scoped",
+            "Global-sidecars scoped by a Sidecar that does not import */* (should be 0; see the log)",
+            scoped.clone(),
+        );
+        Self {
+            state,
+            config,
+            scoped,
+            found: Vec::new(),
+        }
+    }
+
+    /// Checks now and after every change that may matter, until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut changes = self.state.subscribe();
+        self.check();
+        loop {
+            let change = tokio::select! {
+                () = shutdown.cancelled() => return,
+                change = changes.recv() => change,
+            };
+            match change {
+                // Sidecars, or the global-sidecar Service's selector (which pods are its).
+                Ok(Change::Sidecar(_) | Change::Service(_) | Change::Resync)
+                | Err(broadcast::error::RecvError::Lagged(_)) => self.check(),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Looks at the Sidecars as they are now; logs what started or stopped scoping a
+    /// global-sidecar and sets the gauge.
+    fn check(&mut self) {
+        let sidecars = self.state.other_sidecars();
+        let found = scoped_global_sidecars(&self.config, &self.state.index(), &sidecars);
+        for s in found.iter().filter(|s| !self.found.contains(s)) {
+            tracing::error!(sidecar = %s.sidecar, namespace = %s.global_sidecar_namespace, "{s}");
+        }
+        for s in self.found.iter().filter(|s| !found.contains(s)) {
+            tracing::info!(
+                sidecar = %s.sidecar,
+                namespace = %s.global_sidecar_namespace,
+                "the global-sidecar is no longer scoped by this Sidecar"
+            );
+        }
+        self.scoped.set(found.len() as i64);
+        self.found = found;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{ClusterIndex, ObjectKey};
+    use crate::model::istio::{EgressListener, IstioVersion, Sidecar, SidecarSpec};
+
+    fn mesh_default(hosts: &[&str]) -> Sidecar {
+        let mut s = Sidecar::new(
+            "default",
+            &IstioVersion::default().resource("Sidecar"),
+            SidecarSpec {
+                egress: vec![EgressListener {
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        s.metadata.namespace = Some("istio-system".into());
+        s
+    }
+
+    fn metrics(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[tokio::test]
+    async fn reports_a_scoping_sidecar_until_it_is_fixed() {
+        let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
+        let config = Arc::new(Config::parse("").unwrap().config);
+        let mut registry = Registry::with_prefix("lazyload");
+        let key = ObjectKey::new("istio-system", "default");
+        state.set_other_sidecar(key.clone(), Some(mesh_default(&["./*", "istio-system/*"])));
+        let check = ScopeCheck::new(state.clone(), config, &mut registry);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(check.run(stop.clone()));
+        let gauge = |registry: &Registry| {
+            metrics(registry)
+                .lines()
+                .find(|l| l.starts_with("lazyload_global_sidecar_scoped "))
+                .map(str::to_string)
+        };
+        let wait_for = async |want: &str| {
+            for _ in 0..100 {
+                if gauge(&registry).as_deref() == Some(want) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("gauge never became {want:?}: {:?}", gauge(&registry));
+        };
+        wait_for("lazyload_global_sidecar_scoped 1").await;
+
+        // The operator opens the mesh default: the next Sidecar change clears it.
+        state.set_other_sidecar(key.clone(), Some(mesh_default(&["*/*"])));
+        state.changed(Change::Sidecar(key));
+        wait_for("lazyload_global_sidecar_scoped 0").await;
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
