@@ -27,6 +27,7 @@ use crate::model::evaluate;
 use crate::model::fence::ServiceFence;
 use crate::model::host::host_name;
 use crate::model::istio::IstioVersion;
+use crate::model::scope::{Scoped, scoped_global_sidecars};
 
 /// Flags of `lazyload generate`.
 #[derive(Clone, Debug, clap::Args)]
@@ -35,7 +36,7 @@ pub struct GenerateArgs {
     /// decide which Services get a fence besides the snapshot's own fences.
     #[arg(short, long, env = "LAZYLOAD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The cluster: `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences -A -o yaml`.
+    /// The cluster: `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences,sidecars -A -o yaml`.
     #[arg(long)]
     pub cluster_snapshot: PathBuf,
     /// Envoy JSON access logs (repeatable).
@@ -66,6 +67,8 @@ pub struct Summary {
     pub attributed: usize,
     /// Log lines skipped, by reason.
     pub skipped: BTreeMap<String, usize>,
+    /// Sidecars of the snapshot that scope a global-sidecar (A8): each one breaks the fallback.
+    pub scoped: Vec<Scoped>,
 }
 
 /// Runs `generate`.
@@ -94,7 +97,10 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
         }
     }
 
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        scoped: scoped_global_sidecars(&config, &snap.index, &snap.sidecars),
+        ..Default::default()
+    };
     let mut edges: Vec<Edge> = Vec::new();
     let attributor = Attributor::new(&config);
     let mut hosts = Hosts::default();

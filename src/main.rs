@@ -65,6 +65,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.attributed,
                 summary.skipped
             );
+            for scoped in &summary.scoped {
+                eprintln!("warning: {scoped}");
+            }
         }
         Command::Report(args) => {
             let report = lazyload::report::run(&args, jiff::Timestamp::now())?;

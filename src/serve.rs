@@ -67,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
     pub als_listen: Option<SocketAddr>,
     /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
-    /// servicefences -A -o yaml`; for running without a cluster (with one, its watchers keep
+    /// servicefences,sidecars -A -o yaml`; for running without a cluster (with one, its watchers keep
     /// the index up to date); required with --manifests-dir.
     #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
     pub cluster_snapshot: Option<PathBuf>,
@@ -448,6 +448,18 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     }
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
+    for sidecar in snapshot.sidecars {
+        if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
+            state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));
+        }
+    }
+    // A8, from the snapshot's Sidecars and, with a cluster, as they change.
+    let check = ScopeCheck::new(state.clone(), config.clone(), &mut ctx.registry);
+    let shutdown = ctx.shutdown.clone();
+    ctx.spawn("global-sidecar scope check", async move {
+        check.run(shutdown).await;
+        Ok(())
+    });
     let mut writer = client.clone().map(StatusWriter::new);
     if writer.is_none() {
         match &args.manifests_dir {
@@ -486,12 +498,6 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     );
     if let Some(client) = &client {
         start_watching(ctx, client.clone(), state.clone()).await?;
-        let check = ScopeCheck::new(state.clone(), config.clone(), &mut ctx.registry);
-        let shutdown = ctx.shutdown.clone();
-        ctx.spawn("global-sidecar scope check", async move {
-            check.run(shutdown).await;
-            Ok(())
-        });
         start_reconciling(ctx, client.clone(), state.clone()).await?;
     }
     let index = state.index_handle();

@@ -106,3 +106,33 @@ fn a_missing_snapshot_is_a_clear_error() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("/nonexistent.yaml"));
 }
+
+/// A8 offline: a snapshot whose mesh-wide default Sidecar imports only its own namespace would
+/// scope the global-sidecar; `generate` says so (and still writes the manifests).
+#[test]
+fn a_sidecar_that_scopes_the_global_sidecar_is_a_warning() {
+    let dir = support::TempDir::new("generate-scoped");
+    let snapshot = dir.path("cluster.yaml");
+    let narrow = "\n---\napiVersion: networking.istio.io/v1beta1\nkind: Sidecar\n\
+                  metadata: {name: default, namespace: istio-system}\n\
+                  spec: {egress: [{hosts: ['./*', 'istio-system/*']}]}\n";
+    let cluster = std::fs::read_to_string(fixture("cluster.yaml")).unwrap();
+    std::fs::write(&snapshot, format!("{cluster}{narrow}")).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .args(["generate", "--cluster-snapshot"])
+        .arg(&snapshot)
+        .arg("--access-log")
+        .arg(fixture("access.log"))
+        .arg("--out")
+        .arg(dir.path("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: Sidecar istio-system/default (mesh-wide default) scopes the global-sidecar in mesh-operator"
+        ),
+        "{stderr}"
+    );
+}

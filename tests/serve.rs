@@ -157,3 +157,45 @@ fn manifests_dir_never_contacts_a_cluster() {
     let out = with_files.wait_with_output().unwrap();
     assert!(came_up, "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A8 in the binary: a snapshot's namespace-default Sidecar in the global-sidecar's namespace
+/// that imports only that namespace scopes it; `/metrics` counts it and the log names it.
+#[tokio::test]
+async fn a_sidecar_scoping_the_global_sidecar_is_reported() {
+    let dir = support::TempDir::new("serve-scoped");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(
+        &snapshot,
+        "apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\n\
+         metadata: {name: default, namespace: mesh-operator}\n\
+         spec: {egress: [{hosts: ['./*']}]}\n",
+    )
+    .unwrap();
+    let log = dir.path("serve.log");
+    let serve = Serve::start(
+        [
+            "--als-listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--cluster-snapshot".as_ref(),
+            snapshot.as_os_str(),
+        ],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http::get(serve.admin, "/metrics", &[]).await.unwrap().body;
+        if metrics.lines().any(|l| l == "lazyload_global_sidecar_scoped 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(
+            "Sidecar mesh-operator/default (namespace default) scopes the global-sidecar in mesh-operator"
+        ),
+        "{text}"
+    );
+}

@@ -1,5 +1,5 @@
 //! Loading a cluster snapshot from YAML: the output of
-//! `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences -A -o yaml` (a `List`),
+//! `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences,sidecars -A -o yaml` (a `List`),
 //! multi-document YAML, or any mix of both.
 
 use serde::Deserialize;
@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::{ClusterIndex, NamespaceInfo, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
 use crate::model::fence::ServiceFence;
+use crate::model::istio::Sidecar;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub index: ClusterIndex,
     /// ServiceFences.
     pub fences: Vec<ServiceFence>,
+    /// Sidecars (read only to tell whether one scopes the global-sidecar, A8).
+    pub sidecars: Vec<Sidecar>,
     /// Kinds that were present but are not used (`ConfigMap`, ...).
     pub skipped: Vec<String>,
 }
@@ -123,6 +126,10 @@ impl Snapshot {
             "ServiceFence" => {
                 let fence: ServiceFence = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
                 self.fences.push(fence);
+            }
+            "Sidecar" => {
+                let sidecar: Sidecar = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
+                self.sidecars.push(sidecar);
             }
             _ => {
                 let label = if kind.is_empty() {
