@@ -335,6 +335,15 @@ impl Config {
                 "{prefix}enable is false: lazyload will not fence anything"
             ));
         }
+        if let Some(value) = config.global.misc.get("enableLeaderElection")
+            && value != "on"
+            && value != "off"
+        {
+            warnings.push(format!(
+                "{prefix}global.misc.enableLeaderElection: {value:?} is neither \"on\" nor \"off\" (Slime \
+                 reads it as off; lazyload always elects a leader when it writes to a cluster)"
+            ));
+        }
         Ok(Loaded { config, warnings })
     }
 
@@ -1206,6 +1215,23 @@ mod tests {
                 "unknown field `extra` ignored"
             ]
         );
+    }
+
+    #[test]
+    fn leader_election_switch_other_than_on_or_off_is_a_warning() {
+        for (value, warned) in [("on", false), ("off", false), ("banana", true)] {
+            let loaded =
+                Config::parse(&format!("global:\n  misc:\n    enableLeaderElection: {value}\n")).unwrap();
+            assert_eq!(
+                loaded
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("global.misc.enableLeaderElection")),
+                warned,
+                "{value}: {:?}",
+                loaded.warnings
+            );
+        }
     }
 
     #[test]
