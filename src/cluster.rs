@@ -86,87 +86,47 @@ impl ClusterState {
 
     /// A fence as last seen.
     pub fn fence(&self, key: &ObjectKey) -> Option<ServiceFence> {
-        self.fences
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        read(&self.fences).get(key).cloned()
     }
 
     /// Every fence's key.
     pub fn fence_keys(&self) -> Vec<ObjectKey> {
-        self.fences
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        read(&self.fences).keys().cloned().collect()
     }
 
     /// Stores or removes a fence (watchers only).
     pub fn set_fence(&self, key: ObjectKey, fence: Option<ServiceFence>) {
-        let mut fences = self.fences.write().unwrap_or_else(|e| e.into_inner());
-        match fence {
-            Some(f) => fences.insert(key, f),
-            None => fences.remove(&key),
-        };
+        set(&self.fences, key, fence);
     }
 
     /// The Sidecar of a fence as last seen.
     pub fn sidecar(&self, key: &ObjectKey) -> Option<Sidecar> {
-        self.sidecars
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        read(&self.sidecars).get(key).cloned()
     }
 
     /// Every stored Sidecar's key.
     pub fn sidecar_keys(&self) -> Vec<ObjectKey> {
-        self.sidecars
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        read(&self.sidecars).keys().cloned().collect()
     }
 
     /// Stores or removes a Sidecar (watchers only).
     pub fn set_sidecar(&self, key: ObjectKey, sidecar: Option<Sidecar>) {
-        let mut sidecars = self.sidecars.write().unwrap_or_else(|e| e.into_inner());
-        match sidecar {
-            Some(s) => sidecars.insert(key, s),
-            None => sidecars.remove(&key),
-        };
+        set(&self.sidecars, key, sidecar);
     }
 
     /// The Sidecars no fence owns, as last seen.
     pub fn other_sidecars(&self) -> Vec<Sidecar> {
-        self.other_sidecars
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        read(&self.other_sidecars).values().cloned().collect()
     }
 
     /// Every stored Sidecar no fence owns, by key.
     pub fn other_sidecar_keys(&self) -> Vec<ObjectKey> {
-        self.other_sidecars
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        read(&self.other_sidecars).keys().cloned().collect()
     }
 
     /// Stores or removes a Sidecar no fence owns (watchers only).
     pub fn set_other_sidecar(&self, key: ObjectKey, sidecar: Option<Sidecar>) {
-        let mut sidecars = self.other_sidecars.write().unwrap_or_else(|e| e.into_inner());
-        match sidecar {
-            Some(s) => sidecars.insert(key, s),
-            None => sidecars.remove(&key),
-        };
+        set(&self.other_sidecars, key, sidecar);
     }
 
     /// Announces a change.
@@ -179,4 +139,18 @@ impl ClusterState {
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
+}
+
+/// Reads a map; a writer that panicked left it whole (each write is one insert or remove).
+fn read<T>(map: &RwLock<BTreeMap<ObjectKey, T>>) -> RwLockReadGuard<'_, BTreeMap<ObjectKey, T>> {
+    map.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stores `value` under `key`, or removes the key.
+fn set<T>(map: &RwLock<BTreeMap<ObjectKey, T>>, key: ObjectKey, value: Option<T>) {
+    let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+    match value {
+        Some(v) => map.insert(key, v),
+        None => map.remove(&key),
+    };
 }
