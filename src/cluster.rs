@@ -119,6 +119,11 @@ impl ClusterState {
         read(&self.other_sidecars).values().cloned().collect()
     }
 
+    /// Whether a Sidecar no fence owns is stored under `key`.
+    pub fn has_other_sidecar(&self, key: &ObjectKey) -> bool {
+        read(&self.other_sidecars).contains_key(key)
+    }
+
     /// Every stored Sidecar no fence owns, by key.
     pub fn other_sidecar_keys(&self) -> Vec<ObjectKey> {
         read(&self.other_sidecars).keys().cloned().collect()

@@ -28,6 +28,7 @@ use crate::model::fence::ServiceFence;
 use crate::model::host::host_name;
 use crate::model::istio::IstioVersion;
 use crate::model::scope::{Scoped, scoped_global_sidecars};
+use crate::model::sidecar::is_fence_controlled;
 
 /// Flags of `lazyload generate`.
 #[derive(Clone, Debug, clap::Args)]
@@ -98,7 +99,11 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
     }
 
     let mut summary = Summary {
-        scoped: scoped_global_sidecars(&config, &snap.index, &snap.sidecars),
+        scoped: scoped_global_sidecars(
+            &config,
+            &snap.index,
+            snap.sidecars.iter().filter(|s| !is_fence_controlled(s)),
+        ),
         ..Default::default()
     };
     let mut edges: Vec<Edge> = Vec::new();

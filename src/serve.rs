@@ -26,6 +26,7 @@ use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Learner, Limits, prometheus};
 use crate::model::istio::IstioVersion;
+use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
 use crate::reconcile::autofence::AutoFenceController;
 use crate::reconcile::fallback::FallbackController;
@@ -448,7 +449,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     }
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
-    for sidecar in snapshot.sidecars {
+    for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
         if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
             state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));
         }

@@ -27,6 +27,7 @@ use crate::index::{
 };
 use crate::model::fence::ServiceFence;
 use crate::model::istio::{IstioVersion, ServiceEntry, Sidecar, VirtualService};
+use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Task;
 
 #[cfg(test)]
@@ -305,14 +306,8 @@ impl Watched for Sidecar {
         Api::all_with(client, &IstioVersion::default().resource("Sidecar"))
     }
     fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        let group = ServiceFence::group(&());
-        let owned = self.metadata.owner_references.iter().flatten().any(|o| {
-            o.controller == Some(true)
-                && o.kind == ServiceFence::kind(&())
-                && o.api_version.split('/').next() == Some(&*group)
-        });
         // Ownership can change: the Sidecar moves between the two.
-        if owned {
+        if is_fence_controlled(&self) {
             state.set_other_sidecar(key.clone(), None);
             state.set_sidecar(key, Some(self));
         } else {
@@ -322,7 +317,7 @@ impl Watched for Sidecar {
         Ok(true)
     }
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        let had = state.sidecar(key).is_some() || state.other_sidecar_keys().contains(key);
+        let had = state.sidecar(key).is_some() || state.has_other_sidecar(key);
         state.set_sidecar(key.clone(), None);
         state.set_other_sidecar(key.clone(), None);
         had

@@ -28,8 +28,8 @@ impl std::fmt::Display for Scoped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Sidecar {} ({}) scopes the global-sidecar in {}: it must import */* or the fallback \
-             fails for every service it leaves out",
+            "Sidecar {} ({}) scopes the global-sidecar in {}: it must import */* (on every port) or \
+             the fallback fails for every service it leaves out",
             self.sidecar, self.how, self.global_sidecar_namespace
         )
     }
@@ -44,8 +44,9 @@ pub fn global_sidecar_namespaces(cfg: &Config) -> Vec<String> {
 }
 
 /// Every global-sidecar that a Sidecar in `sidecars` (those lazyload does not own) scopes.
-/// The global-sidecar's pods are known by its Service's selector (`app: global-sidecar` when the
-/// index has no such Service).
+/// The global-sidecar's pods are the pods of its namespace its Service selects (by the
+/// selector alone when the index has none of them; `app: global-sidecar` when it has no such
+/// Service).
 pub fn scoped_global_sidecars<'a>(
     cfg: &Config,
     index: &ClusterIndex,
@@ -54,26 +55,28 @@ pub fn scoped_global_sidecars<'a>(
     let root = &cfg.global.istio_namespace;
     let mut found = Vec::new();
     for ns in global_sidecar_namespaces(cfg) {
-        let pods: Labels = index
-            .service(&ObjectKey::new(&ns, GLOBAL_SIDECAR))
-            .and_then(|s| s.selector.clone())
-            .unwrap_or_else(|| BTreeMap::from([("app".to_string(), GLOBAL_SIDECAR.to_string())]));
+        let pods = global_sidecar_pod_labels(index, &ns);
         let in_ns = |namespace: &str| {
             let mut of: Vec<&Sidecar> = sidecars
                 .clone()
                 .into_iter()
                 .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
                 .collect();
-            // Istio takes the oldest when several match; names make it deterministic here.
-            of.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            // Istio takes the oldest when several apply, then the first by name.
+            of.sort_by(|a, b| {
+                let created = |s: &Sidecar| s.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                (created(a), &a.metadata.name).cmp(&(created(b), &b.metadata.name))
+            });
             of
         };
         let here = in_ns(&ns);
         let selecting = here.iter().find(|s| {
-            s.spec
-                .workload_selector
-                .as_ref()
-                .is_some_and(|w| !w.labels.is_empty() && w.labels.iter().all(|(k, v)| pods.get(k) == Some(v)))
+            s.spec.workload_selector.as_ref().is_some_and(|w| {
+                !w.labels.is_empty()
+                    && pods
+                        .iter()
+                        .any(|labels| w.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            })
         });
         let default_of = |list: &[&'a Sidecar]| {
             list.iter()
@@ -107,14 +110,33 @@ pub fn scoped_global_sidecars<'a>(
     found
 }
 
-/// Whether a Sidecar leaves its proxies the whole mesh: no egress (Istio's defaults), or an
-/// egress listener for every port (no `port`) importing `*/*`.
+/// The label sets of the global-sidecar's pods in `namespace` (see [`scoped_global_sidecars`]).
+fn global_sidecar_pod_labels(index: &ClusterIndex, namespace: &str) -> Vec<Labels> {
+    let selector: Labels = index
+        .service(&ObjectKey::new(namespace, GLOBAL_SIDECAR))
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_else(|| BTreeMap::from([("app".to_string(), GLOBAL_SIDECAR.to_string())]));
+    let pods: Vec<Labels> = index
+        .pods()
+        .filter(|p| p.key.namespace == namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        .map(|p| p.labels.clone())
+        .collect();
+    if pods.is_empty() { vec![selector] } else { pods }
+}
+
+/// Whether a Sidecar leaves its proxies the whole mesh: no egress (Istio reads that as one
+/// `*/*` listener), or every egress listener imports everything and one of them serves every
+/// port (Istio routes a port by the listener for that port first).
 fn imports_everything(s: &Sidecar) -> bool {
     s.spec.egress.is_empty()
-        || s.spec
-            .egress
-            .iter()
-            .any(|e| !e.extra.contains_key("port") && e.hosts.iter().any(|h| h == "*/*"))
+        || (s.spec.egress.iter().all(|e| {
+            // Within a listener a namespace's own entries replace `*/*` for that namespace:
+            // only `*/…`, `<ns>/*` and `~/…` (imports nothing) leave it whole.
+            e.hosts.iter().any(|h| h == "*/*")
+                && e.hosts
+                    .iter()
+                    .all(|h| h.starts_with("*/") || h.ends_with("/*") || h.starts_with("~/"))
+        }) && s.spec.egress.iter().any(|e| !e.extra.contains_key("port")))
 }
 
 #[cfg(test)]
@@ -225,14 +247,84 @@ mod tests {
     }
 
     #[test]
-    fn an_egress_listener_for_one_port_does_not_import_everything() {
-        let mut s = sidecar("istio-system", "default", &[], &["*/*"]);
-        s.spec.egress[0].extra.insert(
-            "port".into(),
-            serde_json::json!({"number": 9080, "protocol": "HTTP"}),
-        );
-        assert!(!imports_everything(&s));
-        s.spec.egress.clear();
+    fn what_imports_everything() {
+        let with_port = |hosts: &[&str]| EgressListener {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            extra: [(
+                "port".to_string(),
+                serde_json::json!({"number": 9080, "protocol": "HTTP"}),
+            )]
+            .into(),
+        };
+        let open = sidecar("istio-system", "default", &[], &["*/*"]);
+        let mut s = open.clone();
         assert!(imports_everything(&s));
+        s.spec.egress[0] = with_port(&["*/*"]);
+        assert!(!imports_everything(&s), "only port 9080");
+        s.spec.egress.push(open.spec.egress[0].clone());
+        assert!(imports_everything(&s), "9080 and every other port, all open");
+        s.spec.egress[0] = with_port(&["./*"]);
+        assert!(!imports_everything(&s), "9080 is routed by the narrow listener");
+        s.spec.egress.clear();
+        assert!(imports_everything(&s), "no egress: Istio's */*");
+        for (hosts, open) in [
+            (vec!["*/*", "*/reviews.bookinfo.svc.cluster.local"], true),
+            (vec!["*/*", "istio-system/*", "~/*"], true),
+            (vec!["*/*", "bookinfo/reviews.bookinfo.svc.cluster.local"], false),
+            (vec!["*/*", "./foo"], false),
+            (vec!["./*", "istio-system/*"], false),
+        ] {
+            let s = sidecar("istio-system", "default", &[], &hosts);
+            assert_eq!(imports_everything(&s), open, "{hosts:?}");
+        }
+    }
+
+    #[test]
+    fn the_global_sidecars_pods_are_found_by_its_service() {
+        use crate::index::{PodInfo, ServiceInfo};
+        let cfg = cfg("");
+        let mut index = ClusterIndex::new("cluster.local");
+        let labels = |pairs: &[(&str, &str)]| -> Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        index.apply_service(ServiceInfo {
+            key: ObjectKey::new("mesh-operator", "global-sidecar"),
+            labels: Labels::new(),
+            selector: Some(labels(&[("component", "gs")])),
+            ports: vec![],
+            cluster_ips: vec![],
+        });
+        let by_version = sidecar("mesh-operator", "pinned", &[("version", "v2")], &["./*"]);
+        let by_component = sidecar("mesh-operator", "gs", &[("component", "gs")], &["./*"]);
+        let found = |index: &ClusterIndex, list: &[&Sidecar]| -> Vec<String> {
+            scoped_global_sidecars(&cfg, index, list.iter().copied())
+                .iter()
+                .map(|s| s.sidecar.to_string())
+                .collect()
+        };
+        assert_eq!(
+            found(&index, &[&by_component]),
+            ["mesh-operator/gs"],
+            "the Service's selector"
+        );
+        assert!(
+            found(&index, &[&by_version]).is_empty(),
+            "no pod known to carry version=v2"
+        );
+        index.apply_pod(PodInfo {
+            key: ObjectKey::new("mesh-operator", "global-sidecar-0"),
+            labels: labels(&[("component", "gs"), ("version", "v2")]),
+            ips: vec![],
+            host_network: false,
+            service_account: "default".into(),
+        });
+        assert_eq!(
+            found(&index, &[&by_version]),
+            ["mesh-operator/pinned"],
+            "its pods' labels"
+        );
     }
 }

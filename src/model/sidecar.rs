@@ -14,6 +14,17 @@ use crate::index::{ClusterIndex, ObjectKey};
 /// Name of the global-sidecar Service and Deployment.
 pub const GLOBAL_SIDECAR: &str = "global-sidecar";
 
+/// Whether a ServiceFence controls `sidecar` (the owner reference lazyload writes): such a
+/// Sidecar is lazyload's; every other one is the users'.
+pub fn is_fence_controlled(sidecar: &Sidecar) -> bool {
+    let group = ServiceFence::group(&());
+    sidecar.metadata.owner_references.iter().flatten().any(|o| {
+        o.controller == Some(true)
+            && o.kind == ServiceFence::kind(&())
+            && o.api_version.split('/').next() == Some(&*group)
+    })
+}
+
 /// Why a fence yields no Sidecar (the `SidecarGenerated` condition's reason).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoSidecar {

@@ -149,7 +149,12 @@ impl FenceController {
     fn on_change(&mut self, change: Result<Change, broadcast::error::RecvError>) {
         let now = Instant::now();
         match change {
-            Ok(Change::Fence(key) | Change::Sidecar(key)) => self.queue.schedule(key, now + DEBOUNCE),
+            Ok(Change::Fence(key)) => self.queue.schedule(key, now + DEBOUNCE),
+            // Only a fence's own Sidecar; the users' ones (same change) are not this controller's.
+            Ok(Change::Sidecar(key)) if self.state.fence(&key).is_some() => {
+                self.queue.schedule(key, now + DEBOUNCE)
+            }
+            Ok(Change::Sidecar(_)) => {}
             Ok(Change::Pods) => {}
             Ok(Change::Service(_) | Change::Namespace(_) | Change::Routing | Change::Resync) => {
                 self.schedule_all(now + RESYNC_DEBOUNCE - DEBOUNCE);

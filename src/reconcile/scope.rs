@@ -4,15 +4,20 @@
 //! to choose. Runs on every replica, so each one's `/metrics` shows it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::model::scope::{Scoped, scoped_global_sidecars};
+
+/// How long after a change the check runs (pods change often; one check covers a burst).
+const DEBOUNCE: Duration = Duration::from_secs(1);
 
 /// Watches the cluster's Sidecars for ones that scope a global-sidecar.
 pub struct ScopeCheck {
@@ -40,21 +45,34 @@ impl ScopeCheck {
         }
     }
 
-    /// Checks now and after every change that may matter, until `shutdown`.
+    /// Checks now and after changes that may matter (at most once per [`DEBOUNCE`]), until
+    /// `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut changes = self.state.subscribe();
         self.check();
+        let mut due: Option<Instant> = None;
         loop {
-            let change = tokio::select! {
-                () = shutdown.cancelled() => return,
-                change = changes.recv() => change,
+            let wait = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
-            match change {
-                // Sidecars, or the global-sidecar Service's selector (which pods are its).
-                Ok(Change::Sidecar(_) | Change::Service(_) | Change::Resync)
-                | Err(broadcast::error::RecvError::Lagged(_)) => self.check(),
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = wait => {
+                    due = None;
+                    self.check();
+                }
+                change = changes.recv() => match change {
+                    // Sidecars, or which pods are the global-sidecar's (its Service, its pods).
+                    Ok(Change::Sidecar(_) | Change::Service(_) | Change::Pods | Change::Resync)
+                    | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        due.get_or_insert_with(|| Instant::now() + DEBOUNCE);
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }
@@ -124,7 +142,7 @@ mod tests {
                 .map(str::to_string)
         };
         let wait_for = async |want: &str| {
-            for _ in 0..100 {
+            for _ in 0..250 {
                 if gauge(&registry).as_deref() == Some(want) {
                     return;
                 }

@@ -208,7 +208,23 @@ fn sidecars_a_fence_controls_are_kept_apart_from_the_others() {
         s.other_sidecar_keys() == std::slice::from_ref(&k),
         "kept apart, for the A8 check"
     );
-    assert_eq!(changes(&mut rx), [Change::Sidecar(k.clone()), Change::Sidecar(k)]);
+    // And back: a fence controls it again.
+    apply_event(
+        &s,
+        DOMAIN,
+        Event::Apply(sidecar("reviews", "ServiceFence", true)),
+        &mut r,
+    );
+    assert!(s.sidecar(&k).is_some());
+    assert!(!s.has_other_sidecar(&k), "moved, not copied");
+    assert_eq!(
+        changes(&mut rx),
+        [
+            Change::Sidecar(k.clone()),
+            Change::Sidecar(k.clone()),
+            Change::Sidecar(k)
+        ]
+    );
 
     // A re-list keeps each in its place and drops what it no longer has.
     apply_event::<Sidecar>(&s, DOMAIN, Event::Init, &mut r);
