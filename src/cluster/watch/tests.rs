@@ -158,89 +158,38 @@ fn sidecars_a_fence_controls_are_kept_apart_from_the_others() {
     let mut rx = s.subscribe();
     let mut r = Relist::default();
     let k = key("default", "reviews");
+    let mut event = |e: Event<Sidecar>| {
+        apply_event(&s, DOMAIN, e, &mut r);
+    };
     // Not a fence's, or a fence's but not as controller: not the controllers' (kept apart for
     // the A8 check, and announced, since one may scope the global-sidecar).
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Apply(sidecar("reviews", "Deployment", true)),
-        &mut r,
-    );
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Apply(sidecar("reviews", "ServiceFence", false)),
-        &mut r,
-    );
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Delete(sidecar("reviews", "Deployment", true)),
-        &mut r,
-    );
+    event(Event::Apply(sidecar("reviews", "Deployment", true)));
+    event(Event::Apply(sidecar("reviews", "ServiceFence", false)));
+    event(Event::Delete(sidecar("reviews", "Deployment", true)));
     assert!(s.sidecar(&k).is_none());
     assert!(s.other_sidecar_keys().is_empty(), "deleted");
-    assert_eq!(
-        changes(&mut rx),
-        [
-            Change::Sidecar(k.clone()),
-            Change::Sidecar(k.clone()),
-            Change::Sidecar(k.clone())
-        ]
-    );
+    assert_eq!(changes(&mut rx), vec![Change::Sidecar(k.clone()); 3]);
 
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Apply(sidecar("reviews", "ServiceFence", true)),
-        &mut r,
-    );
+    event(Event::Apply(sidecar("reviews", "ServiceFence", true)));
     assert!(s.sidecar(&k).is_some());
     // Someone took the fence's ownership away: it is no longer lazyload's.
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Apply(sidecar("reviews", "Deployment", true)),
-        &mut r,
-    );
+    event(Event::Apply(sidecar("reviews", "Deployment", true)));
     assert!(s.sidecar(&k).is_none());
     assert!(
         s.other_sidecar_keys() == std::slice::from_ref(&k),
         "kept apart, for the A8 check"
     );
     // And back: a fence controls it again.
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::Apply(sidecar("reviews", "ServiceFence", true)),
-        &mut r,
-    );
+    event(Event::Apply(sidecar("reviews", "ServiceFence", true)));
     assert!(s.sidecar(&k).is_some());
     assert!(!s.has_other_sidecar(&k), "moved, not copied");
-    assert_eq!(
-        changes(&mut rx),
-        [
-            Change::Sidecar(k.clone()),
-            Change::Sidecar(k.clone()),
-            Change::Sidecar(k)
-        ]
-    );
+    assert_eq!(changes(&mut rx), vec![Change::Sidecar(k.clone()); 3]);
 
     // A re-list keeps each in its place and drops what it no longer has.
-    apply_event::<Sidecar>(&s, DOMAIN, Event::Init, &mut r);
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::InitApply(sidecar("other", "Deployment", true)),
-        &mut r,
-    );
-    apply_event(
-        &s,
-        DOMAIN,
-        Event::InitApply(sidecar("mine", "ServiceFence", true)),
-        &mut r,
-    );
-    apply_event::<Sidecar>(&s, DOMAIN, Event::InitDone, &mut r);
+    event(Event::Init);
+    event(Event::InitApply(sidecar("other", "Deployment", true)));
+    event(Event::InitApply(sidecar("mine", "ServiceFence", true)));
+    event(Event::InitDone);
     assert_eq!(s.sidecar_keys(), [key("default", "mine")]);
     assert_eq!(s.other_sidecar_keys(), [key("default", "other")]);
 }
