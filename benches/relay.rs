@@ -300,7 +300,7 @@ fn adjust_costs(config: &Config) -> String {
         node: &node,
     };
     let interner = Interner::default();
-    let mut state = SotwStream::new(node.clone(), 1);
+    let mut state = SotwStream::new(1);
     let mut out = Vec::new();
     for (type_url, resources) in config {
         let resp = DiscoveryResponse {

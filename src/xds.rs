@@ -54,8 +54,8 @@ pub struct NodeInfo {
     pub global_sidecar: bool,
     /// Extension type URLs the Envoy reported (`node.extensions`); empty when it reported none.
     pub supported_type_urls: HashSet<String>,
-    /// Extension names the Envoy reported.
-    pub supported_names: HashSet<String>,
+    /// A stock Envoy: it reported its extensions and none is Istio's (A9 applies).
+    pub stock_envoy: bool,
 }
 
 impl NodeInfo {
@@ -68,18 +68,19 @@ impl NodeInfo {
         let meta = |key: &str| metadata_str(node.metadata.as_ref(), key);
         let marked = meta(GLOBAL_SIDECAR_METADATA.0).as_deref() == Some(GLOBAL_SIDECAR_METADATA.1);
         let global_sidecar = marked || pattern.is_some_and(|p| p.is_match(&node.id));
-        let mut supported_type_urls = HashSet::new();
-        let mut supported_names = HashSet::new();
-        for ext in &node.extensions {
-            supported_names.insert(ext.name.clone());
-            supported_type_urls.extend(ext.type_urls.iter().map(|u| format!("type.googleapis.com/{u}")));
-        }
+        let supported_type_urls = node
+            .extensions
+            .iter()
+            .flat_map(|ext| ext.type_urls.iter().map(|u| format!("type.googleapis.com/{u}")))
+            .collect();
+        let stock_envoy =
+            !node.extensions.is_empty() && !node.extensions.iter().any(|e| e.name.starts_with("istio."));
         Self {
             class: node_class(&node.id, meta("NAMESPACE"), meta("WORKLOAD_NAME")),
             id: node.id.clone(),
             global_sidecar,
             supported_type_urls,
-            supported_names,
+            stock_envoy,
         }
     }
 

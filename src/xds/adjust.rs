@@ -133,7 +133,7 @@ pub enum ListenerOutcome {
 pub struct Counts(pub BTreeMap<&'static str, u64>);
 
 impl Counts {
-    fn add(&mut self, what: &'static str) {
+    pub(crate) fn add(&mut self, what: &'static str) {
         *self.0.entry(what).or_default() += 1;
     }
 }
@@ -141,8 +141,7 @@ impl Counts {
 impl Adjuster<'_> {
     /// Whether this node is a stock Envoy (it reported its extensions and none is Istio's).
     pub fn stock_envoy(&self) -> bool {
-        !self.node.supported_names.is_empty()
-            && !self.node.supported_names.iter().any(|n| n.starts_with("istio."))
+        self.node.stock_envoy
     }
 
     /// A5, A6, A7, A9, A10, A11 on a listener.
@@ -200,8 +199,7 @@ impl Adjuster<'_> {
                 Some(filter::ConfigType::TypedConfig(any)) => Some(any),
                 _ => None,
             };
-            !(self.settings.remove_metadata_exchange && is_metadata_exchange(&f.name, any))
-                && any.is_none_or(|a| self.supported(a))
+            self.keeps_filter(&f.name, any)
         });
         if chain.filters.len() != before {
             counts.add("network_filter_removed");
@@ -225,6 +223,13 @@ impl Adjuster<'_> {
         changed
     }
 
+    /// A7 and A9 for one network or HTTP filter: metadata exchange goes in Prometheus mode, and
+    /// what this Envoy cannot load goes.
+    fn keeps_filter(&self, name: &str, any: Option<&Any>) -> bool {
+        !(self.settings.remove_metadata_exchange && is_metadata_exchange(name, any))
+            && any.is_none_or(|a| self.supported(a))
+    }
+
     fn http_connection_manager(&self, hcm: &mut HttpConnectionManager, counts: &mut Counts) -> bool {
         let mut changed = false;
         let before = hcm.http_filters.len();
@@ -233,8 +238,7 @@ impl Adjuster<'_> {
                 Some(http_filter::ConfigType::TypedConfig(any)) => Some(any),
                 _ => None,
             };
-            !(self.settings.remove_metadata_exchange && is_metadata_exchange(&f.name, any))
-                && any.is_none_or(|a| self.supported(a))
+            self.keeps_filter(&f.name, any)
         });
         if hcm.http_filters.len() != before {
             counts.add("http_filter_removed");

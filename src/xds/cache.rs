@@ -72,10 +72,11 @@ impl Interner {
         v
     }
 
-    /// Returns a shared buffer equal to `bytes`, reusing one that exists.
-    pub fn intern(&self, type_url: &str, bytes: Vec<u8>) -> Resource {
+    /// Returns a shared buffer equal to `bytes`, reusing one that exists (copied only when the
+    /// content is new).
+    pub fn intern(&self, type_url: &str, bytes: &[u8]) -> Resource {
         let type_url = self.name(type_url);
-        let key = self.hasher.hash_one(&bytes);
+        let key = self.hasher.hash_one(bytes);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let bucket = table.entry(key).or_default();
         bucket.retain(|w| w.strong_count() > 0);
@@ -91,6 +92,11 @@ impl Interner {
             table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
         }
         Resource { type_url, value }
+    }
+
+    /// Keeps `any` in `set` under `name`, interned.
+    pub fn remember(&self, set: &mut ResourceSet, name: &str, any: &Any) {
+        set.insert(self.name(name), self.intern(&any.type_url, &any.value));
     }
 }
 
@@ -182,17 +188,17 @@ mod tests {
     fn set(items: &[(&str, &[u8])], interner: &Interner) -> ResourceSet {
         items
             .iter()
-            .map(|(n, b)| (interner.name(n), interner.intern("t", b.to_vec())))
+            .map(|(n, b)| (interner.name(n), interner.intern("t", b)))
             .collect()
     }
 
     #[test]
     fn interning_shares_equal_buffers() {
         let i = Interner::default();
-        let a = i.intern("t", b"same".to_vec());
-        let b = i.intern("t", b"same".to_vec());
+        let a = i.intern("t", b"same");
+        let b = i.intern("t", b"same");
         assert!(Arc::ptr_eq(&a.value, &b.value));
-        let c = i.intern("t", b"other".to_vec());
+        let c = i.intern("t", b"other");
         assert!(!Arc::ptr_eq(&a.value, &c.value));
     }
 

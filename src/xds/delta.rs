@@ -12,10 +12,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
+use super::CLUSTER;
 use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
-use super::{CLUSTER, NodeInfo};
 use crate::als::ACCESS_LOG_CLUSTER;
 
 #[derive(Debug, Default)]
@@ -28,18 +28,15 @@ struct TypeState {
 /// One Delta stream of a global-sidecar.
 #[derive(Debug)]
 pub struct DeltaStream {
-    /// The node.
-    pub node: NodeInfo,
     generation: u64,
     seq: u64,
     types: HashMap<String, TypeState>,
 }
 
 impl DeltaStream {
-    /// A stream for `node`; `generation` identifies its upstream stream.
-    pub fn new(node: NodeInfo, generation: u64) -> Self {
+    /// A stream whose upstream stream is `generation`.
+    pub fn new(generation: u64) -> Self {
         Self {
-            node,
             generation,
             seq: 0,
             types: HashMap::new(),
@@ -90,19 +87,15 @@ impl StreamState for DeltaStream {
                 resources.push(r);
                 continue;
             };
-            match process(any, adj, counts) {
+            match process(any, &r.name, adj, counts) {
                 Processed::Keep {
                     any,
                     adjusted: changed,
-                    ..
                 } => {
                     if changed {
                         adjusted.push(r.name.clone());
                     }
-                    state.resources.insert(
-                        interner.name(&r.name),
-                        interner.intern(&any.type_url, any.value.clone()),
-                    );
+                    interner.remember(&mut state.resources, &r.name, &any);
                     r.resource = Some(any);
                     resources.push(r);
                 }
@@ -117,10 +110,7 @@ impl StreamState for DeltaStream {
             && let Some(als) = adj.als_cluster()
         {
             let any = pack(&als);
-            state.resources.insert(
-                interner.name(&als.name),
-                interner.intern(CLUSTER, any.value.clone()),
-            );
+            interner.remember(&mut state.resources, &als.name, &any);
             resources.push(Resource {
                 name: als.name,
                 version: "lazyload".into(),

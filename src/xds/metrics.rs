@@ -98,7 +98,12 @@ impl Metrics {
     /// Per-type labels from a type URL.
     pub fn type_labels(type_url: &str) -> TypeLabels {
         TypeLabels {
-            r#type: type_url.rsplit('.').next().unwrap_or(type_url).to_string(),
+            r#type: short_type(type_url).to_string(),
         }
     }
+}
+
+/// A type URL's last part (`Cluster`, `ClusterLoadAssignment`, ...), as metrics and logs name it.
+pub fn short_type(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
 }

@@ -36,7 +36,7 @@ use tracing::Instrument;
 use super::adjust::{Adjuster, Counts, Settings};
 use super::cache::{Interner, LastGood, ResourceSet, Snapshot};
 use super::delta::DeltaStream;
-use super::metrics::{AdjustLabels, Metrics, StreamLabels};
+use super::metrics::{AdjustLabels, Metrics, StreamLabels, short_type};
 use super::sotw::SotwStream;
 use super::stream::{Reply, StreamState};
 use super::upstream::{Backoff, MAX_MESSAGE, Upstream, retryable, routine_close};
@@ -89,9 +89,6 @@ pub struct StreamView {
     pub mode: &'static str,
     /// Latest version pushed per type.
     pub versions: BTreeMap<String, String>,
-    /// Seconds since the stream started.
-    #[serde(skip)]
-    pub started: Option<Instant>,
 }
 
 /// What `/debug/relay` returns.
@@ -151,7 +148,11 @@ impl Relay {
             .map(|(class, snap)| {
                 let view = LastGoodView {
                     generation: snap.generation,
-                    resources: snap.types.iter().map(|(t, s)| (short(t), s.len())).collect(),
+                    resources: snap
+                        .types
+                        .iter()
+                        .map(|(t, s)| (short_type(t).to_string(), s.len()))
+                        .collect(),
                     bytes: snap.bytes(),
                 };
                 (class, view)
@@ -220,7 +221,7 @@ trait Protocol: Send + 'static {
         client: AggregatedDiscoveryServiceClient<Channel>,
         request: Request<UnboundedReceiverStream<Self::Request>>,
     ) -> impl Future<Output = Result<Streaming<Self::Response>, Status>> + Send;
-    fn new_state(node: NodeInfo, generation: u64) -> Self::State;
+    fn new_state(generation: u64) -> Self::State;
     /// Type URL, version and resource bytes of a response (for metrics and debug).
     fn describe(resp: &Self::Response) -> (&str, &str, usize);
     /// The answer to a request from a last good snapshot, when it needs one. `answered` keeps
@@ -256,8 +257,8 @@ impl Protocol for Sotw {
             .map(Response::into_inner)
     }
 
-    fn new_state(node: NodeInfo, generation: u64) -> SotwStream {
-        SotwStream::new(node, generation)
+    fn new_state(generation: u64) -> SotwStream {
+        SotwStream::new(generation)
     }
 
     fn describe(resp: &DiscoveryResponse) -> (&str, &str, usize) {
@@ -317,8 +318,8 @@ impl Protocol for Delta {
             .map(Response::into_inner)
     }
 
-    fn new_state(node: NodeInfo, generation: u64) -> DeltaStream {
-        DeltaStream::new(node, generation)
+    fn new_state(generation: u64) -> DeltaStream {
+        DeltaStream::new(generation)
     }
 
     fn describe(resp: &DeltaDiscoveryResponse) -> (&str, &str, usize) {
@@ -397,10 +398,6 @@ fn named_or_empty(type_url: &str, name: &str, set: Option<&ResourceSet>) -> Opti
     }
 }
 
-fn short(type_url: &str) -> String {
-    type_url.rsplit('.').next().unwrap_or(type_url).to_string()
-}
-
 async fn run_stream<P: Protocol>(
     shared: Arc<Shared>,
     metadata: MetadataMap,
@@ -433,7 +430,6 @@ async fn run_stream<P: Protocol>(
                 global_sidecar: node.global_sidecar,
                 mode: "relay",
                 versions: BTreeMap::new(),
-                started: Some(Instant::now()),
             })
         });
         let result = couple::<P>(&shared, &metadata, first, inbound, &tx, node.clone(), generation).await;
@@ -471,9 +467,7 @@ async fn couple<P: Protocol>(
     node: NodeInfo,
     generation: u64,
 ) -> Result<(), Status> {
-    let mut state = node
-        .global_sidecar
-        .then(|| P::new_state(node.clone(), generation));
+    let mut state = node.global_sidecar.then(|| P::new_state(generation));
     let first_up = match &mut state {
         Some(s) => s.downstream_request(first.clone()).0,
         None => first.clone(),
@@ -543,7 +537,7 @@ async fn couple<P: Protocol>(
                     shared.metrics.pushes.get_or_create(&labels).inc();
                     shared.metrics.push_bytes.get_or_create(&labels).inc_by(bytes as u64);
                     tracing::debug!(type_url, version, bytes, "push");
-                    let (t, v) = (short(type_url), version.to_string());
+                    let (t, v) = (short_type(type_url).to_string(), version.to_string());
                     set_view(shared, generation, |view| {
                         if let Some(view) = view {
                             view.versions.insert(t, v);

@@ -11,8 +11,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
-use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
-use super::{CLUSTER, NodeInfo, is_wildcard_type};
+use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process, resource_name};
+use super::{CLUSTER, is_wildcard_type};
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -23,8 +23,6 @@ struct TypeState {
 /// One SotW stream of a global-sidecar.
 #[derive(Debug)]
 pub struct SotwStream {
-    /// The node.
-    pub node: NodeInfo,
     generation: u64,
     seq: u64,
     types: HashMap<String, TypeState>,
@@ -69,20 +67,17 @@ impl StreamState for SotwStream {
         let mut adjusted = Vec::new();
         let mut resources = Vec::with_capacity(resp.resources.len() + 1);
         for any in resp.resources {
-            match process(any, adj, counts) {
+            let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
+            match process(any, &name, adj, counts) {
                 Processed::Keep {
-                    name,
                     any,
                     adjusted: changed,
                 } => {
-                    if changed {
-                        adjusted.push(name.clone());
-                    }
                     if !name.is_empty() {
-                        state.resources.insert(
-                            interner.name(&name),
-                            interner.intern(&any.type_url, any.value.clone()),
-                        );
+                        interner.remember(&mut state.resources, &name, &any);
+                    }
+                    if changed {
+                        adjusted.push(name);
                     }
                     resources.push(any);
                 }
@@ -94,10 +89,7 @@ impl StreamState for SotwStream {
             && !state.resources.contains_key(als.name.as_str())
         {
             let any = pack(&als);
-            state.resources.insert(
-                interner.name(&als.name),
-                interner.intern(CLUSTER, any.value.clone()),
-            );
+            interner.remember(&mut state.resources, &als.name, &any);
             resources.push(any);
         }
         state.sent.push(Sent {
@@ -124,10 +116,9 @@ impl StreamState for SotwStream {
 }
 
 impl SotwStream {
-    /// A stream for `node`; `generation` identifies its upstream stream.
-    pub fn new(node: NodeInfo, generation: u64) -> Self {
+    /// A stream whose upstream stream is `generation`.
+    pub fn new(generation: u64) -> Self {
         Self {
-            node,
             generation,
             seq: 0,
             types: HashMap::new(),

@@ -127,7 +127,7 @@ struct NameOnly {
 }
 
 /// The name of a resource of a type the relay knows.
-pub fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
+pub(crate) fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
     matches!(type_url, CLUSTER | ENDPOINT | LISTENER | ROUTE | SECRET)
         .then(|| NameOnly::decode(bytes).ok().map(|n| n.name))
         .flatten()
@@ -137,8 +137,6 @@ pub fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
 pub(crate) enum Processed {
     /// Send it (`adjusted`: the relay changed it).
     Keep {
-        /// Resource name (empty for types the relay does not know).
-        name: String,
         /// The resource.
         any: Any,
         /// Whether it was changed.
@@ -148,15 +146,10 @@ pub(crate) enum Processed {
     Drop,
 }
 
-/// Adjusts one resource. Resources that cannot be decoded pass through unchanged (Envoy will
-/// judge them) and are counted.
-pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
-    let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
-    let keep = |any, adjusted| Processed::Keep {
-        name: name.clone(),
-        any,
-        adjusted,
-    };
+/// Adjusts one resource, `name` (for logs). Resources that cannot be decoded pass through
+/// unchanged (Envoy will judge them) and are counted.
+pub(crate) fn process(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
+    let keep = |any, adjusted| Processed::Keep { any, adjusted };
     match any.type_url.as_str() {
         LISTENER => match Listener::decode(&*any.value) {
             Ok(mut l) => match adj.listener(&mut l, counts) {
@@ -167,7 +160,7 @@ pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Proc
                 ListenerOutcome::Keep { changed: true } => keep(pack(&l), true),
                 ListenerOutcome::Keep { changed: false } => keep(any, false),
             },
-            Err(e) => undecodable(any, &name, e, counts),
+            Err(e) => undecodable(any, name, e, counts),
         },
         ROUTE => match RouteConfiguration::decode(&*any.value) {
             Ok(mut rc) => {
@@ -177,7 +170,7 @@ pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Proc
                     keep(any, false)
                 }
             }
-            Err(e) => undecodable(any, &name, e, counts),
+            Err(e) => undecodable(any, name, e, counts),
         },
         CLUSTER if adj.cluster_needs_decode(&any.value) => match Cluster::decode(&*any.value) {
             Ok(mut c) => {
@@ -187,7 +180,7 @@ pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Proc
                     keep(any, false)
                 }
             }
-            Err(e) => undecodable(any, &name, e, counts),
+            Err(e) => undecodable(any, name, e, counts),
         },
         _ => keep(any, false),
     }
@@ -195,14 +188,6 @@ pub(crate) fn process(any: Any, adj: &Adjuster<'_>, counts: &mut Counts) -> Proc
 
 fn undecodable(any: Any, name: &str, e: prost::DecodeError, counts: &mut Counts) -> Processed {
     tracing::warn!(type_url = %any.type_url, resource = %name, "cannot decode resource, passing it through: {e}");
-    counts
-        .0
-        .entry("undecodable_resource")
-        .and_modify(|n| *n += 1)
-        .or_insert(1);
-    Processed::Keep {
-        name: name.to_string(),
-        any,
-        adjusted: false,
-    }
+    counts.add("undecodable_resource");
+    Processed::Keep { any, adjusted: false }
 }

@@ -17,8 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
-use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use prost::{Message, Name};
+use lazyload::xds::{ENDPOINT, ROUTE, is_wildcard_type};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -69,13 +68,7 @@ pub struct TestIstiod {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Encodes a message as an `Any`.
-pub fn any<M: Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
-    }
-}
+pub use lazyload::xds::adjust::pack as any;
 
 impl TestIstiod {
     /// Starts on a free loopback port.
@@ -271,10 +264,6 @@ fn pushed_names(only: Option<&[String]>, subscribed: Option<&BTreeSet<String>>) 
     }
 }
 
-fn wildcard(type_url: &str) -> bool {
-    type_url == CLUSTER || type_url == LISTENER
-}
-
 fn auth<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
         .get("authorization")
@@ -317,7 +306,7 @@ impl AggregatedDiscoveryService for Service {
                     msg = inbound.message() => {
                         let Ok(Some(r)) = msg else { return };
                         state.record(&r.type_url, &r.response_nonce, r.error_detail.as_ref().map(|e| e.message.clone()), r.resource_names.clone(), &authorization, r.node.is_some());
-                        let names: Option<BTreeSet<String>> = (!wildcard(&r.type_url)).then(|| r.resource_names.iter().cloned().collect());
+                        let names: Option<BTreeSet<String>> = (!is_wildcard_type(&r.type_url)).then(|| r.resource_names.iter().cloned().collect());
                         let entry = types.get(&r.type_url).cloned();
                         let to_send = match entry {
                             None => Some(names.clone()),
@@ -406,7 +395,7 @@ impl AggregatedDiscoveryService for Service {
                         state.record(&r.type_url, &r.response_nonce, r.error_detail.as_ref().map(|e| e.message.clone()), r.resource_names_subscribe.clone(), &authorization, r.node.is_some());
                         let first = !types.contains_key(&r.type_url);
                         let entry = types.entry(r.type_url.clone()).or_insert_with(|| {
-                            let sub = (!wildcard(&r.type_url) || r.resource_names_subscribe.iter().any(|n| n != "*")).then(BTreeSet::new);
+                            let sub = (!is_wildcard_type(&r.type_url) || r.resource_names_subscribe.iter().any(|n| n != "*")).then(BTreeSet::new);
                             (sub, r.initial_resource_versions.keys().cloned().collect())
                         });
                         if let Some(sub) = &mut entry.0 {

@@ -6,6 +6,7 @@ use envoy_types::pb::google::rpc::Status;
 use proptest::prelude::*;
 
 use super::*;
+use crate::xds::NodeInfo;
 use crate::xds::adjust::Settings;
 use crate::xds::stream::StreamState;
 use crate::xds::{ENDPOINT, LISTENER, ROUTE, SECRET};
@@ -50,7 +51,7 @@ fn nonces_versions_and_replies() {
         node: &node,
     };
     let interner = Interner::default();
-    let mut s = SotwStream::new(node.clone(), 7);
+    let mut s = SotwStream::new(7);
     let first = s.upstream_response(
         response(ENDPOINT, vec![cla("a")], "v1", "n1"),
         &adj,
@@ -121,13 +122,10 @@ proptest! {
         stock in any::<bool>(),
     ) {
         let settings = Settings { accept_mtls: true, als_address: Some(("127.0.0.1".into(), 1)), ..Default::default() };
-        let mut node = NodeInfo::default();
-        if stock {
-            node.supported_names.insert("envoy.filters.http.router".into());
-        }
+        let node = NodeInfo { stock_envoy: stock, ..Default::default() };
         let adj = Adjuster { settings: &settings, node: &node };
         let interner = Interner::default();
-        let mut s = SotwStream::new(node.clone(), 1);
+        let mut s = SotwStream::new(1);
         let anys: Vec<Any> = resources.into_iter().map(|value| Any { type_url: type_url.into(), value }).collect();
         let n = anys.len();
         let out = s.upstream_response(response(type_url, anys, "v", "n"), &adj, &interner, &mut Counts::default());
