@@ -1,5 +1,6 @@
 //! `lazyload serve`: runs the enabled components in one process until SIGTERM or Ctrl-C.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::index::snapshot::Snapshot;
 use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Learner, Limits, prometheus};
+use crate::model::fence::ServiceFenceStatus;
 use crate::model::istio::IstioVersion;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
@@ -422,32 +424,6 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         Ok(pump.pump(tx, EDGE_FLUSH, shutdown).await?)
     });
 
-    if config.general.metric_source_type == MetricSourceType::Prometheus {
-        let prom = config
-            .prometheus
-            .clone()
-            .context("metricSourceType is prometheus but metric.prometheus is not configured")?;
-        prometheus::Client::new(&prom.address)?;
-        let fences: Vec<ObjectKey> = snapshot
-            .fences
-            .iter()
-            .filter(|f| f.spec.enable)
-            .filter_map(|f| {
-                Some(ObjectKey::new(
-                    f.metadata.namespace.clone()?,
-                    f.metadata.name.clone()?,
-                ))
-            })
-            .collect();
-        tracing::info!(fences = fences.len(), address = %prom.address, "prometheus source polling");
-        let (shutdown, interval, store) = (ctx.shutdown.clone(), args.prometheus_interval, store.clone());
-        ctx.spawn("prometheus source", async move {
-            let sink =
-                |fence: &ObjectKey, metrics: &_| store.apply_metrics(fence, metrics, jiff::Timestamp::now());
-            Ok(prometheus::run(prom, fences, interval, sink, shutdown).await?)
-        });
-    }
-
     let state = ClusterState::new(snapshot.index, snapshot.fences);
     for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
         if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
@@ -461,6 +437,40 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         check.run(shutdown).await;
         Ok(())
     });
+    // Prometheus results take the learned edges' way to the fences (below).
+    let (metrics_tx, mut metrics_rx) =
+        tokio::sync::mpsc::channel::<(ObjectKey, BTreeMap<String, String>)>(256);
+    if config.general.metric_source_type == MetricSourceType::Prometheus {
+        let prom = config
+            .prometheus
+            .clone()
+            .context("metricSourceType is prometheus but metric.prometheus is not configured")?;
+        prometheus::Client::new(&prom.address)?;
+        tracing::info!(address = %prom.address, "prometheus source polling the enabled fences");
+        let (shutdown, interval, store, fences) = (
+            ctx.shutdown.clone(),
+            args.prometheus_interval,
+            store.clone(),
+            state.clone(),
+        );
+        let enabled = move || {
+            fences
+                .fence_keys()
+                .into_iter()
+                .filter(|k| fences.fence(k).is_some_and(|f| f.spec.enable))
+                .collect()
+        };
+        ctx.spawn("prometheus source", async move {
+            let sink = |fence: &ObjectKey, metrics: &BTreeMap<String, String>| {
+                store.apply_metrics(fence, metrics, jiff::Timestamp::now());
+                // Full: the consumer is behind; the next poll brings the same results again.
+                if metrics_tx.try_send((fence.clone(), metrics.clone())).is_err() {
+                    tracing::warn!(%fence, "prometheus results not written this time (writer busy)");
+                }
+            };
+            Ok(prometheus::run(prom, enabled, interval, sink, shutdown).await?)
+        });
+    }
     let mut writer = client.clone().map(StatusWriter::new);
     if writer.is_none() {
         match &args.manifests_dir {
@@ -472,22 +482,41 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     }
     let (local, local_config, manifests) = (state.clone(), config.clone(), args.manifests_dir.clone());
     ctx.spawn("edge-consumer", async move {
-        while let Some(batch) = rx.recv().await {
+        loop {
             let now = jiff::Timestamp::now();
-            consumer.apply(&batch, now);
-            match &mut writer {
-                Some(w) => {
-                    let done = w.write(batch, now).await;
-                    tracing::debug!(?done, "learned dependencies written");
-                }
-                None => {
-                    if let Err(e) = apply_locally(&local, &local_config, &batch, now, manifests.as_deref()) {
-                        tracing::error!(error = %format!("{e:#}"), "writing learned fences");
+            tokio::select! {
+                batch = rx.recv() => {
+                    let Some(batch) = batch else { return Ok(()) };
+                    consumer.apply(&batch, now);
+                    match &mut writer {
+                        Some(w) => {
+                            let done = w.write(batch, now).await;
+                            tracing::debug!(?done, "learned dependencies written");
+                        }
+                        None => {
+                            for (key, edges) in crate::learn::status::by_fence(&batch) {
+                                let update = |s: &mut _| {
+                                    crate::learn::status::apply_edges(s, edges.iter().copied(), now);
+                                };
+                                apply_locally(&local, &local_config, key, update, now, manifests.as_deref());
+                            }
+                        }
                     }
                 }
+                Some((key, metrics)) = metrics_rx.recv() => match &mut writer {
+                    Some(w) => {
+                        let done = w.write_metrics(&key, &metrics, now).await;
+                        tracing::debug!(?done, "prometheus results written");
+                    }
+                    None => {
+                        let update = |s: &mut _| {
+                            crate::learn::prometheus::apply_metrics(s, &metrics, now);
+                        };
+                        apply_locally(&local, &local_config, &key, update, now, manifests.as_deref());
+                    }
+                },
             }
         }
-        Ok(())
     });
     let (view, cfg) = (state.clone(), config.clone());
     ctx.debug = std::mem::take(&mut ctx.debug).route(
@@ -603,33 +632,39 @@ async fn start_reconciling(
     Ok(())
 }
 
-/// Without a cluster: merges learned edges into the in-memory fences (so `/debug/fences` shows the
-/// Sidecars they now get) and, with a manifests directory, writes each changed fence and its
-/// Sidecar there. Edges of fences the snapshot does not hold stay in `/debug/edges` only.
+/// Without a cluster: merges what was learned for one fence (`update`) into its in-memory copy
+/// (so `/debug/fences` shows the Sidecar it now gets) and, with a manifests directory, writes the
+/// fence and its Sidecar there. What was learned for a fence the snapshot does not hold stays in
+/// `/debug/edges` only; a file that cannot be written is logged.
 fn apply_locally(
     state: &ClusterState,
     config: &Config,
-    batch: &[crate::learn::Edge],
+    key: &ObjectKey,
+    update: impl FnOnce(&mut ServiceFenceStatus),
     now: jiff::Timestamp,
     dir: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    for (key, edges) in crate::learn::status::by_fence(batch, |_| true) {
-        let Some(mut fence) = state.fence(key) else {
-            continue;
-        };
-        crate::learn::status::apply_edges(fence.status.get_or_insert_with(Default::default), edges, now);
-        let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
-        fence.status = Some(eval.status);
-        if let Some(dir) = dir {
-            crate::generate::write_manifest(dir, key, "servicefence", &fence)?;
+) {
+    let Some(mut fence) = state.fence(key) else {
+        return;
+    };
+    update(fence.status.get_or_insert_with(Default::default));
+    let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
+    fence.status = Some(eval.status);
+    if let Some(dir) = dir {
+        let written = crate::generate::write_manifest(dir, key, "servicefence", &fence).and_then(|()| {
             match &eval.sidecar {
-                Ok(sidecar) => crate::generate::write_manifest(dir, key, "sidecar", sidecar)?,
-                Err(why) => tracing::info!(fence = %key, reason = why.reason(), "no Sidecar"),
+                Ok(sidecar) => crate::generate::write_manifest(dir, key, "sidecar", sidecar),
+                Err(why) => {
+                    tracing::info!(fence = %key, reason = why.reason(), "no Sidecar");
+                    Ok(())
+                }
             }
+        });
+        if let Err(e) = written {
+            tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
         }
-        state.set_fence(key.clone(), Some(fence));
     }
-    Ok(())
+    state.set_fence(key.clone(), Some(fence));
 }
 
 /// `/debug/fences`: every fence with its status and the Sidecar hosts the model gives it now

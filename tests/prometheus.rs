@@ -1,6 +1,7 @@
 //! The Prometheus source in `lazyload serve`: a local server speaking the Prometheus query API
 //! returns recorded responses (first an error, then a result); the fence's `metricStatus`
-//! appears on `/debug/edges`, with the query's placeholders substituted.
+//! appears on `/debug/edges`, with the query's placeholders substituted, and reaches the fence
+//! itself (here the file sink; the API server path shares the status writer with access logs).
 
 mod support;
 
@@ -102,6 +103,8 @@ metric:
             config.to_str().unwrap(),
             "--cluster-snapshot",
             snapshot.to_str().unwrap(),
+            "--manifests-dir",
+            dir.path("manifests").to_str().unwrap(),
         ],
         Stdio::inherit(),
     )
@@ -144,5 +147,19 @@ metric:
                 && q.contains("namespace%3D%22default%22"),
             "{q}"
         );
+    }
+    // The fence got it, not only the debug view.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fence = dir.path("manifests/default/productpage.servicefence.yaml");
+    loop {
+        let text = std::fs::read_to_string(&fence).unwrap_or_default();
+        if text.contains("details.default.svc.cluster.local") && text.contains("'17'") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fence not written with the results: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

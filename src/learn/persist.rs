@@ -2,7 +2,8 @@
 //! restart: each batch is grouped by fence, merged into the fence's current status
 //! ([`apply_edges`]) and written as a merge patch of what changed (new `metricStatus` keys and
 //! `lastSeen` times; keys other writers added are untouched). Edges of callers without a fence
-//! are not written. A fence whose write fails keeps its edges for the next batch.
+//! are not written. A fence whose write fails keeps its edges for the next batch. Prometheus
+//! results ([`apply_metrics`]) go the same way.
 
 use std::collections::BTreeMap;
 
@@ -11,14 +12,15 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use super::Edge;
+use super::prometheus::apply_metrics;
 use super::status::{apply_edges, seed};
 use crate::index::ObjectKey;
 use crate::learn::Learner;
-use crate::model::fence::ServiceFence;
+use crate::model::fence::{ServiceFence, ServiceFenceStatus};
 use crate::model::istio::IstioVersion;
 use crate::reconcile::fence::{FenceWriter, Write};
 
-/// Writes learned edges into fence statuses.
+/// Writes learned edges and Prometheus results into fence statuses.
 pub struct StatusWriter {
     client: Client,
     writer: FenceWriter,
@@ -56,36 +58,77 @@ impl StatusWriter {
         }
         let mut done = Written::default();
         for (key, edges) in all {
-            let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
-            let fence = match api.get_opt(&key.name).await {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    done.unfenced += 1;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(fence = %key, "reading the fence failed, retrying with the next batch: {e}");
-                    self.retry.insert(key, edges);
-                    done.failed += 1;
-                    continue;
-                }
-            };
-            let mut status = fence.status.clone().unwrap_or_default();
-            if !apply_edges(&mut status, edges.iter(), now) {
-                done.unchanged += 1;
-                continue;
-            }
-            match self.writer.sync_status(&fence, &status).await {
-                Ok(Write::Unchanged) => done.unchanged += 1,
-                Ok(_) => done.patched += 1,
-                Err(e) => {
-                    tracing::warn!(fence = %key, "writing learned dependencies failed, retrying with the next batch: {e}");
-                    self.retry.insert(key, edges);
-                    done.failed += 1;
-                }
+            let outcome = self
+                .patch(&key, |status| apply_edges(status, edges.iter(), now))
+                .await;
+            if done.count(&key, outcome) {
+                self.retry.insert(key, edges);
             }
         }
         done
+    }
+
+    /// Writes one fence's Prometheus results (`metricStatus` entries). Not kept on failure: the
+    /// next poll brings them again.
+    pub async fn write_metrics(
+        &mut self,
+        key: &ObjectKey,
+        metrics: &BTreeMap<String, String>,
+        now: Timestamp,
+    ) -> Written {
+        let outcome = self
+            .patch(key, |status| apply_metrics(status, metrics, now))
+            .await;
+        let mut done = Written::default();
+        done.count(key, outcome);
+        done
+    }
+
+    /// Merges `update` into the live fence's status and patches what changed.
+    async fn patch(
+        &self,
+        key: &ObjectKey,
+        update: impl FnOnce(&mut ServiceFenceStatus) -> bool,
+    ) -> Result<Patched, String> {
+        let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
+        let fence = match api.get_opt(&key.name).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(Patched::NoFence),
+            Err(e) => return Err(format!("reading the fence failed: {e}")),
+        };
+        let mut status = fence.status.clone().unwrap_or_default();
+        if !update(&mut status) {
+            return Ok(Patched::Unchanged);
+        }
+        match self.writer.sync_status(&fence, &status).await {
+            Ok(Write::Unchanged) => Ok(Patched::Unchanged),
+            Ok(_) => Ok(Patched::Yes),
+            Err(e) => Err(format!("writing the status failed: {e}")),
+        }
+    }
+}
+
+/// What [`StatusWriter::patch`] did to one fence.
+enum Patched {
+    Yes,
+    Unchanged,
+    NoFence,
+}
+
+impl Written {
+    /// Counts one fence's outcome; true when it failed (and should be retried).
+    fn count(&mut self, key: &ObjectKey, outcome: Result<Patched, String>) -> bool {
+        match outcome {
+            Ok(Patched::Yes) => self.patched += 1,
+            Ok(Patched::Unchanged) => self.unchanged += 1,
+            Ok(Patched::NoFence) => self.unfenced += 1,
+            Err(e) => {
+                tracing::warn!(fence = %key, "{e}; retrying later");
+                self.failed += 1;
+                return true;
+            }
+        }
+        false
     }
 }
 

@@ -266,11 +266,12 @@ pub fn apply_metrics(
     changed
 }
 
-/// Polls `fences` every `interval` until `shutdown`, handing each fence's merged handler results
-/// to `sink`. Failed queries are logged and retried at the next tick.
+/// Every `interval` until `shutdown`, polls the fences `fences` lists then (enabled ones: fences
+/// created later are polled too), handing each fence's merged handler results to `sink`. Failed
+/// queries are logged and retried at the next tick.
 pub async fn run(
     config: Prometheus,
-    fences: Vec<ObjectKey>,
+    fences: impl Fn() -> Vec<ObjectKey>,
     interval: Duration,
     mut sink: impl FnMut(&ObjectKey, &BTreeMap<String, String>),
     shutdown: CancellationToken,
@@ -283,7 +284,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        for fence in &fences {
+        for fence in &fences() {
             let mut metrics = BTreeMap::new();
             for (name, handler) in &config.handlers {
                 let query = render_query(&handler.query, fence);

@@ -136,7 +136,7 @@ impl EdgeStore {
     /// Merges one batch into the statuses.
     pub fn apply(&self, batch: &[Edge], now: Timestamp) {
         let mut map = self.lock();
-        for (fence, edges) in by_fence(batch, |_| true) {
+        for (fence, edges) in by_fence(batch) {
             apply_edges(map.entry(fence.clone()).or_default(), edges, now);
         }
     }

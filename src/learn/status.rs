@@ -66,11 +66,10 @@ pub fn seed<'f>(learner: &mut Learner, fences: impl IntoIterator<Item = &'f Serv
     n
 }
 
-/// Groups edges by fence, keeping only the fences `has_fence` knows: the learner learns for
-/// every caller, but only a fenced workload's status is written.
-pub fn by_fence(edges: &[Edge], has_fence: impl Fn(&ObjectKey) -> bool) -> BTreeMap<&ObjectKey, Vec<&Edge>> {
+/// Groups edges by fence (the writers then skip the callers that have none).
+pub fn by_fence(edges: &[Edge]) -> BTreeMap<&ObjectKey, Vec<&Edge>> {
     let mut out: BTreeMap<&ObjectKey, Vec<&Edge>> = BTreeMap::new();
-    for e in edges.iter().filter(|e| has_fence(&e.fence)) {
+    for e in edges {
         out.entry(&e.fence).or_default().push(e);
     }
     out
@@ -163,15 +162,14 @@ status:
     }
 
     #[test]
-    fn only_fenced_sources_are_written() {
+    fn edges_are_grouped_by_fence() {
         let edges = [
             edge("default/productpage", "a.default.svc.cluster.local", t(0)),
             edge("default/unfenced", "a.default.svc.cluster.local", t(0)),
             edge("default/productpage", "b.default.svc.cluster.local", t(0)),
         ];
-        let fenced = ObjectKey::new("default", "productpage");
-        let got = by_fence(&edges, |k| *k == fenced);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[&fenced].len(), 2);
+        let got = by_fence(&edges);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&ObjectKey::new("default", "productpage")].len(), 2);
     }
 }
