@@ -1,6 +1,8 @@
 //! The auto-fence controller: creates and deletes the fences auto-fencing decides
-//! ([`crate::model::autofence::decide`]) when a Service or Namespace changes, and for every
+//! ([`crate::model::autofence::decide`]) when a Service, fence or Namespace changes, and for every
 //! Service after a re-list or on taking over leadership. Manual fences are never touched.
+
+use std::collections::BTreeSet;
 
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
@@ -35,7 +37,7 @@ impl AutoFenceController {
     pub async fn run(self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
         let mut changes = self.state.subscribe();
         if *leader.borrow() {
-            self.all().await;
+            self.all(&leader, &shutdown).await;
         }
         loop {
             tokio::select! {
@@ -45,7 +47,7 @@ impl AutoFenceController {
                         return;
                     }
                     if *leader.borrow() {
-                        self.all().await;
+                        self.all(&leader, &shutdown).await;
                     }
                 }
                 change = changes.recv() => {
@@ -53,15 +55,17 @@ impl AutoFenceController {
                         continue;
                     }
                     match change {
-                        Ok(Change::Service(key)) => self.one(&key).await,
+                        // A fence's own change too: a deleted auto fence comes back.
+                        Ok(Change::Service(key) | Change::Fence(key)) => self.one(&key).await,
                         Ok(Change::Namespace(ns)) => {
-                            let keys: Vec<ObjectKey> =
+                            let mut keys: BTreeSet<ObjectKey> =
                                 self.state.index().services_in(&ns).map(|s| s.key.clone()).collect();
-                            for key in keys.iter().chain(self.fences_in(&ns).iter()) {
+                            keys.extend(self.fences_in(&ns));
+                            for key in &keys {
                                 self.one(key).await;
                             }
                         }
-                        Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.all().await,
+                        Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.all(&leader, &shutdown).await,
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
@@ -78,13 +82,15 @@ impl AutoFenceController {
             .collect()
     }
 
-    /// Every Service and every fence (a fence whose Service is gone may have to go too).
-    async fn all(&self) {
-        let mut keys: Vec<ObjectKey> = self.state.index().services().map(|s| s.key.clone()).collect();
+    /// Every Service and every fence (a fence whose Service is gone may have to go too); stops
+    /// as soon as the lease is lost or lazyload stops, so two leaders never write at once.
+    async fn all(&self, leader: &watch::Receiver<bool>, shutdown: &CancellationToken) {
+        let mut keys: BTreeSet<ObjectKey> = self.state.index().services().map(|s| s.key.clone()).collect();
         keys.extend(self.state.fence_keys());
-        keys.sort();
-        keys.dedup();
         for key in keys {
+            if !*leader.borrow() || shutdown.is_cancelled() {
+                return;
+            }
             self.one(&key).await;
         }
     }
@@ -168,7 +174,8 @@ mod tests {
             }
             seen
         });
-        ctl.all().await;
+        let (_lead, leader) = watch::channel(true);
+        ctl.all(&leader, &CancellationToken::new()).await;
         let seen = server.await.unwrap();
         // `gone` (ours, no Service) is deleted; `web` gets a fence; `manual` is left alone.
         assert_eq!(seen[0].0, Method::DELETE);

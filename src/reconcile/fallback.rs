@@ -21,6 +21,7 @@ use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
 use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
 use crate::model::istio::{EnvoyFilter, IstioVersion};
+use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
 
 /// Annotation holding the wormhole ports the EnvoyFilter covers (`80,9080`).
@@ -55,36 +56,37 @@ impl FallbackController {
         )
     }
 
-    /// The ports recorded by the previous leader (empty when there is no EnvoyFilter yet).
-    async fn recorded_ports(&self) -> BTreeSet<u16> {
+    /// The ports recorded by the previous leader (empty when there is no EnvoyFilter yet). A
+    /// failed read is an error: computing without them could shrink the set.
+    async fn recorded_ports(&self) -> Result<BTreeSet<u16>> {
         let ns = match self.config.general.global_sidecar_mode {
             GlobalSidecarMode::Cluster => self.config.global.istio_namespace.clone(),
             GlobalSidecarMode::Namespace => match self.config.general.namespace.first() {
                 Some(ns) => ns.clone(),
-                None => return BTreeSet::new(),
+                None => return Ok(BTreeSet::new()),
             },
         };
-        match self.envoyfilters_api(&ns).get_opt(ENVOYFILTER_NAME).await {
-            Ok(Some(ef)) => ef
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(PORTS_ANNOTATION))
-                .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
-                .unwrap_or_default(),
-            Ok(None) => BTreeSet::new(),
-            Err(e) => {
-                tracing::warn!("reading the recorded wormhole ports failed: {e}");
-                BTreeSet::new()
-            }
-        }
+        let ef = self
+            .envoyfilters_api(&ns)
+            .get_opt(ENVOYFILTER_NAME)
+            .await
+            .map_err(|source| Error::Kube {
+                action: "read EnvoyFilter",
+                object: format!("{ns}/{ENVOYFILTER_NAME}"),
+                source,
+            })?;
+        Ok(ef
+            .and_then(|ef| ef.metadata.annotations)
+            .and_then(|a| a.get(PORTS_ANNOTATION).cloned())
+            .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+            .unwrap_or_default())
     }
 
     /// Recomputes the ports and writes what changed. Returns whether anything was written.
     pub async fn sync(&mut self) -> Result<bool> {
         let previous = match &self.ports {
             Some(p) => p.clone(),
-            None => self.recorded_ports().await,
+            None => self.recorded_ports().await?,
         };
         let ports = wormhole_ports(&self.config, &self.state.index(), &previous);
         if self.ports.as_ref() == Some(&ports) {
@@ -118,10 +120,7 @@ impl FallbackController {
 
     /// The global-sidecar Service(s) listen on every wormhole port.
     async fn apply_service_ports(&self, ports: &BTreeSet<u16>) -> Result<()> {
-        let namespaces = match self.config.general.global_sidecar_mode {
-            GlobalSidecarMode::Cluster => vec![self.config.general.cluster_gs_namespace.clone()],
-            GlobalSidecarMode::Namespace => self.config.general.namespace.clone(),
-        };
+        let namespaces = global_sidecar_namespaces(&self.config);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         for ns in namespaces {
             let svc = Service {

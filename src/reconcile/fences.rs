@@ -138,6 +138,12 @@ impl FenceController {
                 change = changes.recv() => self.on_change(change),
                 () = sleep_until(wait) => {
                     for key in self.queue.pop_due(Instant::now()) {
+                        // Lease lost or stopping mid-batch: the rest waits (a new leader
+                        // resyncs everything anyway), so two leaders never write at once.
+                        if !*leader.borrow() || shutdown.is_cancelled() {
+                            self.queue.schedule(key, Instant::now());
+                            continue;
+                        }
                         self.reconcile_key(key).await;
                     }
                 }
