@@ -56,9 +56,9 @@ if "$HELM" template lazyload deploy/helm/lazyload --set mode=pod >/dev/null 2>&1
   exit 1
 fi
 
-# A built binary (if any) also loads each config and knows each `serve` flag; CI runs this before
-# building, so a fresh checkout skips that part.
-for bin in target/debug/lazyload target/release/lazyload; do
+# A built binary (if any) also loads each config and knows each `serve` flag (CI runs this after
+# the tests have built it).
+for bin in "${CARGO_TARGET_DIR:-target}"/debug/lazyload "${CARGO_TARGET_DIR:-target}"/release/lazyload; do
   if [[ -x $bin ]]; then export LAZYLOAD_BIN=$bin; break; fi
 done
 echo "config check with: ${LAZYLOAD_BIN:-no built lazyload binary (skipped)}"

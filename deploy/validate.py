@@ -8,6 +8,7 @@ and its named targetPorts exist there; probes use declared ports; lazyload's con
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,7 @@ def cross_checks(path, docs):
             args = d["spec"]["template"]["spec"]["containers"][0]["args"]
             for a in args[1:]:
                 flag = a.split("=")[0]
-                if flag.startswith("--") and flag + " " not in help_text:
+                if flag.startswith("--") and not re.search(re.escape(flag) + r"(?![\w-])", help_text):
                     fail(f"lazyload serve has no flag {flag}")
     return failures
 

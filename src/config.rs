@@ -699,11 +699,17 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
 
 fn validate_prometheus(p: raw::Prometheus) -> Result<Prometheus> {
     let address = p.address.unwrap_or_default();
-    if !(address.starts_with("http://") || address.starts_with("https://")) {
+    // What the Prometheus client speaks: plain HTTP to host[:port], queries at /api/v1/query.
+    let authority = address.trim().strip_prefix("http://").unwrap_or_default();
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.is_empty()
+        || authority.contains('/')
+        || authority.parse::<hyper::http::uri::Authority>().is_err()
+    {
         return Err(invalid(
             "metric.prometheus.address",
             &address,
-            "expected an http:// or https:// URL",
+            "expected http://host[:port] (no https, no path)",
         ));
     }
     let mut handlers = BTreeMap::new();
@@ -1186,6 +1192,16 @@ mod tests {
                 "metric:\n  prometheus:\n    address: prom:9090\n",
                 "metric.prometheus.address",
                 "prom:9090",
+            ),
+            (
+                "metric:\n  prometheus:\n    address: https://prom:9090\n",
+                "metric.prometheus.address",
+                "https://prom:9090",
+            ),
+            (
+                "metric:\n  prometheus:\n    address: http://prom:9090/prefix\n",
+                "metric.prometheus.address",
+                "http://prom:9090/prefix",
             ),
             ("kind: limiter\n", "kind", "limiter"),
         ];

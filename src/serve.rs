@@ -69,9 +69,10 @@ pub struct ServeArgs {
     /// (`:8082`). Runs with `metricSourceType: accesslog`, or whenever this flag is given.
     #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
     pub als_listen: Option<SocketAddr>,
-    /// The cluster, from a file: `kubectl get ns,svc,pods,virtualservices,serviceentries,
-    /// servicefences,sidecars -A -o yaml`; for running without a cluster (with one, its watchers keep
-    /// the index up to date); required with --manifests-dir.
+    /// The cluster, from a file (`kubectl get
+    /// ns,svc,pods,virtualservices,serviceentries,servicefences,sidecars -A -o yaml`); for running
+    /// without a cluster (with one, its watchers keep the index up to date); required with
+    /// --manifests-dir.
     #[arg(long, env = "LAZYLOAD_CLUSTER_SNAPSHOT")]
     pub cluster_snapshot: Option<PathBuf>,
     /// How often the Prometheus source (`metricSourceType: prometheus`) queries each enabled
@@ -148,7 +149,7 @@ pub struct RelayArgs {
     pub accept_mtls: bool,
     /// Ports besides Istio's own that no global-sidecar listener may bind (A5).
     #[arg(long, env = "LAZYLOAD_RESERVED_PORTS", value_delimiter = ',')]
-    pub reserved_ports: Vec<u32>,
+    pub reserved_ports: Vec<u16>,
     /// How long to keep trying istiod before a global-sidecar gets its last good config.
     #[arg(long, env = "LAZYLOAD_UPSTREAM_OPEN_BUDGET", default_value = "5s", value_parser = parse_duration)]
     pub upstream_open_budget: Duration,
@@ -304,7 +305,7 @@ async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> 
         }
     };
     let mut reserved_ports: std::collections::BTreeSet<u32> = RESERVED_PORTS.into_iter().collect();
-    reserved_ports.extend(&args.reserved_ports);
+    reserved_ports.extend(args.reserved_ports.iter().map(|&p| u32::from(p)));
     let node_pattern = args
         .global_sidecar_node_pattern
         .as_deref()
@@ -483,10 +484,10 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     let (local, local_config, manifests) = (state.clone(), config.clone(), args.manifests_dir.clone());
     ctx.spawn("edge-consumer", async move {
         loop {
-            let now = jiff::Timestamp::now();
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
+                    let now = jiff::Timestamp::now();
                     consumer.apply(&batch, now);
                     match &mut writer {
                         Some(w) => {
@@ -503,7 +504,9 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
                         }
                     }
                 }
-                Some((key, metrics)) = metrics_rx.recv() => match &mut writer {
+                Some((key, metrics)) = metrics_rx.recv() => {
+                    let now = jiff::Timestamp::now();
+                    match &mut writer {
                     Some(w) => {
                         let done = w.write_metrics(&key, &metrics, now).await;
                         tracing::debug!(?done, "prometheus results written");
@@ -514,7 +517,8 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
                         };
                         apply_locally(&local, &local_config, &key, update, now, manifests.as_deref());
                     }
-                },
+                    }
+                }
             }
         }
     });

@@ -87,7 +87,10 @@ impl Client {
     pub fn new(address: &str) -> Result<Self, Error> {
         let bad = || Error::Address(address.to_string());
         let rest = address.trim().strip_prefix("http://").ok_or_else(bad)?;
-        let authority = rest.split('/').next().unwrap_or("");
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('/') {
+            return Err(bad());
+        }
         let uri: hyper::http::uri::Authority = authority.parse().map_err(|_| bad())?;
         Ok(Self {
             host: uri
