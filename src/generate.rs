@@ -110,9 +110,14 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
     let attributor = Attributor::new(&config);
     let mut hosts = Hosts::default();
     for path in &args.access_log {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let Ok(v) = serde_json::from_str::<Value>(line) else {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // Line by line as bytes: one line that is not UTF-8 (or not a JSON object) is counted and
+        // skipped, not the whole file.
+        for line in bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.trim_ascii().is_empty())
+        {
+            let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
                 *summary.skipped.entry("not_json".into()).or_default() += 1;
                 continue;
             };

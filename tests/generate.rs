@@ -136,3 +136,38 @@ fn a_sidecar_that_scopes_the_global_sidecar_is_a_warning() {
         "{stderr}"
     );
 }
+
+/// A line that is not UTF-8, or JSON that is not an object, is counted and skipped; the rest of
+/// the file is still read.
+#[test]
+fn garbage_lines_are_skipped_not_fatal() {
+    let dir = support::TempDir::new("generate-garbage");
+    let log = dir.path("access.log");
+    let mut bytes = b"\xff\xfe not utf-8\n[1, 2]\n".to_vec();
+    bytes.extend(std::fs::read(fixture("access.log")).unwrap());
+    std::fs::write(&log, bytes).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .arg("generate")
+        .arg("--config")
+        .arg(fixture("config.yaml"))
+        .arg("--cluster-snapshot")
+        .arg(fixture("cluster.yaml"))
+        .arg("--access-log")
+        .arg(&log)
+        .arg("--out")
+        .arg(dir.path("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
+    let (_, clean) = generate("generate-clean", ["--access-log", "access.log"]);
+    let not_json = |s: &str| {
+        s.split("\"not_json\": ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(not_json(&stderr), not_json(&clean) + 2, "{stderr}");
+}
