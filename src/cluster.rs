@@ -23,7 +23,7 @@ pub enum Change {
     Service(ObjectKey),
     /// A Namespace was added, changed or deleted.
     Namespace(String),
-    /// Pods changed (attribution only; no controller reacts).
+    /// Pods changed (attribution, and which pods are the global-sidecar's for the A8 check).
     Pods,
     /// A VirtualService or ServiceEntry changed: any fence's expansion may have.
     Routing,

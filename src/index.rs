@@ -756,6 +756,12 @@ impl ClusterIndex {
         self.namespaces.values()
     }
 
+    /// A Pod by key.
+    pub fn pod(&self, key: &ObjectKey) -> Option<&PodInfo> {
+        let slot = *self.pods.get(key)?;
+        self.pod_slots.get(slot as usize)?.as_ref().map(|e| &e.info)
+    }
+
     /// Every Pod, in no particular order.
     pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
         self.pod_slots.iter().flatten().map(|e| &e.info)

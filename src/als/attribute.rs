@@ -414,6 +414,15 @@ pub(crate) mod tests {
     use crate::config::{Dispatch, FenceLabelKey};
     use crate::index::{PodInfo, ServiceEntryInfo, ServiceInfo};
 
+    /// The collector indexes its drop counters by `reason as usize`: `ALL` must list the
+    /// reasons in declaration order.
+    #[test]
+    fn every_drop_reason_is_listed_in_order() {
+        for (i, why) in Drop::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, i, "{}", why.as_str());
+        }
+    }
+
     fn svc(ns: &str, name: &str, app: &str, vip: &str) -> ServiceInfo {
         ServiceInfo {
             key: ObjectKey::new(ns, name),

@@ -216,8 +216,13 @@ impl Watched for Pod {
     fn api(client: Client) -> Api<Self> {
         Api::all(client)
     }
-    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        state.index_mut().apply_pod(PodInfo::try_from(&self)?);
+    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
+        let pod = PodInfo::try_from(&self)?;
+        // Most Pod events change nothing lazyload keeps (conditions, container statuses);
+        // re-applying would invalidate every attribution cache for nothing.
+        if state.index().pod(&key) != Some(&pod) {
+            state.index_mut().apply_pod(pod);
+        }
         Ok(true)
     }
     fn remove(state: &ClusterState, key: &ObjectKey) -> bool {

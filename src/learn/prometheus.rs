@@ -112,7 +112,9 @@ impl Client {
     async fn query_inner(&self, promql: &str) -> Result<QueryData, Error> {
         let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
+        // Stopped however the query ends (timeout included), so a hung Prometheus holds no
+        // connection open.
+        let _conn = AbortOnDrop(tokio::spawn(conn));
         let path = format!("/api/v1/query?query={}", percent_encode(promql));
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
@@ -128,8 +130,16 @@ impl Client {
                 Err(_) => Error::TooLarge,
             })?
             .to_bytes();
-        conn.abort();
         parse_response(status, &body)
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

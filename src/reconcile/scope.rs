@@ -3,6 +3,7 @@
 //! the fix (import `*/*`, or give the global-sidecar's namespace its own open default) is theirs
 //! to choose. Runs on every replica, so each one's `/metrics` shows it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
-use crate::model::scope::{Scoped, scoped_global_sidecars};
+use crate::model::scope::{Scoped, global_sidecar_namespaces, scoped_global_sidecars};
+use crate::model::sidecar::GLOBAL_SIDECAR;
 
 /// How long after a change the check runs (pods change often; one check covers a burst).
 const DEBOUNCE: Duration = Duration::from_secs(1);
@@ -26,6 +28,8 @@ pub struct ScopeCheck {
     scoped: Gauge,
     /// What the last check found (reported when it changes).
     found: Vec<Scoped>,
+    /// The namespaces whose Sidecars can scope a global-sidecar: theirs and Istio's root.
+    watched: BTreeSet<String>,
 }
 
 impl ScopeCheck {
@@ -37,11 +41,14 @@ impl ScopeCheck {
             "Global-sidecars scoped by a Sidecar that does not import */* (should be 0; see the log)",
             scoped.clone(),
         );
+        let mut watched: BTreeSet<String> = global_sidecar_namespaces(&config).into_iter().collect();
+        watched.insert(config.global.istio_namespace.clone());
         Self {
             state,
             config,
             scoped,
             found: Vec::new(),
+            watched,
         }
     }
 
@@ -64,15 +71,20 @@ impl ScopeCheck {
                     due = None;
                     self.check();
                 }
-                change = changes.recv() => match change {
-                    // Sidecars, or which pods are the global-sidecar's (its Service, its pods).
-                    Ok(Change::Sidecar(_) | Change::Service(_) | Change::Pods | Change::Resync)
-                    | Err(broadcast::error::RecvError::Lagged(_)) => {
+                change = changes.recv() => {
+                    let matters = match &change {
+                        // Sidecars where one can apply to a global-sidecar, or which pods are
+                        // the global-sidecar's (its Service, its pods).
+                        Ok(Change::Sidecar(key)) => self.watched.contains(&key.namespace),
+                        Ok(Change::Service(key)) => key.name == GLOBAL_SIDECAR && self.watched.contains(&key.namespace),
+                        Ok(Change::Pods | Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                        Ok(_) => false,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if matters {
                         due.get_or_insert_with(|| Instant::now() + DEBOUNCE);
                     }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
+                }
             }
         }
     }
