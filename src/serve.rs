@@ -405,7 +405,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     };
     if let Some(client) = &client {
         // What the cluster's fences already hold is not learned (and written) again.
-        let fences = persist::seed_from_cluster(client.clone(), &mut learner)
+        let fences = persist::list_fences(client.clone())
             .await
             .context("reading the ServiceFences of the cluster")?;
         snapshot.fences.extend(fences);

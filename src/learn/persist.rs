@@ -13,9 +13,8 @@ use kube::{Api, Client};
 
 use super::Edge;
 use super::prometheus::apply_metrics;
-use super::status::{apply_edges, seed};
+use super::status::apply_edges;
 use crate::index::ObjectKey;
-use crate::learn::Learner;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
 use crate::model::istio::IstioVersion;
 use crate::reconcile::fence::{FenceWriter, Write};
@@ -132,12 +131,11 @@ impl Written {
     }
 }
 
-/// Reads every ServiceFence of the cluster and seeds the learner with what they already hold.
-pub async fn seed_from_cluster(client: Client, learner: &mut Learner) -> kube::Result<Vec<ServiceFence>> {
+/// Reads every ServiceFence of the cluster (the learner is then seeded from them with the
+/// snapshot's, by [`super::pump::EdgeStore::seeded`]).
+pub async fn list_fences(client: Client) -> kube::Result<Vec<ServiceFence>> {
     let api: Api<ServiceFence> = Api::all(client);
-    let fences = api.list(&ListParams::default()).await?.items;
-    seed(learner, &fences);
-    Ok(fences)
+    Ok(api.list(&ListParams::default()).await?.items)
 }
 
 #[cfg(test)]
