@@ -11,9 +11,14 @@ fn fixture(name: &str) -> std::path::PathBuf {
 }
 
 /// Runs `generate` on the fixture cluster with `input` (`--access-log <file>` or
-/// `--prometheus-export <file>`); returns the output directory and standard error, after
-/// checking that it succeeded.
+/// `--prometheus-export <file>`, a fixture); returns the output directory and standard error,
+/// after checking that it succeeded.
 fn generate(name: &str, input: [&str; 2]) -> (support::TempDir, String) {
+    generate_from(name, input[0], &fixture(input[1]))
+}
+
+/// [`generate`] with an input file anywhere.
+fn generate_from(name: &str, flag: &str, input: &std::path::Path) -> (support::TempDir, String) {
     let out = support::TempDir::new(name);
     let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
         .arg("generate")
@@ -21,8 +26,8 @@ fn generate(name: &str, input: [&str; 2]) -> (support::TempDir, String) {
         .arg(fixture("config.yaml"))
         .arg("--cluster-snapshot")
         .arg(fixture("cluster.yaml"))
-        .arg(input[0])
-        .arg(fixture(input[1]))
+        .arg(flag)
+        .arg(input)
         .arg("--out")
         .arg(&out.0)
         .output()
@@ -146,20 +151,7 @@ fn garbage_lines_are_skipped_not_fatal() {
     let mut bytes = b"\xff\xfe not utf-8\n[1, 2]\n".to_vec();
     bytes.extend(std::fs::read(fixture("access.log")).unwrap());
     std::fs::write(&log, bytes).unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .arg("generate")
-        .arg("--config")
-        .arg(fixture("config.yaml"))
-        .arg("--cluster-snapshot")
-        .arg(fixture("cluster.yaml"))
-        .arg("--access-log")
-        .arg(&log)
-        .arg("--out")
-        .arg(dir.path("out"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let (_, stderr) = generate_from("generate-garbage-out", "--access-log", &log);
     assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
     let (_, clean) = generate("generate-clean", ["--access-log", "access.log"]);
     let not_json = |s: &str| {
