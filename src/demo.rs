@@ -47,11 +47,12 @@ pub struct DemoArgs {
     /// Working directory: the sample mesh, its access logs and the manifests are written here.
     #[arg(long, default_value = "lazyload-demo")]
     pub out: PathBuf,
-    /// The global-sidecar's traffic: `auto` sends it through a real Envoy when `envoy` is on
-    /// `PATH` and runs (else replays it as access-log entries), `off` always replays, or the
-    /// Envoy binary to use. Through Envoy, callers send from their pods' addresses on loopback
-    /// (`127.1.x.y`, which Linux has; elsewhere `auto` replays).
-    #[arg(long, default_value = "auto", value_name = "auto|off|PATH")]
+    /// The global-sidecar's traffic: `auto` sends it through a real Envoy when one is found
+    /// (`.venv/bin/envoy` from `scripts/setup`, else `envoy` on `PATH`) and runs (else replays it
+    /// as access-log entries), `off` always replays, or the Envoy binary to use. Through Envoy,
+    /// callers send from their pods' addresses on loopback (`127.1.x.y`, which Linux has;
+    /// elsewhere `auto` replays).
+    #[arg(long, env = "ENVOY_BIN", default_value = "auto", value_name = "auto|off|PATH")]
     pub envoy: String,
 }
 
@@ -263,6 +264,12 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let _stop = stop.clone().drop_guard();
     let mut mesh = Mesh::sample(args.services);
     let mut envoy_binary = envoy::find(&args.envoy);
+    if envoy_binary.is_none() && args.envoy == "auto" {
+        say(&format!(
+            "      no Envoy found: the traffic is replayed as access-log entries ({})",
+            envoy::HOW_TO_GET_ENVOY
+        ));
+    }
     let first_pod = mesh::loopback_pod_ip(0);
     if envoy_binary.is_some() && !envoy::can_bind(first_pod.into()) {
         let why = format!("this machine cannot send from {first_pod} (a pod's address on loopback)");

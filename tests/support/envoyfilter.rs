@@ -1,5 +1,5 @@
 //! Applies an EnvoyFilter's route patches to a route configuration (proto-JSON) the way istiod
-//! does for `SIDECAR_OUTBOUND` (PROTOCOL.md: ROUTE_CONFIGURATION MERGE, then VIRTUAL_HOST
+//! does for `SIDECAR_OUTBOUND` (docs/protocol.md: ROUTE_CONFIGURATION MERGE, then VIRTUAL_HOST
 //! REMOVE/MERGE): enough to check what a sidecar ends up with.
 
 use lazyload::model::istio::EnvoyFilter;

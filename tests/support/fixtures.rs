@@ -1,4 +1,4 @@
-//! The recorded Istio config of `../shared/fixtures/istio/` as protobuf.
+//! The recorded Istio config of `tests/fixtures/istio/` as protobuf.
 //!
 //! The dumps are proto-JSON and contain Istio-only types; they are encoded with `prost-reflect`
 //! and a descriptor pool of Envoy's API (PyPI `xds-protos`) plus `proto/istio/`, written by
@@ -11,9 +11,9 @@ use envoy_types::pb::google::protobuf::Any;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 use serde_json::Value;
 
-/// The shared fixtures directory.
+/// The recorded Istio fixtures directory.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/istio")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/istio")
 }
 
 fn pool() -> &'static DescriptorPool {
@@ -22,14 +22,17 @@ fn pool() -> &'static DescriptorPool {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let file = root.join("target/xds-descriptors.bin");
         if !file.exists() {
-            let status = std::process::Command::new("python3")
+            // The checkout's venv (scripts/setup) has the packages; a system python3 may not.
+            let venv = root.join(".venv/bin/python");
+            let python = if venv.is_file() { venv } else { "python3".into() };
+            let status = std::process::Command::new(&python)
                 .arg(root.join("tests/support/descriptors.py"))
                 .arg(&file)
                 .status()
-                .expect("python3");
+                .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
             assert!(
                 status.success(),
-                "writing descriptors failed: `pip install xds-protos==1.85.0 grpcio-tools==1.85.1` (as .ci/run does)"
+                "writing descriptors failed: run scripts/setup (it installs xds-protos and grpcio-tools into .venv/)"
             );
         }
         DescriptorPool::decode(&*std::fs::read(&file).unwrap()).expect("descriptor pool")
@@ -77,7 +80,7 @@ pub fn load(files: &[&str]) -> Dump {
         let path = fixtures_dir().join(f);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (the recorded fixtures live in shared/, beside this repository)",
+                "{}: {e} (the recorded fixtures live in tests/fixtures/istio/)",
                 path.display()
             )
         });
