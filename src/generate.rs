@@ -9,7 +9,7 @@
 //! Istio's request metrics) is the other input: one dependency per series.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use jiff::Timestamp;
@@ -22,6 +22,7 @@ use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
 use crate::learn::Edge;
 use crate::learn::status::apply_edges;
+use crate::manifests;
 use crate::model::autofence::{Action, decide};
 use crate::model::evaluate;
 use crate::model::fence::ServiceFence;
@@ -166,10 +167,10 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
         let eval = evaluate(fence, &snap.index, &config, now, IstioVersion::default());
         let mut fence = fence.clone();
         fence.status = Some(eval.status);
-        write_manifest(&args.out, key, "servicefence", &fence)?;
+        manifests::write(&args.out, key, "servicefence", &fence)?;
         summary.fences += 1;
         if let Ok(sidecar) = eval.sidecar {
-            write_manifest(&args.out, key, "sidecar", &sidecar)?;
+            manifests::write(&args.out, key, "sidecar", &sidecar)?;
             summary.sidecars += 1;
         }
     }
@@ -224,21 +225,6 @@ fn prometheus_edges(text: &str, now: Timestamp, summary: &mut Summary) -> anyhow
         }
     }
     Ok(edges)
-}
-
-/// Writes `object` as `<out>/<namespace>/<name>.<kind>.yaml` (the file sink of `generate` and of
-/// `serve` without a cluster).
-pub fn write_manifest<T: serde::Serialize>(
-    out: &Path,
-    key: &ObjectKey,
-    kind: &str,
-    object: &T,
-) -> anyhow::Result<()> {
-    let dir = out.join(&key.namespace);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("{}.{kind}.yaml", key.name));
-    let yaml = serde_yaml::to_string(object).context("serialising a manifest")?;
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

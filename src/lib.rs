@@ -9,6 +9,8 @@
 //!   VirtualServices, ...).
 //! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
 //! - [`learn`]: dependency dedup, batches, the merge into fence status, the Prometheus source.
+//! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`): atomic writes, read back at
+//!   start.
 //! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
 //!   [`telemetry`].
 
@@ -21,6 +23,7 @@ pub mod generate;
 pub mod hash;
 pub mod index;
 pub mod learn;
+pub mod manifests;
 pub mod model;
 pub mod net;
 pub mod readiness;

@@ -410,6 +410,18 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             .context("reading the ServiceFences of the cluster")?;
         snapshot.fences.extend(fences);
     }
+    if let Some(dir) = &args.manifests_dir {
+        // The directory is the state a previous run learned (the snapshot is not written).
+        let restored = crate::manifests::restore_fence_status(dir, &mut snapshot.fences)
+            .with_context(|| format!("reading back {}", dir.display()))?;
+        for (file, why) in &restored.unreadable {
+            tracing::warn!(file = %file.display(), %why, "not a ServiceFence: ignored");
+        }
+        for key in &restored.unknown {
+            tracing::warn!(fence = %key, "a fence file of --manifests-dir for a fence the snapshot does not have: ignored");
+        }
+        tracing::info!(fences = restored.fences, dir = %dir.display(), "fence statuses read back from --manifests-dir");
+    }
     let store = EdgeStore::seeded(&snapshot.fences, &mut learner);
     tracing::info!(
         edges = learner.len(),
@@ -655,15 +667,14 @@ fn apply_locally(
     let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
     fence.status = Some(eval.status);
     if let Some(dir) = dir {
-        let written = crate::generate::write_manifest(dir, key, "servicefence", &fence).and_then(|()| {
-            match &eval.sidecar {
-                Ok(sidecar) => crate::generate::write_manifest(dir, key, "sidecar", sidecar),
+        let written =
+            crate::manifests::write(dir, key, "servicefence", &fence).and_then(|()| match &eval.sidecar {
+                Ok(sidecar) => crate::manifests::write(dir, key, "sidecar", sidecar),
                 Err(why) => {
                     tracing::info!(fence = %key, reason = why.reason(), "no Sidecar");
                     Ok(())
                 }
-            }
-        });
+            });
         if let Err(e) = written {
             tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
         }
