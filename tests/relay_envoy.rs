@@ -3,10 +3,14 @@
 //! (`../shared/fixtures/istio/dsb-geo-*`), in SotW and Delta.
 //!
 //! The fixture is turned into global-sidecar shape the way istiod and the mesh-wide EnvoyFilter
-//! would leave it: outbound HTTP listeners bound on loopback ports (NONE interception mode; fresh
-//! free ports instead of 9080, 80, ...), every `allow_any` catch-all replaced by Slime's fallback
-//! to the global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
-//! `details` service in a second namespace. Istio's TLS transport sockets stay: they take their
+//! would leave it: every `allow_any` catch-all replaced by Slime's fallback to the
+//! global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
+//! `details` service in a second namespace. The test istiod then shapes the listeners by the
+//! node's interception mode as istiod does: the shipped bootstrap says `INTERCEPTION_MODE: NONE`,
+//! so outbound HTTP listeners come bound on loopback ports (fresh free ports instead of 9080, 80,
+//! ...), and, because the global-sidecar's own Pod and Service (port 9080) exist, an inbound
+//! listener `0.0.0.0_<port>` comes too, on the very address the relay rebinds the 9080 listener
+//! to (A10, A10b). Istio's TLS transport sockets stay: they take their
 //! certificates from `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets,
 //! made here by a throwaway CA. The last test runs the same global-sidecar against `lazyload
 //! serve` itself: relay, collector and learner in one process, the learned Sidecar as a file.
@@ -24,7 +28,7 @@ use serde_json::{Value, json};
 use support::als_sink::AlsSink;
 use support::certs::Ca;
 use support::envoy::Envoy;
-use support::istiod::{Config, TestIstiod};
+use support::istiod::{Config, SidecarShape, TestIstiod};
 use support::serve::Serve;
 use support::{TempDir, TestRelay, fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -135,21 +139,16 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
         }
     }
 
+    // Where each outbound HTTP listener binds when istiod sends it to a NONE-mode node: a free
+    // port here (the test istiod shapes the listeners per node, see `SidecarShape`).
     let mut ports = BTreeMap::new();
-    let mut listeners = Vec::new();
-    for mut l in dump.listeners.clone() {
-        let name = l["name"].as_str().unwrap_or_default().to_string();
+    for l in &dump.listeners {
+        let name = l["name"].as_str().unwrap_or_default();
         if let Some(port) = name.strip_prefix("0.0.0.0_").and_then(|p| p.parse::<u64>().ok())
             && l.to_string().contains("http_connection_manager")
         {
-            // NONE interception: istiod binds outbound listeners to 127.0.0.1 (a free port here).
-            let fresh = free_port();
-            ports.insert(port, fresh);
-            l["name"] = json!(format!("127.0.0.1_{port}"));
-            l["address"] = json!({"socket_address": {"address": "127.0.0.1", "port_value": fresh}});
-            l.as_object_mut().unwrap().remove("bind_to_port");
+            ports.insert(port, free_port());
         }
-        listeners.push(l);
     }
 
     let by_name = |items: &[Value], key: &str| -> BTreeMap<String, envoy_types::pb::google::protobuf::Any> {
@@ -162,8 +161,19 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
     config.insert(CLUSTER.into(), by_name(&clusters, "name"));
     config.insert(ENDPOINT.into(), by_name(&endpoints, "cluster_name"));
     config.insert(ROUTE.into(), by_name(&routes, "name"));
-    config.insert(LISTENER.into(), by_name(&listeners, "name"));
+    config.insert(LISTENER.into(), by_name(&dump.listeners, "name"));
     (config, ports)
+}
+
+/// The test istiod serving `config` as istiod serves the global-sidecar: per node by its
+/// interception mode, with the global-sidecar's own Service (`http-9080`, target port 9080, bound
+/// here on `ports[9080]`) present.
+async fn istiod_for_global_sidecar(config: Config, ports: &BTreeMap<u64, u16>) -> TestIstiod {
+    let shape = SidecarShape {
+        outbound_binds: ports.clone(),
+        own_service_ports: vec![ports[&9080]],
+    };
+    TestIstiod::start_sidecar(config, shape).await
 }
 
 struct Setup {
@@ -173,7 +183,7 @@ struct Setup {
     sink: AlsSink,
     ca: Ca,
     _relay: TestRelay,
-    _istiod: TestIstiod,
+    istiod: TestIstiod,
     _dir: TempDir,
 }
 
@@ -182,7 +192,7 @@ async fn setup(api_type: &str) -> Setup {
     let other = backend("other").await;
     let passthrough = backend("passthrough").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = TestIstiod::start(config).await;
+    let istiod = istiod_for_global_sidecar(config, &ports).await;
     let sink = AlsSink::start().await;
 
     let settings = Settings {
@@ -205,7 +215,7 @@ async fn setup(api_type: &str) -> Setup {
         sink,
         ca,
         _relay: relay,
-        _istiod: istiod,
+        istiod,
         _dir: dir,
     }
 }
@@ -267,7 +277,41 @@ fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
         .collect()
 }
 
+/// A10b: istiod sent the global-sidecar's inbound listener for its own Service port, and LDS
+/// was ACKed (never NACKed) with the wormhole port on the rebound outbound listener.
+async fn check_inbound_listeners(envoy: &Envoy, istiod: &TestIstiod, ports: &BTreeMap<u64, u16>) {
+    let inbound = format!("0.0.0.0_{}", ports[&9080]);
+    assert!(
+        istiod.sent(LISTENER).contains(&inbound),
+        "the test istiod sends the inbound listener {inbound}"
+    );
+    let lds: Vec<_> = istiod
+        .seen()
+        .into_iter()
+        .filter(|r| r.type_url == LISTENER)
+        .collect();
+    let nacks: Vec<_> = lds.iter().filter_map(|r| r.error.clone()).collect();
+    assert!(nacks.is_empty(), "LDS NACKed: {nacks:?}");
+    assert!(
+        lds.iter().any(|r| !r.nonce.is_empty()),
+        "LDS ACKed to istiod: {lds:?}"
+    );
+    let dump = envoy.config_dump("").await;
+    let listeners = dynamic(&dump, "dynamic_listeners", &["active_state", "listener"]);
+    let on_port: Vec<&str> = listeners
+        .iter()
+        .filter(|l| l["address"]["socket_address"]["port_value"] == ports[&9080])
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert_eq!(
+        on_port,
+        ["127.0.0.1_9080"],
+        "the wormhole port is the outbound listener's"
+    );
+}
+
 async fn check_config(s: &Setup) {
+    check_inbound_listeners(&s.envoy, &s.istiod, &s.ports).await;
     let rejected: BTreeMap<String, i64> = s
         .envoy
         .stats("update_rejected")
@@ -505,7 +549,7 @@ async fn serve_learns_a_sidecar_from_global_sidecar_traffic() {
     let default = backend("default").await;
     let other = backend("other").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = TestIstiod::start(config).await;
+    let istiod = istiod_for_global_sidecar(config, &ports).await;
 
     let work = TempDir::new("serve-e2e");
     std::fs::write(
