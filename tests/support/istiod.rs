@@ -361,12 +361,9 @@ impl AggregatedDiscoveryService for Service {
                     msg = inbound.message() => {
                         let Ok(Some(r)) = msg else { return };
                         state.record(&r.type_url, &r.response_nonce, r.error_detail.as_ref().map(|e| e.message.clone()), r.resource_names.clone(), &authorization, r.node.is_some());
-                        let mode = match mode {
-                            Some(m) => m,
-                            None => match Interception::of(r.node.as_ref()) {
-                                Ok(m) => *mode.insert(m),
-                                Err(status) => { let _ = tx.send(Err(status)).await; return; }
-                            },
+                        let mode = match Interception::remember(&mut mode, r.node.as_ref()) {
+                            Ok(m) => m,
+                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
                         };
                         let names: Option<BTreeSet<String>> = (!is_wildcard_type(&r.type_url)).then(|| r.resource_names.iter().cloned().collect());
                         let entry = types.get(&r.type_url).cloned();
@@ -458,12 +455,9 @@ impl AggregatedDiscoveryService for Service {
                     msg = inbound.message() => {
                         let Ok(Some(r)) = msg else { return };
                         state.record(&r.type_url, &r.response_nonce, r.error_detail.as_ref().map(|e| e.message.clone()), r.resource_names_subscribe.clone(), &authorization, r.node.is_some());
-                        let mode = match mode {
-                            Some(m) => m,
-                            None => match Interception::of(r.node.as_ref()) {
-                                Ok(m) => *mode.insert(m),
-                                Err(status) => { let _ = tx.send(Err(status)).await; return; }
-                            },
+                        let mode = match Interception::remember(&mut mode, r.node.as_ref()) {
+                            Ok(m) => m,
+                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
                         };
                         let first = !types.contains_key(&r.type_url);
                         let entry = types.entry(r.type_url.clone()).or_insert_with(|| {
@@ -524,6 +518,14 @@ pub enum Interception {
 }
 
 impl Interception {
+    /// The stream's mode: read from the node on its first request, then remembered.
+    fn remember(mode: &mut Option<Self>, node: Option<&Node>) -> Result<Self, Status> {
+        match *mode {
+            Some(m) => Ok(m),
+            None => Ok(*mode.insert(Self::of(node)?)),
+        }
+    }
+
     fn of(node: Option<&Node>) -> Result<Self, Status> {
         use envoy_types::pb::google::protobuf::value::Kind;
         let value = node

@@ -131,6 +131,14 @@ fn hcm_of(l: &Listener) -> HttpConnectionManager {
     }
 }
 
+/// The first access logger of the listener's HTTP connection manager, as the gRPC one.
+fn grpc_logger_of(l: &Listener) -> HttpGrpcAccessLogConfig {
+    let Some(access_log::ConfigType::TypedConfig(cfg)) = &hcm_of(l).access_log[0].config_type else {
+        panic!("no typed access logger")
+    };
+    HttpGrpcAccessLogConfig::decode(&*cfg.value).unwrap()
+}
+
 fn route_to(cluster: &str) -> Route {
     Route {
         r#match: Some(RouteMatch {
@@ -206,12 +214,8 @@ fn loopback_listeners_are_rebound_and_get_the_access_logger_once() {
         ListenerOutcome::Keep { changed: true }
     );
     assert_eq!(socket_address_mut(l.address.as_mut()).unwrap().address, "0.0.0.0");
-    let hcm = hcm_of(&l);
-    assert_eq!(hcm.access_log.len(), 1);
-    let Some(access_log::ConfigType::TypedConfig(cfg)) = &hcm.access_log[0].config_type else {
-        panic!()
-    };
-    let cfg = HttpGrpcAccessLogConfig::decode(&*cfg.value).unwrap();
+    assert_eq!(hcm_of(&l).access_log.len(), 1);
+    let cfg = grpc_logger_of(&l);
     assert_eq!(
         cfg.additional_request_headers_to_log,
         ["Slime-Orig-Dest", "Slime-Source-Ns"]
@@ -807,13 +811,7 @@ fn access_logger_flushes_quickly() {
     };
     let mut l = hcm_listener("127.0.0.1", 9080, vec![]);
     adj.listener(&mut l, &mut Counts::default());
-    let Some(access_log::ConfigType::TypedConfig(cfg)) = &hcm_of(&l).access_log[0].config_type else {
-        panic!()
-    };
-    let common = HttpGrpcAccessLogConfig::decode(&*cfg.value)
-        .unwrap()
-        .common_config
-        .unwrap();
+    let common = grpc_logger_of(&l).common_config.unwrap();
     let interval = common.buffer_flush_interval.expect("a flush interval");
     let interval = std::time::Duration::new(interval.seconds as u64, interval.nanos as u32);
     assert!(
