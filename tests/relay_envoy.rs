@@ -167,13 +167,22 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
 
 /// The test istiod serving `config` as istiod serves the global-sidecar: per node by its
 /// interception mode, with the global-sidecar's own Service (`http-9080`, target port 9080, bound
-/// here on `ports[9080]`) present.
-async fn istiod_for_global_sidecar(config: Config, ports: &BTreeMap<u64, u16>) -> TestIstiod {
+/// here on `ports[9080]`) present or not yet.
+async fn istiod_for_global_sidecar(
+    config: Config,
+    ports: &BTreeMap<u64, u16>,
+    own_service: bool,
+) -> TestIstiod {
     let shape = SidecarShape {
         outbound_binds: ports.clone(),
-        own_service_ports: vec![ports[&9080]],
+        own_service_ports: own_service_ports(ports, own_service),
     };
     TestIstiod::start_sidecar(config, shape).await
+}
+
+/// The target ports of the global-sidecar's Service (none before it exists).
+fn own_service_ports(ports: &BTreeMap<u64, u16>, exists: bool) -> Vec<u16> {
+    if exists { vec![ports[&9080]] } else { vec![] }
 }
 
 struct Setup {
@@ -187,12 +196,12 @@ struct Setup {
     _dir: TempDir,
 }
 
-async fn setup(api_type: &str) -> Setup {
+async fn setup(api_type: &str, own_service: bool) -> Setup {
     let default = backend("default").await;
     let other = backend("other").await;
     let passthrough = backend("passthrough").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = istiod_for_global_sidecar(config, &ports).await;
+    let istiod = istiod_for_global_sidecar(config, &ports, own_service).await;
     let sink = AlsSink::start().await;
 
     let settings = Settings {
@@ -527,7 +536,7 @@ async fn check_mtls(s: &Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_sotw() {
-    let s = setup("GRPC").await;
+    let s = setup("GRPC", true).await;
     check_config(&s).await;
     check_traffic(&s).await;
     check_mtls(&s).await;
@@ -535,9 +544,40 @@ async fn stock_envoy_global_sidecar_over_sotw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_delta() {
-    let s = setup("DELTA_GRPC").await;
+    let s = setup("DELTA_GRPC", true).await;
     check_config(&s).await;
     check_traffic(&s).await;
+}
+
+/// A10b whatever the push order: the global-sidecar connects before its own Service exists (no
+/// inbound listeners yet), then the Service is created and istiod pushes CDS and LDS again, now
+/// with the inbound listener on the wormhole port's address. LDS stays ACKed and the port keeps
+/// reaching the outbound routes.
+async fn own_service_created_later(api_type: &str) {
+    let s = setup(api_type, false).await;
+    check_traffic(&s).await;
+    let lds_replies = |istiod: &TestIstiod| istiod.seen().iter().filter(|r| r.type_url == LISTENER).count();
+    let before = lds_replies(&s.istiod);
+    s.istiod.set_own_service_ports(own_service_ports(&s.ports, true));
+    s.envoy
+        .wait_for(
+            "Envoy's reply to the LDS push with the inbound listener",
+            Duration::from_secs(20),
+            || async { (lds_replies(&s.istiod) > before).then_some(()) },
+        )
+        .await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_service_created_later_over_sotw() {
+    own_service_created_later("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_service_created_later_over_delta() {
+    own_service_created_later("DELTA_GRPC").await;
 }
 
 /// The whole product in one process: `lazyload serve` relays the test istiod's config to a real
@@ -549,7 +589,7 @@ async fn serve_learns_a_sidecar_from_global_sidecar_traffic() {
     let default = backend("default").await;
     let other = backend("other").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = istiod_for_global_sidecar(config, &ports).await;
+    let istiod = istiod_for_global_sidecar(config, &ports, true).await;
 
     let work = TempDir::new("serve-e2e");
     std::fs::write(

@@ -57,7 +57,7 @@ enum Push {
 
 struct State {
     config: Mutex<Config>,
-    shape: Option<SidecarShape>,
+    shape: Mutex<Option<SidecarShape>>,
     sent: Mutex<BTreeMap<String, BTreeSet<String>>>,
     version: AtomicU64,
     nonce: AtomicU64,
@@ -113,7 +113,7 @@ impl TestIstiod {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             config: Mutex::new(config),
-            shape,
+            shape: Mutex::new(shape),
             sent: Mutex::new(BTreeMap::new()),
             version: AtomicU64::new(1),
             nonce: AtomicU64::new(0),
@@ -188,6 +188,18 @@ impl TestIstiod {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// The proxy's own Service now has these target ports (its Pod and Service were created or
+    /// changed): istiod pushes CDS and LDS again. Only for an istiod started with a shape.
+    pub fn set_own_service_ports(&self, ports: Vec<u16>) {
+        if let Some(shape) = &mut *self.state.shape.lock().unwrap() {
+            shape.own_service_ports = ports;
+        }
+        for type_url in [CLUSTER, LISTENER] {
+            self.state.version.fetch_add(1, Ordering::SeqCst);
+            let _ = self.state.pushes.send(Push::Full(type_url.to_string()));
+        }
+    }
+
     /// The names of every resource of a type sent so far, on any stream.
     pub fn sent(&self, type_url: &str) -> BTreeSet<String> {
         self.state
@@ -252,7 +264,7 @@ impl State {
         mode: Interception,
     ) -> Vec<(String, Any)> {
         let config = self.config.lock().unwrap();
-        let shaped = match &self.shape {
+        let shaped = match &*self.shape.lock().unwrap() {
             Some(shape) => shape.shape(type_url, config.get(type_url), mode),
             None => None,
         };
