@@ -145,7 +145,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    /// How logs and metrics name it.
+    /// How logs name it.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::ReservedPort => "reserved port",
