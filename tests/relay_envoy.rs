@@ -10,10 +10,12 @@
 //! so outbound HTTP listeners come bound on loopback ports (fresh free ports instead of 9080, 80,
 //! ...), and, because the global-sidecar's own Pod and Service (port 9080) exist, an inbound
 //! listener `0.0.0.0_<port>` comes too, on the very address the relay rebinds the 9080 listener
-//! to (A10, A10b). Istio's TLS transport sockets stay: they take their
-//! certificates from `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets,
-//! made here by a throwaway CA. The last test runs the same global-sidecar against `lazyload
-//! serve` itself: relay, collector and learner in one process, the learned Sidecar as a file.
+//! to (A10, A10b). Istio's TLS transport sockets stay: they take their certificates from
+//! `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets, made here by a
+//! throwaway CA; under pilot-agent (its node metadata and `sds-grpc` cluster added to the same
+//! bootstrap) they stay on `sds-grpc`, served by a stand-in SDS server. The last test runs the
+//! same global-sidecar against `lazyload serve` itself: relay, collector and learner in one
+//! process, the learned Sidecar as a file.
 
 mod support;
 
@@ -29,6 +31,7 @@ use support::als_sink::AlsSink;
 use support::certs::Ca;
 use support::envoy::Envoy;
 use support::istiod::{Config, SidecarShape, TestIstiod};
+use support::sds::SdsServer;
 use support::serve::Serve;
 use support::{TempDir, TestRelay, fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -186,17 +189,22 @@ fn own_service_ports(ports: &BTreeMap<u64, u16>, exists: bool) -> Vec<u16> {
 }
 
 struct Setup {
-    envoy: Envoy,
     ports: BTreeMap<u64, u16>,
     passthrough: SocketAddr,
     sink: AlsSink,
-    ca: Ca,
+    gs: GlobalSidecar,
     _relay: TestRelay,
     istiod: TestIstiod,
-    _dir: TempDir,
 }
 
-async fn setup(api_type: &str, own_service: bool) -> Setup {
+impl std::ops::Deref for Setup {
+    type Target = GlobalSidecar;
+    fn deref(&self) -> &GlobalSidecar {
+        &self.gs
+    }
+}
+
+async fn setup(api_type: &str, own_service: bool, bootstrap: Bootstrap) -> Setup {
     let default = backend("default").await;
     let other = backend("other").await;
     let passthrough = backend("passthrough").await;
@@ -216,21 +224,76 @@ async fn setup(api_type: &str, own_service: bool) -> Setup {
     let relay = TestRelay::start(upstream, settings).await;
     let relay_addr = relay.addr;
 
-    let (envoy, dir, ca) = start_global_sidecar(api_type, relay_addr.port()).await;
+    let gs = start_global_sidecar(api_type, relay_addr.port(), bootstrap).await;
     Setup {
-        envoy,
         ports,
         passthrough,
         sink,
-        ca,
+        gs,
         _relay: relay,
         istiod,
-        _dir: dir,
     }
 }
-/// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, certificates from a
-/// throwaway CA, returned for callers' certificates) connected to the relay at `relay_port`, once it has accepted LDS and CDS.
-async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDir, Ca) {
+
+/// Who starts the stock Envoy global-sidecar, i.e. where its bootstrap comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bootstrap {
+    /// `envoy/global-sidecar-bootstrap.yaml` as shipped, placeholders rendered: static secrets.
+    Shipped,
+    /// pilot-agent: what matters to the relay of the bootstrap it writes, i.e. its node
+    /// metadata `PROXY_CONFIG` and its `sds-grpc` cluster, where it serves the secrets (the
+    /// stand-in [`SdsServer`]), and no static secrets.
+    PilotAgent,
+}
+
+/// A running global-sidecar and what it needs.
+struct GlobalSidecar {
+    envoy: Envoy,
+    /// The mesh CA (for callers' certificates).
+    ca: Ca,
+    /// pilot-agent's SDS server, with [`Bootstrap::PilotAgent`].
+    sds: Option<SdsServer>,
+    _certs: TempDir,
+}
+
+/// pilot-agent's additions to the shipped bootstrap (`bootstrap`, rendered): its node metadata
+/// `PROXY_CONFIG`, its `sds-grpc` cluster at `sds`, and no static secrets.
+fn as_pilot_agent_writes_it(bootstrap: &str, sds: SocketAddr, relay_port: u16) -> String {
+    let mut b: serde_yaml::Value = serde_yaml::from_str(bootstrap).unwrap();
+    b["node"]["metadata"]["PROXY_CONFIG"] =
+        serde_yaml::from_str(&format!("{{discoveryAddress: '127.0.0.1:{relay_port}'}}")).unwrap();
+    let statics = b["static_resources"].as_mapping_mut().unwrap();
+    statics.remove("secrets");
+    let sds_cluster: serde_yaml::Value = serde_yaml::from_str(&format!(
+        r#"
+name: sds-grpc
+type: STATIC
+connect_timeout: 1s
+typed_extension_protocol_options:
+  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+    explicit_http_config: {{http2_protocol_options: {{}}}}
+load_assignment:
+  cluster_name: sds-grpc
+  endpoints:
+  - lb_endpoints:
+    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
+"#,
+        sds.port()
+    ))
+    .unwrap();
+    statics
+        .get_mut("clusters")
+        .and_then(|c| c.as_sequence_mut())
+        .unwrap()
+        .push(sds_cluster);
+    serde_yaml::to_string(&b).unwrap()
+}
+
+/// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, or what pilot-agent
+/// makes of it; certificates from a throwaway CA, returned for callers' certificates) connected
+/// to the relay at `relay_port`, once it has accepted LDS and CDS.
+async fn start_global_sidecar(api_type: &str, relay_port: u16, source: Bootstrap) -> GlobalSidecar {
     let dir = TempDir::new("gs-certs");
     let ca = Ca::new();
     let gs = ca.workload(
@@ -257,6 +320,16 @@ async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDi
         .replace("{{ADS_API_TYPE}}", api_type)
         .replace("{{CERT_DIR}}", dir.0.to_str().unwrap())
         .replace("{{ADMIN_PORT}}", "0");
+    let (bootstrap, sds) = match source {
+        Bootstrap::Shipped => (bootstrap, None),
+        Bootstrap::PilotAgent => {
+            let sds = SdsServer::start(&gs, &ca.root).await;
+            (
+                as_pilot_agent_writes_it(&bootstrap, sds.addr, relay_port),
+                Some(sds),
+            )
+        }
+    };
     let envoy = Envoy::start(&format!("gs-{api_type}"), &bootstrap).await;
     envoy
         .wait_for(
@@ -273,7 +346,12 @@ async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDi
             },
         )
         .await;
-    (envoy, dir, ca)
+    GlobalSidecar {
+        envoy,
+        ca,
+        sds,
+        _certs: dir,
+    }
 }
 
 fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
@@ -536,7 +614,7 @@ async fn check_mtls(s: &Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_sotw() {
-    let s = setup("GRPC", true).await;
+    let s = setup("GRPC", true, Bootstrap::Shipped).await;
     check_config(&s).await;
     check_traffic(&s).await;
     check_mtls(&s).await;
@@ -544,9 +622,31 @@ async fn stock_envoy_global_sidecar_over_sotw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_delta() {
-    let s = setup("DELTA_GRPC", true).await;
+    let s = setup("DELTA_GRPC", true, Bootstrap::Shipped).await;
     check_config(&s).await;
     check_traffic(&s).await;
+}
+
+/// pilot-agent with a stock Envoy (A9's two decisions): Istio's extensions are stripped (the
+/// Envoy reports none of them) while secrets stay on pilot-agent's `sds-grpc` (its node metadata
+/// says it is there): Envoy gets its certificates from the SDS server, accepts every update,
+/// and terminates callers' mTLS (A11) with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_agent_with_a_stock_envoy_keeps_its_sds_secrets() {
+    let s = setup("GRPC", true, Bootstrap::PilotAgent).await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+    check_mtls(&s).await;
+    let asked = s.sds.as_ref().unwrap().asked();
+    assert!(
+        asked.contains("default") && asked.contains("ROOTCA"),
+        "secrets asked of pilot-agent: {asked:?}"
+    );
+    let dump = s.envoy.config_dump("?resource=dynamic_active_secrets").await;
+    assert!(
+        dump.to_string().contains("\"default\""),
+        "the SDS secret is active: {dump}"
+    );
 }
 
 /// A10b whatever the push order: the global-sidecar connects before its own Service exists (no
@@ -554,7 +654,7 @@ async fn stock_envoy_global_sidecar_over_delta() {
 /// with the inbound listener on the wormhole port's address. LDS stays ACKed and the port keeps
 /// reaching the outbound routes.
 async fn own_service_created_later(api_type: &str) {
-    let s = setup(api_type, false).await;
+    let s = setup(api_type, false, Bootstrap::Shipped).await;
     check_traffic(&s).await;
     let lds_replies = |istiod: &TestIstiod| istiod.seen().iter().filter(|r| r.type_url == LISTENER).count();
     let before = lds_replies(&s.istiod);
@@ -630,9 +730,10 @@ items:
     )
     .await;
     let admin = serve.admin;
-    let (envoy, _certs, _ca) = start_global_sidecar("GRPC", xds).await;
+    let gs = start_global_sidecar("GRPC", xds, Bootstrap::Shipped).await;
+    let envoy = &gs.envoy;
 
-    check_inbound_listeners(&envoy, &istiod, &ports).await;
+    check_inbound_listeners(envoy, &istiod, &ports).await;
     let listener: SocketAddr = format!("127.0.0.1:{}", ports[&9080]).parse().unwrap();
     let first_call = std::time::Instant::now();
     let r = http::get(
