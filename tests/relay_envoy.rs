@@ -29,7 +29,7 @@ use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use serde_json::{Value, json};
 use support::als_sink::AlsSink;
 use support::certs::Ca;
-use support::envoy::Envoy;
+use support::envoy::{Envoy, grpc_cluster};
 use support::istiod::{Config, SidecarShape, TestIstiod};
 use support::sds::SdsServer;
 use support::serve::Serve;
@@ -264,24 +264,7 @@ fn as_pilot_agent_writes_it(bootstrap: &str, sds: SocketAddr, relay_port: u16) -
         serde_yaml::from_str(&format!("{{discoveryAddress: '127.0.0.1:{relay_port}'}}")).unwrap();
     let statics = b["static_resources"].as_mapping_mut().unwrap();
     statics.remove("secrets");
-    let sds_cluster: serde_yaml::Value = serde_yaml::from_str(&format!(
-        r#"
-name: sds-grpc
-type: STATIC
-connect_timeout: 1s
-typed_extension_protocol_options:
-  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-    "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-    explicit_http_config: {{http2_protocol_options: {{}}}}
-load_assignment:
-  cluster_name: sds-grpc
-  endpoints:
-  - lb_endpoints:
-    - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}
-"#,
-        sds.port()
-    ))
-    .unwrap();
+    let sds_cluster: serde_yaml::Value = serde_yaml::from_str(&grpc_cluster("sds-grpc", sds)).unwrap();
     statics
         .get_mut("clusters")
         .and_then(|c| c.as_sequence_mut())
