@@ -99,6 +99,14 @@ def cross_checks(path, docs):
                 port = c.get(probe, {}).get("httpGet", {}).get("port")
                 if isinstance(port, str) and port not in names:
                     fail(f"{d['metadata']['name']}: {probe} port {port} not declared")
+    # The global-sidecar must tell istiod it has no iptables, or istiod sends it listeners that
+    # bind nothing (DESIGN A10); and it must be marked so the relay adjusts its config.
+    needed = {"ISTIO_META_INTERCEPTION_MODE": "NONE", "ISTIO_META_SLIME_APP": "LAZYLOAD_GLOBAL_SIDECAR"}
+    for d in (d for d in deployments if d["metadata"]["name"] == "global-sidecar"):
+        env = {e["name"]: e.get("value") for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        for key, value in needed.items():
+            if env.get(key) != value:
+                fail(f"global-sidecar in {by_ns(d)}: env {key} must be {value!r}, not {env.get(key)!r}")
     binary = os.environ.get("LAZYLOAD_BIN")
     if binary:
         for cm in (d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {})):

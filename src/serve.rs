@@ -49,8 +49,10 @@ const LEASE_GRACE_SECONDS: u64 = 5;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most edges in one batch handed to the consumer.
 const EDGE_BATCH: usize = 500;
-/// How often queued edges are handed over when no batch is full.
-const EDGE_FLUSH: Duration = Duration::from_secs(1);
+/// How often queued edges are handed over when no batch is full. A first call through the
+/// global-sidecar waits on this (after the access logger's 50 ms flush, before the reconciler's
+/// 100 ms debounce), so it is short; an idle tick takes a lock and sends nothing.
+const EDGE_FLUSH: Duration = Duration::from_millis(50);
 
 /// Flags of `lazyload serve` (each also read from an environment variable).
 #[derive(Clone, Debug, clap::Args)]

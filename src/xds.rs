@@ -54,9 +54,29 @@ pub struct NodeInfo {
     pub global_sidecar: bool,
     /// Extension type URLs the Envoy reported (`node.extensions`); empty when it reported none.
     pub supported_type_urls: HashSet<String>,
-    /// A stock Envoy: it reported its extensions and none is Istio's (A9 applies).
+    /// A stock Envoy: it reported its extensions and none is Istio's, so Istio-only extensions
+    /// must go (A9). Says nothing about where its secrets come from: see `secrets`.
     pub stock_envoy: bool,
+    /// Where the node's TLS secrets come from (A9, A11).
+    pub secrets: SecretSource,
 }
+
+/// Where a node's TLS secrets (`default`, `ROOTCA`) come from. A separate fact from which Envoy
+/// build runs: pilot-agent can run a stock Envoy, and a plain bootstrap can run Istio's build.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SecretSource {
+    /// pilot-agent serves them over SDS (the bootstrap cluster `sds-grpc`): istiod's references
+    /// stay as they are.
+    #[default]
+    Agent,
+    /// No SDS server: the bootstrap's static secrets of the same names (a plain bootstrap such as
+    /// `envoy/global-sidecar-bootstrap.yaml`).
+    Static,
+}
+
+/// Node metadata pilot-agent writes into every bootstrap it generates (its `ProxyConfig`); a
+/// plain bootstrap has no reason to. Its presence means pilot-agent, and so `sds-grpc`, is there.
+pub const AGENT_METADATA: &str = "PROXY_CONFIG";
 
 impl NodeInfo {
     /// Classifies a node from the first request of a stream. `pattern` is the configured
@@ -75,12 +95,21 @@ impl NodeInfo {
             .collect();
         let stock_envoy =
             !node.extensions.is_empty() && !node.extensions.iter().any(|e| e.name.starts_with("istio."));
+        let from_agent = node
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.fields.contains_key(AGENT_METADATA));
         Self {
             class: node_class(&node.id, meta("NAMESPACE"), meta("WORKLOAD_NAME")),
             id: node.id.clone(),
             global_sidecar,
             supported_type_urls,
             stock_envoy,
+            secrets: if from_agent {
+                SecretSource::Agent
+            } else {
+                SecretSource::Static
+            },
         }
     }
 

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lazyload::als::{ACCESS_LOG_CLUSTER, LOG_NAME, LOGGED_REQUEST_HEADERS};
-use support::envoy::Envoy;
+use support::envoy::{Envoy, grpc_cluster};
 use support::serve::Serve;
 use support::{TempDir, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,21 +106,14 @@ static_resources:
   - name: PassthroughCluster
     type: STATIC
     load_assignment: {{cluster_name: PassthroughCluster, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {bip}, port_value: {bport}}}}}}}}}]}}]}}
-  - name: {ACCESS_LOG_CLUSTER}
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment: {{cluster_name: {ACCESS_LOG_CLUSTER}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {aip}, port_value: {aport}}}}}}}}}]}}]}}
+  - {als_cluster}
 "#,
         cluster = static_cluster("outbound|9080||details.default.svc.cluster.local", backend),
         cluster_v2 = static_cluster("outbound|9080|v2|reviews.default.svc.cluster.local", backend),
         cluster_tcp = static_cluster("outbound|3306||mysql.db.svc.cluster.local", echo),
         bip = backend.ip(),
         bport = backend.port(),
-        aip = als.ip(),
-        aport = als.port(),
+        als_cluster = grpc_cluster(ACCESS_LOG_CLUSTER, als),
     )
 }
 

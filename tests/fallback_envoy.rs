@@ -14,7 +14,7 @@ use lazyload::config::Config as LazyloadConfig;
 use lazyload::model::fallback::envoyfilters;
 use lazyload::xds::{CLUSTER, LISTENER, ROUTE};
 use serde_json::{Value, json};
-use support::envoy::Envoy;
+use support::envoy::{Envoy, grpc_cluster};
 use support::envoyfilter::apply_route_patches;
 use support::istiod::{Config, TestIstiod};
 use support::{fixtures, free_port, http};
@@ -128,18 +128,9 @@ dynamic_resources:
   lds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
   clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+  - {}
 "#,
-        istiod.addr.port()
+        grpc_cluster("xds", istiod.addr)
     );
     let envoy = Envoy::start_with_env("workload", &bootstrap, &[("POD_NAMESPACE", "default")]).await;
     envoy

@@ -3,13 +3,19 @@
 //! (`tests/fixtures/istio/dsb-geo-*`), in SotW and Delta.
 //!
 //! The fixture is turned into global-sidecar shape the way istiod and the mesh-wide EnvoyFilter
-//! would leave it: outbound HTTP listeners bound on loopback ports (NONE interception mode; fresh
-//! free ports instead of 9080, 80, ...), every `allow_any` catch-all replaced by Slime's fallback
-//! to the global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
-//! `details` service in a second namespace. Istio's TLS transport sockets stay: they take their
-//! certificates from `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets,
-//! made here by a throwaway CA. The last test runs the same global-sidecar against `lazyload
-//! serve` itself: relay, collector and learner in one process, the learned Sidecar as a file.
+//! would leave it: every `allow_any` catch-all replaced by Slime's fallback to the
+//! global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
+//! `details` service in a second namespace. The test istiod then shapes the listeners by the
+//! node's interception mode as istiod does: the shipped bootstrap says `INTERCEPTION_MODE: NONE`,
+//! so outbound HTTP listeners come bound on loopback ports (fresh free ports instead of 9080, 80,
+//! ...), and, because the global-sidecar's own Pod and Service (port 9080) exist, an inbound
+//! listener `0.0.0.0_<port>` comes too, on the very address the relay rebinds the 9080 listener
+//! to (A10, A10b). Istio's TLS transport sockets stay: they take their certificates from
+//! `sds-grpc`, which the relay rewrites (A9) to the bootstrap's static secrets, made here by a
+//! throwaway CA; under pilot-agent (its node metadata and `sds-grpc` cluster added to the same
+//! bootstrap) they stay on `sds-grpc`, served by a stand-in SDS server. The last test runs the
+//! same global-sidecar against `lazyload serve` itself: relay, collector and learner in one
+//! process, the learned Sidecar as a file.
 
 mod support;
 
@@ -23,8 +29,9 @@ use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use serde_json::{Value, json};
 use support::als_sink::AlsSink;
 use support::certs::Ca;
-use support::envoy::Envoy;
-use support::istiod::{Config, TestIstiod};
+use support::envoy::{Envoy, grpc_cluster};
+use support::istiod::{Config, SidecarShape, TestIstiod};
+use support::sds::SdsServer;
 use support::serve::Serve;
 use support::{TempDir, TestRelay, fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -135,21 +142,16 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
         }
     }
 
+    // Where each outbound HTTP listener binds when istiod sends it to a NONE-mode node: a free
+    // port here (the test istiod shapes the listeners per node, see `SidecarShape`).
     let mut ports = BTreeMap::new();
-    let mut listeners = Vec::new();
-    for mut l in dump.listeners.clone() {
-        let name = l["name"].as_str().unwrap_or_default().to_string();
+    for l in &dump.listeners {
+        let name = l["name"].as_str().unwrap_or_default();
         if let Some(port) = name.strip_prefix("0.0.0.0_").and_then(|p| p.parse::<u64>().ok())
             && l.to_string().contains("http_connection_manager")
         {
-            // NONE interception: istiod binds outbound listeners to 127.0.0.1 (a free port here).
-            let fresh = free_port();
-            ports.insert(port, fresh);
-            l["name"] = json!(format!("127.0.0.1_{port}"));
-            l["address"] = json!({"socket_address": {"address": "127.0.0.1", "port_value": fresh}});
-            l.as_object_mut().unwrap().remove("bind_to_port");
+            ports.insert(port, free_port());
         }
-        listeners.push(l);
     }
 
     let by_name = |items: &[Value], key: &str| -> BTreeMap<String, envoy_types::pb::google::protobuf::Any> {
@@ -162,27 +164,52 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
     config.insert(CLUSTER.into(), by_name(&clusters, "name"));
     config.insert(ENDPOINT.into(), by_name(&endpoints, "cluster_name"));
     config.insert(ROUTE.into(), by_name(&routes, "name"));
-    config.insert(LISTENER.into(), by_name(&listeners, "name"));
+    config.insert(LISTENER.into(), by_name(&dump.listeners, "name"));
     (config, ports)
 }
 
+/// The test istiod serving `config` as istiod serves the global-sidecar: per node by its
+/// interception mode, with the global-sidecar's own Service (`http-9080`, target port 9080, bound
+/// here on `ports[9080]`) present or not yet.
+async fn istiod_for_global_sidecar(
+    config: Config,
+    ports: &BTreeMap<u64, u16>,
+    own_service: bool,
+) -> TestIstiod {
+    let shape = SidecarShape {
+        outbound_binds: ports.clone(),
+        own_service_ports: own_service_ports(ports, own_service),
+    };
+    TestIstiod::start_sidecar(config, shape).await
+}
+
+/// The target ports of the global-sidecar's Service (none before it exists).
+fn own_service_ports(ports: &BTreeMap<u64, u16>, exists: bool) -> Vec<u16> {
+    if exists { vec![ports[&9080]] } else { vec![] }
+}
+
 struct Setup {
-    envoy: Envoy,
     ports: BTreeMap<u64, u16>,
     passthrough: SocketAddr,
     sink: AlsSink,
-    ca: Ca,
+    gs: GlobalSidecar,
     _relay: TestRelay,
-    _istiod: TestIstiod,
-    _dir: TempDir,
+    istiod: TestIstiod,
 }
 
-async fn setup(api_type: &str) -> Setup {
+impl std::ops::Deref for Setup {
+    type Target = GlobalSidecar;
+    fn deref(&self) -> &GlobalSidecar {
+        &self.gs
+    }
+}
+
+async fn setup(api_type: &str, own_service: bool, bootstrap: Bootstrap) -> Setup {
     let default = backend("default").await;
     let other = backend("other").await;
     let passthrough = backend("passthrough").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = TestIstiod::start(config).await;
+    let istiod = istiod_for_global_sidecar(config, &ports, own_service).await;
     let sink = AlsSink::start().await;
 
     let settings = Settings {
@@ -197,21 +224,59 @@ async fn setup(api_type: &str) -> Setup {
     let relay = TestRelay::start(upstream, settings).await;
     let relay_addr = relay.addr;
 
-    let (envoy, dir, ca) = start_global_sidecar(api_type, relay_addr.port()).await;
+    let gs = start_global_sidecar(api_type, relay_addr.port(), bootstrap).await;
     Setup {
-        envoy,
         ports,
         passthrough,
         sink,
-        ca,
+        gs,
         _relay: relay,
-        _istiod: istiod,
-        _dir: dir,
+        istiod,
     }
 }
-/// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, certificates from a
-/// throwaway CA, returned for callers' certificates) connected to the relay at `relay_port`, once it has accepted LDS and CDS.
-async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDir, Ca) {
+
+/// Who starts the stock Envoy global-sidecar, i.e. where its bootstrap comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bootstrap {
+    /// `envoy/global-sidecar-bootstrap.yaml` as shipped, placeholders rendered: static secrets.
+    Shipped,
+    /// pilot-agent: what matters to the relay of the bootstrap it writes, i.e. its node
+    /// metadata `PROXY_CONFIG` and its `sds-grpc` cluster, where it serves the secrets (the
+    /// stand-in [`SdsServer`]), and no static secrets.
+    PilotAgent,
+}
+
+/// A running global-sidecar and what it needs.
+struct GlobalSidecar {
+    envoy: Envoy,
+    /// The mesh CA (for callers' certificates).
+    ca: Ca,
+    /// pilot-agent's SDS server, with [`Bootstrap::PilotAgent`].
+    sds: Option<SdsServer>,
+    _certs: TempDir,
+}
+
+/// pilot-agent's additions to the shipped bootstrap (`bootstrap`, rendered): its node metadata
+/// `PROXY_CONFIG`, its `sds-grpc` cluster at `sds`, and no static secrets.
+fn as_pilot_agent_writes_it(bootstrap: &str, sds: SocketAddr, relay_port: u16) -> String {
+    let mut b: serde_yaml::Value = serde_yaml::from_str(bootstrap).unwrap();
+    b["node"]["metadata"]["PROXY_CONFIG"] =
+        serde_yaml::from_str(&format!("{{discoveryAddress: '127.0.0.1:{relay_port}'}}")).unwrap();
+    let statics = b["static_resources"].as_mapping_mut().unwrap();
+    statics.remove("secrets");
+    let sds_cluster: serde_yaml::Value = serde_yaml::from_str(&grpc_cluster("sds-grpc", sds)).unwrap();
+    statics
+        .get_mut("clusters")
+        .and_then(|c| c.as_sequence_mut())
+        .unwrap()
+        .push(sds_cluster);
+    serde_yaml::to_string(&b).unwrap()
+}
+
+/// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, or what pilot-agent
+/// makes of it; certificates from a throwaway CA, returned for callers' certificates) connected
+/// to the relay at `relay_port`, once it has accepted LDS and CDS.
+async fn start_global_sidecar(api_type: &str, relay_port: u16, source: Bootstrap) -> GlobalSidecar {
     let dir = TempDir::new("gs-certs");
     let ca = Ca::new();
     let gs = ca.workload(
@@ -238,6 +303,16 @@ async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDi
         .replace("{{ADS_API_TYPE}}", api_type)
         .replace("{{CERT_DIR}}", dir.0.to_str().unwrap())
         .replace("{{ADMIN_PORT}}", "0");
+    let (bootstrap, sds) = match source {
+        Bootstrap::Shipped => (bootstrap, None),
+        Bootstrap::PilotAgent => {
+            let sds = SdsServer::start(&gs, &ca.root).await;
+            (
+                as_pilot_agent_writes_it(&bootstrap, sds.addr, relay_port),
+                Some(sds),
+            )
+        }
+    };
     let envoy = Envoy::start(&format!("gs-{api_type}"), &bootstrap).await;
     envoy
         .wait_for(
@@ -254,7 +329,12 @@ async fn start_global_sidecar(api_type: &str, relay_port: u16) -> (Envoy, TempDi
             },
         )
         .await;
-    (envoy, dir, ca)
+    GlobalSidecar {
+        envoy,
+        ca,
+        sds,
+        _certs: dir,
+    }
 }
 
 fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
@@ -267,7 +347,41 @@ fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
         .collect()
 }
 
+/// A10b: istiod sent the global-sidecar's inbound listener for its own Service port, and LDS
+/// was ACKed (never NACKed) with the wormhole port on the rebound outbound listener.
+async fn check_inbound_listeners(envoy: &Envoy, istiod: &TestIstiod, ports: &BTreeMap<u64, u16>) {
+    let inbound = format!("0.0.0.0_{}", ports[&9080]);
+    assert!(
+        istiod.sent(LISTENER).contains(&inbound),
+        "the test istiod sends the inbound listener {inbound}"
+    );
+    let lds: Vec<_> = istiod
+        .seen()
+        .into_iter()
+        .filter(|r| r.type_url == LISTENER)
+        .collect();
+    let nacks: Vec<_> = lds.iter().filter_map(|r| r.error.clone()).collect();
+    assert!(nacks.is_empty(), "LDS NACKed: {nacks:?}");
+    assert!(
+        lds.iter().any(|r| !r.nonce.is_empty()),
+        "LDS ACKed to istiod: {lds:?}"
+    );
+    let dump = envoy.config_dump("").await;
+    let listeners = dynamic(&dump, "dynamic_listeners", &["active_state", "listener"]);
+    let on_port: Vec<&str> = listeners
+        .iter()
+        .filter(|l| l["address"]["socket_address"]["port_value"] == ports[&9080])
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert_eq!(
+        on_port,
+        ["127.0.0.1_9080"],
+        "the wormhole port is the outbound listener's"
+    );
+}
+
 async fn check_config(s: &Setup) {
+    check_inbound_listeners(&s.envoy, &s.istiod, &s.ports).await;
     let rejected: BTreeMap<String, i64> = s
         .envoy
         .stats("update_rejected")
@@ -483,7 +597,7 @@ async fn check_mtls(s: &Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_sotw() {
-    let s = setup("GRPC").await;
+    let s = setup("GRPC", true, Bootstrap::Shipped).await;
     check_config(&s).await;
     check_traffic(&s).await;
     check_mtls(&s).await;
@@ -491,9 +605,62 @@ async fn stock_envoy_global_sidecar_over_sotw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_envoy_global_sidecar_over_delta() {
-    let s = setup("DELTA_GRPC").await;
+    let s = setup("DELTA_GRPC", true, Bootstrap::Shipped).await;
     check_config(&s).await;
     check_traffic(&s).await;
+}
+
+/// pilot-agent with a stock Envoy (A9's two decisions): Istio's extensions are stripped (the
+/// Envoy reports none of them) while secrets stay on pilot-agent's `sds-grpc` (its node metadata
+/// says it is there): Envoy gets its certificates from the SDS server, accepts every update,
+/// and terminates callers' mTLS (A11) with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_agent_with_a_stock_envoy_keeps_its_sds_secrets() {
+    let s = setup("GRPC", true, Bootstrap::PilotAgent).await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+    check_mtls(&s).await;
+    let asked = s.sds.as_ref().unwrap().asked();
+    assert!(
+        asked.contains("default") && asked.contains("ROOTCA"),
+        "secrets asked of pilot-agent: {asked:?}"
+    );
+    let dump = s.envoy.config_dump("?resource=dynamic_active_secrets").await;
+    assert!(
+        dump.to_string().contains("\"default\""),
+        "the SDS secret is active: {dump}"
+    );
+}
+
+/// A10b whatever the push order: the global-sidecar connects before its own Service exists (no
+/// inbound listeners yet), then the Service is created and istiod pushes CDS and LDS again, now
+/// with the inbound listener on the wormhole port's address. LDS stays ACKed and the port keeps
+/// reaching the outbound routes.
+async fn own_service_created_later(api_type: &str) {
+    let s = setup(api_type, false, Bootstrap::Shipped).await;
+    check_traffic(&s).await;
+    let lds_replies = |istiod: &TestIstiod| istiod.seen().iter().filter(|r| r.type_url == LISTENER).count();
+    let before = lds_replies(&s.istiod);
+    s.istiod.set_own_service_ports(own_service_ports(&s.ports, true));
+    s.envoy
+        .wait_for(
+            "Envoy's reply to the LDS push with the inbound listener",
+            Duration::from_secs(20),
+            || async { (lds_replies(&s.istiod) > before).then_some(()) },
+        )
+        .await;
+    check_config(&s).await;
+    check_traffic(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_service_created_later_over_sotw() {
+    own_service_created_later("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_service_created_later_over_delta() {
+    own_service_created_later("DELTA_GRPC").await;
 }
 
 /// The whole product in one process: `lazyload serve` relays the test istiod's config to a real
@@ -505,7 +672,7 @@ async fn serve_learns_a_sidecar_from_global_sidecar_traffic() {
     let default = backend("default").await;
     let other = backend("other").await;
     let (config, ports) = global_sidecar_config(default, other);
-    let istiod = TestIstiod::start(config).await;
+    let istiod = istiod_for_global_sidecar(config, &ports, true).await;
 
     let work = TempDir::new("serve-e2e");
     std::fs::write(
@@ -546,9 +713,12 @@ items:
     )
     .await;
     let admin = serve.admin;
-    let (envoy, _certs, _ca) = start_global_sidecar("GRPC", xds).await;
+    let gs = start_global_sidecar("GRPC", xds, Bootstrap::Shipped).await;
+    let envoy = &gs.envoy;
 
+    check_inbound_listeners(envoy, &istiod, &ports).await;
     let listener: SocketAddr = format!("127.0.0.1:{}", ports[&9080]).parse().unwrap();
+    let first_call = std::time::Instant::now();
     let r = http::get(
         listener,
         "/details/0",
@@ -558,17 +728,21 @@ items:
     .unwrap();
     assert_eq!(r.body, "backend=default\n", "{}", envoy.log());
 
-    // The global-sidecar flushes its access logs about once a second; the learner batches.
+    // The global-sidecar's logger flushes every 50 ms (A6); the learner debounces 100 ms.
     let sidecar_file = work.path("manifests/default/productpage.sidecar.yaml");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = first_call + Duration::from_secs(20);
     while !sidecar_file.exists() {
         assert!(
             std::time::Instant::now() < deadline,
             "no Sidecar written; edges: {:?}",
             http::get(admin, "/debug/edges", &[]).await.map(|r| r.body)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let learned_in = first_call.elapsed();
+    println!("first call -> Sidecar written: {} ms", learned_in.as_millis());
+    // Generous: the goal is 300 ms; Envoy's default 1 s flush alone could take up to 1 s.
+    assert!(learned_in < Duration::from_secs(3), "{learned_in:?}");
     let sidecar: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&sidecar_file).unwrap()).unwrap();
     assert_eq!(sidecar["kind"], "Sidecar");

@@ -24,7 +24,7 @@ use lazyload::xds::upstream::{Upstream, UpstreamConfig};
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER};
 use prost::Message;
 use support::TestRelay;
-use support::istiod::{Config, TestIstiod, any};
+use support::istiod::{Config, SidecarShape, TestIstiod, any};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -438,6 +438,52 @@ async fn unknown_types_and_ordinary_nodes_pass_through_unchanged() {
     let from_istiod = direct.recv().await;
     assert_eq!(via_relay.resources, from_istiod.resources);
     assert!(!via_relay.nonce.starts_with("ll-"));
+}
+
+/// A node in interception mode NONE whose own Service exists gets istiod's inbound listener for
+/// its port: the relay drops it for a global-sidecar (A10b) and passes it to any other node. A
+/// wrongly typed `INTERCEPTION_MODE` fails the stream at istiod, as it does at the real one.
+#[tokio::test]
+async fn inbound_listeners_reach_only_ordinary_nodes() {
+    let shape = SidecarShape {
+        own_service_ports: vec![9080],
+        ..Default::default()
+    };
+    let istiod = TestIstiod::start_sidecar(mesh(), shape).await;
+    let r = relay(&istiod.url()).await;
+    let none_mode = |global_sidecar: bool, mode: Kind| {
+        let mut n = node(global_sidecar);
+        if let Some(m) = n.metadata.as_mut() {
+            m.fields
+                .insert("INTERCEPTION_MODE".into(), Value { kind: Some(mode) });
+        }
+        n
+    };
+    let none = || Kind::StringValue("NONE".into());
+    let mut gs = SotwClient::connect(r.addr, &[]).await;
+    gs.request(Some(none_mode(true, none())), LISTENER, &[], "").await;
+    assert_eq!(names(&gs.recv().await), ["l1"]);
+    let mut plain = SotwClient::connect(r.addr, &[]).await;
+    plain
+        .request(Some(none_mode(false, none())), LISTENER, &[], "")
+        .await;
+    assert_eq!(names(&plain.recv().await), ["0.0.0.0_9080", "l1"]);
+    assert!(
+        r.relay
+            .metrics()
+            .adjustments
+            .get_or_create(&lazyload::xds::metrics::AdjustLabels {
+                adjustment: "listener_dropped_inbound"
+            })
+            .get()
+            >= 1
+    );
+
+    let mut bad = SotwClient::connect(r.addr, &[]).await;
+    bad.request(Some(none_mode(true, Kind::BoolValue(true))), LISTENER, &[], "")
+        .await;
+    let status = bad.ended().await;
+    assert!(status.message().contains("INTERCEPTION_MODE"), "{status:?}");
 }
 
 #[tokio::test]

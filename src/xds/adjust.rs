@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::config::core::v3::grpc_service::{EnvoyGrpc, TargetSp
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, ApiConfigSource, ApiVersion, ConfigSource, GrpcService, Http2ProtocolOptions, SocketAddress,
-    TransportSocket, api_config_source::ApiType, transport_socket,
+    TrafficDirection, TransportSocket, api_config_source::ApiType, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -53,7 +53,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher:
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
 use prost::{Message, Name};
 
-use super::NodeInfo;
+use super::{NodeInfo, SecretSource};
 use crate::als::{ACCESS_LOG_CLUSTER, HEADER_ORIG_DEST, LOG_NAME, LOGGED_REQUEST_HEADERS};
 use crate::model::dependencies::is_global_sidecar;
 
@@ -65,6 +65,11 @@ pub const SOURCE_NS_HEADER: &str = "slime-source-ns";
 pub const RESERVED_PORTS: [u32; 10] = [
     15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
 ];
+
+/// How long the global-sidecar's gRPC access logger (A6) buffers entries before sending them.
+/// Envoy's default is 1 s, which was most of the time from a first call to a learned Sidecar; at
+/// 50 ms a first call reaches the collector well within 100 ms, for one timer tick per worker.
+pub const ACCESS_LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
@@ -121,11 +126,32 @@ pub enum ListenerOutcome {
         /// Whether anything was modified.
         changed: bool,
     },
-    /// Drop it (A5): it would bind a port the proxy uses itself.
+    /// Drop it.
     Drop {
         /// The port.
         port: u32,
+        /// Why.
+        reason: DropReason,
     },
+}
+
+/// Why a listener is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A5: it would bind a port the proxy uses itself.
+    ReservedPort,
+    /// A10b: an inbound listener of the global-sidecar's own Service.
+    Inbound,
+}
+
+impl DropReason {
+    /// How logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::ReservedPort => "reserved port",
+            DropReason::Inbound => "inbound listener of the global-sidecar's own Service",
+        }
+    }
 }
 
 /// Counts of what the adjustments did, for metrics.
@@ -139,19 +165,36 @@ impl Counts {
 }
 
 impl Adjuster<'_> {
-    /// Whether this node is a stock Envoy (it reported its extensions and none is Istio's).
+    /// Whether this node is a stock Envoy (it reported its extensions and none is Istio's): what
+    /// it cannot load is removed (A9).
     pub fn stock_envoy(&self) -> bool {
         self.node.stock_envoy
     }
 
-    /// A5, A6, A7, A9, A10, A11 on a listener.
+    /// Whether the node has no SDS server, so istiod's `sds-grpc` secrets must come from the
+    /// bootstrap's static ones (A9). Independent of [`Adjuster::stock_envoy`].
+    pub fn static_secrets(&self) -> bool {
+        self.node.secrets == SecretSource::Static
+    }
+
+    /// A5, A6, A7, A9, A10, A10b, A11 on a listener.
     pub fn listener(&self, l: &mut Listener, counts: &mut Counts) -> ListenerOutcome {
         let Some(port) = socket_port(l.address.as_ref()) else {
             return ListenerOutcome::Keep { changed: false };
         };
         if self.settings.reserved_ports.contains(&port) {
             counts.add("listener_dropped_reserved_port");
-            return ListenerOutcome::Drop { port };
+            return ListenerOutcome::Drop {
+                port,
+                reason: DropReason::ReservedPort,
+            };
+        }
+        if is_inbound(l) {
+            counts.add("listener_dropped_inbound");
+            return ListenerOutcome::Drop {
+                port,
+                reason: DropReason::Inbound,
+            };
         }
         let mut changed = false;
         // A10: NONE-mode listeners are bound to 127.0.0.1; other pods must reach them.
@@ -215,7 +258,7 @@ impl Adjuster<'_> {
                 changed = true;
             }
         }
-        if self.stock_envoy()
+        if self.static_secrets()
             && let Some(ts) = &mut chain.transport_socket
         {
             changed |= rewrite_transport_socket(ts);
@@ -271,6 +314,10 @@ impl Adjuster<'_> {
                     ..Default::default()
                 }),
                 transport_api_version: ApiVersion::V3 as i32,
+                buffer_flush_interval: Some(Duration {
+                    seconds: ACCESS_LOG_FLUSH_INTERVAL.as_secs() as i64,
+                    nanos: ACCESS_LOG_FLUSH_INTERVAL.subsec_nanos() as i32,
+                }),
                 ..Default::default()
             }),
             additional_request_headers_to_log: LOGGED_REQUEST_HEADERS.iter().map(|h| h.to_string()).collect(),
@@ -347,7 +394,7 @@ impl Adjuster<'_> {
         if plaintext.is_empty() {
             return false;
         }
-        let sds_source = (!self.stock_envoy()).then(agent_sds_source);
+        let sds_source = (!self.static_secrets()).then(agent_sds_source);
         let secret = |name: &str| SdsSecretConfig {
             name: name.into(),
             sds_config: sds_source.clone(),
@@ -542,6 +589,8 @@ impl Adjuster<'_> {
                 counts.add("cluster_filter_removed");
                 changed = true;
             }
+        }
+        if self.static_secrets() {
             let sockets = c.transport_socket.iter_mut().chain(
                 c.transport_socket_matches
                     .iter_mut()
@@ -561,10 +610,9 @@ impl Adjuster<'_> {
     /// that need no change are passed through as istiod's bytes.
     pub fn cluster_needs_decode(&self, encoded: &[u8]) -> bool {
         contains(encoded, PASSTHROUGH_CLUSTER.as_bytes())
+            || (self.static_secrets() && contains(encoded, SDS_AGENT_CLUSTER.as_bytes()))
             || (self.stock_envoy()
-                && (contains(encoded, SDS_AGENT_CLUSTER.as_bytes())
-                    || contains(encoded, b"metadataexchange")
-                    || contains(encoded, b"TypedStruct")))
+                && (contains(encoded, b"metadataexchange") || contains(encoded, b"TypedStruct")))
     }
 
     /// Whether the node can load an extension config (A9). Istio's null-VM Wasm plugins exist
@@ -591,6 +639,19 @@ impl Adjuster<'_> {
         }
         self.node.supports(&any.type_url)
     }
+}
+
+/// A10b: whether istiod built the listener for inbound traffic. In interception mode NONE,
+/// once the global-sidecar's own Pod and Service exist, istiod binds one such listener per
+/// Service port (`0.0.0.0_9080`, `traffic_direction: INBOUND`, chains to `inbound|9080||`),
+/// on the very address the rebound outbound listener takes (A10): Envoy rejects the whole LDS
+/// update (`duplicate address`), or, depending on push order, the inbound one wins and the
+/// wormhole port no longer reaches the outbound routes. The global-sidecar serves no
+/// application, and A11 terminates callers' mTLS on the rebound listeners, so its inbound
+/// listeners have nothing to do: all of them are dropped, whatever the push order, which keeps
+/// the decision per listener (a Delta push may carry either one alone).
+fn is_inbound(l: &Listener) -> bool {
+    l.traffic_direction == TrafficDirection::Inbound as i32
 }
 
 /// `udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct`: only the wrapped type URL matters.
@@ -698,7 +759,7 @@ fn is_metadata_exchange(name: &str, any: Option<&Any>) -> bool {
 }
 
 /// A9: secrets istiod points at pilot-agent's `sds-grpc` come from the bootstrap's static
-/// secrets of the same name (`default`, `ROOTCA`) on a stock Envoy.
+/// secrets of the same name (`default`, `ROOTCA`) on a node without pilot-agent.
 fn rewrite_transport_socket(ts: &mut TransportSocket) -> bool {
     let Some(transport_socket::ConfigType::TypedConfig(any)) = &mut ts.config_type else {
         return false;

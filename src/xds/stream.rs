@@ -153,8 +153,8 @@ pub(crate) fn process(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Cou
     match any.type_url.as_str() {
         LISTENER => match Listener::decode(&*any.value) {
             Ok(mut l) => match adj.listener(&mut l, counts) {
-                ListenerOutcome::Drop { port } => {
-                    tracing::debug!(listener = %name, port, "dropped: reserved port");
+                ListenerOutcome::Drop { port, reason } => {
+                    tracing::debug!(listener = %name, port, "dropped: {}", reason.as_str());
                     Processed::Drop
                 }
                 ListenerOutcome::Keep { changed: true } => keep(pack(&l), true),

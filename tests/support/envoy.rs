@@ -111,3 +111,18 @@ impl Drop for Envoy {
         }
     }
 }
+
+/// A bootstrap's static cluster `name` speaking HTTP/2 (gRPC: ADS, ALS, SDS) to `addr`, as one
+/// line of flow-style YAML, so it fits a bootstrap at any indentation.
+pub fn grpc_cluster(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "{{name: {name}, type: STATIC, connect_timeout: 1s, typed_extension_protocol_options: \
+         {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{\"@type\": \
+         type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, \
+         explicit_http_config: {{http2_protocol_options: {{}}}}}}}}, load_assignment: \
+         {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: \
+         {{socket_address: {{address: '{}', port_value: {}}}}}}}}}]}}]}}}}",
+        addr.ip(),
+        addr.port()
+    )
+}

@@ -8,25 +8,39 @@ pub mod envoyfilter;
 pub mod fixtures;
 pub mod http;
 pub mod istiod;
+pub mod sds;
 pub mod serve;
 
-/// A port nothing listens on right now, and never handed out before in this test binary.
+/// A port nothing listens on right now, never handed out before to this or any other test
+/// process running at the same time.
 ///
-/// The kernel may return the same ephemeral port to two back-to-back binds once the first socket
-/// is closed; a test that rewrites many listeners to "free" ports would then give Envoy two
-/// listeners on one address, which it rejects.
+/// A test that rewrites many listeners to "free" ports runs Envoy with dozens of them, next to
+/// other test processes doing the same. So the port is drawn below the kernel's ephemeral range
+/// (no outgoing connection or `bind(0)` takes it meanwhile), claimed by a lock on a file in the
+/// temporary directory that this process holds until it exits (no other test process takes
+/// it), and checked bindable on every address, as Envoy binds it.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    use std::hash::{BuildHasher, Hasher};
+    static CLAIMED: std::sync::Mutex<Vec<(u16, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("lazyload-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut claimed = CLAIMED.lock().unwrap();
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if HANDED_OUT.lock().unwrap().insert(port) {
-            return port;
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = 20_000 + (random % 12_000) as u16;
+        if claimed.iter().any(|(p, _)| *p == port) {
+            continue;
         }
+        let Ok(file) = std::fs::File::create(dir.join(port.to_string())) else {
+            continue;
+        };
+        if file.try_lock().is_err() || std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+            continue;
+        }
+        claimed.push((port, file));
+        return port;
     }
 }
 

@@ -18,40 +18,79 @@ fn settings() -> Settings {
     }
 }
 
+/// Istio's proxy under pilot-agent: it reports no extensions (older builds) and has
+/// pilot-agent's `PROXY_CONFIG` metadata.
 fn istio_proxy() -> NodeInfo {
-    NodeInfo::default()
+    NodeInfo::from_node(Some(&node(Envoy::Istio, Bootstrap::PilotAgent)), None)
 }
 
-/// A stock Envoy that reports a few extensions, none of Istio's.
+/// A stock Envoy with a plain bootstrap: a few extensions, none of Istio's, no pilot-agent.
 fn stock() -> NodeInfo {
+    NodeInfo::from_node(Some(&node(Envoy::Stock, Bootstrap::Plain)), None)
+}
+
+/// Which Envoy build a test node runs.
+#[derive(Clone, Copy, Debug)]
+enum Envoy {
+    /// Istio's proxy build, reporting an `istio.*` extension.
+    Istio,
+    /// A stock build: a few extensions, none of Istio's.
+    Stock,
+}
+
+/// Who wrote a test node's bootstrap.
+#[derive(Clone, Copy, Debug)]
+enum Bootstrap {
+    /// pilot-agent (node metadata `PROXY_CONFIG`, an `sds-grpc` cluster).
+    PilotAgent,
+    /// A plain file such as `envoy/global-sidecar-bootstrap.yaml`.
+    Plain,
+}
+
+fn node(envoy: Envoy, bootstrap: Bootstrap) -> Node {
     let ext = |name: &str, ty: &str| Extension {
         name: name.into(),
         type_urls: vec![ty.into()],
         ..Default::default()
     };
-    let node = Node {
+    let mut extensions = vec![
+        ext(
+            "envoy.filters.http.router",
+            "envoy.extensions.filters.http.router.v3.Router",
+        ),
+        ext(
+            "envoy.filters.http.wasm",
+            "envoy.extensions.filters.http.wasm.v3.Wasm",
+        ),
+        ext(
+            "envoy.filters.network.http_connection_manager",
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        ),
+        ext(
+            "envoy.transport_sockets.tls",
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        ),
+    ];
+    if let Envoy::Istio = envoy {
+        extensions.push(ext("istio.stats", "stats.PluginConfig"));
+    }
+    let mut metadata = envoy_types::pb::google::protobuf::Struct::default();
+    if let Bootstrap::PilotAgent = bootstrap {
+        metadata.fields.insert(
+            crate::xds::AGENT_METADATA.into(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StructValue(
+                    Default::default(),
+                )),
+            },
+        );
+    }
+    Node {
         id: "gs".into(),
-        extensions: vec![
-            ext(
-                "envoy.filters.http.router",
-                "envoy.extensions.filters.http.router.v3.Router",
-            ),
-            ext(
-                "envoy.filters.http.wasm",
-                "envoy.extensions.filters.http.wasm.v3.Wasm",
-            ),
-            ext(
-                "envoy.filters.network.http_connection_manager",
-                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            ),
-            ext(
-                "envoy.transport_sockets.tls",
-                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            ),
-        ],
+        extensions,
+        metadata: Some(metadata),
         ..Default::default()
-    };
-    NodeInfo::from_node(Some(&node), None)
+    }
 }
 
 fn any_named<M: Message + Name + Default>(type_url: &str) -> Any {
@@ -90,6 +129,14 @@ fn hcm_of(l: &Listener) -> HttpConnectionManager {
         Some(filter::ConfigType::TypedConfig(a)) => HttpConnectionManager::decode(&*a.value).unwrap(),
         _ => panic!("no HCM"),
     }
+}
+
+/// The first access logger of the listener's HTTP connection manager, as the gRPC one.
+fn grpc_logger_of(l: &Listener) -> HttpGrpcAccessLogConfig {
+    let Some(access_log::ConfigType::TypedConfig(cfg)) = &hcm_of(l).access_log[0].config_type else {
+        panic!("no typed access logger")
+    };
+    HttpGrpcAccessLogConfig::decode(&*cfg.value).unwrap()
 }
 
 fn route_to(cluster: &str) -> Route {
@@ -167,12 +214,8 @@ fn loopback_listeners_are_rebound_and_get_the_access_logger_once() {
         ListenerOutcome::Keep { changed: true }
     );
     assert_eq!(socket_address_mut(l.address.as_mut()).unwrap().address, "0.0.0.0");
-    let hcm = hcm_of(&l);
-    assert_eq!(hcm.access_log.len(), 1);
-    let Some(access_log::ConfigType::TypedConfig(cfg)) = &hcm.access_log[0].config_type else {
-        panic!()
-    };
-    let cfg = HttpGrpcAccessLogConfig::decode(&*cfg.value).unwrap();
+    assert_eq!(hcm_of(&l).access_log.len(), 1);
+    let cfg = grpc_logger_of(&l);
     assert_eq!(
         cfg.additional_request_headers_to_log,
         ["Slime-Orig-Dest", "Slime-Source-Ns"]
@@ -599,5 +642,180 @@ fn als_cluster_points_at_the_collector() {
         }
         .als_cluster()
         .is_none()
+    );
+}
+
+/// A cluster as istiod writes it for a sidecar: Istio's metadata-exchange filter and a TLS
+/// socket whose certificate comes from pilot-agent's `sds-grpc`.
+fn istio_cluster() -> Cluster {
+    use envoy_types::pb::envoy::config::cluster::v3::Filter as ClusterFilter;
+    let tls = UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                name: "default".into(),
+                sds_config: Some(agent_sds_source()),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Cluster {
+        name: "outbound|9080||details.default.svc.cluster.local".into(),
+        filters: vec![ClusterFilter {
+            name: "istio.metadata_exchange".into(),
+            typed_config: Some(any_named::<Wasm>(
+                "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+            )),
+            ..Default::default()
+        }],
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&tls))),
+        }),
+        ..Default::default()
+    }
+}
+
+fn certificate_source(c: &Cluster) -> Option<ConfigSource> {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) =
+        &c.transport_socket.as_ref().unwrap().config_type
+    else {
+        panic!("no TLS socket")
+    };
+    let tls = UpstreamTlsContext::decode(&*any.value).unwrap();
+    tls.common_tls_context.unwrap().tls_certificate_sds_secret_configs[0]
+        .sds_config
+        .clone()
+}
+
+/// Which Istio extensions go (the Envoy build) and where secrets come from (pilot-agent or
+/// not) are separate decisions: pilot-agent + a stock Envoy strips Istio's filters and keeps
+/// `sds-grpc`.
+#[test]
+fn extensions_and_secret_source_are_decided_separately() {
+    let s = Settings {
+        accept_mtls: true,
+        ..settings()
+    };
+    for (envoy, bootstrap, strips, sds_kept) in [
+        (Envoy::Istio, Bootstrap::PilotAgent, false, true),
+        (Envoy::Stock, Bootstrap::PilotAgent, true, true),
+        (Envoy::Stock, Bootstrap::Plain, true, false),
+        (Envoy::Istio, Bootstrap::Plain, false, false),
+    ] {
+        let case = format!("{envoy:?} + {bootstrap:?}");
+        let node = NodeInfo::from_node(Some(&node(envoy, bootstrap)), None);
+        let adj = Adjuster {
+            settings: &s,
+            node: &node,
+        };
+        assert_eq!(adj.stock_envoy(), strips, "{case}");
+        assert_eq!(adj.static_secrets(), !sds_kept, "{case}");
+
+        let mut c = istio_cluster();
+        let needs_decode = adj.cluster_needs_decode(&c.encode_to_vec());
+        let changed = adj.cluster(&mut c, &mut Counts::default());
+        assert_eq!(needs_decode, changed, "{case}: decoded exactly when it changes");
+        assert_eq!(c.filters.is_empty(), strips, "{case}: metadata exchange");
+        assert_eq!(
+            certificate_source(&c),
+            sds_kept.then(agent_sds_source),
+            "{case}: certificate source"
+        );
+
+        // A11's TLS chain takes its certificates from the same source.
+        let alpn = HttpFilter {
+            name: "istio.alpn".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any_named::<Wasm>(
+                "type.googleapis.com/istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+            ))),
+            ..Default::default()
+        };
+        let mut l = hcm_listener("127.0.0.1", 9080, vec![alpn]);
+        adj.listener(&mut l, &mut Counts::default());
+        assert_eq!(hcm_of(&l).http_filters.is_empty(), strips, "{case}: istio.alpn");
+        let tls = l
+            .filter_chains
+            .iter()
+            .find_map(|c| match &c.transport_socket.as_ref()?.config_type {
+                Some(transport_socket::ConfigType::TypedConfig(any)) => {
+                    DownstreamTlsContext::decode(&*any.value).ok()
+                }
+                _ => None,
+            })
+            .expect("the A11 chain");
+        assert_eq!(
+            tls.common_tls_context.unwrap().tls_certificate_sds_secret_configs[0].sds_config,
+            sds_kept.then(agent_sds_source),
+            "{case}: A11 certificate source"
+        );
+    }
+}
+
+/// A10b: the global-sidecar's inbound listeners (istiod's NONE-mode shape for its own Service
+/// ports) are dropped whatever their port; outbound ones on the same port stay and are rebound.
+#[test]
+fn inbound_listeners_are_dropped() {
+    let s = settings();
+    let node = istio_proxy();
+    let adj = Adjuster {
+        settings: &s,
+        node: &node,
+    };
+    for (address, direction, dropped) in [
+        ("0.0.0.0", TrafficDirection::Inbound, true),
+        ("127.0.0.1", TrafficDirection::Inbound, true),
+        ("127.0.0.1", TrafficDirection::Outbound, false),
+        ("127.0.0.1", TrafficDirection::Unspecified, false),
+        ("0.0.0.0", TrafficDirection::Outbound, false),
+    ] {
+        let mut l = hcm_listener(address, 9080, vec![]);
+        l.traffic_direction = direction as i32;
+        let mut counts = Counts::default();
+        let out = adj.listener(&mut l, &mut counts);
+        let expected = if dropped {
+            ListenerOutcome::Drop {
+                port: 9080,
+                reason: DropReason::Inbound,
+            }
+        } else {
+            ListenerOutcome::Keep { changed: true }
+        };
+        assert_eq!(out, expected, "{address} {direction:?}");
+        assert_eq!(
+            counts.0.get("listener_dropped_inbound").copied(),
+            dropped.then_some(1),
+            "{address} {direction:?}"
+        );
+    }
+    // On a reserved port the reason stays A5.
+    let mut virtual_inbound = hcm_listener("0.0.0.0", 15006, vec![]);
+    virtual_inbound.traffic_direction = TrafficDirection::Inbound as i32;
+    assert_eq!(
+        adj.listener(&mut virtual_inbound, &mut Counts::default()),
+        ListenerOutcome::Drop {
+            port: 15006,
+            reason: DropReason::ReservedPort
+        }
+    );
+}
+
+/// A6: the logger flushes well within 100 ms (Envoy's default is 1 s).
+#[test]
+fn access_logger_flushes_quickly() {
+    let s = settings();
+    let node = istio_proxy();
+    let adj = Adjuster {
+        settings: &s,
+        node: &node,
+    };
+    let mut l = hcm_listener("127.0.0.1", 9080, vec![]);
+    adj.listener(&mut l, &mut Counts::default());
+    let common = grpc_logger_of(&l).common_config.unwrap();
+    let interval = common.buffer_flush_interval.expect("a flush interval");
+    let interval = std::time::Duration::new(interval.seconds as u64, interval.nanos as u32);
+    assert!(
+        interval > std::time::Duration::ZERO && interval <= std::time::Duration::from_millis(100),
+        "{interval:?}"
     );
 }

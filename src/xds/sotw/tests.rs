@@ -6,10 +6,10 @@ use envoy_types::pb::google::rpc::Status;
 use proptest::prelude::*;
 
 use super::*;
-use crate::xds::NodeInfo;
 use crate::xds::adjust::Settings;
 use crate::xds::stream::StreamState;
 use crate::xds::{ENDPOINT, LISTENER, ROUTE, SECRET};
+use crate::xds::{NodeInfo, SecretSource};
 use envoy_types::pb::google::protobuf::Any;
 
 fn cla(name: &str) -> Any {
@@ -120,9 +120,11 @@ proptest! {
         resources in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..4),
         nonce in "[a-z0-9-]{0,8}",
         stock in any::<bool>(),
+        static_secrets in any::<bool>(),
     ) {
         let settings = Settings { accept_mtls: true, als_address: Some(("127.0.0.1".into(), 1)), ..Default::default() };
-        let node = NodeInfo { stock_envoy: stock, ..Default::default() };
+        let secrets = if static_secrets { SecretSource::Static } else { SecretSource::Agent };
+        let node = NodeInfo { stock_envoy: stock, secrets, ..Default::default() };
         let adj = Adjuster { settings: &settings, node: &node };
         let interner = Interner::default();
         let mut s = SotwStream::new(1);
