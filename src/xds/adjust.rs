@@ -1,4 +1,4 @@
-//! The global-sidecar adjustments (DESIGN.md A1-A11) as pure functions over decoded resources.
+//! The global-sidecar adjustments (`docs/design.md` A1-A11) as pure functions over decoded resources.
 //!
 //! The global-sidecar is an ordinary sidecar to istiod, so the mesh-wide fallback that sends
 //! unknown hosts to the global-sidecar applies to it too; these functions undo that and make the

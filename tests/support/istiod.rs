@@ -1,4 +1,4 @@
-//! A small upstream xDS server that behaves like istiod where the relay can tell (PROTOCOL.md):
+//! A small upstream xDS server that behaves like istiod where the relay can tell (`docs/protocol.md`):
 //! SotW and Delta ADS; nonce = version + counter; only the nonce matters (stale ones ignored,
 //! NACKs recorded and never answered); partial EDS pushes; a newly subscribed name answered
 //! alone; an unknown route name answered with an empty RouteConfiguration; Delta removals.
