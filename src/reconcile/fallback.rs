@@ -20,7 +20,7 @@ use super::{Error, FIELD_MANAGER, Result, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
 use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
-use crate::model::istio::{EnvoyFilter, IstioVersion};
+use crate::model::istio::{EnvoyFilter, IstioKind, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
 
@@ -52,7 +52,7 @@ impl FallbackController {
         Api::namespaced_with(
             self.client.clone(),
             namespace,
-            &IstioVersion::V1alpha3.resource("EnvoyFilter"),
+            &IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter),
         )
     }
 
