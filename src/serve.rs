@@ -427,6 +427,9 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
     state.rejections().register(&mut ctx.registry);
+    for rejection in snapshot.rejected {
+        state.rejections().reject(None, rejection);
+    }
     for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
         if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
             state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));

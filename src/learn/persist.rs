@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use kube::api::ListParams;
+use kube::api::{DynamicObject, ListParams};
 use kube::{Api, Client};
 
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
+use crate::cluster::convert::{Converted, Kind, convert};
 use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
 use crate::model::istio::IstioVersion;
@@ -93,6 +94,12 @@ impl StatusWriter {
         let fence = match api.get_opt(&key.name).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(Patched::NoFence),
+            // A fence lazyload cannot read is skipped (the watcher reports it on the fence):
+            // retrying would fail the same way every batch.
+            Err(kube::Error::SerdeError(e)) => {
+                tracing::debug!(fence = %key, "unreadable fence, edges not written: {e}");
+                return Ok(Patched::NoFence);
+            }
             Err(e) => return Err(format!("reading the fence failed: {e}")),
         };
         let mut status = fence.status.clone().unwrap_or_default();
@@ -132,10 +139,21 @@ impl Written {
 }
 
 /// Reads every ServiceFence of the cluster (the learner is then seeded from them with the
-/// snapshot's, by [`super::pump::EdgeStore::seeded`]).
+/// snapshot's, by [`super::pump::EdgeStore::seeded`]). Listed raw and converted one at a time: a
+/// fence lazyload cannot read is skipped with a warning (the watcher reports it on the fence),
+/// not a reason to stop.
 pub async fn list_fences(client: Client) -> kube::Result<Vec<ServiceFence>> {
-    let api: Api<ServiceFence> = Api::all(client);
-    Ok(api.list(&ListParams::default()).await?.items)
+    let api: Api<DynamicObject> = Api::all_with(client, &Kind::ServiceFence.api_resource());
+    let mut fences = Vec::new();
+    for object in api.list(&ListParams::default()).await?.items {
+        let object = serde_json::to_value(object).unwrap_or_default();
+        match convert(Kind::ServiceFence, object, "") {
+            Ok((_, Converted::ServiceFence(fence))) => fences.push(*fence),
+            Ok(_) => {}
+            Err(rejection) => tracing::warn!("{rejection}"),
+        }
+    }
+    Ok(fences)
 }
 
 #[cfg(test)]

@@ -404,6 +404,67 @@ mod tests {
         );
     }
 
+    /// Issue 15: with deploy/'s config (`autoPort`), lazyload took its own admin port 8081 (and
+    /// would take any port of its own Services, the global-sidecar's, Istio's 150xx ones, or those
+    /// of namespaces it does not manage): only application ports are wormhole ports.
+    #[test]
+    fn auto_port_takes_only_application_ports() {
+        let mut idx = index();
+        let svc = |ns: &str, name: &str, labels: &[(&str, &str)], ports: Vec<ServicePort>| ServiceInfo {
+            key: ObjectKey::new(ns, name),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            selector: None,
+            ports,
+            cluster_ips: vec![],
+        };
+        // deploy/'s lazyload Services, in lazyload's namespace.
+        idx.apply_service(svc(
+            "mesh-operator",
+            "lazyload-admin",
+            &[],
+            vec![port("http-admin", 8081, None)],
+        ));
+        idx.apply_service(svc(
+            "mesh-operator",
+            "lazyload",
+            &[],
+            vec![port("http-als", 8082, None)],
+        ));
+        // lazyload installed elsewhere is still lazyload.
+        let own = [("app.kubernetes.io/name", "lazyload")];
+        idx.apply_service(svc(
+            "default",
+            "lazyload-2",
+            &own,
+            vec![port("http-admin", 8083, None)],
+        ));
+        // Istio's ports, even when named HTTP (an ingress gateway's status port).
+        idx.apply_service(svc("default", "gw", &[], vec![port("http-status", 15021, None)]));
+        idx.apply_service(svc("team-b", "shop", &[], vec![port("http", 7070, None)]));
+        idx.apply_service_entry(ServiceEntryInfo {
+            key: ObjectKey::new("mesh-operator", "own"),
+            hosts: vec!["x.example.com".into()],
+            addresses: vec![],
+            ports: vec![(8084, "HTTP".into()), (15000, "HTTP".into())],
+            export_to: crate::index::ExportTo::All,
+        });
+        let cfg = |yaml: &str| Config::parse(yaml).unwrap().config;
+        let auto = cfg("general:\n  autoPort: true\n  autoFence: true\n  defaultFence: true\n");
+        assert_eq!(
+            wormhole_ports(&auto, &idx, &BTreeSet::new()),
+            [7070, 8000, 8080, 9080].into()
+        );
+        let scoped = cfg("general:\n  autoPort: true\n  blackNamespaceList: team-b\n");
+        assert_eq!(
+            wormhole_ports(&scoped, &idx, &BTreeSet::new()),
+            [8000, 8080, 9080].into(),
+            "only Services in the management scope"
+        );
+    }
+
     #[test]
     fn global_sidecar_service_ports_follow_the_wormhole_ports() {
         let ports = global_sidecar_service_ports(&[80, 9080].into());
