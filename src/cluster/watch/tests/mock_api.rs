@@ -161,28 +161,36 @@ impl MockApi {
                 );
             }
         }
-        if method != "GET" && self.is_namespaced_object(path) {
-            self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
-                method.to_string(),
-                format!("{path}?{query}"),
-                body.clone(),
-            ));
-            return respond(200, body);
+        if method != "GET"
+            && let Some((namespace, name)) = self.namespaced_object(path)
+        {
+            self.writes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((method.to_string(), format!("{path}?{query}"), body.clone()));
+            // The object as written (a real server returns all of it; what lazyload reads of
+            // the answer is its metadata).
+            let mut object = if body.is_object() { body } else { json!({}) };
+            object["metadata"]["namespace"] = json!(namespace);
+            if let Some(name) = name {
+                object["metadata"]["name"] = json!(name);
+            }
+            return respond(200, object);
         }
         status(404, "NotFound")
     }
 
-    /// `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a served namespaced kind.
-    fn is_namespaced_object(&self, path: &str) -> bool {
-        self.resources().filter(|r| r.3).any(|(gv, plural, ..)| {
-            let Some(rest) = path.strip_prefix(gv).and_then(|r| r.strip_prefix("/namespaces/")) else {
-                return false;
-            };
+    /// Namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a
+    /// served namespaced kind.
+    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&'p str>)> {
+        self.resources().filter(|r| r.3).find_map(|(gv, plural, ..)| {
+            let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
             let parts: Vec<&str> = rest.split('/').collect();
-            parts.len() >= 2
+            let shaped = parts.len() >= 2
                 && parts[1] == plural
                 && !parts[0].is_empty()
-                && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"))
+                && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
+            shaped.then(|| (parts[0], parts.get(2).copied()))
         })
     }
 }
