@@ -301,7 +301,8 @@ impl Rejections {
     }
 
     /// How many rejections of `kind` and `reason` were counted.
-    pub fn count(&self, kind: Kind, reason: Reason) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn count(&self, kind: Kind, reason: Reason) -> u64 {
         self.counter
             .get_or_create(&RejectedLabels {
                 kind: kind.as_str(),
@@ -359,7 +360,7 @@ mod tests {
         assert!(!r.reject(Some(key.clone()), rejection("a")));
         assert!(r.reject(Some(key.clone()), rejection("b")));
         assert_eq!(r.count(Kind::ServiceFence, Reason::Invalid), 2);
-        assert_eq!(r.keys(Kind::ServiceFence), [key.clone()]);
+        assert_eq!(r.keys(Kind::ServiceFence), std::slice::from_ref(&key));
         r.clear(Kind::ServiceFence, &key);
         assert!(r.get(Kind::ServiceFence, &key).is_none());
         assert!(

@@ -57,8 +57,6 @@ pub enum IstioKind {
     ServiceEntry,
     /// `EnvoyFilter`.
     EnvoyFilter,
-    /// `DestinationRule`.
-    DestinationRule,
 }
 
 impl IstioKind {
@@ -69,7 +67,6 @@ impl IstioKind {
             Self::VirtualService => "VirtualService",
             Self::ServiceEntry => "ServiceEntry",
             Self::EnvoyFilter => "EnvoyFilter",
-            Self::DestinationRule => "DestinationRule",
         }
     }
 
@@ -80,7 +77,6 @@ impl IstioKind {
             Self::VirtualService => "virtualservices",
             Self::ServiceEntry => "serviceentries",
             Self::EnvoyFilter => "envoyfilters",
-            Self::DestinationRule => "destinationrules",
         }
     }
 }
@@ -415,7 +411,6 @@ spec:
             IstioKind::VirtualService,
             IstioKind::ServiceEntry,
             IstioKind::EnvoyFilter,
-            IstioKind::DestinationRule,
         ]
         .into_iter()
         .map(|k| (k.as_str(), IstioVersion::V1beta1.resource(k).plural))
@@ -427,7 +422,6 @@ spec:
                 ("VirtualService", "virtualservices".into()),
                 ("ServiceEntry", "serviceentries".into()),
                 ("EnvoyFilter", "envoyfilters".into()),
-                ("DestinationRule", "destinationrules".into()),
             ]
         );
     }

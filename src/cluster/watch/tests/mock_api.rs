@@ -164,10 +164,11 @@ impl MockApi {
         if method != "GET"
             && let Some((namespace, name)) = self.namespaced_object(path)
         {
-            self.writes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((method.to_string(), format!("{path}?{query}"), body.clone()));
+            self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
+                method.to_string(),
+                format!("{path}?{query}"),
+                body.clone(),
+            ));
             // The object as written (a real server returns all of it; what lazyload reads of
             // the answer is its metadata).
             let mut object = if body.is_object() { body } else { json!({}) };
