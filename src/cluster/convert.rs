@@ -319,7 +319,6 @@ impl Rejections {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
@@ -367,57 +366,5 @@ mod tests {
             r.reject(Some(key.clone()), rejection("b")),
             "news again once it was cleared"
         );
-    }
-
-    /// Arbitrary JSON, with objects shaped like Kubernetes objects often enough to get past the
-    /// metadata and into the kinds' own fields.
-    fn arbitrary_json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(Value::from),
-            "[a-z0-9./*:-]{0,12}".prop_map(Value::from),
-        ];
-        let any_value = leaf.prop_recursive(4, 48, 6, |inner| {
-            let keys = prop_oneof![
-                Just("spec".to_string()),
-                Just("status".to_string()),
-                Just("hosts".to_string()),
-                Just("http".to_string()),
-                Just("route".to_string()),
-                Just("delegate".to_string()),
-                Just("ports".to_string()),
-                Just("selector".to_string()),
-                Just("labels".to_string()),
-                Just("host".to_string()),
-                Just("egress".to_string()),
-                "[a-zA-Z]{1,8}",
-            ];
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-                prop::collection::btree_map(keys, inner, 0..5)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        });
-        (any::<bool>(), any_value.clone(), any_value).prop_map(|(named, spec, status)| {
-            if named {
-                json!({"metadata": {"name": "x", "namespace": "default"}, "spec": spec, "status": status})
-            } else {
-                spec
-            }
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn converters_never_panic(object in arbitrary_json()) {
-            for kind in Kind::ALL {
-                match convert(kind, object.clone(), DOMAIN) {
-                    Ok((key, _)) => prop_assert_eq!(key.name.as_str(), "x"),
-                    Err(e) => prop_assert!(!e.message.is_empty()),
-                }
-            }
-        }
     }
 }
