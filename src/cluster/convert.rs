@@ -200,10 +200,21 @@ pub fn convert(kind: Kind, object: Value, domain: &str) -> Result<(ObjectKey, Co
             ServiceEntryInfo::try_from(&typed::<ServiceEntry>(object).map_err(invalid)?)
                 .map_err(|e| invalid(e.to_string()))?,
         ),
-        Kind::ServiceFence => Converted::ServiceFence(Box::new(typed(object).map_err(invalid)?)),
+        Kind::ServiceFence => Converted::ServiceFence(Box::new(service_fence(object)?)),
         Kind::Sidecar => Converted::Sidecar(Box::new(typed(object).map_err(invalid)?)),
     };
     Ok((key, converted))
+}
+
+/// Converts one raw ServiceFence.
+pub fn service_fence(object: Value) -> Result<ServiceFence, Rejection> {
+    let key = key_of(Kind::ServiceFence, &object)?;
+    typed(object).map_err(|message| Rejection {
+        kind: Kind::ServiceFence,
+        object: key.to_string(),
+        reason: Reason::Invalid,
+        message,
+    })
 }
 
 /// `object` as `T`; the error names the offending field's path.

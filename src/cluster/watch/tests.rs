@@ -674,3 +674,13 @@ async fn while_a_kind_has_not_synced_no_sidecar_is_written() {
     );
     shutdown.cancel();
 }
+
+/// A failing list's error can carry the whole list body: the warning keeps one short line.
+#[test]
+fn errors_are_logged_in_one_short_line() {
+    let body = format!("{{\"items\": [{}]}}\n", "{\"metadata\": {}},".repeat(1000));
+    let line = short(&body);
+    assert_eq!(line.chars().count(), 301);
+    assert!(line.ends_with('…') && !line.contains('\n'));
+    assert_eq!(short(&"403 Forbidden"), "403 Forbidden");
+}
