@@ -415,6 +415,32 @@ fn watching(client: Client) -> (Readiness, ClusterState, CancellationToken) {
     (readiness, s, shutdown)
 }
 
+/// The status `/readyz` of lazyload's admin endpoint answers with `readiness`.
+async fn readyz(readiness: &Readiness) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let registry = std::sync::Arc::new(prometheus_client::registry::Registry::default());
+    let app = crate::admin::router(registry, readiness.clone(), axum::Router::new());
+    let listener = crate::admin::bind("127.0.0.1:0".parse().expect("an address"))
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(crate::admin::serve(listener, app, stop.clone()));
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connected");
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: lazyload\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("sent");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("an answer");
+    stop.cancel();
+    let _ = server.await;
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_default()
+}
+
 /// A small mesh: namespace `default`, Services `productpage` and `details`, a productpage pod,
 /// a fence for productpage, and a ServiceEntry for `api.example.com`.
 fn mesh() -> MockApi {
@@ -491,6 +517,7 @@ async fn a_kind_served_at_another_path_never_counts_as_synced() {
     tokio::time::sleep(Duration::from_millis(3200)).await;
     assert_eq!(s.unsynced(), [Kind::ServiceEntry]);
     assert_eq!(readiness.pending(), ["cluster-index"]);
+    assert_eq!(readyz(&readiness).await, 503);
     shutdown.cancel();
 }
 
