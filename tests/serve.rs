@@ -228,16 +228,10 @@ items:
     )
     .unwrap();
     let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
-    let serve = Serve::start(
-        [
-            "--als-listen",
-            &als.to_string(),
-            "--cluster-snapshot",
-            snapshot.to_str().unwrap(),
-            "--manifests-dir",
-            dir.path("manifests").to_str().unwrap(),
-        ],
-        Stdio::inherit(),
+    let serve = Serve::offline(
+        &snapshot,
+        &dir.path("manifests"),
+        &["--als-listen", &als.to_string()],
     )
     .await;
     assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
