@@ -711,3 +711,53 @@ fn errors_are_logged_in_one_short_line() {
     assert!(line.ends_with('…') && !line.contains('\n'));
     assert_eq!(short(&"403 Forbidden"), "403 Forbidden");
 }
+
+/// Log output of the current thread (the tests' runtime runs every task on it).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 15: a list with one object lazyload's types do not fit failed whole, retried every
+/// second, and kube's client logged the whole list body at every failure. Now the object is
+/// logged once (namespace/name and the field), and no list body is ever logged.
+#[tokio::test]
+async fn an_unreadable_object_is_logged_once_and_no_list_body_ever() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+    let api = mesh().with(
+        "VirtualService",
+        json!({"metadata": {"name": "delegating", "namespace": "default"},
+               "spec": {"hosts": ["x"], "http": [{"delegate": {"namespace": "default"}}]}}),
+    );
+    let (readiness, _s, shutdown) = watching(api.client());
+    assert!(eventually(10, || readiness.pending().is_empty()).await);
+    // Time for retries, had there been any.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    shutdown.cancel();
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let skipped: Vec<&str> = log.lines().filter(|l| l.contains("object skipped")).collect();
+    assert_eq!(skipped.len(), 1, "{log}");
+    assert!(
+        skipped[0].contains("default/delegating") && skipped[0].contains("spec.http[0].delegate"),
+        "{log}"
+    );
+    assert!(!log.contains("\"items\""), "a list body was logged: {log}");
+    assert!(log.lines().all(|l| l.len() < 600), "{log}");
+}
