@@ -5,13 +5,15 @@
 //! It is filled by the kube watchers (or once from a snapshot file); readers take short read
 //! locks and never hold them across an await.
 
+pub mod convert;
 pub mod watch;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::broadcast;
 
+use self::convert::{Kind, Rejections};
 use crate::index::{ClusterIndex, ObjectKey};
 use crate::model::fence::ServiceFence;
 use crate::model::istio::Sidecar;
@@ -45,6 +47,14 @@ pub struct ClusterState {
     /// Sidecars no fence owns (the users'): only read, to tell whether one scopes the
     /// global-sidecar.
     other_sidecars: Arc<RwLock<BTreeMap<ObjectKey, Sidecar>>>,
+    /// ServiceFences that could not be read, as the API server holds them (their status is
+    /// where lazyload says why).
+    rejected_fences: Arc<RwLock<BTreeMap<ObjectKey, serde_json::Value>>>,
+    rejections: Rejections,
+    /// The kinds not listed yet. Nothing may be computed from a kind that has not synced: a
+    /// Sidecar written from an unsynced VirtualService kind would lose every host that came
+    /// from VirtualService expansion.
+    unsynced: Arc<Mutex<BTreeSet<Kind>>>,
     changes: broadcast::Sender<Change>,
 }
 
@@ -65,8 +75,59 @@ impl ClusterState {
             fences: Arc::new(RwLock::new(fences)),
             sidecars: Arc::new(RwLock::new(BTreeMap::new())),
             other_sidecars: Arc::new(RwLock::new(BTreeMap::new())),
+            rejected_fences: Arc::new(RwLock::new(BTreeMap::new())),
+            rejections: Rejections::default(),
+            // A state made from a snapshot is whole; watchers say otherwise ([`Self::await_sync`]).
+            unsynced: Arc::new(Mutex::new(BTreeSet::new())),
             changes: broadcast::channel(4096).0,
         }
+    }
+
+    /// From now on `kinds` count as not synced until each is [`Self::mark_synced`].
+    pub fn await_sync(&self, kinds: impl IntoIterator<Item = Kind>) {
+        self.unsynced_lock().extend(kinds);
+    }
+
+    /// `kind` has been listed; when it was the last one, every controller is told to resync
+    /// (what they skipped while waiting). Returns whether every kind is now synced.
+    pub fn mark_synced(&self, kind: Kind) -> bool {
+        let (was_last, all) = {
+            let mut unsynced = self.unsynced_lock();
+            let removed = unsynced.remove(&kind);
+            (removed && unsynced.is_empty(), unsynced.is_empty())
+        };
+        if was_last {
+            self.changed(Change::Resync);
+        }
+        all
+    }
+
+    /// The kinds not listed yet (empty: everything lazyload reads is known).
+    pub fn unsynced(&self) -> Vec<Kind> {
+        self.unsynced_lock().iter().copied().collect()
+    }
+
+    fn unsynced_lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<Kind>> {
+        self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The objects that could not be read, and their counter.
+    pub fn rejections(&self) -> &Rejections {
+        &self.rejections
+    }
+
+    /// A ServiceFence that could not be read, as the API server holds it.
+    pub fn rejected_fence(&self, key: &ObjectKey) -> Option<serde_json::Value> {
+        self.rejected_fences
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Stores or removes a ServiceFence that could not be read (watchers only).
+    pub fn set_rejected_fence(&self, key: ObjectKey, raw: Option<serde_json::Value>) {
+        set(&self.rejected_fences, key, raw);
     }
 
     /// The index, for reading.

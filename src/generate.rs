@@ -69,6 +69,8 @@ pub struct Summary {
     pub attributed: usize,
     /// Log lines skipped, by reason.
     pub skipped: BTreeMap<String, usize>,
+    /// Snapshot objects skipped because they could not be read, each saying which and why.
+    pub rejected: Vec<String>,
     /// Sidecars of the snapshot that scope a global-sidecar (A8): each one breaks the fallback.
     pub scoped: Vec<Scoped>,
 }
@@ -105,6 +107,7 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
             &snap.index,
             snap.sidecars.iter().filter(|s| !is_fence_controlled(s)),
         ),
+        rejected: snap.rejected.iter().map(ToString::to_string).collect(),
         ..Default::default()
     };
     let mut edges: Vec<Edge> = Vec::new();

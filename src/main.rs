@@ -65,12 +65,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.attributed,
                 summary.skipped
             );
+            for rejected in &summary.rejected {
+                eprintln!("warning: {rejected}");
+            }
             for scoped in &summary.scoped {
                 eprintln!("warning: {scoped}");
             }
         }
         Command::Report(args) => {
             let report = lazyload::report::run(&args, jiff::Timestamp::now())?;
+            for rejected in &report.rejected {
+                eprintln!("warning: {rejected}");
+            }
             if args.json {
                 println!(
                     "{}",

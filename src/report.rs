@@ -76,6 +76,9 @@ pub struct Report {
     pub total_full_bytes: usize,
     /// Bytes all fenced workloads receive under their Sidecars.
     pub total_scoped_bytes: usize,
+    /// Snapshot objects skipped because they could not be read, each saying which and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
 }
 
 /// The resources of a config dump.
@@ -250,6 +253,7 @@ pub fn run(args: &ReportArgs, now: Timestamp) -> anyhow::Result<Report> {
         total_scoped_bytes: workloads.iter().map(|w| w.scoped.bytes).sum(),
         full,
         workloads,
+        rejected: snap.rejected.iter().map(ToString::to_string).collect(),
     })
 }
 

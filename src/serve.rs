@@ -440,6 +440,10 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     });
 
     let state = ClusterState::new(snapshot.index, snapshot.fences);
+    state.rejections().register(&mut ctx.registry);
+    for rejection in snapshot.rejected {
+        state.rejections().reject(None, rejection);
+    }
     for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
         if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
             state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));
@@ -579,6 +583,8 @@ pub async fn start_watching(
     state: ClusterState,
 ) -> anyhow::Result<()> {
     let ready = ctx.readiness.register("cluster-index");
+    // Before any controller starts: nothing is computed from a kind not listed yet.
+    state.await_sync(crate::cluster::convert::Kind::ALL);
     // The index's own domain, so converted VirtualService hosts match its Service FQDNs.
     let domain = state.index().domain().to_string();
     let shutdown = ctx.shutdown.clone();

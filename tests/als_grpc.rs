@@ -2,28 +2,22 @@
 //! message only, an oversized message refused and counted without harming other streams, and a
 //! flood of distinct hosts kept within the learner's caps.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
-use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress};
-use envoy_types::pb::envoy::data::accesslog::v3::{
-    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties,
-};
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, Identifier, LogEntries,
-};
+use lazyload::als::MAX_MESSAGE_BYTES;
 use lazyload::als::attribute::Attributor;
 use lazyload::als::collector::{self, Collector, Metrics};
-use lazyload::als::{LOG_NAME, MAX_MESSAGE_BYTES};
 use lazyload::config::Config;
 use lazyload::index::{ClusterIndex, ObjectKey, PodInfo, ServiceEntryInfo, ServiceInfo};
 use lazyload::learn::pump::LearnerHandle;
 use lazyload::learn::{Learner, Limits};
 use prometheus_client::registry::Registry;
+use support::als_client::{self, client};
 use tokio_util::sync::CancellationToken;
 
 fn index() -> ClusterIndex {
@@ -49,38 +43,11 @@ fn index() -> ClusterIndex {
     idx
 }
 
-fn entry(authority: String) -> HttpAccessLogEntry {
-    HttpAccessLogEntry {
-        common_properties: Some(AccessLogCommon {
-            downstream_remote_address: Some(Address {
-                address: Some(AddressKind::SocketAddress(SocketAddress {
-                    address: "10.0.0.1".into(),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        }),
-        request: Some(HttpRequestProperties {
-            authority,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn message(first: bool, authorities: impl IntoIterator<Item = String>) -> StreamAccessLogsMessage {
-    StreamAccessLogsMessage {
-        identifier: first.then(|| Identifier {
-            node: Some(Node {
-                id: "global-sidecar-1".into(),
-                ..Default::default()
-            }),
-            log_name: LOG_NAME.into(),
-        }),
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-            log_entry: authorities.into_iter().map(entry).collect(),
-        })),
-    }
+    als_client::message(
+        first,
+        authorities.into_iter().map(|a| als_client::entry("10.0.0.1", a)),
+    )
 }
 
 struct Running {
@@ -116,13 +83,6 @@ fn metrics_text(r: &Registry) -> String {
     let mut s = String::new();
     prometheus_client::encoding::text::encode(&mut s, r).unwrap();
     s
-}
-
-async fn client(addr: SocketAddr) -> AccessLogServiceClient<tonic::transport::Channel> {
-    AccessLogServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .max_encoding_message_size(64 * 1024 * 1024)
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

@@ -112,6 +112,57 @@ fn a_missing_snapshot_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("/nonexistent.yaml"));
 }
 
+/// `generate` with the fixture config and access log on `snapshot`, into `out`: whether it
+/// succeeded, and its standard error.
+fn generate_snapshot(snapshot: &std::path::Path, out: &std::path::Path) -> (bool, String) {
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .arg("generate")
+        .arg("--config")
+        .arg(fixture("config.yaml"))
+        .arg("--cluster-snapshot")
+        .arg(snapshot)
+        .arg("--access-log")
+        .arg(fixture("access.log"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    (
+        run.status.success(),
+        String::from_utf8_lossy(&run.stderr).into_owned(),
+    )
+}
+
+/// Issue 11: one object lazyload cannot read (a VirtualService whose `delegate` has no `name`,
+/// valid for Istio) is skipped with a warning naming it; the rest of the snapshot is used. A file
+/// that holds no Kubernetes object at all is an error, not an empty cluster.
+#[test]
+fn an_unreadable_object_is_a_warning_and_a_non_kubernetes_file_an_error() {
+    let dir = support::TempDir::new("generate-unreadable");
+    let snapshot = dir.path("cluster.yaml");
+    let odd = "\n---\napiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n\
+               metadata: {name: delegating, namespace: default}\n\
+               spec: {hosts: [reviews], http: [{delegate: {namespace: default}}]}\n";
+    let cluster = std::fs::read_to_string(fixture("cluster.yaml")).unwrap();
+    std::fs::write(&snapshot, format!("{cluster}{odd}")).unwrap();
+    let (ok, stderr) = generate_snapshot(&snapshot, &dir.path("out"));
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr
+            .contains("warning: VirtualService default/delegating skipped (invalid): spec.http[0].delegate"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
+
+    // An access-log line given as the snapshot.
+    let line = std::fs::read_to_string(fixture("access.log")).unwrap();
+    let not_objects = dir.path("line.json");
+    std::fs::write(&not_objects, line.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    let (ok, stderr) = generate_snapshot(&not_objects, &dir.path("out2"));
+    assert!(!ok);
+    assert!(stderr.contains("not Kubernetes objects"), "{stderr}");
+}
+
 /// A8 offline: a snapshot whose mesh-wide default Sidecar imports only its own namespace would
 /// scope the global-sidecar; `generate` says so (and still writes the manifests).
 #[test]
@@ -123,17 +174,8 @@ fn a_sidecar_that_scopes_the_global_sidecar_is_a_warning() {
                   spec: {egress: [{hosts: ['./*', 'istio-system/*']}]}\n";
     let cluster = std::fs::read_to_string(fixture("cluster.yaml")).unwrap();
     std::fs::write(&snapshot, format!("{cluster}{narrow}")).unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
-        .args(["generate", "--cluster-snapshot"])
-        .arg(&snapshot)
-        .arg("--access-log")
-        .arg(fixture("access.log"))
-        .arg("--out")
-        .arg(dir.path("out"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let (ok, stderr) = generate_snapshot(&snapshot, &dir.path("out"));
+    assert!(ok, "{stderr}");
     assert!(
         stderr.contains(
             "warning: Sidecar istio-system/default (mesh-wide default) scopes the global-sidecar in mesh-operator"

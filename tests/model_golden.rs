@@ -72,12 +72,21 @@ fn cases(dir: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Adds a case's cluster; every object of it must be readable (a case is written to be).
+fn add_cluster(snap: &mut Snapshot, cluster: Value) -> Result<(), String> {
+    snap.add(cluster);
+    match snap.rejected.first() {
+        Some(rejected) => Err(rejected.to_string()),
+        None => Ok(()),
+    }
+}
+
 fn run_fence_case(path: &Path) -> Result<(), String> {
     let case: FenceCase =
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
     let cfg = config(case.config);
     let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
-    snap.add(case.cluster).map_err(|e| e.to_string())?;
+    add_cluster(&mut snap, case.cluster)?;
     let fence: ServiceFence = serde_json::from_value(case.fence).map_err(|e| format!("fence: {e}"))?;
     let eval = evaluate(&fence, &snap.index, &cfg, case.now, IstioVersion::V1beta1);
     let mut errors = Vec::new();
@@ -190,7 +199,7 @@ fn run_autofence_case(path: &Path) -> Result<(), String> {
     for (i, step) in case.steps.into_iter().enumerate() {
         let cfg = config(step.config);
         let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
-        snap.add(step.cluster).map_err(|e| e.to_string())?;
+        add_cluster(&mut snap, step.cluster)?;
         // Fences written by hand in the step exist before auto-fencing runs.
         for f in snap.fences.drain(..) {
             let key = ObjectKey::new(

@@ -1,6 +1,7 @@
 //! Property tests of the parsers that take user or wire input: configuration text, snapshots,
 //! host names and `metricStatus` keys never panic, and what validates stays valid.
 
+use lazyload::cluster::convert::{Kind, convert};
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
 use lazyload::model::fence::metric_key_host;
@@ -22,7 +23,18 @@ fn tree() -> impl Strategy<Value = Value> {
         Just("misc".to_string()),
         Just("kind".to_string()),
         Just("spec".to_string()),
+        Just("status".to_string()),
         Just("module".to_string()),
+        // Fields of the kinds the cluster watchers convert.
+        Just("hosts".to_string()),
+        Just("http".to_string()),
+        Just("route".to_string()),
+        Just("delegate".to_string()),
+        Just("ports".to_string()),
+        Just("selector".to_string()),
+        Just("labels".to_string()),
+        Just("host".to_string()),
+        Just("egress".to_string()),
         "[a-zA-Z]{1,8}",
     ];
     let leaf = prop_oneof![
@@ -62,6 +74,23 @@ proptest! {
             map.insert("kind".into(), Value::from(kind));
         }
         let _ = Snapshot::parse(&serde_yaml::to_string(&object).unwrap(), "cluster.local");
+    }
+
+    /// Each object the watchers receive goes through one converter per kind: whatever it holds,
+    /// it is converted or rejected with a reason, never a panic.
+    #[test]
+    fn object_converters_never_panic(spec in tree(), status in tree(), named in any::<bool>()) {
+        let object = if named {
+            serde_json::json!({"metadata": {"name": "x", "namespace": "default"}, "spec": spec, "status": status})
+        } else {
+            spec
+        };
+        for kind in Kind::ALL {
+            match convert(kind, object.clone(), "cluster.local") {
+                Ok((key, _)) => prop_assert_eq!(key.name.as_str(), "x"),
+                Err(e) => prop_assert!(!e.message.is_empty()),
+            }
+        }
     }
 
     #[test]

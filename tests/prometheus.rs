@@ -6,7 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,18 +94,15 @@ metric:
 "#,
     )
     .unwrap();
-    let serve = Serve::start(
-        [
+    let serve = Serve::offline(
+        &snapshot,
+        &dir.path("manifests"),
+        &[
             "--prometheus-interval",
             "200ms",
             "--config",
             config.to_str().unwrap(),
-            "--cluster-snapshot",
-            snapshot.to_str().unwrap(),
-            "--manifests-dir",
-            dir.path("manifests").to_str().unwrap(),
         ],
-        Stdio::inherit(),
     )
     .await;
     let admin = serve.admin;

@@ -199,3 +199,61 @@ async fn a_sidecar_scoping_the_global_sidecar_is_reported() {
         "{text}"
     );
 }
+
+/// Issue 11: a snapshot with a ServiceFence without `spec` (valid under every CRD Slime shipped)
+/// and a VirtualService lazyload's types do not fit (a `delegate` without `name`, valid for
+/// Istio): serve starts, skips what it cannot read (counted), learns, and writes the Sidecar of
+/// the good fence.
+#[tokio::test]
+async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
+    let dir = support::TempDir::new("serve-tolerant");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(
+        &snapshot,
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: default}}
+- {apiVersion: v1, kind: Service, metadata: {name: productpage, namespace: default}, spec: {selector: {app: productpage}, ports: [{name: http, port: 9080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: details, namespace: default}, spec: {selector: {app: details}, ports: [{name: http, port: 9080}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: productpage-1, namespace: default, labels: {app: productpage}}, status: {podIP: 10.1.0.5}}
+- apiVersion: networking.istio.io/v1beta1
+  kind: VirtualService
+  metadata: {name: delegating, namespace: default}
+  spec: {hosts: [reviews], http: [{delegate: {namespace: default}}]}
+- {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: legacy, namespace: default}}
+- {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: productpage, namespace: default, uid: u1}, spec: {enable: true, workloadSelector: {fromService: true}}}
+"#,
+    )
+    .unwrap();
+    let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
+    let serve = Serve::offline(
+        &snapshot,
+        &dir.path("manifests"),
+        &["--als-listen", &als.to_string()],
+    )
+    .await;
+    assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
+    let metrics = http::get(serve.admin, "/metrics", &[]).await.unwrap().body;
+    assert!(
+        metrics.contains(r#"lazyload_objects_rejected_total{kind="VirtualService",reason="invalid"} 1"#),
+        "{metrics}"
+    );
+
+    use support::als_client::{client, entry, message};
+    let mut c = client(als).await;
+    let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
+    c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
+
+    let sidecar = dir.path("manifests/default/productpage.sidecar.yaml");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&sidecar).unwrap_or_default();
+        if text.contains("details.default.svc.cluster.local") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Sidecar learned: {text:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

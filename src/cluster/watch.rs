@@ -2,39 +2,39 @@
 //! ServiceEntries, ServiceFences, Sidecars) keeps the [`ClusterState`] up to date and announces
 //! each [`Change`].
 //!
+//! Every kind is read as raw objects and converted one at a time ([`super::convert`]): an object
+//! lazyload cannot read is skipped, logged once, counted and (a ServiceFence) kept aside so that
+//! the fence controller can say why on the object itself, while the rest of its kind is used and
+//! the kind syncs.
+//!
 //! The conversion and bookkeeping of one watch event ([`apply_event`]) is pure and separate from
-//! the stream plumbing ([`run`]). Watch errors back off (kube's default: 0.8 s doubling to 30 s)
-//! and the watcher re-lists on its own; a re-list replaces everything of its kind. A kind whose
-//! API is not served (404: the Istio or ServiceFence CRD is not installed) counts as synced and
-//! empty, and keeps being retried, so a cluster without Istio does not block readiness.
+//! the stream plumbing ([`run`]). A failing list or watch backs off ([`Backoff`]: 1 s doubling to
+//! a minute; the watcher's own `Init` before each attempt does not count as success) and is
+//! retried; a re-list replaces everything of its kind. A kind whose API is not served at all (404,
+//! and discovery does not list the kind: the Istio or ServiceFence CRD is not installed) counts as
+//! synced and empty, and keeps being retried, so a cluster without Istio does not block
+//! readiness. A 404 for a kind discovery does list never counts as synced.
 
 use std::collections::BTreeSet;
-use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::runtime::WatchStreamExt;
+use kube::api::DynamicObject;
+use kube::core::ApiResource;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
+use kube::{Api, Client};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::convert::{Converted, Kind, Rejection, convert, key_of};
 use super::{Change, ClusterState};
-use crate::index::{
-    self, NamespaceInfo, ObjectKey, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo,
-};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::{IstioVersion, ServiceEntry, Sidecar, VirtualService};
+use crate::index::ObjectKey;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Task;
 
 #[cfg(test)]
 mod tests;
-
-/// How many kinds [`run`] watches (readiness waits for each).
-const KINDS: usize = 7;
 
 /// Watches every kind until `shutdown` is cancelled, keeping `state` up to date; `ready` is set
 /// once every kind has been listed once. Watch errors are logged and retried with backoff, never
@@ -46,42 +46,15 @@ pub async fn run(
     ready: Task,
     shutdown: CancellationToken,
 ) {
-    let domain: Arc<str> = domain.into();
-    let sync = Synced {
-        pending: Arc::new(AtomicUsize::new(KINDS)),
-        ready,
-    };
+    state.await_sync(Kind::ALL);
     let w = Watch {
         client,
         state,
-        domain,
-        sync,
+        domain: domain.into(),
+        ready,
         shutdown,
     };
-    tokio::join!(
-        w.kind::<Service>(),
-        w.kind::<Namespace>(),
-        w.kind::<Pod>(),
-        w.kind::<VirtualService>(),
-        w.kind::<ServiceEntry>(),
-        w.kind::<ServiceFence>(),
-        w.kind::<Sidecar>(),
-    );
-}
-
-/// Counts the kinds not yet listed; the last one marks the index ready.
-struct Synced {
-    pending: Arc<AtomicUsize>,
-    ready: Task,
-}
-
-impl Synced {
-    fn kind_synced(&self) {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            tracing::info!("cluster index synced");
-            self.ready.set(true);
-        }
-    }
+    futures::future::join_all(Kind::ALL.map(|kind| w.kind(kind))).await;
 }
 
 /// What every per-kind watch shares.
@@ -89,16 +62,18 @@ struct Watch {
     client: Client,
     state: ClusterState,
     domain: Arc<str>,
-    sync: Synced,
+    ready: Task,
     shutdown: CancellationToken,
 }
 
 impl Watch {
-    async fn kind<K: Watched>(&self) {
-        let stream =
-            watcher::watcher(K::api(self.client.clone()), watcher::Config::default()).default_backoff();
+    async fn kind(&self, kind: Kind) {
+        let resource = kind.api_resource();
+        let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
+        let stream = watcher::watcher(api, watcher::Config::default());
         let mut stream = std::pin::pin!(stream);
         let mut relist = Relist::default();
+        let mut backoff = Backoff::default();
         let mut synced = false;
         let mut missing = false;
         loop {
@@ -106,234 +81,264 @@ impl Watch {
                 () = self.shutdown.cancelled() => return,
                 next = stream.next() => next,
             };
-            let listed = match next {
+            let (listed, failed) = match next {
                 // The watcher never ends on its own; nothing is left to do if it did.
                 None => return,
                 Some(Ok(event)) => {
-                    let listed = apply_event(&self.state, &self.domain, event, &mut relist);
+                    // The watcher emits `Init` before every list attempt, failing ones too:
+                    // only what comes after it shows the API server answers.
+                    if !matches!(event, Event::Init) {
+                        backoff.reset();
+                    }
+                    let listed = apply_event(&self.state, &self.domain, kind, event, &mut relist);
                     // Served again: a later outage is worth a warning again.
                     missing &= !listed;
-                    listed
+                    (listed, false)
                 }
                 Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
                     if status.is_not_found() =>
                 {
-                    // Logged once per outage, not every backoff round.
-                    if !missing {
-                        tracing::warn!(
-                            kind = K::KIND,
-                            "not served (CRD not installed?): treated as empty, retrying"
-                        );
+                    match served(&self.client, &resource).await {
+                        Ok(None) => {
+                            // Logged once per outage, not every backoff round.
+                            if !missing {
+                                tracing::warn!(
+                                    kind = kind.as_str(),
+                                    "not served (CRD not installed?): treated as empty, retrying"
+                                );
+                            }
+                            missing = true;
+                            absent(&self.state, kind, &mut relist);
+                            (true, true)
+                        }
+                        Ok(Some(plural)) => {
+                            backoff.warn(|| {
+                                tracing::error!(
+                                    kind = kind.as_str(),
+                                    "served as `{plural}` but 404 at `{}`: not synced, retrying",
+                                    resource.plural
+                                )
+                            });
+                            (false, true)
+                        }
+                        Err(e) => {
+                            backoff.warn(|| {
+                                tracing::warn!(
+                                    kind = kind.as_str(),
+                                    "list 404 and discovery failed: {}",
+                                    short(&e)
+                                )
+                            });
+                            (false, true)
+                        }
                     }
-                    missing = true;
-                    absent::<K>(&self.state, &mut relist);
-                    true
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(kind = K::KIND, "watch failed, retrying with backoff: {e}");
-                    false
+                    backoff.warn(|| {
+                        tracing::warn!(
+                            kind = kind.as_str(),
+                            retry_in = ?backoff.peek(),
+                            "watch failed, retrying with backoff: {}",
+                            short(&e)
+                        )
+                    });
+                    (false, true)
                 }
             };
             if listed && !synced {
                 synced = true;
-                self.sync.kind_synced();
+                if self.state.mark_synced(kind) {
+                    tracing::info!("cluster index synced");
+                    self.ready.set(true);
+                }
+            }
+            if failed {
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
 }
 
-/// A watched kind: how to read it and how it is kept in the state.
-trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
-    /// The kind's name, for logs.
-    const KIND: &'static str;
-    /// The API of every object of the kind, in all namespaces.
-    fn api(client: Client) -> Api<Self>;
-    /// The key the state keeps the object under; `None` without name (or namespace).
-    fn key(&self) -> Option<ObjectKey> {
-        let meta = self.meta();
-        Some(ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?))
+/// Whether discovery lists `resource`'s kind in its group-version: `Some(plural)` where it is
+/// served, `None` when the group-version or the kind is not served (the CRD is not installed).
+/// A core kind is always served.
+async fn served(client: &Client, resource: &ApiResource) -> Result<Option<String>, kube::Error> {
+    if resource.group.is_empty() {
+        return Ok(Some(resource.plural.clone()));
     }
-    /// Stores the object under `key`; `Ok(false)` when it is not one lazyload keeps.
-    fn store(self, key: ObjectKey, state: &ClusterState, domain: &str) -> Result<bool, index::Error>;
-    /// Removes the object; whether it was there.
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool;
-    /// The keys stored of this kind.
-    fn keys(state: &ClusterState) -> Vec<ObjectKey>;
-    /// The change announced when the object changed.
-    fn change(key: ObjectKey) -> Change;
-}
-
-impl Watched for Service {
-    const KIND: &'static str = "Service";
-    fn api(client: Client) -> Api<Self> {
-        Api::all(client)
-    }
-    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        state.index_mut().apply_service(ServiceInfo::try_from(&self)?);
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        state.index_mut().remove_service(key).is_some()
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.index().services().map(|s| s.key.clone()).collect()
-    }
-    fn change(key: ObjectKey) -> Change {
-        Change::Service(key)
+    match client.list_api_group_resources(&resource.api_version).await {
+        Ok(list) => Ok(list
+            .resources
+            .into_iter()
+            .find(|r| r.kind == resource.kind && !r.name.contains('/'))
+            .map(|r| r.name)),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
-/// Namespaces are cluster-scoped: their key has an empty namespace.
-impl Watched for Namespace {
-    const KIND: &'static str = "Namespace";
-    fn api(client: Client) -> Api<Self> {
-        Api::all(client)
+/// An error in one line of bounded length: an API error's body can be a whole object list, and
+/// it is logged on every failure.
+fn short(e: &dyn std::fmt::Display) -> String {
+    const MAX: usize = 300;
+    let text = e.to_string().replace('\n', " ");
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
-    fn key(&self) -> Option<ObjectKey> {
-        Some(ObjectKey::new("", self.metadata.name.clone()?))
+}
+
+/// Backoff between failed attempts of one kind: 1 s doubling to a minute, back to 1 s once the
+/// API server delivers something. Only the first failure of a streak and those at the cap (about
+/// one a minute) are logged at warn level; the others at debug.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// The delay before the next attempt, doubling the one after.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.failures += 1;
+        delay
     }
-    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        state.index_mut().apply_namespace(NamespaceInfo::try_from(&self)?);
-        Ok(true)
+
+    /// The delay the next failure will wait.
+    fn peek(&self) -> Duration {
+        self.next
     }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        state.index_mut().remove_namespace(&key.name).is_some()
+
+    /// Logs a failure with `log` when it is worth a warning, else at debug level.
+    fn warn(&self, log: impl FnOnce()) {
+        if self.failures == 0 || self.next == Self::MAX {
+            log();
+        } else {
+            tracing::debug!(failures = self.failures, "still failing, retrying with backoff");
+        }
     }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        let index = state.index();
-        index
+
+    /// The API server answered: the next failure starts a new streak.
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            failures: 0,
+        }
+    }
+}
+
+/// Stores a converted object under `key`.
+fn store(state: &ClusterState, key: ObjectKey, converted: Converted) {
+    match converted {
+        Converted::Service(s) => state.index_mut().apply_service(s),
+        Converted::Namespace(n) => state.index_mut().apply_namespace(n),
+        Converted::Pod(pod) => {
+            // Most Pod events change nothing lazyload keeps (conditions, container statuses);
+            // re-applying would invalidate every attribution cache for nothing.
+            if state.index().pod(&key) != Some(&pod) {
+                state.index_mut().apply_pod(pod);
+            }
+        }
+        Converted::VirtualService(v) => state.index_mut().apply_virtual_service(v),
+        Converted::ServiceEntry(e) => state.index_mut().apply_service_entry(e),
+        // Fences are kept as they are: the controllers read spec and status.
+        Converted::ServiceFence(f) => {
+            state.set_rejected_fence(key.clone(), None);
+            state.set_fence(key, Some(*f));
+        }
+        // The Sidecars a fence controls are kept for the controllers, which repair them when
+        // someone else edits them; the others only so that the A8 check can tell whether one
+        // scopes the global-sidecar (nothing ever writes them). Ownership can change: the
+        // Sidecar moves between the two.
+        Converted::Sidecar(s) => {
+            if is_fence_controlled(&s) {
+                state.set_other_sidecar(key.clone(), None);
+                state.set_sidecar(key, Some(*s));
+            } else {
+                state.set_sidecar(key.clone(), None);
+                state.set_other_sidecar(key, Some(*s));
+            }
+        }
+    }
+}
+
+/// Removes the object of `kind` under `key` and forgets its rejection; whether one was stored.
+fn remove(state: &ClusterState, kind: Kind, key: &ObjectKey) -> bool {
+    let rejected = state.rejections().get(kind, key).is_some();
+    state.rejections().clear(kind, key);
+    remove_stored(state, kind, key) || rejected
+}
+
+/// Removes the object of `kind` stored under `key`; whether one was.
+fn remove_stored(state: &ClusterState, kind: Kind, key: &ObjectKey) -> bool {
+    match kind {
+        Kind::Service => state.index_mut().remove_service(key).is_some(),
+        Kind::Namespace => state.index_mut().remove_namespace(&key.name).is_some(),
+        Kind::Pod => state.index_mut().remove_pod(key).is_some(),
+        Kind::VirtualService => state.index_mut().remove_virtual_service(key).is_some(),
+        Kind::ServiceEntry => state.index_mut().remove_service_entry(key).is_some(),
+        Kind::ServiceFence => {
+            let had = state.fence(key).is_some() || state.rejected_fence(key).is_some();
+            state.set_fence(key.clone(), None);
+            state.set_rejected_fence(key.clone(), None);
+            had
+        }
+        Kind::Sidecar => {
+            let had = state.sidecar(key).is_some() || state.has_other_sidecar(key);
+            state.set_sidecar(key.clone(), None);
+            state.set_other_sidecar(key.clone(), None);
+            had
+        }
+    }
+}
+
+/// The keys stored of `kind`, rejected ones included.
+fn keys(state: &ClusterState, kind: Kind) -> Vec<ObjectKey> {
+    let mut keys: Vec<ObjectKey> = match kind {
+        Kind::Service => state.index().services().map(|s| s.key.clone()).collect(),
+        Kind::Namespace => state
+            .index()
             .namespaces()
             .map(|n| ObjectKey::new("", n.name.clone()))
-            .collect()
-    }
-    fn change(key: ObjectKey) -> Change {
-        Change::Namespace(key.name)
-    }
-}
-
-impl Watched for Pod {
-    const KIND: &'static str = "Pod";
-    fn api(client: Client) -> Api<Self> {
-        Api::all(client)
-    }
-    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        let pod = PodInfo::try_from(&self)?;
-        // Most Pod events change nothing lazyload keeps (conditions, container statuses);
-        // re-applying would invalidate every attribution cache for nothing.
-        if state.index().pod(&key) != Some(&pod) {
-            state.index_mut().apply_pod(pod);
+            .collect(),
+        Kind::Pod => state.index().pods().map(|p| p.key.clone()).collect(),
+        Kind::VirtualService => state.index().virtual_services().map(|v| v.key.clone()).collect(),
+        Kind::ServiceEntry => state.index().service_entries().map(|s| s.key.clone()).collect(),
+        Kind::ServiceFence => state.fence_keys(),
+        Kind::Sidecar => {
+            let mut keys = state.sidecar_keys();
+            keys.extend(state.other_sidecar_keys());
+            keys
         }
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        state.index_mut().remove_pod(key).is_some()
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.index().pods().map(|p| p.key.clone()).collect()
-    }
-    fn change(_: ObjectKey) -> Change {
-        Change::Pods
-    }
+    };
+    keys.extend(state.rejections().keys(kind));
+    keys
 }
 
-impl Watched for VirtualService {
-    const KIND: &'static str = "VirtualService";
-    fn api(client: Client) -> Api<Self> {
-        Api::all_with(client, &IstioVersion::default().resource("VirtualService"))
-    }
-    fn store(self, _: ObjectKey, state: &ClusterState, domain: &str) -> Result<bool, index::Error> {
-        let info = VirtualServiceInfo::from_object(&self, domain)?;
-        state.index_mut().apply_virtual_service(info);
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        state.index_mut().remove_virtual_service(key).is_some()
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.index().virtual_services().map(|v| v.key.clone()).collect()
-    }
-    fn change(_: ObjectKey) -> Change {
-        Change::Routing
-    }
-}
-
-impl Watched for ServiceEntry {
-    const KIND: &'static str = "ServiceEntry";
-    fn api(client: Client) -> Api<Self> {
-        Api::all_with(client, &IstioVersion::default().resource("ServiceEntry"))
-    }
-    fn store(self, _: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        state
-            .index_mut()
-            .apply_service_entry(ServiceEntryInfo::try_from(&self)?);
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        state.index_mut().remove_service_entry(key).is_some()
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.index().service_entries().map(|s| s.key.clone()).collect()
-    }
-    fn change(_: ObjectKey) -> Change {
-        Change::Routing
-    }
-}
-
-/// Fences are kept as they are: the controllers read spec and status.
-impl Watched for ServiceFence {
-    const KIND: &'static str = "ServiceFence";
-    fn api(client: Client) -> Api<Self> {
-        Api::all(client)
-    }
-    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        state.set_fence(key, Some(self));
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        let had = state.fence(key).is_some();
-        state.set_fence(key.clone(), None);
-        had
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        state.fence_keys()
-    }
-    fn change(key: ObjectKey) -> Change {
-        Change::Fence(key)
-    }
-}
-
-/// The Sidecars a fence controls are kept for the controllers, which repair them when someone
-/// else edits them; the others only so that the A8 check can tell whether one scopes the
-/// global-sidecar (nothing ever writes them).
-impl Watched for Sidecar {
-    const KIND: &'static str = "Sidecar";
-    fn api(client: Client) -> Api<Self> {
-        Api::all_with(client, &IstioVersion::default().resource("Sidecar"))
-    }
-    fn store(self, key: ObjectKey, state: &ClusterState, _: &str) -> Result<bool, index::Error> {
-        // Ownership can change: the Sidecar moves between the two.
-        if is_fence_controlled(&self) {
-            state.set_other_sidecar(key.clone(), None);
-            state.set_sidecar(key, Some(self));
-        } else {
-            state.set_sidecar(key.clone(), None);
-            state.set_other_sidecar(key, Some(self));
-        }
-        Ok(true)
-    }
-    fn remove(state: &ClusterState, key: &ObjectKey) -> bool {
-        let had = state.sidecar(key).is_some() || state.has_other_sidecar(key);
-        state.set_sidecar(key.clone(), None);
-        state.set_other_sidecar(key.clone(), None);
-        had
-    }
-    fn keys(state: &ClusterState) -> Vec<ObjectKey> {
-        let mut keys = state.sidecar_keys();
-        keys.extend(state.other_sidecar_keys());
-        keys
-    }
-    fn change(key: ObjectKey) -> Change {
-        Change::Sidecar(key)
+/// The change announced when an object of `kind` changed.
+fn change(kind: Kind, key: ObjectKey) -> Change {
+    match kind {
+        Kind::Service => Change::Service(key),
+        Kind::Namespace => Change::Namespace(key.name),
+        Kind::Pod => Change::Pods,
+        Kind::VirtualService | Kind::ServiceEntry => Change::Routing,
+        Kind::ServiceFence => Change::Fence(key),
+        Kind::Sidecar => Change::Sidecar(key),
     }
 }
 
@@ -343,20 +348,27 @@ struct Relist {
     listed: Option<BTreeSet<ObjectKey>>,
 }
 
-/// Applies one watch event of kind `K` to `state`; returns whether it completed a list.
+/// Applies one watch event of `kind` to `state`; returns whether it completed a list.
 ///
-/// Objects that cannot be converted are logged and dropped (a stored older version with the same
-/// key is removed, so the state never holds what the cluster no longer has). While a list is under
-/// way no per-object change is announced: the single [`Change::Resync`] at its end covers them, and
+/// Objects that cannot be converted are rejected (logged once, counted; a rejected ServiceFence is
+/// kept aside for the fence controller to report) and a stored older version with the same key
+/// is removed, so the state never holds what the cluster no longer has. While a list is under way
+/// no per-object change is announced: the single [`Change::Resync`] at its end covers them, and
 /// thousands of Pods would otherwise overflow the change channel.
-fn apply_event<K: Watched>(state: &ClusterState, domain: &str, event: Event<K>, relist: &mut Relist) -> bool {
+fn apply_event(
+    state: &ClusterState,
+    domain: &str,
+    kind: Kind,
+    event: Event<DynamicObject>,
+    relist: &mut Relist,
+) -> bool {
     match event {
         Event::Init => {
             relist.listed = Some(BTreeSet::new());
             false
         }
         Event::InitApply(obj) => {
-            if let Kept::Yes(key) = keep(state, domain, obj)
+            if let Some(key) = keep(state, domain, kind, obj).key()
                 && let Some(listed) = &mut relist.listed
             {
                 listed.insert(key);
@@ -364,71 +376,103 @@ fn apply_event<K: Watched>(state: &ClusterState, domain: &str, event: Event<K>, 
             false
         }
         Event::Apply(obj) => {
-            match keep(state, domain, obj) {
-                Kept::Yes(key) | Kept::No(Some(key)) => state.changed(K::change(key)),
-                Kept::No(None) => {}
+            match keep(state, domain, kind, obj) {
+                Kept::Yes(key) | Kept::Rejected(key) => state.changed(change(kind, key)),
+                Kept::Unnamed => {}
             }
             false
         }
         Event::Delete(obj) => {
-            match obj.key() {
-                Some(key) => {
-                    if K::remove(state, &key) {
-                        state.changed(K::change(key));
+            match key_of(kind, &raw(obj)) {
+                Ok(key) => {
+                    if remove(state, kind, &key) {
+                        state.changed(change(kind, key));
                     }
                 }
-                None => tracing::warn!(kind = K::KIND, "deleted object without a name ignored"),
+                Err(_) => tracing::warn!(kind = kind.as_str(), "deleted object without a name ignored"),
             }
             false
         }
         Event::InitDone => {
-            finish_list::<K>(state, relist);
+            finish_list(state, kind, relist);
             state.changed(Change::Resync);
             true
         }
     }
 }
 
-/// Whether [`keep`] stored an object.
+/// What [`keep`] did with an object.
 enum Kept {
     /// Stored under this key.
     Yes(ObjectKey),
-    /// Not stored; the key of an older version it removed, if any.
-    No(Option<ObjectKey>),
+    /// Rejected; kept aside under this key (a ServiceFence) or only remembered as rejected.
+    Rejected(ObjectKey),
+    /// Not stored: it has no name.
+    Unnamed,
 }
 
-/// Stores `obj` if lazyload keeps it. A dropped object's older version is removed.
-fn keep<K: Watched>(state: &ClusterState, domain: &str, obj: K) -> Kept {
-    let Some(key) = obj.key() else {
-        tracing::warn!(kind = K::KIND, "object without a name or namespace skipped");
-        return Kept::No(None);
-    };
-    match obj.store(key.clone(), state, domain) {
-        Ok(true) => return Kept::Yes(key),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(kind = K::KIND, object = %key, "skipped: {e}"),
+impl Kept {
+    /// The key the object is known under, if it has one.
+    fn key(self) -> Option<ObjectKey> {
+        match self {
+            Kept::Yes(key) | Kept::Rejected(key) => Some(key),
+            Kept::Unnamed => None,
+        }
     }
-    Kept::No(K::remove(state, &key).then_some(key))
 }
 
-/// Ends a list: removes every stored object of the kind the list did not have; how many.
-fn finish_list<K: Watched>(state: &ClusterState, relist: &mut Relist) -> usize {
+/// The object as JSON. Serialising a `DynamicObject` (metadata and a JSON map) cannot fail; if it
+/// did, the object would be rejected as not an object.
+fn raw(obj: DynamicObject) -> Value {
+    serde_json::to_value(obj).unwrap_or(Value::Null)
+}
+
+/// Converts and stores `obj`, or rejects it. A rejected object's older version is removed.
+fn keep(state: &ClusterState, domain: &str, kind: Kind, obj: DynamicObject) -> Kept {
+    let object = raw(obj);
+    let key = key_of(kind, &object).ok();
+    // Only a fence is reported on itself: keep what the API server holds for that.
+    let fence = (kind == Kind::ServiceFence).then(|| object.clone());
+    let rejection: Rejection = match convert(kind, object, domain) {
+        Ok((key, converted)) => {
+            state.rejections().clear(kind, &key);
+            store(state, key.clone(), converted);
+            return Kept::Yes(key);
+        }
+        Err(rejection) => rejection,
+    };
+    let Some(key) = key else {
+        state.rejections().reject(None, rejection);
+        return Kept::Unnamed;
+    };
+    // The older version goes: the new one is what the cluster has, and it is rejected.
+    remove_stored(state, kind, &key);
+    state.rejections().reject(Some(key.clone()), rejection);
+    if let Some(raw) = fence {
+        state.set_rejected_fence(key.clone(), Some(raw));
+    }
+    Kept::Rejected(key)
+}
+
+/// Ends a list: removes every stored (or rejected) object of `kind` the list did not have; how
+/// many.
+fn finish_list(state: &ClusterState, kind: Kind, relist: &mut Relist) -> usize {
     let listed = relist.listed.take().unwrap_or_default();
-    let stale: Vec<ObjectKey> = K::keys(state)
+    let stale: BTreeSet<ObjectKey> = keys(state, kind)
         .into_iter()
         .filter(|k| !listed.contains(k))
         .collect();
     for key in &stale {
-        K::remove(state, key);
+        remove(state, kind, key);
     }
     stale.len()
 }
 
 /// The kind is not served: as if listed empty. Announces a resync only when that removed
 /// something, since this repeats every backoff round.
-fn absent<K: Watched>(state: &ClusterState, relist: &mut Relist) {
+fn absent(state: &ClusterState, kind: Kind, relist: &mut Relist) {
     relist.listed = Some(BTreeSet::new());
-    if finish_list::<K>(state, relist) > 0 {
+    if finish_list(state, kind, relist) > 0 {
         state.changed(Change::Resync);
     }
 }

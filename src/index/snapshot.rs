@@ -5,7 +5,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ClusterIndex, NamespaceInfo, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
+use super::ClusterIndex;
+use crate::cluster::convert::{Converted, Kind, Rejection, convert};
 use crate::model::fence::ServiceFence;
 use crate::model::istio::Sidecar;
 
@@ -20,16 +21,11 @@ pub enum Error {
         /// Parser error.
         source: serde_yaml::Error,
     },
-    /// A known kind whose content does not fit its schema.
-    #[error("{kind} {name}: {reason}")]
-    Object {
-        /// Object kind.
-        kind: String,
-        /// Object name as written.
-        name: String,
-        /// What is wrong.
-        reason: String,
-    },
+    /// The file holds something, but not one Kubernetes object (a mapping with a `kind`).
+    #[error(
+        "not Kubernetes objects: no document is an object with a `kind` (expected `kubectl get ... -o yaml` output)"
+    )]
+    NotKubernetes,
 }
 
 /// A loaded snapshot.
@@ -43,30 +39,41 @@ pub struct Snapshot {
     pub sidecars: Vec<Sidecar>,
     /// Kinds that were present but are not used (`ConfigMap`, ...).
     pub skipped: Vec<String>,
+    /// Objects of a kind lazyload uses that it could not read: skipped, each saying why.
+    pub rejected: Vec<Rejection>,
+    /// How many Kubernetes objects (with a `kind`) the file held.
+    objects: usize,
 }
 
 impl Snapshot {
-    /// Parses every document of `text` and indexes the objects.
+    /// Parses every document of `text` and indexes the objects. One object that cannot be read
+    /// is skipped (see [`Snapshot::rejected`]); a file holding no Kubernetes object at all (but
+    /// something) is an error, not an empty cluster.
     pub fn parse(text: &str, domain: &str) -> Result<Self, Error> {
         let mut snap = Snapshot {
             index: ClusterIndex::new(domain),
             ..Default::default()
         };
+        let mut content = false;
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let value = Value::deserialize(doc).map_err(|source| Error::Yaml {
                 document: i + 1,
                 source,
             })?;
-            snap.add(value)?;
+            content |= !value.is_null();
+            snap.add(value);
+        }
+        if content && snap.objects == 0 {
+            return Err(Error::NotKubernetes);
         }
         Ok(snap)
     }
 
     /// Adds one object, a `List` of objects, or a sequence of objects.
-    pub fn add(&mut self, value: Value) -> Result<(), Error> {
+    pub fn add(&mut self, value: Value) {
         match value {
-            Value::Null => Ok(()),
-            Value::Array(items) => items.into_iter().try_for_each(|v| self.add(v)),
+            Value::Null => {}
+            Value::Array(items) => items.into_iter().for_each(|v| self.add(v)),
             Value::Object(ref map)
                 if map
                     .get("kind")
@@ -74,73 +81,33 @@ impl Snapshot {
                     .is_some_and(|k| k.ends_with("List")) =>
             {
                 let items = map.get("items").cloned().unwrap_or(Value::Array(vec![]));
+                self.objects += 1;
                 self.add(items)
             }
             object => self.add_object(object),
         }
     }
 
-    fn add_object(&mut self, object: Value) -> Result<(), Error> {
-        let kind = object
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let name = object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("<unnamed>")
-            .to_string();
-        let err = |reason: String| Error::Object {
-            kind: kind.clone(),
-            name: name.clone(),
-            reason,
+    fn add_object(&mut self, object: Value) {
+        let kind = object.get("kind").and_then(Value::as_str).map(str::to_string);
+        if kind.is_some() {
+            self.objects += 1;
+        }
+        let Some(known) = kind.as_deref().and_then(Kind::named) else {
+            self.skipped.push(kind.unwrap_or_else(|| "<no kind>".to_string()));
+            return;
         };
         let domain = self.index.domain().to_string();
-        match kind.as_str() {
-            "Namespace" => {
-                let ns = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.index
-                    .apply_namespace(NamespaceInfo::try_from(&ns).map_err(|e| err(e.to_string()))?);
-            }
-            "Service" => {
-                let svc = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.index
-                    .apply_service(ServiceInfo::try_from(&svc).map_err(|e| err(e.to_string()))?);
-            }
-            "Pod" => {
-                let pod = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.index
-                    .apply_pod(PodInfo::try_from(&pod).map_err(|e| err(e.to_string()))?);
-            }
-            "VirtualService" => {
-                let vs = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                let info = VirtualServiceInfo::from_object(&vs, &domain).map_err(|e| err(e.to_string()))?;
-                self.index.apply_virtual_service(info);
-            }
-            "ServiceEntry" => {
-                let se = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.index
-                    .apply_service_entry(ServiceEntryInfo::try_from(&se).map_err(|e| err(e.to_string()))?);
-            }
-            "ServiceFence" => {
-                let fence: ServiceFence = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.fences.push(fence);
-            }
-            "Sidecar" => {
-                let sidecar: Sidecar = serde_json::from_value(object).map_err(|e| err(e.to_string()))?;
-                self.sidecars.push(sidecar);
-            }
-            _ => {
-                let label = if kind.is_empty() {
-                    "<no kind>".to_string()
-                } else {
-                    kind
-                };
-                self.skipped.push(label);
-            }
+        match convert(known, object, &domain) {
+            Ok((_, Converted::Namespace(n))) => self.index.apply_namespace(n),
+            Ok((_, Converted::Service(s))) => self.index.apply_service(s),
+            Ok((_, Converted::Pod(p))) => self.index.apply_pod(p),
+            Ok((_, Converted::VirtualService(v))) => self.index.apply_virtual_service(v),
+            Ok((_, Converted::ServiceEntry(e))) => self.index.apply_service_entry(e),
+            Ok((_, Converted::ServiceFence(f))) => self.fences.push(*f),
+            Ok((_, Converted::Sidecar(s))) => self.sidecars.push(*s),
+            Err(rejection) => self.rejected.push(rejection),
         }
-        Ok(())
     }
 }
 
@@ -192,19 +159,58 @@ metadata: {name: default, labels: {istio-injection: enabled}}
     }
 
     #[test]
-    fn bad_objects_are_named() {
-        let e = Snapshot::parse(
-            "kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+    fn bad_objects_are_skipped_and_named_and_the_rest_is_used() {
+        let snap = Snapshot::parse(
+            r#"
+kind: Service
+metadata: {name: x, namespace: default}
+spec: {ports: 7}
+---
+kind: Service
+metadata: {name: x}
+---
+kind: VirtualService
+metadata: {name: d, namespace: default}
+spec: {hosts: [a], http: [{delegate: {namespace: other}}]}
+---
+kind: ServiceFence
+metadata: {name: ok, namespace: default}
+spec: {enable: true}
+"#,
             "cluster.local",
         )
-        .unwrap_err()
-        .to_string();
-        assert!(e.starts_with("Service x:"), "{e}");
-        let e = Snapshot::parse("kind: Service\nmetadata: {name: x}\n", "cluster.local")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("without namespace"), "{e}");
+        .unwrap();
+        let rejected: Vec<String> = snap.rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert!(
+            rejected[0].starts_with("Service default/x skipped (invalid): spec.ports"),
+            "{rejected:?}"
+        );
+        assert!(
+            rejected[1].starts_with("Service ?/x skipped (missing_name)"),
+            "{rejected:?}"
+        );
+        assert!(rejected[2].starts_with("VirtualService default/d skipped (invalid): spec.http[0].delegate"));
+        assert_eq!(snap.fences.len(), 1);
+    }
+
+    #[test]
+    fn a_file_that_is_not_kubernetes_objects_is_an_error() {
         let e = Snapshot::parse("a: [", "cluster.local").unwrap_err().to_string();
         assert!(e.starts_with("document 1"), "{e}");
+        // An access log, a config file, a bare list of strings: not an empty cluster.
+        for text in [
+            "{\"authority\": \"a\"}\n",
+            "general: {autoFence: true}\n",
+            "- a\n- b\n",
+            "hello\n",
+        ] {
+            let e = Snapshot::parse(text, "cluster.local").unwrap_err();
+            assert!(matches!(e, Error::NotKubernetes), "{text}: {e}");
+        }
+        // Empty files and empty lists are empty clusters.
+        for text in ["", "---\n", "apiVersion: v1\nkind: List\nitems: []\n"] {
+            assert!(Snapshot::parse(text, "cluster.local").is_ok(), "{text}");
+        }
     }
 }

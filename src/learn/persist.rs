@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use kube::api::ListParams;
+use kube::api::{DynamicObject, ListParams};
 use kube::{Api, Client};
 
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
+use crate::cluster::convert::{Kind, Rejection, service_fence};
 use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
 use crate::model::istio::IstioVersion;
@@ -89,11 +90,26 @@ impl StatusWriter {
         key: &ObjectKey,
         update: impl FnOnce(&mut ServiceFenceStatus) -> bool,
     ) -> Result<Patched, String> {
-        let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
-        let fence = match api.get_opt(&key.name).await {
-            Ok(Some(f)) => f,
+        // Read raw and converted here: kube's typed read of an unreadable fence would log the
+        // whole object at every batch.
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &key.namespace,
+            &Kind::ServiceFence.api_resource(),
+        );
+        let object = match api.get_opt(&key.name).await {
+            Ok(Some(object)) => object,
             Ok(None) => return Ok(Patched::NoFence),
             Err(e) => return Err(format!("reading the fence failed: {e}")),
+        };
+        let fence = match fence_of(object) {
+            Ok(fence) => fence,
+            // A fence lazyload cannot read is skipped (the watcher reports it on the fence):
+            // retrying would fail the same way every batch.
+            Err(rejection) => {
+                tracing::debug!(fence = %key, "edges not written: {rejection}");
+                return Ok(Patched::NoFence);
+            }
         };
         let mut status = fence.status.clone().unwrap_or_default();
         if !update(&mut status) {
@@ -132,10 +148,24 @@ impl Written {
 }
 
 /// Reads every ServiceFence of the cluster (the learner is then seeded from them with the
-/// snapshot's, by [`super::pump::EdgeStore::seeded`]).
+/// snapshot's, by [`super::pump::EdgeStore::seeded`]). Listed raw and converted one at a time: a
+/// fence lazyload cannot read is skipped with a warning (the watcher reports it on the fence),
+/// not a reason to stop.
 pub async fn list_fences(client: Client) -> kube::Result<Vec<ServiceFence>> {
-    let api: Api<ServiceFence> = Api::all(client);
-    Ok(api.list(&ListParams::default()).await?.items)
+    let api: Api<DynamicObject> = Api::all_with(client, &Kind::ServiceFence.api_resource());
+    let mut fences = Vec::new();
+    for object in api.list(&ListParams::default()).await?.items {
+        match fence_of(object) {
+            Ok(fence) => fences.push(fence),
+            Err(rejection) => tracing::warn!("{rejection}"),
+        }
+    }
+    Ok(fences)
+}
+
+/// A raw ServiceFence as lazyload's type, or why it cannot be.
+fn fence_of(object: DynamicObject) -> Result<ServiceFence, Rejection> {
+    service_fence(serde_json::to_value(object).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -167,6 +197,43 @@ mod tests {
                "metadata": {"name": "productpage", "namespace": "default", "uid": "u1"},
                "spec": {"enable": true},
                "status": {"metricStatus": {"{destination_service=\"details.default.svc.cluster.local\"}": "1"}}})
+    }
+
+    /// Issue 11: one fence lazyload cannot read made the start-up list fail, so serve exited.
+    #[tokio::test]
+    async fn an_unreadable_fence_is_skipped_by_the_list_and_by_the_writer() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let bad = json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFence",
+                         "metadata": {"name": "bad", "namespace": "default"}, "spec": {"enable": {"yes": 1}}});
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.uri().path(),
+                "/apis/microservice.slime.io/v1alpha1/servicefences"
+            );
+            send.send_response(json_response(
+                200,
+                json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFenceList",
+                       "metadata": {"resourceVersion": "1"}, "items": [bad.clone(), fence_json()]}),
+            ));
+            // The writer reads the bad fence and writes nothing.
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), http::Method::GET);
+            send.send_response(json_response(200, bad));
+        });
+        let fences = list_fences(client.clone()).await.unwrap();
+        assert_eq!(fences.len(), 1);
+        assert_eq!(fences[0].metadata.name.as_deref(), Some("productpage"));
+        let mut w = StatusWriter::new(client);
+        let done = w
+            .write(
+                vec![edge("default", "bad", "reviews.default.svc.cluster.local")],
+                Timestamp::now(),
+            )
+            .await;
+        assert_eq!((done.unfenced, done.failed), (1, 0));
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! `slime.io/serviceFenced` on the Service overrides the Namespace's label, which overrides
 //! `defaultFence`; only inside the management scope (namespace black/white list and
-//! `managementSelectors`); Services without a selector and the global-sidecar never get one.
+//! `managementSelectors`, never lazyload's own namespace `global.slimeNamespace`); Services
+//! without a selector, lazyload's own Services and the global-sidecar never get one.
 //! lazyload only ever deletes fences it created (label `app.kubernetes.io/created-by:
 //! fence-controller`); unlike Slime it deletes them when `autoFence` is switched off.
 
@@ -17,7 +18,10 @@ use super::fence::{
 use super::labels::selector_matches;
 use super::sidecar::is_global_sidecar_fence;
 use crate::config::{Config, NamespaceList};
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::{ClusterIndex, ObjectKey, ServiceInfo};
+
+/// The label lazyload's own Services carry (relay, collector, admin), wherever it is installed.
+pub const LABEL_LAZYLOAD_NAME: (&str, &str) = ("app.kubernetes.io/name", "lazyload");
 
 /// What to do about the auto fence of one Service.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,7 +57,7 @@ fn wants_fence(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> bool {
     let Some(svc) = index.service(key) else {
         return false;
     };
-    if svc.selector.is_none() || is_global_sidecar_fence(key, cfg) {
+    if svc.selector.is_none() || is_own_service(svc, cfg) {
         return false;
     }
     let ns = index.namespace(&key.namespace);
@@ -71,8 +75,19 @@ fn wants_fence(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> bool {
         .unwrap_or(cfg.general.default_fence)
 }
 
-/// Whether auto-fencing manages a namespace.
+/// Whether a Service is lazyload's own or the global-sidecar's: it is never fenced, and its ports
+/// are not application ports.
+pub fn is_own_service(svc: &ServiceInfo, cfg: &Config) -> bool {
+    let (label, value) = LABEL_LAZYLOAD_NAME;
+    is_global_sidecar_fence(&svc.key, cfg) || svc.labels.get(label).is_some_and(|v| v == value)
+}
+
+/// Whether lazyload manages a namespace (auto-fencing, auto-port): inside the configured scope
+/// and not lazyload's own namespace.
 pub fn in_scope(namespace: &str, labels: Option<&BTreeMap<String, String>>, cfg: &Config) -> bool {
+    if namespace == cfg.global.slime_namespace {
+        return false;
+    }
     let listed = match &cfg.general.namespace_list {
         Some(NamespaceList::Black(list)) => !list.contains(namespace),
         Some(NamespaceList::White(list)) => list.contains(namespace),

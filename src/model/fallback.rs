@@ -14,9 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
+use super::autofence::{in_scope, is_own_service};
 use super::fence::LABEL_ISTIO_REV;
 use super::host::service_fqdn;
-use super::istio::{ConfigPatch, EnvoyFilter, EnvoyFilterSpec, IstioVersion, Patch};
+use super::istio::{ConfigPatch, EnvoyFilter, EnvoyFilterSpec, IstioKind, IstioVersion, Patch};
 use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, Dispatch, GlobalSidecarMode};
 use crate::index::{ClusterIndex, ServicePort};
@@ -42,26 +43,40 @@ pub fn is_http_port(port: &ServicePort, support_h2: bool) -> bool {
     proto == "http" || (support_h2 && (proto == "http2" || proto == "grpc" || proto == "grpc-web"))
 }
 
-/// The wormhole ports: the configured ones, plus (with `autoPort`) the HTTP ports of every
-/// Service and ServiceEntry but the global-sidecar's. Ports only grow (`previous` is kept) unless
-/// `cleanupWormholePort`.
+/// Ports Istio keeps for itself (`15000`-`15099`: the sidecar's admin, inbound/outbound capture,
+/// health, telemetry, istiod's xDS and webhooks): never an application's.
+pub const ISTIO_PORTS: std::ops::RangeInclusive<u16> = 15000..=15099;
+
+/// The wormhole ports: the configured ones, plus (with `autoPort`) the application ports: the
+/// HTTP ports (by name or `appProtocol`) of the Services and ServiceEntries in the management
+/// scope, but not lazyload's own Services, the global-sidecar's, nor Istio's ports. Ports only
+/// grow (`previous` is kept) unless `cleanupWormholePort`.
 pub fn wormhole_ports(cfg: &Config, index: &ClusterIndex, previous: &BTreeSet<u16>) -> BTreeSet<u16> {
     let g = &cfg.general;
     let mut ports = g.wormhole_port.clone();
     if g.auto_port {
-        for svc in index.services().filter(|s| s.key.name != GLOBAL_SIDECAR) {
+        let managed =
+            |namespace: &str| in_scope(namespace, index.namespace(namespace).map(|n| &n.labels), cfg);
+        let services = index
+            .services()
+            .filter(|s| s.key.name != GLOBAL_SIDECAR && !is_own_service(s, cfg) && managed(&s.key.namespace));
+        for svc in services {
             ports.extend(
                 svc.ports
                     .iter()
                     .filter(|p| is_http_port(p, g.support_h2))
-                    .map(|p| p.port),
+                    .map(|p| p.port)
+                    .filter(|p| !ISTIO_PORTS.contains(p)),
             );
         }
-        for se in index.service_entries() {
+        for se in index.service_entries().filter(|se| managed(&se.key.namespace)) {
             for (number, protocol) in &se.ports {
                 let http =
                     protocol == "HTTP" || (g.support_h2 && (protocol == "HTTP2" || protocol == "GRPC"));
-                if http && let Ok(p) = u16::try_from(*number) {
+                if http
+                    && let Ok(p) = u16::try_from(*number)
+                    && !ISTIO_PORTS.contains(&p)
+                {
                     ports.insert(p);
                 }
             }
@@ -99,7 +114,7 @@ pub fn envoyfilters(cfg: &Config, ports: &BTreeSet<u16>) -> Vec<EnvoyFilter> {
             }
             let mut ef = EnvoyFilter::new(
                 ENVOYFILTER_NAME,
-                &IstioVersion::V1alpha3.resource("EnvoyFilter"),
+                &IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter),
                 EnvoyFilterSpec {
                     config_patches: patches,
                     ..Default::default()
@@ -386,6 +401,67 @@ mod tests {
             wormhole_ports(&h2, &idx, &[5555].into()),
             [7000, 8000, 8080, 9080, 9090].into(),
             "cleanup"
+        );
+    }
+
+    /// Issue 15: with deploy/'s config (`autoPort`), lazyload took its own admin port 8081 (and
+    /// would take any port of its own Services, the global-sidecar's, Istio's 150xx ones, or those
+    /// of namespaces it does not manage): only application ports are wormhole ports.
+    #[test]
+    fn auto_port_takes_only_application_ports() {
+        let mut idx = index();
+        let svc = |ns: &str, name: &str, labels: &[(&str, &str)], ports: Vec<ServicePort>| ServiceInfo {
+            key: ObjectKey::new(ns, name),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            selector: None,
+            ports,
+            cluster_ips: vec![],
+        };
+        // deploy/'s lazyload Services, in lazyload's namespace.
+        idx.apply_service(svc(
+            "mesh-operator",
+            "lazyload-admin",
+            &[],
+            vec![port("http-admin", 8081, None)],
+        ));
+        idx.apply_service(svc(
+            "mesh-operator",
+            "lazyload",
+            &[],
+            vec![port("http-als", 8082, None)],
+        ));
+        // lazyload installed elsewhere is still lazyload.
+        let own = [("app.kubernetes.io/name", "lazyload")];
+        idx.apply_service(svc(
+            "default",
+            "lazyload-2",
+            &own,
+            vec![port("http-admin", 8083, None)],
+        ));
+        // Istio's ports, even when named HTTP (an ingress gateway's status port).
+        idx.apply_service(svc("default", "gw", &[], vec![port("http-status", 15021, None)]));
+        idx.apply_service(svc("team-b", "shop", &[], vec![port("http", 7070, None)]));
+        idx.apply_service_entry(ServiceEntryInfo {
+            key: ObjectKey::new("mesh-operator", "own"),
+            hosts: vec!["x.example.com".into()],
+            addresses: vec![],
+            ports: vec![(8084, "HTTP".into()), (15000, "HTTP".into())],
+            export_to: crate::index::ExportTo::All,
+        });
+        let cfg = |yaml: &str| Config::parse(yaml).unwrap().config;
+        let auto = cfg("general:\n  autoPort: true\n  autoFence: true\n  defaultFence: true\n");
+        assert_eq!(
+            wormhole_ports(&auto, &idx, &BTreeSet::new()),
+            [7070, 8000, 8080, 9080].into()
+        );
+        let scoped = cfg("general:\n  autoPort: true\n  blackNamespaceList: team-b\n");
+        assert_eq!(
+            wormhole_ports(&scoped, &idx, &BTreeSet::new()),
+            [8000, 8080, 9080].into(),
+            "only Services in the management scope"
         );
     }
 

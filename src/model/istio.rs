@@ -38,9 +38,46 @@ impl IstioVersion {
     }
 
     /// The `ApiResource` of `kind` at this version.
-    pub fn resource(self, kind: &str) -> ApiResource {
-        let gvk = GroupVersionKind::gvk("networking.istio.io", self.as_str(), kind);
-        ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_ascii_lowercase()))
+    pub fn resource(self, kind: IstioKind) -> ApiResource {
+        let gvk = GroupVersionKind::gvk("networking.istio.io", self.as_str(), kind.as_str());
+        ApiResource::from_gvk_with_plural(&gvk, kind.plural())
+    }
+}
+
+/// The `networking.istio.io` kinds lazyload reads or writes. A closed set, because the URL of a
+/// kind needs its plural exactly as Istio's CRD declares it (`serviceentries`, not a guess made
+/// by appending `s`: a wrong plural is a 404 on a real API server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IstioKind {
+    /// `Sidecar`.
+    Sidecar,
+    /// `VirtualService`.
+    VirtualService,
+    /// `ServiceEntry`.
+    ServiceEntry,
+    /// `EnvoyFilter`.
+    EnvoyFilter,
+}
+
+impl IstioKind {
+    /// The kind's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sidecar => "Sidecar",
+            Self::VirtualService => "VirtualService",
+            Self::ServiceEntry => "ServiceEntry",
+            Self::EnvoyFilter => "EnvoyFilter",
+        }
+    }
+
+    /// The plural of the kind's CRD (`spec.names.plural`), the last segment of its URLs.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Sidecar => "sidecars",
+            Self::VirtualService => "virtualservices",
+            Self::ServiceEntry => "serviceentries",
+            Self::EnvoyFilter => "envoyfilters",
+        }
     }
 }
 
@@ -356,12 +393,36 @@ spec:
 
     #[test]
     fn api_resources() {
-        let ar = IstioVersion::V1.resource("Sidecar");
+        let ar = IstioVersion::V1.resource(IstioKind::Sidecar);
         assert_eq!(
             (ar.api_version.as_str(), ar.plural.as_str()),
             ("networking.istio.io/v1", "sidecars")
         );
-        let ar = IstioVersion::V1alpha3.resource("EnvoyFilter");
+        let ar = IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter);
         assert_eq!(ar.plural, "envoyfilters");
+    }
+
+    /// The plurals Istio's CRDs declare (`spec.names.plural`); appending `s` gets ServiceEntry
+    /// wrong.
+    #[test]
+    fn plurals_are_the_crds() {
+        let plurals: Vec<(&str, String)> = [
+            IstioKind::Sidecar,
+            IstioKind::VirtualService,
+            IstioKind::ServiceEntry,
+            IstioKind::EnvoyFilter,
+        ]
+        .into_iter()
+        .map(|k| (k.as_str(), IstioVersion::V1beta1.resource(k).plural))
+        .collect();
+        assert_eq!(
+            plurals,
+            [
+                ("Sidecar", "sidecars".to_string()),
+                ("VirtualService", "virtualservices".into()),
+                ("ServiceEntry", "serviceentries".into()),
+                ("EnvoyFilter", "envoyfilters".into()),
+            ]
+        );
     }
 }

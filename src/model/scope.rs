@@ -142,12 +142,12 @@ fn imports_everything(s: &Sidecar) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::istio::{EgressListener, IstioVersion, SidecarSpec, WorkloadSelector};
+    use crate::model::istio::{EgressListener, IstioKind, IstioVersion, SidecarSpec, WorkloadSelector};
 
     fn sidecar(ns: &str, name: &str, selector: &[(&str, &str)], hosts: &[&str]) -> Sidecar {
         let mut s = Sidecar::new(
             name,
-            &IstioVersion::default().resource("Sidecar"),
+            &IstioVersion::default().resource(IstioKind::Sidecar),
             SidecarSpec {
                 workload_selector: (!selector.is_empty()).then(|| WorkloadSelector {
                     labels: selector

@@ -7,7 +7,7 @@ use kube::Resource;
 
 use super::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
 use super::host;
-use super::istio::{EgressListener, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
+use super::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
 use crate::config::{Config, GlobalSidecarMode};
 use crate::index::{ClusterIndex, ObjectKey};
 
@@ -153,7 +153,7 @@ pub fn build(
     });
     let mut sidecar = Sidecar::new(
         fence.metadata.name.as_deref().unwrap_or_default(),
-        &version.resource("Sidecar"),
+        &version.resource(IstioKind::Sidecar),
         SidecarSpec {
             workload_selector: Some(WorkloadSelector {
                 labels,

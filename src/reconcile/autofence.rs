@@ -9,7 +9,7 @@ use kube::{Api, Client};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::with_retries;
+use super::{FIELD_MANAGER, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::index::ObjectKey;
@@ -95,15 +95,25 @@ impl AutoFenceController {
         }
     }
 
-    /// Applies the decision for one Service.
+    /// Applies the decision for one Service. Nothing is decided before every kind is listed
+    /// (a Service not listed yet would look gone); the resync at the end of the sync brings
+    /// every Service back here.
     pub async fn one(&self, key: &ObjectKey) {
+        // A fence lazyload cannot read is still a fence: not created again, never deleted.
+        if !self.state.unsynced().is_empty() || self.state.rejected_fence(key).is_some() {
+            return;
+        }
         let existing = self.state.fence(key);
         let action = decide(key, existing.as_ref(), &self.state.index(), &self.config);
         let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
         match action {
             Action::Keep => {}
             Action::Create(fence) => {
-                let pp = PostParams::default();
+                // Named, or the API server records the fields as managed by `unknown`.
+                let pp = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
                 match with_retries(|| api.create(&pp, &fence)).await {
                     Ok(_) => tracing::info!(fence = %key, "auto fence created"),
                     Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -153,10 +163,11 @@ mod tests {
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let ctl = AutoFenceController::new(state, std::sync::Arc::new(cfg), Client::new(service, "default"));
         let server = tokio::spawn(async move {
-            let mut seen = Vec::new();
+            let (mut seen, mut queries) = (Vec::new(), Vec::new());
             for _ in 0..2 {
                 let (req, send) = handle.next_request().await.unwrap();
                 let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                queries.push(req.uri().query().unwrap_or_default().to_string());
                 let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
                     .unwrap_or(Value::Null);
                 seen.push((method.clone(), path, body.clone()));
@@ -172,11 +183,11 @@ mod tests {
                         .unwrap(),
                 );
             }
-            seen
+            (seen, queries)
         });
         let (_lead, leader) = watch::channel(true);
         ctl.all(&leader, &CancellationToken::new()).await;
-        let seen = server.await.unwrap();
+        let (seen, queries) = server.await.unwrap();
         // `gone` (ours, no Service) is deleted; `web` gets a fence; `manual` is left alone.
         assert_eq!(seen[0].0, Method::DELETE);
         assert_eq!(
@@ -184,6 +195,11 @@ mod tests {
             "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/gone"
         );
         assert_eq!(seen[1].0, Method::POST);
+        assert!(
+            queries[1].split('&').any(|q| q == "fieldManager=lazyload"),
+            "created with lazyload's field manager, not `unknown`: {}",
+            queries[1]
+        );
         assert_eq!(seen[1].2["metadata"]["name"], "web");
         assert_eq!(
             seen[1].2["metadata"]["labels"]["app.kubernetes.io/created-by"],

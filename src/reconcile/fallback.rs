@@ -20,7 +20,7 @@ use super::{Error, FIELD_MANAGER, Result, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
 use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
-use crate::model::istio::{EnvoyFilter, IstioVersion};
+use crate::model::istio::{EnvoyFilter, IstioKind, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
 
@@ -52,7 +52,7 @@ impl FallbackController {
         Api::namespaced_with(
             self.client.clone(),
             namespace,
-            &IstioVersion::V1alpha3.resource("EnvoyFilter"),
+            &IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter),
         )
     }
 
@@ -83,7 +83,12 @@ impl FallbackController {
     }
 
     /// Recomputes the ports and writes what changed. Returns whether anything was written.
+    /// Nothing is computed before every kind is listed (with `cleanupWormholePort` the ports of
+    /// Services not listed yet would be removed); the resync at the end of the sync comes back.
     pub async fn sync(&mut self) -> Result<bool> {
+        if !self.state.unsynced().is_empty() {
+            return Ok(false);
+        }
         let previous = match &self.ports {
             Some(p) => p.clone(),
             None => self.recorded_ports().await?,
@@ -201,6 +206,20 @@ mod tests {
 
     use super::*;
     use crate::index::{ClusterIndex, ObjectKey, ServiceInfo, ServicePort};
+
+    #[tokio::test]
+    async fn nothing_is_written_before_every_kind_synced() {
+        let cfg = Config::parse("general:\n  autoPort: true\n  cleanupWormholePort: true\n")
+            .unwrap()
+            .config;
+        let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
+        state.await_sync([crate::cluster::convert::Kind::Service]);
+        // Nobody answers: a request would hang.
+        let (service, _handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut ctl = FallbackController::new(state.clone(), Arc::new(cfg), Client::new(service, "default"));
+        let synced = tokio::time::timeout(std::time::Duration::from_secs(2), ctl.sync()).await;
+        assert!(matches!(synced, Ok(Ok(false))), "wrote from an unsynced kind");
+    }
 
     #[tokio::test]
     async fn ports_from_services_are_applied_once_and_recorded() {

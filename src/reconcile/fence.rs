@@ -6,14 +6,17 @@
 //! when it changed; map keys that went away are sent as `null`, so keys another replica added in
 //! the meantime (learned dependencies) survive.
 
+use jiff::Timestamp;
 use kube::Api;
 use kube::Client;
-use kube::api::{DeleteParams, Patch, PatchParams};
-use serde_json::{Map, Value};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::ApiResource;
+use serde_json::{Map, Value, json};
 
 use super::{Error, FIELD_MANAGER, Result, with_retries};
+use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
-use crate::model::istio::{IstioVersion, Sidecar};
+use crate::model::istio::{IstioKind, IstioVersion, Sidecar};
 use crate::model::sidecar::NoSidecar;
 
 /// What a sync did.
@@ -73,6 +76,49 @@ pub fn status_patch(
     Ok((old != new).then(|| serde_json::json!({ "status": diff(&old, &new) })))
 }
 
+/// Condition type lazyload sets on a ServiceFence it cannot read (status `False`, reason
+/// [`REASON_UNREADABLE`], the message says which field and why): the fence is skipped, no Sidecar
+/// is written or changed for it, until it is fixed.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Reason of the [`CONDITION_ACCEPTED`] condition on a fence lazyload cannot read.
+pub const REASON_UNREADABLE: &str = "Unreadable";
+
+/// The status merge patch that reports a fence lazyload cannot read (`raw`, as the API server
+/// holds it) on the fence itself; `None` when it already says so. The fence's other conditions
+/// are kept (a merge patch replaces the whole list).
+pub fn rejection_patch(raw: &Value, message: &str, now: Timestamp) -> Option<Value> {
+    let existing = raw
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ours = |c: &Value| c.get("type").and_then(Value::as_str) == Some(CONDITION_ACCEPTED);
+    let reported = existing.iter().any(|c| {
+        ours(c)
+            && c.get("status").and_then(Value::as_str) == Some("False")
+            && c.get("message").and_then(Value::as_str) == Some(message)
+    });
+    if reported {
+        return None;
+    }
+    let mut conditions: Vec<Value> = existing
+        .into_iter()
+        .filter(|c| c.is_object() && !ours(c))
+        .collect();
+    let mut condition = json!({
+        "type": CONDITION_ACCEPTED,
+        "status": "False",
+        "reason": REASON_UNREADABLE,
+        "message": message,
+        "lastTransitionTime": now.to_string(),
+    });
+    if let Some(generation) = raw.pointer("/metadata/generation").and_then(Value::as_i64) {
+        condition["observedGeneration"] = generation.into();
+    }
+    conditions.push(condition);
+    Some(json!({"status": {"conditions": conditions}}))
+}
+
 /// Merge-patch diff of two JSON values: objects key by key, anything else replaced.
 fn diff(old: &Value, new: &Value) -> Value {
     match (old, new) {
@@ -110,7 +156,11 @@ impl FenceWriter {
     }
 
     fn sidecars(&self, namespace: &str) -> Api<Sidecar> {
-        Api::namespaced_with(self.client.clone(), namespace, &self.version.resource("Sidecar"))
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &self.version.resource(IstioKind::Sidecar),
+        )
     }
 
     /// Makes the cluster hold the desired Sidecar of `fence`, or none of its own when the model
@@ -180,6 +230,29 @@ impl FenceWriter {
             .map_err(|source| Error::Kube {
                 action: "patch ServiceFence status",
                 object,
+                source,
+            })?;
+        Ok(Write::Written)
+    }
+
+    /// Says on a fence lazyload cannot read (`raw`) why it is skipped ([`rejection_patch`]),
+    /// unless it already says so. The fence is patched as raw JSON: it does not fit the types.
+    pub async fn report_rejected(&self, key: &ObjectKey, raw: &Value, message: &str) -> Result<Write> {
+        let Some(patch) = rejection_patch(raw, message, Timestamp::now()) else {
+            return Ok(Write::Unchanged);
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &key.namespace,
+            &ApiResource::erase::<ServiceFence>(&()),
+        );
+        let params = PatchParams::apply(FIELD_MANAGER);
+        let patch = Patch::Merge(&patch);
+        with_retries(|| api.patch_status(&key.name, &params, &patch))
+            .await
+            .map_err(|source| Error::Kube {
+                action: "report an unreadable ServiceFence",
+                object: key.to_string(),
                 source,
             })?;
         Ok(Write::Written)

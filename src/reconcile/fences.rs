@@ -19,8 +19,12 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::fence::{FenceWriter, Write};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
+
+use super::fence::{FenceWriter, REASON_UNREADABLE, Write};
 use super::queue::Queue;
+use crate::cluster::convert::Kind;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::index::ObjectKey;
@@ -172,13 +176,29 @@ impl FenceController {
     }
 
     fn schedule_all(&mut self, at: Instant) {
-        for key in self.state.fence_keys() {
+        let mut keys = self.state.fence_keys();
+        keys.extend(self.state.rejections().keys(Kind::ServiceFence));
+        for key in keys {
             self.queue.schedule(key, at + DEBOUNCE);
         }
     }
 
     async fn reconcile_key(&mut self, key: ObjectKey) {
+        // Never write from a kind that has not been listed: a Sidecar computed without the
+        // VirtualServices would drop every host they expand to. The last kind to sync announces
+        // a resync, which brings every fence back here.
+        let unsynced = self.state.unsynced();
+        if !unsynced.is_empty() {
+            tracing::debug!(fence = %key, ?unsynced, "not reconciled: waiting for the cluster index");
+            return;
+        }
         let Some(fence) = self.state.fence(&key) else {
+            if let (Some(raw), Some(rejection)) = (
+                self.state.rejected_fence(&key),
+                self.state.rejections().get(Kind::ServiceFence, &key),
+            ) {
+                self.report_rejected(&key, &raw, &rejection.message).await;
+            }
             // Deleted: its Sidecar goes with it (owner reference).
             return;
         };
@@ -197,8 +217,13 @@ impl FenceController {
                     .get(&key)
                     .map_or(RETRY, |d| (*d * 2).min(Duration::from_secs(60)));
                 tracing::warn!(fence = %key, retry_in = ?delay, "reconcile failed: {e}");
-                self.publish(&fence, EventType::Warning, "ReconcileFailed", e.to_string())
-                    .await;
+                self.publish(
+                    &fence.object_ref(&()),
+                    EventType::Warning,
+                    "ReconcileFailed",
+                    e.to_string(),
+                )
+                .await;
                 self.retries.insert(key.clone(), delay);
                 self.queue.schedule(key, Instant::now() + delay);
             }
@@ -239,7 +264,8 @@ impl FenceController {
                     ),
                     _ => ("SidecarWritten", String::new()),
                 };
-                self.publish(fence, EventType::Normal, reason, note).await;
+                self.publish(&fence.object_ref(&()), EventType::Normal, reason, note)
+                    .await;
             }
         }
         let counter = match self.writer.sync_status(fence, &eval.status).await? {
@@ -267,7 +293,39 @@ impl FenceController {
         }
     }
 
-    async fn publish(&self, fence: &ServiceFence, type_: EventType, reason: &str, note: String) {
+    /// Reports a fence lazyload cannot read on the fence (a condition) and with an Event, once
+    /// per fault: nothing is written when the condition already says it.
+    async fn report_rejected(&self, key: &ObjectKey, raw: &serde_json::Value, message: &str) {
+        match self.writer.report_rejected(key, raw, message).await {
+            Ok(Write::Unchanged) => {
+                self.metrics.skipped_writes.inc();
+            }
+            Ok(_) => {
+                self.metrics.status_writes.inc();
+                let object = ObjectReference {
+                    api_version: Some(ServiceFence::api_version(&()).into_owned()),
+                    kind: Some(ServiceFence::kind(&()).into_owned()),
+                    namespace: Some(key.namespace.clone()),
+                    name: Some(key.name.clone()),
+                    uid: raw
+                        .pointer("/metadata/uid")
+                        .and_then(|u| u.as_str())
+                        .map(String::from),
+                    ..Default::default()
+                };
+                let note = format!("skipped, no Sidecar is written for it: {message}");
+                self.publish(&object, EventType::Warning, REASON_UNREADABLE, note)
+                    .await;
+            }
+            // Retried at the next change or resync: the fence is skipped either way.
+            Err(e) => {
+                self.metrics.errors.inc();
+                tracing::warn!(fence = %key, "{e}");
+            }
+        }
+    }
+
+    async fn publish(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
         let Some(recorder) = &self.recorder else { return };
         let event = Event {
             type_,
@@ -276,8 +334,7 @@ impl FenceController {
             action: "Reconcile".into(),
             secondary: None,
         };
-        use kube::Resource;
-        if let Err(e) = recorder.publish(&event, &fence.object_ref(&())).await {
+        if let Err(e) = recorder.publish(&event, object).await {
             tracing::debug!("publishing an event failed: {e}");
         }
     }

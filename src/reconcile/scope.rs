@@ -113,12 +113,12 @@ impl ScopeCheck {
 mod tests {
     use super::*;
     use crate::index::{ClusterIndex, ObjectKey};
-    use crate::model::istio::{EgressListener, IstioVersion, Sidecar, SidecarSpec};
+    use crate::model::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
 
     fn mesh_default(hosts: &[&str]) -> Sidecar {
         let mut s = Sidecar::new(
             "default",
-            &IstioVersion::default().resource("Sidecar"),
+            &IstioVersion::default().resource(IstioKind::Sidecar),
             SidecarSpec {
                 egress: vec![EgressListener {
                     hosts: hosts.iter().map(|h| h.to_string()).collect(),

@@ -1,6 +1,7 @@
 //! Test support shared by the black-box tests: a real Envoy process and a tiny HTTP/1.1 client.
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod als_client;
 pub mod als_sink;
 pub mod certs;
 pub mod envoy;

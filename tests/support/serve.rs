@@ -34,6 +34,18 @@ impl Serve {
         }
         serve
     }
+
+    /// `serve` without a cluster: the cluster is `snapshot`, learned fences and Sidecars go to
+    /// files under `manifests`; `args` besides.
+    pub async fn offline(snapshot: &std::path::Path, manifests: &std::path::Path, args: &[&str]) -> Self {
+        let files = [
+            "--cluster-snapshot",
+            snapshot.to_str().unwrap(),
+            "--manifests-dir",
+            manifests.to_str().unwrap(),
+        ];
+        Self::start(args.iter().chain(&files), Stdio::inherit()).await
+    }
 }
 
 impl Drop for Serve {

@@ -1,0 +1,213 @@
+//! A mock API server faithful to a real one for what lazyload uses: list and watch of each kind
+//! at its real path (group, version, and the plural its CRD declares: hard-coded here, never
+//! taken from the code under test), discovery of every group-version it serves, writes of
+//! namespaced objects and their status, Events; `404 NotFound` for everything else, as a real
+//! API server answers an unknown path.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tower_test::mock;
+
+/// `(group-version path, plural, kind, namespaced)` of everything served.
+const RESOURCES: &[(&str, &str, &str, bool)] = &[
+    ("/api/v1", "namespaces", "Namespace", false),
+    ("/api/v1", "services", "Service", true),
+    ("/api/v1", "pods", "Pod", true),
+    (
+        "/apis/networking.istio.io/v1beta1",
+        "virtualservices",
+        "VirtualService",
+        true,
+    ),
+    (
+        "/apis/networking.istio.io/v1beta1",
+        "serviceentries",
+        "ServiceEntry",
+        true,
+    ),
+    ("/apis/networking.istio.io/v1beta1", "sidecars", "Sidecar", true),
+    (
+        "/apis/networking.istio.io/v1alpha3",
+        "envoyfilters",
+        "EnvoyFilter",
+        true,
+    ),
+    (
+        "/apis/microservice.slime.io/v1alpha1",
+        "servicefences",
+        "ServiceFence",
+        true,
+    ),
+    ("/apis/events.k8s.io/v1", "events", "Event", true),
+];
+
+/// One write the server received: method, path with query, body.
+pub type Write = (String, String, Value);
+
+/// The mock's content; [`MockApi::client`] starts it.
+#[derive(Default)]
+pub struct MockApi {
+    items: BTreeMap<&'static str, Vec<Value>>,
+    failing: BTreeMap<&'static str, u16>,
+    plurals: BTreeMap<&'static str, &'static str>,
+    writes: Arc<Mutex<Vec<Write>>>,
+}
+
+impl MockApi {
+    /// An object of `kind` in its list.
+    pub fn with(mut self, kind: &'static str, object: Value) -> Self {
+        self.items.entry(kind).or_default().push(object);
+        self
+    }
+
+    /// The list of `kind` fails with `status` (403: RBAC does not grant it).
+    pub fn failing(mut self, kind: &'static str, status: u16) -> Self {
+        self.failing.insert(kind, status);
+        self
+    }
+
+    /// `kind`'s CRD declares `plural` instead of the real one.
+    pub fn plural(mut self, kind: &'static str, plural: &'static str) -> Self {
+        self.plurals.insert(kind, plural);
+        self
+    }
+
+    /// The writes received so far.
+    pub fn writes(&self) -> Arc<Mutex<Vec<Write>>> {
+        self.writes.clone()
+    }
+
+    /// A client of the mock, which serves until the client is dropped.
+    pub fn client(self) -> Client {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(self.serve(handle));
+        Client::new(service, "default")
+    }
+
+    fn resources(&self) -> impl Iterator<Item = (&'static str, &'static str, &'static str, bool)> + '_ {
+        RESOURCES.iter().map(|&(gv, plural, kind, namespaced)| {
+            (
+                gv,
+                self.plurals.get(kind).copied().unwrap_or(plural),
+                kind,
+                namespaced,
+            )
+        })
+    }
+
+    async fn serve(self, mut handle: mock::Handle<Request<Body>, Response<Body>>) {
+        // Watches stay open (nothing changes): their senders are kept.
+        let mut open = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            if method == "GET" && query.contains("watch=true") && self.list_of(&path).is_some() {
+                open.push(send);
+                continue;
+            }
+            let body = match req.into_body().collect_bytes().await {
+                Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            send.send_response(self.answer(&method, &path, &query, body));
+        }
+    }
+
+    /// The kind listed at `path`, if `path` is a served list.
+    fn list_of(&self, path: &str) -> Option<&'static str> {
+        self.resources()
+            .find(|(gv, plural, _, _)| path == format!("{gv}/{plural}"))
+            .map(|(_, _, kind, _)| kind)
+    }
+
+    fn answer(&self, method: &str, path: &str, query: &str, body: Value) -> Response<Body> {
+        if method == "GET" {
+            if let Some(kind) = self.list_of(path) {
+                if let Some(&code) = self.failing.get(kind) {
+                    return status(code, "Forbidden");
+                }
+                let items = self.items.get(kind).cloned().unwrap_or_default();
+                let items: Vec<Value> = items
+                    .into_iter()
+                    .map(|mut o| {
+                        o["metadata"]["resourceVersion"] = json!("1");
+                        o
+                    })
+                    .collect();
+                return respond(
+                    200,
+                    json!({"kind": format!("{kind}List"), "metadata": {"resourceVersion": "1"}, "items": items}),
+                );
+            }
+            let served: Vec<Value> = self
+                .resources()
+                .filter(|(gv, ..)| *gv == path)
+                .map(|(_, plural, kind, namespaced)| {
+                    json!({"name": plural, "singularName": "", "namespaced": namespaced, "kind": kind,
+                           "verbs": ["get", "list", "watch", "create", "patch", "delete"]})
+                })
+                .collect();
+            if !served.is_empty() {
+                let gv = path.trim_start_matches("/apis/").trim_start_matches("/api/");
+                return respond(
+                    200,
+                    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": served}),
+                );
+            }
+        }
+        if method != "GET"
+            && let Some((namespace, name)) = self.namespaced_object(path)
+        {
+            self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
+                method.to_string(),
+                format!("{path}?{query}"),
+                body.clone(),
+            ));
+            // The object as written (a real server returns all of it; what lazyload reads of
+            // the answer is its metadata).
+            let mut object = if body.is_object() { body } else { json!({}) };
+            object["metadata"]["namespace"] = json!(namespace);
+            if let Some(name) = name {
+                object["metadata"]["name"] = json!(name);
+            }
+            return respond(200, object);
+        }
+        status(404, "NotFound")
+    }
+
+    /// Namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a
+    /// served namespaced kind.
+    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&'p str>)> {
+        self.resources().filter(|r| r.3).find_map(|(gv, plural, ..)| {
+            let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
+            let parts: Vec<&str> = rest.split('/').collect();
+            let shaped = parts.len() >= 2
+                && parts[1] == plural
+                && !parts[0].is_empty()
+                && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
+            shaped.then(|| (parts[0], parts.get(2).copied()))
+        })
+    }
+}
+
+fn respond(code: u16, body: Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    Response::builder()
+        .status(code)
+        .body(Body::from(bytes))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn status(code: u16, reason: &str) -> Response<Body> {
+    respond(
+        code,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason,
+               "message": format!("{reason} (mock API server)"), "code": code}),
+    )
+}
