@@ -366,13 +366,24 @@ async fn check_inbound_listeners(envoy: &Envoy, istiod: &TestIstiod, ports: &BTr
         lds.iter().any(|r| !r.nonce.is_empty()),
         "LDS ACKed to istiod: {lds:?}"
     );
-    let dump = envoy.config_dump("").await;
-    let listeners = dynamic(&dump, "dynamic_listeners", &["active_state", "listener"]);
-    let on_port: Vec<&str> = listeners
-        .iter()
-        .filter(|l| l["address"]["socket_address"]["port_value"] == ports[&9080])
-        .filter_map(|l| l["name"].as_str())
-        .collect();
+    // A listener is active only once its routes arrived (it warms until then): wait for one on
+    // the wormhole port, then check it is the only one and the outbound one.
+    let on_port: Vec<String> = envoy
+        .wait_for(
+            "an active listener on the wormhole port",
+            Duration::from_secs(30),
+            || async {
+                let dump = envoy.config_dump("").await;
+                let listeners = dynamic(&dump, "dynamic_listeners", &["active_state", "listener"]);
+                let on_port: Vec<String> = listeners
+                    .iter()
+                    .filter(|l| l["address"]["socket_address"]["port_value"] == ports[&9080])
+                    .filter_map(|l| l["name"].as_str().map(str::to_string))
+                    .collect();
+                (!on_port.is_empty()).then_some(on_port)
+            },
+        )
+        .await;
     assert_eq!(
         on_port,
         ["127.0.0.1_9080"],
