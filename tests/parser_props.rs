@@ -3,28 +3,72 @@
 
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
-use lazyload::model::fence::metric_key_host;
+use lazyload::model::fence::{ServiceFence, metric_key_host};
 use lazyload::model::host::{FenceHost, host_name, sidecar_host};
 use proptest::prelude::*;
 use serde_json::Value;
 
 /// Arbitrary JSON-like trees with the config's field names sprinkled in.
 fn tree() -> impl Strategy<Value = Value> {
-    let key = prop_oneof![
-        Just("general".to_string()),
-        Just("global".to_string()),
-        Just("metric".to_string()),
-        Just("wormholePort".to_string()),
-        Just("domainAliases".to_string()),
-        Just("pattern".to_string()),
-        Just("templates".to_string()),
-        Just("dispatches".to_string()),
-        Just("misc".to_string()),
-        Just("kind".to_string()),
-        Just("spec".to_string()),
-        Just("module".to_string()),
-        "[a-zA-Z]{1,8}",
-    ];
+    tree_with(&[
+        "general",
+        "global",
+        "metric",
+        "wormholePort",
+        "domainAliases",
+        "pattern",
+        "templates",
+        "dispatches",
+        "misc",
+        "kind",
+        "spec",
+        "module",
+        "prometheus",
+        "handlers",
+        "type",
+        "log",
+        "logRotateConfig",
+        "maxSizeMB",
+        "mode",
+        "name",
+    ])
+}
+
+/// Arbitrary trees with a ServiceFence's field names sprinkled in.
+fn fence_tree() -> impl Strategy<Value = Value> {
+    tree_with(&[
+        "spec",
+        "status",
+        "host",
+        "enable",
+        "namespaceSelector",
+        "labelSelector",
+        "selector",
+        "workloadSelector",
+        "fromService",
+        "labels",
+        "stable",
+        "deadline",
+        "expire",
+        "auto",
+        "duration",
+        "seconds",
+        "nanos",
+        "RecentlyCalled",
+        "domains",
+        "hosts",
+        "metricStatus",
+        "visitor",
+        "lastSeen",
+        "conditions",
+        "metadata",
+    ])
+}
+
+/// Arbitrary JSON-like trees whose keys are often one of `names`.
+fn tree_with(names: &[&'static str]) -> impl Strategy<Value = Value> + use<> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = prop_oneof![prop::sample::select(names), "[a-zA-Z]{1,8}",];
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
@@ -32,6 +76,9 @@ fn tree() -> impl Strategy<Value = Value> {
         "[ -~]{0,12}".prop_map(Value::from),
         Just(Value::from("SlimeBoot")),
         Just(Value::from("lazyload")),
+        Just(Value::from("{{ .Values.x }}")),
+        Just(Value::from("EXPIREWAIT")),
+        Just(Value::from("1700000000")),
     ];
     leaf.prop_recursive(4, 48, 6, move |inner| {
         prop_oneof![
@@ -53,6 +100,20 @@ proptest! {
     #[test]
     fn config_trees_never_panic(tree in tree()) {
         let _ = Config::parse(&serde_yaml::to_string(&tree).unwrap());
+    }
+
+    #[test]
+    fn fence_trees_never_panic_and_what_reads_round_trips(tree in fence_tree()) {
+        if let Ok(fence) = serde_json::from_value::<ServiceFence>(tree) {
+            let written = serde_json::to_value(&fence).unwrap();
+            let again: ServiceFence = serde_json::from_value(written).unwrap();
+            prop_assert_eq!(again, fence);
+        }
+    }
+
+    #[test]
+    fn fence_text_never_panics(text in "[ -~\n]{0,200}") {
+        let _ = serde_yaml::from_str::<ServiceFence>(&text);
     }
 
     #[test]
