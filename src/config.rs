@@ -166,6 +166,9 @@ pub struct General {
     pub proxy_version: Option<Regex>,
     /// Remove wormhole ports no Service uses any more (else they only grow).
     pub cleanup_wormhole_port: bool,
+    /// Delete the fences lazyload created as soon as auto-fencing no longer wants them, learned
+    /// dependencies and all (else they are kept and marked as no longer managed).
+    pub cleanup_auto_fences: bool,
     /// Also record and import the short name a caller used.
     pub enable_short_domain: bool,
     /// Workload fences by pod label.
@@ -777,6 +780,7 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         add_env_header_via_lua: f.add_env_header_via_lua.unwrap_or(false),
         proxy_version,
         cleanup_wormhole_port: f.cleanup_wormhole_port.unwrap_or(false),
+        cleanup_auto_fences: f.cleanup_auto_fences.unwrap_or(false),
         enable_short_domain: f.enable_short_domain.unwrap_or(false),
         fence_label_key_alias,
         cluster_domain: cluster_domain.to_ascii_lowercase(),
@@ -1145,6 +1149,8 @@ pub mod raw {
         pub proxy_version: Option<String>,
         /// Shrink wormhole ports.
         pub cleanup_wormhole_port: Option<bool>,
+        /// lazyload: delete auto fences no longer wanted.
+        pub cleanup_auto_fences: Option<bool>,
         /// Keep short names.
         pub enable_short_domain: Option<bool>,
         /// Workload fences.

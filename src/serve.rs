@@ -604,7 +604,12 @@ async fn start_reconciling(
             instance: Some(identity),
         },
     );
-    let autofence = AutoFenceController::new(state.clone(), ctx.config.clone(), client.clone());
+    let autofence = AutoFenceController::new(
+        state.clone(),
+        ctx.config.clone(),
+        client.clone(),
+        &mut ctx.registry,
+    );
     let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
     ctx.spawn("auto-fence controller", async move {
         autofence.run(lead, shutdown).await;

@@ -4,7 +4,10 @@
 //! `defaultFence`; only inside the management scope (namespace black/white list and
 //! `managementSelectors`); Services without a selector and the global-sidecar never get one.
 //! lazyload only ever deletes fences it created (label `app.kubernetes.io/created-by:
-//! fence-controller`); unlike Slime it deletes them when `autoFence` is switched off.
+//! fence-controller`), and only when their Service is deleted (and they hold nothing learned) or
+//! when `cleanupAutoFences` asks for it: learned dependencies live in a fence's status, so a
+//! configuration change (autoFence off, a narrower scope, `defaultFence`) must not destroy them.
+//! A fence lazyload keeps but no longer wants is reported ([`Unmanaged`], a condition on it).
 
 use std::collections::BTreeMap;
 
@@ -26,39 +29,116 @@ pub enum Action {
     Create(Box<ServiceFence>),
     /// Delete the fence lazyload created.
     Delete,
+    /// Keep the fence lazyload created although auto-fencing no longer wants it.
+    Unmanaged(Unmanaged),
     /// Nothing to do.
     Keep,
 }
 
+/// Why auto-fencing does not want a fence for a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unmanaged {
+    /// The Service is gone.
+    ServiceDeleted,
+    /// The Service has no selector (no workload to scope).
+    NoSelector,
+    /// The Service is the global-sidecar's.
+    GlobalSidecar,
+    /// `general.autoFence` is off.
+    AutoFenceOff,
+    /// The namespace is outside the management scope (black/white list, `managementSelectors`).
+    OutOfScope,
+    /// `slime.io/serviceFenced: "false"` on the Service or namespace, or `defaultFence` false.
+    NotFenced,
+}
+
+impl Unmanaged {
+    /// CamelCase reason, for the condition.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ServiceDeleted => "ServiceDeleted",
+            Self::NoSelector => "ServiceWithoutSelector",
+            Self::GlobalSidecar => "GlobalSidecar",
+            Self::AutoFenceOff => "AutoFenceOff",
+            Self::OutOfScope => "OutOfScope",
+            Self::NotFenced => "NotFenced",
+        }
+    }
+
+    /// What happened, and what the user can do about it.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::ServiceDeleted => {
+                "the Service is gone; kept because the fence holds learned dependencies \
+                 (delete it, or set general.cleanupAutoFences)"
+            }
+            Self::NoSelector => "the Service has no selector",
+            Self::GlobalSidecar => "the Service is the global-sidecar's",
+            Self::AutoFenceOff => "general.autoFence is off",
+            Self::OutOfScope => "the namespace is outside the management scope",
+            Self::NotFenced => "slime.io/serviceFenced or defaultFence says no fence",
+        }
+    }
+}
+
+/// Condition type on auto-created fences: whether auto-fencing still manages the fence.
+pub const CONDITION_AUTO_FENCE_MANAGED: &str = "AutoFenceManaged";
+
 /// Decides the auto fence for the Service `key`, given the fence that exists now (if any).
+///
+/// A fence lazyload created and no longer wants is deleted only when its Service is deleted and
+/// its status holds nothing learned, or when `cleanupAutoFences` is on; otherwise it is kept
+/// ([`Action::Unmanaged`]).
 pub fn decide(
     key: &ObjectKey,
     existing: Option<&ServiceFence>,
     index: &ClusterIndex,
     cfg: &Config,
 ) -> Action {
-    if existing.is_some_and(|f| !f.is_auto_created()) {
-        return Action::Keep;
-    }
-    let wanted = cfg.general.auto_fence && wants_fence(key, index, cfg);
-    match (wanted, existing) {
-        (true, None) => Action::Create(Box::new(new_fence(key, cfg))),
-        (false, Some(_)) => Action::Delete,
-        _ => Action::Keep,
+    match (existing, unwanted(key, index, cfg)) {
+        (Some(fence), _) if !fence.is_auto_created() => Action::Keep,
+        (None, None) => Action::Create(Box::new(new_fence(key, cfg))),
+        (None, Some(_)) | (Some(_), None) => Action::Keep,
+        (Some(_), Some(_)) if cfg.general.cleanup_auto_fences => Action::Delete,
+        (Some(fence), Some(Unmanaged::ServiceDeleted)) if !holds_learned(fence) => Action::Delete,
+        (Some(_), Some(why)) => Action::Unmanaged(why),
     }
 }
 
-/// Whether the Service should be fenced (ignoring `autoFence`).
-fn wants_fence(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> bool {
+/// For a fence lazyload created: `None` while auto-fencing wants it, else why not.
+pub fn unmanaged(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Option<Unmanaged> {
+    let key = ObjectKey::new(
+        fence.metadata.namespace.clone().unwrap_or_default(),
+        fence.metadata.name.clone().unwrap_or_default(),
+    );
+    unwanted(&key, index, cfg)
+}
+
+/// Whether the fence's status holds learned dependencies (what a deletion would lose).
+pub fn holds_learned(fence: &ServiceFence) -> bool {
+    fence
+        .status
+        .as_ref()
+        .is_some_and(|s| !s.metric_status.is_empty() || !s.last_seen.is_empty())
+}
+
+/// `None` if the Service should be fenced, else why not.
+fn unwanted(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> Option<Unmanaged> {
     let Some(svc) = index.service(key) else {
-        return false;
+        return Some(Unmanaged::ServiceDeleted);
     };
-    if svc.selector.is_none() || is_global_sidecar_fence(key, cfg) {
-        return false;
+    if svc.selector.is_none() {
+        return Some(Unmanaged::NoSelector);
+    }
+    if is_global_sidecar_fence(key, cfg) {
+        return Some(Unmanaged::GlobalSidecar);
+    }
+    if !cfg.general.auto_fence {
+        return Some(Unmanaged::AutoFenceOff);
     }
     let ns = index.namespace(&key.namespace);
     if !in_scope(&key.namespace, ns.map(|n| &n.labels), cfg) {
-        return false;
+        return Some(Unmanaged::OutOfScope);
     }
     let label = |labels: &BTreeMap<String, String>| match labels.get(LABEL_SERVICE_FENCED).map(String::as_str)
     {
@@ -66,9 +146,10 @@ fn wants_fence(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> bool {
         Some("false") => Some(false),
         _ => None,
     };
-    label(&svc.labels)
+    let fenced = label(&svc.labels)
         .or_else(|| ns.and_then(|n| label(&n.labels)))
-        .unwrap_or(cfg.general.default_fence)
+        .unwrap_or(cfg.general.default_fence);
+    (!fenced).then_some(Unmanaged::NotFenced)
 }
 
 /// Whether auto-fencing manages a namespace.
@@ -108,5 +189,69 @@ pub fn new_fence(key: &ObjectKey, cfg: &Config) -> ServiceFence {
             ..Default::default()
         },
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::ServiceInfo;
+    use crate::model::istio::IstioVersion;
+
+    fn condition(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Option<(String, String)> {
+        let eval = crate::model::evaluate(
+            fence,
+            index,
+            cfg,
+            jiff::Timestamp::UNIX_EPOCH,
+            IstioVersion::default(),
+        );
+        assert!(eval.sidecar.is_ok(), "a kept fence keeps its Sidecar");
+        eval.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_AUTO_FENCE_MANAGED)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    }
+
+    #[test]
+    fn kept_fences_keep_their_sidecar_and_say_they_are_no_longer_managed() {
+        let mut index = ClusterIndex::new("cluster.local");
+        index.apply_service(ServiceInfo {
+            key: ObjectKey::new("default", "web"),
+            labels: Default::default(),
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            ports: vec![],
+            cluster_ips: vec![],
+        });
+        let on = Config::parse("general:\n  autoFence: true\n  defaultFence: true\n")
+            .unwrap()
+            .config;
+        let fence = new_fence(&ObjectKey::new("default", "web"), &on);
+        let cases = [
+            (
+                "general:\n  autoFence: true\n  defaultFence: true\n",
+                "True",
+                "Managed",
+            ),
+            ("general:\n  autoFence: false\n", "False", "AutoFenceOff"),
+            ("general:\n  autoFence: true\n", "False", "NotFenced"),
+            (
+                "general:\n  autoFence: true\n  defaultFence: true\n  whiteNamespaceList: other\n",
+                "False",
+                "OutOfScope",
+            ),
+        ];
+        for (config, status, reason) in cases {
+            let cfg = Config::parse(config).unwrap().config;
+            assert_eq!(
+                condition(&fence, &index, &cfg),
+                Some((status.to_string(), reason.to_string())),
+                "{config}"
+            );
+        }
+        let mut manual = fence.clone();
+        manual.metadata.labels = None;
+        assert_eq!(condition(&manual, &index, &Config::default()), None);
     }
 }

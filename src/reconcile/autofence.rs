@@ -1,8 +1,15 @@
 //! The auto-fence controller: creates and deletes the fences auto-fencing decides
 //! ([`crate::model::autofence::decide`]) when a Service, fence or Namespace changes, and for every
-//! Service after a re-list or on taking over leadership. Manual fences are never touched.
+//! Service after a re-list or on taking over leadership. Manual fences are never touched; auto
+//! fences no longer wanted are kept (counted in `lazyload_autofence_unmanaged_fences`, and marked
+//! by the fence controller's `AutoFenceManaged` condition) unless the Service is gone and they
+//! hold nothing learned, or `cleanupAutoFences` is on.
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
@@ -21,16 +28,56 @@ pub struct AutoFenceController {
     state: ClusterState,
     config: std::sync::Arc<Config>,
     client: Client,
+    /// Auto fences kept although auto-fencing no longer wants them.
+    unmanaged: Mutex<BTreeSet<ObjectKey>>,
+    unmanaged_gauge: Gauge,
 }
 
 impl AutoFenceController {
-    /// A controller creating and deleting fences through `client`.
-    pub fn new(state: ClusterState, config: std::sync::Arc<Config>, client: Client) -> Self {
+    /// A controller creating and deleting fences through `client`; its gauge is registered in
+    /// `registry` (`autofence_unmanaged_fences`).
+    pub fn new(
+        state: ClusterState,
+        config: std::sync::Arc<Config>,
+        client: Client,
+        registry: &mut Registry,
+    ) -> Self {
+        let unmanaged_gauge = Gauge::default();
+        registry.sub_registry_with_prefix("autofence").register(
+            "unmanaged_fences",
+            "Fences lazyload created and keeps although auto-fencing no longer wants them",
+            unmanaged_gauge.clone(),
+        );
         Self {
             state,
             config,
             client,
+            unmanaged: Mutex::default(),
+            unmanaged_gauge,
         }
+    }
+
+    /// Records whether the fence `key` is kept unmanaged; logs when that changes.
+    fn track(&self, key: &ObjectKey, action: &Action) {
+        let Ok(mut set) = self.unmanaged.lock() else {
+            return;
+        };
+        match action {
+            Action::Unmanaged(why) => {
+                if set.insert(key.clone()) {
+                    tracing::warn!(
+                        fence = %key,
+                        reason = why.reason(),
+                        "auto fence no longer managed, kept with what it learned: {}",
+                        why.message()
+                    );
+                }
+            }
+            _ => {
+                set.remove(key);
+            }
+        }
+        self.unmanaged_gauge.set(set.len() as i64);
     }
 
     /// Runs until `shutdown`, acting only while `leader` is true.
@@ -99,9 +146,10 @@ impl AutoFenceController {
     pub async fn one(&self, key: &ObjectKey) {
         let existing = self.state.fence(key);
         let action = decide(key, existing.as_ref(), &self.state.index(), &self.config);
+        self.track(key, &action);
         let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
         match action {
-            Action::Keep => {}
+            Action::Keep | Action::Unmanaged(_) => {}
             Action::Create(fence) => {
                 let pp = PostParams::default();
                 match with_retries(|| api.create(&pp, &fence)).await {
@@ -131,31 +179,56 @@ mod tests {
 
     use super::*;
     use crate::index::{ClusterIndex, ServiceInfo};
+    use crate::model::autofence::new_fence;
 
-    #[tokio::test]
-    async fn creates_for_fenced_services_and_deletes_only_its_own() {
-        let cfg = Config::parse("general:\n  autoFence: true\n  defaultFence: true\n")
-            .unwrap()
-            .config;
-        let mut index = ClusterIndex::new("cluster.local");
-        index.apply_service(ServiceInfo {
-            key: ObjectKey::new("default", "web"),
+    fn service(ns: &str, name: &str) -> ServiceInfo {
+        ServiceInfo {
+            key: ObjectKey::new(ns, name),
             labels: Default::default(),
-            selector: Some([("app".to_string(), "web".to_string())].into()),
+            selector: Some([("app".to_string(), name.to_string())].into()),
             ports: vec![],
             cluster_ips: vec![],
+        }
+    }
+
+    /// An auto fence for `name` whose status holds a learned dependency.
+    fn learned_fence(cfg: &Config, name: &str) -> ServiceFence {
+        let mut f = new_fence(&ObjectKey::new("default", name), cfg);
+        f.status = Some(crate::model::fence::ServiceFenceStatus {
+            metric_status: [(
+                crate::model::fence::metric_key("b.default.svc.cluster.local"),
+                "1".to_string(),
+            )]
+            .into(),
+            ..Default::default()
         });
-        let ours = crate::model::autofence::new_fence(&ObjectKey::new("default", "gone"), &cfg);
-        let mut manual = ours.clone();
-        manual.metadata.name = Some("manual".into());
-        manual.metadata.labels = None;
-        let state = ClusterState::new(index, [ours, manual]);
+        f
+    }
+
+    /// Runs the controller over every Service and fence against a mock API server that accepts
+    /// everything; returns the requests (method, path, body) and the unmanaged gauge.
+    async fn run_all(
+        config: &str,
+        services: Vec<ServiceInfo>,
+        fences: Vec<ServiceFence>,
+    ) -> (Vec<(Method, String, Value)>, i64) {
+        let cfg = Config::parse(config).unwrap().config;
+        let mut index = ClusterIndex::new("cluster.local");
+        for s in services {
+            index.apply_service(s);
+        }
+        let state = ClusterState::new(index, fences);
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let ctl = AutoFenceController::new(state, std::sync::Arc::new(cfg), Client::new(service, "default"));
+        let mut registry = Registry::default();
+        let ctl = AutoFenceController::new(
+            state,
+            std::sync::Arc::new(cfg),
+            Client::new(service, "default"),
+            &mut registry,
+        );
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
-            for _ in 0..2 {
-                let (req, send) = handle.next_request().await.unwrap();
+            while let Some((req, send)) = handle.next_request().await {
                 let (method, path) = (req.method().clone(), req.uri().path().to_string());
                 let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
                     .unwrap_or(Value::Null);
@@ -176,12 +249,28 @@ mod tests {
         });
         let (_lead, leader) = watch::channel(true);
         ctl.all(&leader, &CancellationToken::new()).await;
-        let seen = server.await.unwrap();
-        // `gone` (ours, no Service) is deleted; `web` gets a fence; `manual` is left alone.
-        assert_eq!(seen[0].0, Method::DELETE);
+        let gauge = ctl.unmanaged_gauge.get();
+        drop(ctl);
+        (server.await.unwrap(), gauge)
+    }
+
+    const PATH: &str = "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences";
+
+    #[tokio::test]
+    async fn creates_for_fenced_services_and_deletes_only_its_own() {
+        let on = "general:\n  autoFence: true\n  defaultFence: true\n";
+        let cfg = Config::parse(on).unwrap().config;
+        let ours = new_fence(&ObjectKey::new("default", "gone"), &cfg);
+        let mut manual = ours.clone();
+        manual.metadata.name = Some("manual".into());
+        manual.metadata.labels = None;
+        let (seen, unmanaged) = run_all(on, vec![service("default", "web")], vec![ours, manual]).await;
+        // `gone` (ours, no Service, nothing learned) is deleted; `web` gets a fence; `manual` is
+        // left alone.
+        assert_eq!(seen.len(), 2, "{seen:?}");
         assert_eq!(
-            seen[0].1,
-            "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/gone"
+            (&seen[0].0, seen[0].1.as_str()),
+            (&Method::DELETE, &*format!("{PATH}/gone"))
         );
         assert_eq!(seen[1].0, Method::POST);
         assert_eq!(seen[1].2["metadata"]["name"], "web");
@@ -193,5 +282,66 @@ mod tests {
             seen[1].2["spec"],
             json!({"enable": true, "workloadSelector": {"fromService": true}})
         );
+        assert_eq!(unmanaged, 0);
+    }
+
+    #[tokio::test]
+    async fn switching_auto_fencing_off_or_narrowing_it_keeps_the_fences() {
+        let cfg = Config::default();
+        let fences = || {
+            vec![
+                learned_fence(&cfg, "web"),
+                new_fence(&ObjectKey::new("default", "api"), &cfg),
+            ]
+        };
+        let services = || vec![service("default", "web"), service("default", "api")];
+        for config in [
+            "general:\n  autoFence: false\n",
+            "general:\n  autoFence: true\n  defaultFence: false\n",
+            "general:\n  autoFence: true\n  defaultFence: true\n  blackNamespaceList: default\n",
+        ] {
+            let (seen, unmanaged) = run_all(config, services(), fences()).await;
+            assert!(seen.is_empty(), "{config}: {seen:?}");
+            assert_eq!(unmanaged, 2, "{config}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cleanup_auto_fences_removes_them_learned_or_not() {
+        let cfg = Config::default();
+        let (seen, unmanaged) = run_all(
+            "general:\n  autoFence: false\n  cleanupAutoFences: true\n",
+            vec![service("default", "web")],
+            vec![learned_fence(&cfg, "web"), learned_fence(&cfg, "gone")],
+        )
+        .await;
+        let deleted: Vec<&str> = seen
+            .iter()
+            .filter(|s| s.0 == Method::DELETE)
+            .map(|s| s.1.as_str())
+            .collect();
+        assert_eq!(deleted, [format!("{PATH}/gone"), format!("{PATH}/web")]);
+        assert_eq!(unmanaged, 0);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_service_takes_its_fence_unless_the_fence_learned_something() {
+        let on = "general:\n  autoFence: true\n  defaultFence: true\n";
+        let cfg = Config::parse(on).unwrap().config;
+        let (seen, unmanaged) = run_all(
+            on,
+            vec![],
+            vec![
+                new_fence(&ObjectKey::new("default", "fresh"), &cfg),
+                learned_fence(&cfg, "learned"),
+            ],
+        )
+        .await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(
+            (&seen[0].0, seen[0].1.as_str()),
+            (&Method::DELETE, &*format!("{PATH}/fresh"))
+        );
+        assert_eq!(unmanaged, 1);
     }
 }
