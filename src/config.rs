@@ -223,8 +223,15 @@ pub struct Global {
     pub istio_namespace: String,
     /// Where lazyload and (by default) the global-sidecar run.
     pub slime_namespace: String,
-    /// Istio revision this lazyload serves (`istio.io/rev`); empty = default revision.
+    /// Istio revisions this lazyload serves (`istio.io/rev`, comma-separated, as Slime reads it);
+    /// empty = every object whatever its revision.
     pub istio_rev: String,
+    /// With `istioRev`, only objects labelled with one of its revisions are handled (else also
+    /// unlabelled ones).
+    pub strict_rev: bool,
+    /// The revision label lazyload puts on the fences and EnvoyFilters it creates; defaults to
+    /// the first `istioRev` entry.
+    pub self_resource_rev: String,
     /// Logging.
     pub log: Log,
     /// Free-form settings; the known ones are validated listen addresses.
@@ -300,6 +307,38 @@ const MISC_ADDRESSES: &[&str] = &["metrics-addr", "aux-addr", "logSourcePort"];
 impl Default for Config {
     fn default() -> Self {
         Self::from_raw(raw::Module::default()).expect("defaults are valid")
+    }
+}
+
+impl Global {
+    /// Whether an object labelled `istio.io/rev: rev` (`""` = unlabelled) is this lazyload's,
+    /// as Slime decides it: every object without `istioRev`; else one of its revisions, or (without
+    /// `strictRev`) no label.
+    pub fn rev_in_scope(&self, rev: &str) -> bool {
+        let mut revs = self
+            .istio_rev
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .peekable();
+        if revs.peek().is_none() {
+            return true;
+        }
+        (!self.strict_rev && rev.is_empty()) || revs.any(|r| r == rev)
+    }
+
+    /// The revision label for what lazyload creates, if any.
+    pub fn own_rev(&self) -> Option<&str> {
+        (!self.self_resource_rev.is_empty()).then_some(self.self_resource_rev.as_str())
+    }
+
+    /// `base`, or `base-<revision>` when this lazyload has a revision: the names of the objects
+    /// two lazyloads for two revisions must not share (the Lease, the fallback EnvoyFilter).
+    pub fn per_revision(&self, base: &str) -> String {
+        match self.own_rev() {
+            Some(rev) => format!("{base}-{rev}"),
+            None => base.to_string(),
+        }
     }
 }
 
@@ -544,6 +583,34 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
             ));
         }
     }
+    let istio_rev = g.istio_rev.unwrap_or_default();
+    for rev in istio_rev.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        if !is_label_value(rev) {
+            return Err(invalid(
+                "global.istioRev",
+                &istio_rev,
+                "each revision must be a label value",
+            ));
+        }
+    }
+    let self_resource_rev = g
+        .self_resource_rev
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            istio_rev
+                .split(',')
+                .map(str::trim)
+                .find(|r| !r.is_empty())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    if !is_label_value(&self_resource_rev) {
+        return Err(invalid(
+            "global.selfResourceRev",
+            &self_resource_rev,
+            "not a label value",
+        ));
+    }
     let log = g.log.unwrap_or_default();
     let level = log
         .log_level
@@ -575,7 +642,9 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
         service,
         istio_namespace,
         slime_namespace,
-        istio_rev: g.istio_rev.unwrap_or_default(),
+        istio_rev,
+        strict_rev: g.strict_rev.unwrap_or(false),
+        self_resource_rev,
         log,
         misc,
     })
@@ -889,6 +958,18 @@ fn parse_duration(path: &str, s: &str) -> Result<Duration> {
         return Err(invalid(path, s, "a duration must not be negative"));
     }
     Ok(d.into())
+}
+
+/// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_`, `.` starting and ending
+/// alphanumeric.
+fn is_label_value(value: &str) -> bool {
+    value.is_empty()
+        || (value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && value.as_bytes()[0].is_ascii_alphanumeric()
+            && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric())
 }
 
 /// A Kubernetes label key: optional DNS-subdomain prefix and a name of up to 63 characters.
@@ -1550,6 +1631,28 @@ mod tests {
         }
         assert!(Config::parse("mode: Module\n").unwrap().warnings.is_empty());
         assert!(Config::parse("mode: 0\n").unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn revisions_as_slime_scopes_them() {
+        let global = |text: &str| Config::parse(text).unwrap().config.global;
+        let any = global("");
+        assert!(any.rev_in_scope("") && any.rev_in_scope("canary"));
+        assert_eq!(
+            (any.own_rev(), any.per_revision("lazyload").as_str()),
+            (None, "lazyload")
+        );
+        let loose = global("global:\n  istioRev: 'canary, stable'\n");
+        let cases = [("", true), ("canary", true), ("stable", true), ("other", false)];
+        for (rev, want) in cases {
+            assert_eq!(loose.rev_in_scope(rev), want, "{rev:?}");
+        }
+        assert_eq!(loose.own_rev(), Some("canary"));
+        assert_eq!(loose.per_revision("lazyload"), "lazyload-canary");
+        let strict = global("global:\n  istioRev: canary\n  strictRev: true\n  selfResourceRev: c2\n");
+        assert!(!strict.rev_in_scope("") && strict.rev_in_scope("canary"));
+        assert_eq!(strict.own_rev(), Some("c2"));
+        assert!(err("global:\n  istioRev: 'a b'\n").starts_with("global.istioRev"));
     }
 
     #[test]

@@ -591,8 +591,9 @@ async fn start_reconciling(
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("lazyload-{}", std::process::id()));
-    let lease_name = "lazyload";
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), lease_name)
+    // Two lazyloads for two Istio revisions hold one Lease each.
+    let lease_name = ctx.config.global.per_revision("lazyload");
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
         .with_namespace(ctx.config.global.slime_namespace.clone())
         .with_identity(identity.clone())
         .with_duration(LEASE_SECONDS)
@@ -604,7 +605,7 @@ async fn start_reconciling(
     let config_sync = ConfigSync::new(
         client.clone(),
         &ctx.config.global.slime_namespace,
-        lease_name,
+        &lease_name,
         &identity,
         &ctx.config,
         &mut ctx.registry,

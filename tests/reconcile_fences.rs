@@ -183,3 +183,54 @@ async fn writes_only_what_changed_once_per_window() {
     );
     stop.cancel();
 }
+
+#[tokio::test]
+async fn only_fences_of_this_lazyloads_istio_revision_are_written() {
+    let labelled = |rev: Option<&str>, name: &str| {
+        let mut f = fence(&[]);
+        f.metadata.name = Some(name.into());
+        f.metadata.labels = rev.map(|r| [("istio.io/rev".to_string(), r.to_string())].into());
+        f
+    };
+    let fences = [
+        labelled(Some("canary"), "canary"),
+        labelled(Some("stable"), "stable"),
+        labelled(None, "unlabelled"),
+    ];
+    for (config, written) in [
+        ("global:\n  istioRev: canary\n", vec!["canary", "unlabelled"]),
+        ("global:\n  istioRev: canary\n  strictRev: true\n", vec!["canary"]),
+        ("", vec!["canary", "stable", "unlabelled"]),
+    ] {
+        let state = ClusterState::new(ClusterIndex::new("cluster.local"), fences.clone());
+        let (client, log) = api();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let controller = FenceController::new(
+            state,
+            Arc::new(Config::parse(config).unwrap().config),
+            FenceWriter::new(client, IstioVersion::V1beta1),
+            None,
+            Metrics::register(&mut registry),
+        );
+        let (_lead, lead_rx) = watch::channel(true);
+        let stop = CancellationToken::new();
+        tokio::spawn(controller.run(lead_rx, stop.clone()));
+        settle().await;
+        stop.cancel();
+        let mut sidecars: Vec<String> = writes(&log)
+            .into_iter()
+            .filter_map(|(_, p)| {
+                p.strip_prefix("/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/")
+                    .map(String::from)
+            })
+            .collect();
+        sidecars.sort();
+        assert_eq!(sidecars, written, "{config:?}");
+        // A Sidecar carries its fence's revision.
+        for (_, path, body) in log.lock().unwrap().iter() {
+            if path.ends_with("/sidecars/canary") {
+                assert_eq!(body["metadata"]["labels"]["istio.io/rev"], "canary");
+            }
+        }
+    }
+}

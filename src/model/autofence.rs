@@ -50,6 +50,8 @@ pub enum Unmanaged {
     OutOfScope,
     /// `slime.io/serviceFenced: "false"` on the Service or namespace, or `defaultFence` false.
     NotFenced,
+    /// The Service (or its namespace) belongs to another Istio revision.
+    OtherRevision,
 }
 
 impl Unmanaged {
@@ -62,6 +64,7 @@ impl Unmanaged {
             Self::AutoFenceOff => "AutoFenceOff",
             Self::OutOfScope => "OutOfScope",
             Self::NotFenced => "NotFenced",
+            Self::OtherRevision => "OtherRevision",
         }
     }
 
@@ -77,6 +80,7 @@ impl Unmanaged {
             Self::AutoFenceOff => "general.autoFence is off",
             Self::OutOfScope => "the namespace is outside the management scope",
             Self::NotFenced => "slime.io/serviceFenced or defaultFence says no fence",
+            Self::OtherRevision => "the Service belongs to another Istio revision (global.istioRev)",
         }
     }
 }
@@ -96,7 +100,10 @@ pub fn decide(
     cfg: &Config,
 ) -> Action {
     match (existing, unwanted(key, index, cfg)) {
-        (Some(fence), _) if !fence.is_auto_created() => Action::Keep,
+        // Another revision's fence is another lazyload's business (Slime skips it too).
+        (Some(fence), _) if !fence.is_auto_created() || !cfg.global.rev_in_scope(&revision(fence)) => {
+            Action::Keep
+        }
         (None, None) => Action::Create(Box::new(new_fence(key, cfg))),
         (None, Some(_)) | (Some(_), None) => Action::Keep,
         (Some(_), Some(_)) if cfg.general.cleanup_auto_fences => Action::Delete,
@@ -112,6 +119,17 @@ pub fn unmanaged(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Op
         fence.metadata.name.clone().unwrap_or_default(),
     );
     unwanted(&key, index, cfg)
+}
+
+/// A fence's `istio.io/rev` label (`""` when unlabelled).
+pub fn revision(fence: &ServiceFence) -> String {
+    fence
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ISTIO_REV))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Whether the fence's status holds learned dependencies (what a deletion would lose).
@@ -139,6 +157,14 @@ fn unwanted(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> Option<Unman
     let ns = index.namespace(&key.namespace);
     if !in_scope(&key.namespace, ns.map(|n| &n.labels), cfg) {
         return Some(Unmanaged::OutOfScope);
+    }
+    // The Service's revision label, else its namespace's (how Istio picks a revision).
+    let rev = svc
+        .labels
+        .get(LABEL_ISTIO_REV)
+        .or_else(|| ns.and_then(|n| n.labels.get(LABEL_ISTIO_REV)));
+    if !cfg.global.rev_in_scope(rev.map_or("", String::as_str)) {
+        return Some(Unmanaged::OtherRevision);
     }
     let label = |labels: &BTreeMap<String, String>| match labels.get(LABEL_SERVICE_FENCED).map(String::as_str)
     {
@@ -170,8 +196,8 @@ pub fn new_fence(key: &ObjectKey, cfg: &Config) -> ServiceFence {
         LABEL_CREATED_BY.to_string(),
         CREATED_BY_FENCE_CONTROLLER.to_string(),
     )]);
-    if !cfg.global.istio_rev.is_empty() {
-        labels.insert(LABEL_ISTIO_REV.to_string(), cfg.global.istio_rev.clone());
+    if let Some(rev) = cfg.global.own_rev() {
+        labels.insert(LABEL_ISTIO_REV.to_string(), rev.to_string());
     }
     ServiceFence {
         metadata: ObjectMeta {
@@ -212,6 +238,77 @@ mod tests {
             .iter()
             .find(|c| c.type_ == CONDITION_AUTO_FENCE_MANAGED)
             .map(|c| (c.status.clone(), c.reason.clone()))
+    }
+
+    #[test]
+    fn revisions_decide_which_services_and_fences_are_this_lazyloads() {
+        let mut index = ClusterIndex::new("cluster.local");
+        for (ns, rev) in [
+            ("canary-ns", Some("canary")),
+            ("stable-ns", Some("stable")),
+            ("plain", None),
+        ] {
+            index.apply_namespace(crate::index::NamespaceInfo {
+                name: ns.to_string(),
+                labels: rev
+                    .map(|r| [(LABEL_ISTIO_REV.to_string(), r.to_string())].into())
+                    .unwrap_or_default(),
+            });
+            index.apply_service(ServiceInfo {
+                key: ObjectKey::new(ns, "web"),
+                labels: Default::default(),
+                selector: Some([("app".to_string(), "web".to_string())].into()),
+                ports: vec![],
+                cluster_ips: vec![],
+            });
+        }
+        let on = "general:\n  autoFence: true\n  defaultFence: true\n";
+        let cases = [
+            (
+                format!("{on}global:\n  istioRev: canary\n"),
+                vec!["canary-ns", "plain"],
+            ),
+            (
+                format!("{on}global:\n  istioRev: canary\n  strictRev: true\n"),
+                vec!["canary-ns"],
+            ),
+            (on.to_string(), vec!["canary-ns", "plain", "stable-ns"]),
+        ];
+        for (config, created) in cases {
+            let cfg = Config::parse(&config).unwrap().config;
+            let mut got = Vec::new();
+            for ns in ["canary-ns", "plain", "stable-ns"] {
+                if let Action::Create(f) = decide(&ObjectKey::new(ns, "web"), None, &index, &cfg) {
+                    // Created fences carry this lazyload's revision.
+                    let rev = f
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(LABEL_ISTIO_REV))
+                        .cloned();
+                    assert_eq!(rev.as_deref(), cfg.global.own_rev(), "{config}");
+                    got.push(ns);
+                }
+            }
+            assert_eq!(got, created, "{config}");
+        }
+        // Another revision's auto fence is never touched, even with clean-up on and no Service.
+        let cfg = Config::parse(&format!(
+            "{on}  cleanupAutoFences: true\nglobal:\n  istioRev: canary\n"
+        ))
+        .unwrap()
+        .config;
+        let stable = Config::parse("global:\n  istioRev: stable\n").unwrap().config;
+        let theirs = new_fence(&ObjectKey::new("gone", "web"), &stable);
+        assert_eq!(
+            decide(&ObjectKey::new("gone", "web"), Some(&theirs), &index, &cfg),
+            Action::Keep
+        );
+        let ours = new_fence(&ObjectKey::new("gone", "web"), &cfg);
+        assert_eq!(
+            decide(&ObjectKey::new("gone", "web"), Some(&ours), &index, &cfg),
+            Action::Delete
+        );
     }
 
     #[test]

@@ -23,6 +23,12 @@ use crate::index::{ClusterIndex, ServicePort};
 
 /// Name of the generated EnvoyFilter (Slime's).
 pub const ENVOYFILTER_NAME: &str = "to-global-sidecar";
+
+/// The EnvoyFilter's name: Slime's, or `to-global-sidecar-<revision>` for a lazyload with an Istio
+/// revision, so that lazyloads for two revisions keep one each.
+pub fn envoyfilter_name(cfg: &Config) -> String {
+    cfg.global.per_revision(ENVOYFILTER_NAME)
+}
 /// Label on everything lazyload generates.
 pub const LABEL_MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "lazyload");
 /// Dispatch cluster meaning "the global-sidecar".
@@ -94,11 +100,11 @@ pub fn envoyfilters(cfg: &Config, ports: &BTreeSet<u16>) -> Vec<EnvoyFilter> {
                 .collect();
             let mut labels =
                 BTreeMap::from([(LABEL_MANAGED_BY.0.to_string(), LABEL_MANAGED_BY.1.to_string())]);
-            if !cfg.global.istio_rev.is_empty() {
-                labels.insert(LABEL_ISTIO_REV.to_string(), cfg.global.istio_rev.clone());
+            if let Some(rev) = cfg.global.own_rev() {
+                labels.insert(LABEL_ISTIO_REV.to_string(), rev.to_string());
             }
             let mut ef = EnvoyFilter::new(
-                ENVOYFILTER_NAME,
+                &envoyfilter_name(cfg),
                 &IstioVersion::V1alpha3.resource("EnvoyFilter"),
                 EnvoyFilterSpec {
                     config_patches: patches,
@@ -343,6 +349,26 @@ mod tests {
             export_to: crate::index::ExportTo::All,
         });
         idx
+    }
+
+    #[test]
+    fn a_revision_names_and_labels_the_envoyfilter() {
+        let ports = BTreeSet::from([9080]);
+        let meta = |yaml: &str| {
+            let ef = envoyfilters(&Config::parse(yaml).unwrap().config, &ports).remove(0);
+            let rev = ef
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ISTIO_REV))
+                .cloned();
+            (ef.metadata.name.unwrap_or_default(), rev)
+        };
+        assert_eq!(meta(""), ("to-global-sidecar".to_string(), None));
+        assert_eq!(
+            meta("global:\n  istioRev: 'canary,stable'\n"),
+            ("to-global-sidecar-canary".to_string(), Some("canary".to_string()))
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, FIELD_MANAGER, Result, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
-use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
+use crate::model::fallback::{envoyfilter_name, envoyfilters, global_sidecar_service_ports, wormhole_ports};
 use crate::model::istio::{EnvoyFilter, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
@@ -66,13 +66,14 @@ impl FallbackController {
                 None => return Ok(BTreeSet::new()),
             },
         };
+        let name = envoyfilter_name(&self.config);
         let ef = self
             .envoyfilters_api(&ns)
-            .get_opt(ENVOYFILTER_NAME)
+            .get_opt(&name)
             .await
             .map_err(|source| Error::Kube {
                 action: "read EnvoyFilter",
-                object: format!("{ns}/{ENVOYFILTER_NAME}"),
+                object: format!("{ns}/{name}"),
                 source,
             })?;
         Ok(ef
@@ -100,13 +101,14 @@ impl FallbackController {
                 .get_or_insert_with(Default::default)
                 .insert(PORTS_ANNOTATION.into(), annotation.clone());
             let ns = ef.metadata.namespace.clone().unwrap_or_default();
+            let name = ef.metadata.name.clone().unwrap_or_default();
             let api = self.envoyfilters_api(&ns);
             let patch = Patch::Apply(&ef);
-            with_retries(|| api.patch(ENVOYFILTER_NAME, &params, &patch))
+            with_retries(|| api.patch(&name, &params, &patch))
                 .await
                 .map_err(|source| Error::Kube {
                     action: "apply EnvoyFilter",
-                    object: format!("{ns}/{ENVOYFILTER_NAME}"),
+                    object: format!("{ns}/{name}"),
                     source,
                 })?;
         }
