@@ -19,8 +19,8 @@ use super::fence::{
 };
 use super::labels::selector_matches;
 use super::sidecar::is_global_sidecar_fence;
-use crate::config::{Config, NamespaceList};
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::config::{Config, FenceLabelKey, NamespaceList};
+use crate::index::{ClusterIndex, ObjectKey, workload_fence_name};
 
 /// What to do about the auto fence of one Service.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +52,8 @@ pub enum Unmanaged {
     NotFenced,
     /// The Service (or its namespace) belongs to another Istio revision.
     OtherRevision,
+    /// A workload fence: no running pod carries its label value any more.
+    NoPods,
 }
 
 impl Unmanaged {
@@ -65,6 +67,7 @@ impl Unmanaged {
             Self::OutOfScope => "OutOfScope",
             Self::NotFenced => "NotFenced",
             Self::OtherRevision => "OtherRevision",
+            Self::NoPods => "NoPods",
         }
     }
 
@@ -81,6 +84,10 @@ impl Unmanaged {
             Self::OutOfScope => "the namespace is outside the management scope",
             Self::NotFenced => "slime.io/serviceFenced or defaultFence says no fence",
             Self::OtherRevision => "the Service belongs to another Istio revision (global.istioRev)",
+            Self::NoPods => {
+                "no running pod carries the label value; kept because the fence holds learned \
+                 dependencies (delete it, or set general.cleanupAutoFences)"
+            }
         }
     }
 }
@@ -104,10 +111,15 @@ pub fn decide(
         (Some(fence), _) if !fence.is_auto_created() || !cfg.global.rev_in_scope(&revision(fence)) => {
             Action::Keep
         }
-        (None, None) => Action::Create(Box::new(new_fence(key, cfg))),
+        (None, None) => Action::Create(Box::new(match workload_value(&key.name, cfg) {
+            Some((label, value)) => new_workload_fence(key, &label.key, value, cfg),
+            None => new_fence(key, cfg),
+        })),
         (None, Some(_)) | (Some(_), None) => Action::Keep,
         (Some(_), Some(_)) if cfg.general.cleanup_auto_fences => Action::Delete,
-        (Some(fence), Some(Unmanaged::ServiceDeleted)) if !holds_learned(fence) => Action::Delete,
+        (Some(fence), Some(Unmanaged::ServiceDeleted | Unmanaged::NoPods)) if !holds_learned(fence) => {
+            Action::Delete
+        }
         (Some(_), Some(why)) => Action::Unmanaged(why),
     }
 }
@@ -140,8 +152,90 @@ pub fn holds_learned(fence: &ServiceFence) -> bool {
         .is_some_and(|s| !s.metric_status.is_empty() || !s.last_seen.is_empty())
 }
 
-/// `None` if the Service should be fenced, else why not.
+/// `None` if the fence `key` (a Service's or a workload fence) should exist, else why not.
 fn unwanted(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> Option<Unmanaged> {
+    match workload_value(&key.name, cfg) {
+        Some((label, value)) => unwanted_workload(key, &label.key, value, index, cfg),
+        None => unwanted_service(key, index, cfg),
+    }
+}
+
+/// With `fenceLabelKeyAlias`, the label and value a workload fence name stands for.
+fn workload_value<'n>(name: &'n str, cfg: &'n Config) -> Option<(&'n FenceLabelKey, &'n str)> {
+    let label = cfg.general.fence_label_key_alias.as_ref()?;
+    let value = name
+        .strip_prefix(label.alias.as_str())?
+        .strip_prefix('-')?
+        .strip_suffix(WORKLOAD_FENCE_SUFFIX)?;
+    (workload_fence_name(label, value) == name).then_some((label, value))
+}
+
+/// Suffix of workload fence names (Slime's).
+const WORKLOAD_FENCE_SUFFIX: &str = ".workload.identity";
+
+/// Whether a pod is running with an IP (what Slime's pod handler requires).
+fn running_with(pod: &crate::index::PodInfo, key: &str, value: &str) -> bool {
+    !pod.ips.is_empty() && pod.labels.get(key).is_some_and(|v| v == value)
+}
+
+/// `None` if the workload fence for `key: value` in `fence.namespace` should exist.
+fn unwanted_workload(
+    fence: &ObjectKey,
+    key: &str,
+    value: &str,
+    index: &ClusterIndex,
+    cfg: &Config,
+) -> Option<Unmanaged> {
+    let carried = index
+        .pods()
+        .any(|p| p.key.namespace == fence.namespace && running_with(p, key, value));
+    if !carried {
+        return Some(Unmanaged::NoPods);
+    }
+    if !cfg.general.auto_fence {
+        return Some(Unmanaged::AutoFenceOff);
+    }
+    let ns = index.namespace(&fence.namespace);
+    if !in_scope(&fence.namespace, ns.map(|n| &n.labels), cfg) {
+        return Some(Unmanaged::OutOfScope);
+    }
+    let rev = ns.and_then(|n| n.labels.get(LABEL_ISTIO_REV));
+    (!cfg.global.rev_in_scope(rev.map_or("", String::as_str))).then_some(Unmanaged::OtherRevision)
+}
+
+/// The workload fences the running pods call for (`fenceLabelKeyAlias` with `autoFence`): one per
+/// namespace and label value, named `<alias>-<value>.workload.identity`. Values that cannot make
+/// a fence name (a label value may hold `_` or capitals) are skipped.
+pub fn wanted_workload_fences(index: &ClusterIndex, cfg: &Config) -> std::collections::BTreeSet<ObjectKey> {
+    let Some(label) = cfg.general.fence_label_key_alias.as_ref() else {
+        return Default::default();
+    };
+    index
+        .pods()
+        .filter(|p| !p.ips.is_empty())
+        .filter_map(|p| {
+            let value = p.labels.get(&label.key)?;
+            let name = workload_fence_name(label, value);
+            crate::model::host::dns_name(&name).ok()?;
+            Some(ObjectKey::new(p.key.namespace.clone(), name))
+        })
+        .filter(|key| unwanted(key, index, cfg).is_none())
+        .collect()
+}
+
+/// The workload fence lazyload creates for pods labelled `key: value` (Slime's shape: it selects
+/// them by that label).
+pub fn new_workload_fence(fence: &ObjectKey, key: &str, value: &str, cfg: &Config) -> ServiceFence {
+    let mut f = new_fence(fence, cfg);
+    f.spec.workload_selector = Some(WorkloadSelector {
+        from_service: false,
+        labels: BTreeMap::from([(key.to_string(), value.to_string())]),
+    });
+    f
+}
+
+/// `None` if the Service should be fenced, else why not.
+fn unwanted_service(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> Option<Unmanaged> {
     let Some(svc) = index.service(key) else {
         return Some(Unmanaged::ServiceDeleted);
     };

@@ -20,7 +20,7 @@ use super::with_retries;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::index::ObjectKey;
-use crate::model::autofence::{Action, decide};
+use crate::model::autofence::{Action, decide, wanted_workload_fences};
 use crate::model::fence::ServiceFence;
 
 /// The auto-fence controller.
@@ -112,6 +112,12 @@ impl AutoFenceController {
                                 self.one(key).await;
                             }
                         }
+                        // Workload fences follow the pods' label values.
+                        Ok(Change::Pods) if self.config.general.fence_label_key_alias.is_some() => {
+                            for key in self.workload_fence_keys() {
+                                self.one(&key).await;
+                            }
+                        }
                         Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.all(&leader, &shutdown).await,
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Closed) => return,
@@ -119,6 +125,17 @@ impl AutoFenceController {
                 }
             }
         }
+    }
+
+    /// The workload fences pods call for, and the auto fences that may be workload fences.
+    fn workload_fence_keys(&self) -> BTreeSet<ObjectKey> {
+        let mut keys = wanted_workload_fences(&self.state.index(), &self.config);
+        keys.extend(self.state.fence_keys().into_iter().filter(|k| {
+            self.state.fence(k).is_some_and(|f| {
+                f.is_auto_created() && f.spec.workload_selector.as_ref().is_some_and(|w| !w.from_service)
+            })
+        }));
+        keys
     }
 
     fn fences_in(&self, namespace: &str) -> Vec<ObjectKey> {
@@ -134,6 +151,7 @@ impl AutoFenceController {
     async fn all(&self, leader: &watch::Receiver<bool>, shutdown: &CancellationToken) {
         let mut keys: BTreeSet<ObjectKey> = self.state.index().services().map(|s| s.key.clone()).collect();
         keys.extend(self.state.fence_keys());
+        keys.extend(wanted_workload_fences(&self.state.index(), &self.config));
         for key in keys {
             if !*leader.borrow() || shutdown.is_cancelled() {
                 return;
@@ -178,7 +196,7 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::index::{ClusterIndex, ServiceInfo};
+    use crate::index::{ClusterIndex, PodInfo, ServiceInfo};
     use crate::model::autofence::new_fence;
 
     fn service(ns: &str, name: &str) -> ServiceInfo {
@@ -205,6 +223,19 @@ mod tests {
         f
     }
 
+    fn pod(name: &str, labels: &[(&str, &str)], ip: &str) -> PodInfo {
+        PodInfo {
+            key: ObjectKey::new("default", name),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips: vec![ip.parse().unwrap()],
+            host_network: false,
+            service_account: "default".into(),
+        }
+    }
+
     /// Runs the controller over every Service and fence against a mock API server that accepts
     /// everything; returns the requests (method, path, body) and the unmanaged gauge.
     async fn run_all(
@@ -212,10 +243,24 @@ mod tests {
         services: Vec<ServiceInfo>,
         fences: Vec<ServiceFence>,
     ) -> (Vec<(Method, String, Value)>, i64) {
+        run_all_with_pods(config, services, vec![], fences).await
+    }
+
+    /// [`run_all`] with pods in the index.
+    async fn run_all_with_pods(
+        config: &str,
+        services: Vec<ServiceInfo>,
+        pods: Vec<PodInfo>,
+        fences: Vec<ServiceFence>,
+    ) -> (Vec<(Method, String, Value)>, i64) {
         let cfg = Config::parse(config).unwrap().config;
         let mut index = ClusterIndex::new("cluster.local");
+        index.set_workload_label(cfg.general.fence_label_key_alias.clone());
         for s in services {
             index.apply_service(s);
+        }
+        for p in pods {
+            index.apply_pod(p);
         }
         let state = ClusterState::new(index, fences);
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
@@ -283,6 +328,67 @@ mod tests {
             json!({"enable": true, "workloadSelector": {"fromService": true}})
         );
         assert_eq!(unmanaged, 0);
+    }
+
+    #[tokio::test]
+    async fn workload_fences_follow_the_label_values_pods_carry() {
+        let config = "general:\n  autoFence: true\n  fenceLabelKeyAlias: 'istio.io/wl:wl'\n";
+        let cfg = Config::parse(config).unwrap().config;
+        let label = cfg.general.fence_label_key_alias.clone().unwrap();
+        let workload = |value: &str| {
+            crate::model::autofence::new_workload_fence(
+                &ObjectKey::new("default", crate::index::workload_fence_name(&label, value)),
+                &label.key,
+                value,
+                &cfg,
+            )
+        };
+        let pods = vec![
+            pod("batch-1", &[("istio.io/wl", "batch")], "10.0.0.1"),
+            pod("batch-2", &[("istio.io/wl", "batch")], "10.0.0.2"),
+            // A label value that cannot make a fence name: skipped.
+            pod("odd", &[("istio.io/wl", "Odd_Value")], "10.0.0.3"),
+            pod("plain", &[("app", "plain")], "10.0.0.4"),
+        ];
+        let mut manual = workload("manual");
+        manual.metadata.labels = None;
+        let (seen, unmanaged) = run_all_with_pods(
+            config,
+            vec![],
+            pods,
+            // `gone`: no pod carries it any more, nothing learned; `learned`: same, but it learned.
+            vec![
+                workload("gone"),
+                learned_fence(&cfg, "x"),
+                {
+                    let mut f = workload("learned");
+                    f.status = learned_fence(&cfg, "x").status;
+                    f
+                },
+                manual,
+            ],
+        )
+        .await;
+        let calls: Vec<(Method, &str)> = seen.iter().map(|(m, p, _)| (m.clone(), p.as_str())).collect();
+        assert_eq!(
+            calls,
+            [
+                (Method::POST, PATH),
+                (Method::DELETE, &*format!("{PATH}/wl-gone.workload.identity")),
+            ]
+        );
+        let created = &seen[0].2;
+        assert_eq!(created["metadata"]["name"], "wl-batch.workload.identity");
+        assert_eq!(
+            created["metadata"]["labels"]["app.kubernetes.io/created-by"],
+            "fence-controller"
+        );
+        assert_eq!(
+            created["spec"],
+            json!({"enable": true, "workloadSelector": {"fromService": false, "labels": {"istio.io/wl": "batch"}}})
+        );
+        // `learned` (workload) and `x` (its Service is gone) are kept.
+        assert_eq!(unmanaged, 2);
     }
 
     #[tokio::test]
