@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 
 use super::fence::LABEL_ISTIO_REV;
 use super::host::service_fqdn;
-use super::istio::{ConfigPatch, EnvoyFilter, EnvoyFilterSpec, IstioVersion, Patch};
+use super::istio::{
+    ConfigPatch, ConnectionPool, DestinationRule, DestinationRuleSpec, EnvoyFilter, EnvoyFilterSpec,
+    HttpPool, IstioVersion, Patch, TrafficPolicy,
+};
 use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, Dispatch, GlobalSidecarMode};
 use crate::index::{ClusterIndex, ServicePort};
@@ -77,6 +80,46 @@ pub fn wormhole_ports(cfg: &Config, index: &ClusterIndex, previous: &BTreeSet<u1
         }
     }
     ports
+}
+
+/// With `supportH2`, the DestinationRule of each global-sidecar telling the callers' sidecars to
+/// speak their client's protocol to it (`useClientProtocol: true`, as Slime's chart ships it):
+/// without it they send HTTP/1.1 upstream, and a gRPC (HTTP/2) call reaching the global-sidecar
+/// is downgraded. Named `global-sidecar` (Slime's name), per revision like the EnvoyFilter.
+pub fn global_sidecar_destination_rules(cfg: &Config) -> Vec<DestinationRule> {
+    if !cfg.general.support_h2 {
+        return Vec::new();
+    }
+    crate::model::scope::global_sidecar_namespaces(cfg)
+        .into_iter()
+        .map(|namespace| {
+            let mut labels =
+                BTreeMap::from([(LABEL_MANAGED_BY.0.to_string(), LABEL_MANAGED_BY.1.to_string())]);
+            if let Some(rev) = cfg.global.own_rev() {
+                labels.insert(LABEL_ISTIO_REV.to_string(), rev.to_string());
+            }
+            let mut dr = DestinationRule::new(
+                &cfg.global.per_revision(GLOBAL_SIDECAR),
+                &IstioVersion::V1beta1.resource("DestinationRule"),
+                DestinationRuleSpec {
+                    host: service_fqdn(GLOBAL_SIDECAR, &namespace, &cfg.general.cluster_domain),
+                    traffic_policy: Some(TrafficPolicy {
+                        connection_pool: Some(ConnectionPool {
+                            http: Some(HttpPool {
+                                use_client_protocol: true,
+                            }),
+                        }),
+                    }),
+                },
+            );
+            dr.metadata = ObjectMeta {
+                namespace: Some(namespace),
+                labels: Some(labels),
+                ..dr.metadata
+            };
+            dr
+        })
+        .collect()
 }
 
 /// The `to-global-sidecar` EnvoyFilters: one in Istio's root namespace (cluster mode) or one per
@@ -349,6 +392,57 @@ mod tests {
             export_to: crate::index::ExportTo::All,
         });
         idx
+    }
+
+    #[test]
+    fn support_h2_gives_each_global_sidecar_slimes_destination_rule() {
+        let rules = |yaml: &str| {
+            global_sidecar_destination_rules(&Config::parse(yaml).unwrap().config)
+                .into_iter()
+                .map(|dr| serde_json::to_value(dr).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert!(rules("").is_empty());
+        let cluster = rules("general:\n  supportH2: true\n");
+        assert_eq!(
+            cluster,
+            [json!({
+                "apiVersion": "networking.istio.io/v1beta1",
+                "kind": "DestinationRule",
+                "metadata": {"name": "global-sidecar", "namespace": "mesh-operator",
+                             "labels": {"app.kubernetes.io/managed-by": "lazyload"}},
+                "spec": {"host": "global-sidecar.mesh-operator.svc.cluster.local",
+                         "trafficPolicy": {"connectionPool": {"http": {"useClientProtocol": true}}}}
+            })]
+        );
+        let namespaced = rules(
+            "general:\n  supportH2: true\n  globalSidecarMode: namespace\n  namespace: [a, b]\nglobal:\n  istioRev: canary\n",
+        );
+        let names: Vec<(&Value, &Value, &Value)> = namespaced
+            .iter()
+            .map(|d| {
+                (
+                    &d["metadata"]["namespace"],
+                    &d["metadata"]["name"],
+                    &d["spec"]["host"],
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    &json!("a"),
+                    &json!("global-sidecar-canary"),
+                    &json!("global-sidecar.a.svc.cluster.local")
+                ),
+                (
+                    &json!("b"),
+                    &json!("global-sidecar-canary"),
+                    &json!("global-sidecar.b.svc.cluster.local")
+                ),
+            ]
+        );
     }
 
     #[test]

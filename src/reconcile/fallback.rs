@@ -1,5 +1,6 @@
-//! The fallback controller: keeps the `to-global-sidecar` EnvoyFilter(s) and, with `autoPort`,
-//! the global-sidecar Service's ports in line with the wormhole ports
+//! The fallback controller: keeps the `to-global-sidecar` EnvoyFilter(s), with `supportH2` the
+//! global-sidecar DestinationRule(s), and, with `autoPort`, the global-sidecar Service's ports in
+//! line with the wormhole ports
 //! ([`crate::model::fallback`]).
 //!
 //! The computed port set is written into an annotation of the EnvoyFilter and read back when a
@@ -19,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, FIELD_MANAGER, Result, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
-use crate::model::fallback::{envoyfilter_name, envoyfilters, global_sidecar_service_ports, wormhole_ports};
-use crate::model::istio::{EnvoyFilter, IstioVersion};
+use crate::model::fallback::{
+    envoyfilter_name, envoyfilters, global_sidecar_destination_rules, global_sidecar_service_ports,
+    wormhole_ports,
+};
+use crate::model::istio::{DestinationRule, EnvoyFilter, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
 
@@ -108,6 +112,23 @@ impl FallbackController {
                 .await
                 .map_err(|source| Error::Kube {
                     action: "apply EnvoyFilter",
+                    object: format!("{ns}/{name}"),
+                    source,
+                })?;
+        }
+        for dr in global_sidecar_destination_rules(&self.config) {
+            let ns = dr.metadata.namespace.clone().unwrap_or_default();
+            let name = dr.metadata.name.clone().unwrap_or_default();
+            let api: Api<DestinationRule> = Api::namespaced_with(
+                self.client.clone(),
+                &ns,
+                &IstioVersion::V1beta1.resource("DestinationRule"),
+            );
+            let patch = Patch::Apply(&dr);
+            with_retries(|| api.patch(&name, &params, &patch))
+                .await
+                .map_err(|source| Error::Kube {
+                    action: "apply global-sidecar DestinationRule",
                     object: format!("{ns}/{name}"),
                     source,
                 })?;
@@ -206,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn ports_from_services_are_applied_once_and_recorded() {
-        let cfg = Config::parse("general:\n  autoPort: true\n  wormholePort: ['9080']\n")
+        let cfg = Config::parse("general:\n  autoPort: true\n  supportH2: true\n  wormholePort: ['9080']\n")
             .unwrap()
             .config;
         let mut index = ClusterIndex::new("cluster.local");
@@ -227,7 +248,7 @@ mod tests {
         let mut ctl = FallbackController::new(state, Arc::new(cfg), Client::new(service, "default"));
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let (req, send) = handle.next_request().await.unwrap();
                 let (method, path) = (req.method().clone(), req.uri().path().to_string());
                 let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
@@ -269,11 +290,23 @@ mod tests {
             .filter_map(|p| p["match"]["routeConfiguration"]["name"].as_str())
             .collect();
         assert!(patched.contains(&"7000") && patched.contains(&"8080") && patched.contains(&"9080"));
+        // supportH2: the global-sidecar's DestinationRule keeps the callers' protocol.
         assert_eq!(
-            seen[2].1,
+            (&seen[2].0, seen[2].1.as_str()),
+            (
+                &Method::PATCH,
+                "/apis/networking.istio.io/v1beta1/namespaces/mesh-operator/destinationrules/global-sidecar"
+            )
+        );
+        assert_eq!(
+            seen[2].2["spec"]["trafficPolicy"]["connectionPool"]["http"]["useClientProtocol"],
+            true
+        );
+        assert_eq!(
+            seen[3].1,
             "/api/v1/namespaces/mesh-operator/services/global-sidecar"
         );
-        assert_eq!(seen[2].2["spec"]["ports"].as_array().unwrap().len(), 3);
+        assert_eq!(seen[3].2["spec"]["ports"].as_array().unwrap().len(), 3);
         // Nothing changed: nothing written.
         assert!(!ctl.sync().await.unwrap());
     }
