@@ -2,7 +2,8 @@
 //! configuration `"9080"` of an Istio 1.18 sidecar (as istiod would), served to a stock Envoy 1.40
 //! acting as a fenced workload. Envoy accepts it (one `*` virtual host, also when the mesh is
 //! `REGISTRY_ONLY` and when a dispatch asks for `*`), and an unknown host goes to the
-//! global-sidecar cluster with `Slime-Orig-Dest` and `Slime-Source-Ns`.
+//! global-sidecar cluster with `Slime-Orig-Dest` and `Slime-Source-Ns`. With `supportH2`, the
+//! global-sidecar's DestinationRule keeps a gRPC call HTTP/2 on its way to the global-sidecar.
 
 mod support;
 
@@ -80,6 +81,11 @@ fn patched_route(config: &str, registry_only: bool) -> Value {
 }
 
 async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod) {
+    workload_envoy_with(route, static_cluster(GS_CLUSTER, gs)).await
+}
+
+/// [`workload_envoy`] with the global-sidecar cluster as given.
+async fn workload_envoy_with(route: Value, gs_cluster: Value) -> (Envoy, u16, TestIstiod) {
     let port = free_port();
     let listener = json!({
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -110,10 +116,7 @@ async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod
     let mut config = Config::new();
     config.insert(LISTENER.into(), by_name(&[listener]));
     config.insert(ROUTE.into(), by_name(&[route]));
-    config.insert(
-        CLUSTER.into(),
-        by_name(&[static_cluster(GS_CLUSTER, gs), passthrough]),
-    );
+    config.insert(CLUSTER.into(), by_name(&[gs_cluster, passthrough]));
     let istiod = TestIstiod::start(config).await;
     let bootstrap = format!(
         r#"
@@ -222,4 +225,130 @@ async fn a_star_dispatch_retargets_the_catch_all() {
         r.status,
         r.body
     );
+}
+
+/// A gRPC server standing in for the global-sidecar's upstream: it speaks HTTP/2 only (as a gRPC
+/// backend does) and records the HTTP version and the `Slime-Orig-Dest` of each call it gets.
+#[derive(Clone)]
+struct GrpcBackend(std::sync::Arc<std::sync::Mutex<Vec<(::http::Version, Option<String>)>>>);
+
+impl tonic::server::NamedService for GrpcBackend {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl tonic::codegen::Service<::http::Request<tonic::body::Body>> for GrpcBackend {
+    type Response = ::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ::http::Request<tonic::body::Body>) -> Self::Future {
+        let orig = req
+            .headers()
+            .get("slime-orig-dest")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        self.0.lock().unwrap().push((req.version(), orig));
+        // A trailers-only gRPC answer: OK, no message.
+        let resp = ::http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        std::future::ready(Ok(resp))
+    }
+}
+
+async fn grpc_backend() -> (SocketAddr, GrpcBackend) {
+    let backend = GrpcBackend(Default::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = tonic::service::Routes::new(backend.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (addr, backend)
+}
+
+/// A gRPC call (HTTP/2, prior knowledge) to the workload Envoy's port 9080 listener: its host is
+/// unknown to the route configuration, so the fallback sends it to the global-sidecar cluster.
+/// Returns the call's `grpc-status` (Envoy answers a failed upstream with HTTP 200 and a
+/// trailers-only gRPC error).
+async fn grpc_call(port: u16) -> Result<String, String> {
+    use tonic::codegen::Service as _;
+    let mut channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}/test.Echo/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = channel.call(req).await.map_err(|e| e.to_string())?;
+    Ok(resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_support_h2_a_grpc_call_reaches_the_global_sidecar_as_http2() {
+    // What istiod renders for the outbound global-sidecar cluster: by default HTTP/1.1 upstream;
+    // with lazyload's DestinationRule (`useClientProtocol: true`) the downstream protocol.
+    let cfg = LazyloadConfig::parse("general:\n  supportH2: true\n")
+        .unwrap()
+        .config;
+    let rules = lazyload::model::fallback::global_sidecar_destination_rules(&cfg);
+    let use_client_protocol = rules[0]
+        .spec
+        .traffic_policy
+        .as_ref()
+        .and_then(|t| t.connection_pool.as_ref())
+        .and_then(|c| c.http.as_ref())
+        .is_some_and(|h| h.use_client_protocol);
+    assert_eq!(
+        rules[0].spec.host,
+        "global-sidecar.mesh-operator.svc.cluster.local"
+    );
+    for (client_protocol, reaches_as_h2) in [(use_client_protocol, true), (false, false)] {
+        let (gs, backend) = grpc_backend().await;
+        let mut cluster = static_cluster(GS_CLUSTER, gs);
+        if client_protocol {
+            cluster["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}
+                }
+            });
+        }
+        let (envoy, port, _istiod) = workload_envoy_with(patched_route("", false), cluster).await;
+        let outcome = grpc_call(port).await;
+        let seen = backend.0.lock().unwrap().clone();
+        if reaches_as_h2 {
+            assert_eq!(outcome.as_deref(), Ok("0"), "{}", envoy.log());
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert_eq!(seen[0].0, ::http::Version::HTTP_2);
+            assert_eq!(seen[0].1.as_deref(), Some(&*format!("127.0.0.1:{port}")));
+        } else {
+            // Downgraded to HTTP/1.1, which a gRPC backend refuses: the call never arrives.
+            assert!(seen.is_empty(), "{seen:?}");
+            assert_ne!(outcome.as_deref(), Ok("0"));
+        }
+    }
 }
