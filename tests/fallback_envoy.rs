@@ -230,7 +230,10 @@ async fn a_star_dispatch_retargets_the_catch_all() {
 /// A gRPC server standing in for the global-sidecar's upstream: it speaks HTTP/2 only (as a gRPC
 /// backend does) and records the HTTP version and the `Slime-Orig-Dest` of each call it gets.
 #[derive(Clone)]
-struct GrpcBackend(std::sync::Arc<std::sync::Mutex<Vec<(::http::Version, Option<String>)>>>);
+struct GrpcBackend(std::sync::Arc<std::sync::Mutex<Vec<Call>>>);
+
+/// What the backend saw of one call: the HTTP version and `Slime-Orig-Dest`.
+type Call = (::http::Version, Option<String>);
 
 impl tonic::server::NamedService for GrpcBackend {
     const NAME: &'static str = "test.Echo";
