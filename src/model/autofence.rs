@@ -192,14 +192,26 @@ fn unwanted_workload(
     if !carried {
         return Some(Unmanaged::NoPods);
     }
+    managed_here(&fence.namespace, None, index, cfg)
+}
+
+/// `None` if auto-fencing manages objects in `namespace` labelled with revision `rev` (else the
+/// namespace's revision, as Istio picks one): `autoFence` on, inside the management scope, and of
+/// this lazyload's revision.
+fn managed_here(
+    namespace: &str,
+    rev: Option<&String>,
+    index: &ClusterIndex,
+    cfg: &Config,
+) -> Option<Unmanaged> {
     if !cfg.general.auto_fence {
         return Some(Unmanaged::AutoFenceOff);
     }
-    let ns = index.namespace(&fence.namespace);
-    if !in_scope(&fence.namespace, ns.map(|n| &n.labels), cfg) {
+    let ns = index.namespace(namespace);
+    if !in_scope(namespace, ns.map(|n| &n.labels), cfg) {
         return Some(Unmanaged::OutOfScope);
     }
-    let rev = ns.and_then(|n| n.labels.get(LABEL_ISTIO_REV));
+    let rev = rev.or_else(|| ns.and_then(|n| n.labels.get(LABEL_ISTIO_REV)));
     (!cfg.global.rev_in_scope(rev.map_or("", String::as_str))).then_some(Unmanaged::OtherRevision)
 }
 
@@ -245,21 +257,10 @@ fn unwanted_service(key: &ObjectKey, index: &ClusterIndex, cfg: &Config) -> Opti
     if is_global_sidecar_fence(key, cfg) {
         return Some(Unmanaged::GlobalSidecar);
     }
-    if !cfg.general.auto_fence {
-        return Some(Unmanaged::AutoFenceOff);
+    if let Some(why) = managed_here(&key.namespace, svc.labels.get(LABEL_ISTIO_REV), index, cfg) {
+        return Some(why);
     }
     let ns = index.namespace(&key.namespace);
-    if !in_scope(&key.namespace, ns.map(|n| &n.labels), cfg) {
-        return Some(Unmanaged::OutOfScope);
-    }
-    // The Service's revision label, else its namespace's (how Istio picks a revision).
-    let rev = svc
-        .labels
-        .get(LABEL_ISTIO_REV)
-        .or_else(|| ns.and_then(|n| n.labels.get(LABEL_ISTIO_REV)));
-    if !cfg.global.rev_in_scope(rev.map_or("", String::as_str)) {
-        return Some(Unmanaged::OtherRevision);
-    }
     let label = |labels: &BTreeMap<String, String>| match labels.get(LABEL_SERVICE_FENCED).map(String::as_str)
     {
         Some("true") => Some(true),

@@ -224,16 +224,7 @@ mod tests {
     }
 
     fn pod(name: &str, labels: &[(&str, &str)], ip: &str) -> PodInfo {
-        PodInfo {
-            key: ObjectKey::new("default", name),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ips: vec![ip.parse().unwrap()],
-            host_network: false,
-            service_account: "default".into(),
-        }
+        crate::als::attribute::tests::pod("default", name, labels, ip, "default")
     }
 
     /// Runs the controller over every Service and fence against a mock API server that accepts

@@ -33,6 +33,28 @@ pub const PORTS_ANNOTATION: &str = "lazyload.io/wormhole-ports";
 /// How long after a Service or ServiceEntry change the ports are recomputed.
 const DEBOUNCE: Duration = Duration::from_secs(1);
 
+/// Server-side applies `object` (an Istio object of `api`'s kind) with retries.
+async fn apply<K>(api: &Api<K>, object: &K, action: &'static str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let meta = object.meta();
+    let (ns, name) = (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    );
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(object);
+    with_retries(|| api.patch(&name, &params, &patch))
+        .await
+        .map_err(|source| Error::Kube {
+            action,
+            object: format!("{ns}/{name}"),
+            source,
+        })?;
+    Ok(())
+}
+
 /// The fallback controller.
 pub struct FallbackController {
     state: ClusterState,
@@ -98,40 +120,21 @@ impl FallbackController {
             return Ok(false);
         }
         let annotation = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let params = PatchParams::apply(FIELD_MANAGER).force();
         for mut ef in envoyfilters(&self.config, &ports) {
             ef.metadata
                 .annotations
                 .get_or_insert_with(Default::default)
                 .insert(PORTS_ANNOTATION.into(), annotation.clone());
-            let ns = ef.metadata.namespace.clone().unwrap_or_default();
-            let name = ef.metadata.name.clone().unwrap_or_default();
-            let api = self.envoyfilters_api(&ns);
-            let patch = Patch::Apply(&ef);
-            with_retries(|| api.patch(&name, &params, &patch))
-                .await
-                .map_err(|source| Error::Kube {
-                    action: "apply EnvoyFilter",
-                    object: format!("{ns}/{name}"),
-                    source,
-                })?;
+            let api = self.envoyfilters_api(ef.metadata.namespace.as_deref().unwrap_or_default());
+            apply(&api, &ef, "apply EnvoyFilter").await?;
         }
         for dr in global_sidecar_destination_rules(&self.config) {
-            let ns = dr.metadata.namespace.clone().unwrap_or_default();
-            let name = dr.metadata.name.clone().unwrap_or_default();
             let api: Api<DestinationRule> = Api::namespaced_with(
                 self.client.clone(),
-                &ns,
+                dr.metadata.namespace.as_deref().unwrap_or_default(),
                 &IstioVersion::V1beta1.resource("DestinationRule"),
             );
-            let patch = Patch::Apply(&dr);
-            with_retries(|| api.patch(&name, &params, &patch))
-                .await
-                .map_err(|source| Error::Kube {
-                    action: "apply global-sidecar DestinationRule",
-                    object: format!("{ns}/{name}"),
-                    source,
-                })?;
+            apply(&api, &dr, "apply global-sidecar DestinationRule").await?;
         }
         if self.config.general.auto_port {
             self.apply_service_ports(&ports).await?;
