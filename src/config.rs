@@ -367,8 +367,8 @@ impl Config {
             return Err(invalid(
                 format!("{prefix}{path}"),
                 value,
-                "an unrendered Helm template: lazyload reads the file as it is, so render it \
-                 (`helm template`) or write the value",
+                "an unrendered Helm template: lazyload renders no templates (Slime rendered its \
+                 chart, and a dispatch cluster, against its values); write the value itself",
             ));
         }
         let mut warnings = Vec::new();
