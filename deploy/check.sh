@@ -49,12 +49,17 @@ out=$(mktemp -d)
 trap 'rm -rf "$out" "${tmp:-}"' EXIT
 "$KUBECTL" kustomize deploy/kustomize/base >"$out/kustomize-base.yaml"
 "$KUBECTL" kustomize deploy/kustomize/overlays/namespace-mode >"$out/kustomize-namespace-mode.yaml"
+"$KUBECTL" kustomize deploy/kustomize/overlays/revision-canary >"$out/kustomize-revision-canary.yaml"
 "$HELM" lint --strict deploy/helm/lazyload
 "$HELM" lint --strict deploy/helm/lazyload --set mode=namespace
 "$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds >"$out/helm-cluster.yaml"
 "$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds \
   --set mode=namespace --set 'namespaces={default,bookinfo}' --set serviceMonitor.enabled=true \
   >"$out/helm-namespace.yaml"
+"$HELM" template lazyload-canary deploy/helm/lazyload -n mesh-operator-canary --skip-crds \
+  --set revision=canary --set strictRev=true \
+  --set upstream=http://istiod-canary.istio-system.svc:15010 \
+  --set globalSidecar.caAddress=istiod-canary.istio-system.svc:15012 >"$out/helm-revision-canary.yaml"
 if "$HELM" template lazyload deploy/helm/lazyload --set mode=pod >/dev/null 2>&1; then
   echo "the chart accepted mode=pod" >&2
   exit 1

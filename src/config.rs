@@ -166,6 +166,9 @@ pub struct General {
     pub proxy_version: Option<Regex>,
     /// Remove wormhole ports no Service uses any more (else they only grow).
     pub cleanup_wormhole_port: bool,
+    /// Delete the fences lazyload created as soon as auto-fencing no longer wants them, learned
+    /// dependencies and all (else they are kept and marked as no longer managed).
+    pub cleanup_auto_fences: bool,
     /// Also record and import the short name a caller used.
     pub enable_short_domain: bool,
     /// Workload fences by pod label.
@@ -220,8 +223,15 @@ pub struct Global {
     pub istio_namespace: String,
     /// Where lazyload and (by default) the global-sidecar run.
     pub slime_namespace: String,
-    /// Istio revision this lazyload serves (`istio.io/rev`); empty = default revision.
+    /// Istio revisions this lazyload serves (`istio.io/rev`, comma-separated, as Slime reads it);
+    /// empty = every object whatever its revision.
     pub istio_rev: String,
+    /// With `istioRev`, only objects labelled with one of its revisions are handled (else also
+    /// unlabelled ones).
+    pub strict_rev: bool,
+    /// The revision label lazyload puts on the fences and EnvoyFilters it creates; defaults to
+    /// the first `istioRev` entry.
+    pub self_resource_rev: String,
     /// Logging.
     pub log: Log,
     /// Free-form settings; the known ones are validated listen addresses.
@@ -300,6 +310,38 @@ impl Default for Config {
     }
 }
 
+impl Global {
+    /// Whether an object labelled `istio.io/rev: rev` (`""` = unlabelled) is this lazyload's,
+    /// as Slime decides it: every object without `istioRev`; else one of its revisions, or (without
+    /// `strictRev`) no label.
+    pub fn rev_in_scope(&self, rev: &str) -> bool {
+        let mut revs = self
+            .istio_rev
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .peekable();
+        if revs.peek().is_none() {
+            return true;
+        }
+        (!self.strict_rev && rev.is_empty()) || revs.any(|r| r == rev)
+    }
+
+    /// The revision label for what lazyload creates, if any.
+    pub fn own_rev(&self) -> Option<&str> {
+        (!self.self_resource_rev.is_empty()).then_some(self.self_resource_rev.as_str())
+    }
+
+    /// `base`, or `base-<revision>` when this lazyload has a revision: the names of the objects
+    /// two lazyloads for two revisions must not share (the Lease, the fallback EnvoyFilter).
+    pub fn per_revision(&self, base: &str) -> String {
+        match self.own_rev() {
+            Some(rev) => format!("{base}-{rev}"),
+            None => base.to_string(),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Loaded> {
@@ -312,8 +354,23 @@ impl Config {
 
     /// Parses and validates configuration text: a module entry, or a whole SlimeBoot.
     pub fn parse(text: &str) -> Result<Loaded> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            let hint = if text.contains("{{") {
+                " (the file holds `{{`: an unrendered Helm template? render it with `helm template`)"
+            } else {
+                ""
+            };
+            Error::Syntax(format!("{e}{hint}"))
+        })?;
         let (prefix, module) = select_module(doc)?;
+        if let Some((path, value)) = helm_template(&module, "") {
+            return Err(invalid(
+                format!("{prefix}{path}"),
+                value,
+                "an unrendered Helm template: lazyload renders no templates (Slime rendered its \
+                 chart, and a dispatch cluster, against its values); write the value itself",
+            ));
+        }
         let mut warnings = Vec::new();
         let mut unknown = |path: serde_ignored::Path<'_>| {
             warnings.push(format!("unknown field `{prefix}{}` ignored", field_path(&path)));
@@ -322,6 +379,22 @@ impl Config {
             serde_path_to_error::deserialize(serde_ignored::Deserializer::new(module, &mut unknown))
                 .map_err(|e| Error::Syntax(format!("{prefix}{e}")))?;
         warnings.extend(module.deprecations(&prefix));
+        warnings.extend(module.without_effect(&prefix));
+        let metric_source_set = module.metric_source_set();
+        let general = module.general.as_ref().or(module.fence.as_ref());
+        for (i, d) in general
+            .and_then(|g| g.dispatches.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if d.name.as_ref().is_none_or(|n| n.to_string().is_empty()) {
+                warnings.push(format!(
+                    "{prefix}general.dispatches[{i}] has no name: it is named `{}`",
+                    unnamed_dispatch(i)
+                ));
+            }
+        }
         let config = Self::from_raw(module).map_err(|e| match e {
             Error::Invalid { path, value, reason } => Error::Invalid {
                 path: format!("{prefix}{path}"),
@@ -330,6 +403,13 @@ impl Config {
             },
             other => other,
         })?;
+        if config.prometheus.is_some() && !metric_source_set {
+            warnings.push(format!(
+                "{prefix}metric.prometheus is set but general.metricSourceType is not: Slime's default \
+                 was `prometheus` before mid-2023, lazyload's is `accesslog`; set \
+                 `metricSourceType: prometheus` to learn from Prometheus"
+            ));
+        }
         if !config.enable {
             warnings.push(format!(
                 "{prefix}enable is false: lazyload will not fence anything"
@@ -418,16 +498,63 @@ fn select_module(doc: serde_yaml::Value) -> Result<(String, serde_yaml::Value)> 
         let i = lazyload(modules, "[]")?;
         return Ok((format!("[{i}]."), modules[i].clone()));
     }
-    if doc.get("kind").and_then(|k| k.as_str()) != Some("SlimeBoot") {
+    // `module:` as pasted from Slime's docs (the SlimeBoot's spec without its header), or a whole
+    // SlimeBoot, with or without its `kind`.
+    let (path, modules) = if let Some(m) = doc.get("module") {
+        ("module", m)
+    } else if let Some(m) = doc.get("spec").and_then(|s| s.get("module")) {
+        ("spec.module", m)
+    } else if doc.get("kind").and_then(|k| k.as_str()) == Some("SlimeBoot") {
+        return Err(invalid("spec.module", "", "a SlimeBoot must list its modules"));
+    } else {
         return Ok((String::new(), doc));
+    };
+    let modules = modules
+        .as_sequence()
+        .ok_or_else(|| invalid(path, "", "a list of module entries is expected"))?;
+    let i = lazyload(modules, path)?;
+    Ok((format!("{path}[{i}]."), modules[i].clone()))
+}
+
+/// The first string value holding a Helm template (`{{ .Values.x }}`), with its path: such a value
+/// was meant to be rendered, and read literally it would silently mean something else.
+fn helm_template(value: &serde_yaml::Value, path: &str) -> Option<(String, String)> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_yaml::Value::String(s) if s.contains("{{") && s.contains("}}") => {
+            Some((path.to_string(), s.clone()))
+        }
+        serde_yaml::Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| helm_template(v, &format!("{path}[{i}]"))),
+        serde_yaml::Value::Mapping(map) => map.iter().find_map(|(k, v)| {
+            // Unquoted, `{{ .Values.x }}` is YAML for a mapping whose key is a mapping.
+            if let serde_yaml::Value::Mapping(inner) = k {
+                let names: Vec<String> = inner
+                    .keys()
+                    .map(|k| serde_yaml::to_string(k).unwrap_or_default().trim().to_string())
+                    .collect();
+                return Some((path.to_string(), format!("{{{{ {} }}}}", names.join(" "))));
+            }
+            let key = match k {
+                serde_yaml::Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            helm_template(k, &join(&key)).or_else(|| helm_template(v, &join(&key)))
+        }),
+        serde_yaml::Value::Tagged(t) => helm_template(&t.value, path),
+        _ => None,
     }
-    let modules = doc
-        .get("spec")
-        .and_then(|s| s.get("module"))
-        .and_then(|m| m.as_sequence())
-        .ok_or_else(|| invalid("spec.module", "", "a SlimeBoot must list its modules"))?;
-    let i = lazyload(modules, "spec.module")?;
-    Ok((format!("spec.module[{i}]."), modules[i].clone()))
 }
 
 fn validate_global(g: Option<raw::Global>) -> Result<Global> {
@@ -455,6 +582,34 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
                 "expected a listen address like `:8082` or `0.0.0.0:8082`",
             ));
         }
+    }
+    let istio_rev = g.istio_rev.unwrap_or_default();
+    for rev in istio_rev.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        if !is_label_value(rev) {
+            return Err(invalid(
+                "global.istioRev",
+                &istio_rev,
+                "each revision must be a label value",
+            ));
+        }
+    }
+    let self_resource_rev = g
+        .self_resource_rev
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            istio_rev
+                .split(',')
+                .map(str::trim)
+                .find(|r| !r.is_empty())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    if !is_label_value(&self_resource_rev) {
+        return Err(invalid(
+            "global.selfResourceRev",
+            &self_resource_rev,
+            "not a label value",
+        ));
     }
     let log = g.log.unwrap_or_default();
     let level = log
@@ -487,7 +642,9 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
         service,
         istio_namespace,
         slime_namespace,
-        istio_rev: g.istio_rev.unwrap_or_default(),
+        istio_rev,
+        strict_rev: g.strict_rev.unwrap_or(false),
+        self_resource_rev,
         log,
         misc,
     })
@@ -507,10 +664,13 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
     let mut dispatches = Vec::new();
     for (i, d) in f.dispatches.unwrap_or_default().into_iter().enumerate() {
         let path = format!("general.dispatches[{i}]");
-        let name = d.name.map(|n| n.to_string()).unwrap_or_default();
-        if name.is_empty() {
-            return Err(invalid(format!("{path}.name"), "", "every dispatch needs a name"));
-        }
+        // Slime's `Dispatch.name` may be empty, but it names an Envoy virtual host, which must
+        // have a name: an unnamed dispatch gets its position (and a warning, see `parse`).
+        let name = d
+            .name
+            .map(|n| n.to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| unnamed_dispatch(i));
         let cluster = d.cluster.unwrap_or_default();
         if cluster.is_empty() {
             return Err(invalid(
@@ -689,12 +849,18 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         add_env_header_via_lua: f.add_env_header_via_lua.unwrap_or(false),
         proxy_version,
         cleanup_wormhole_port: f.cleanup_wormhole_port.unwrap_or(false),
+        cleanup_auto_fences: f.cleanup_auto_fences.unwrap_or(false),
         enable_short_domain: f.enable_short_domain.unwrap_or(false),
         fence_label_key_alias,
         cluster_domain: cluster_domain.to_ascii_lowercase(),
         dependency_ttl,
         dependency_expire_wait,
     })
+}
+
+/// The name an unnamed dispatch gets.
+fn unnamed_dispatch(index: usize) -> String {
+    format!("dispatch-{index}")
 }
 
 fn validate_prometheus(p: raw::Prometheus) -> Result<Prometheus> {
@@ -719,14 +885,15 @@ fn validate_prometheus(p: raw::Prometheus) -> Result<Prometheus> {
         if query.trim().is_empty() {
             return Err(invalid(format!("{path}.query"), "", "a handler needs a query"));
         }
-        let kind = match h.kind.as_deref() {
-            None | Some("Value") | Some("") => HandlerType::Value,
-            Some("Group") => HandlerType::Group,
+        // Slime's `Prometheus_Source.Type` enum, by name or (jsonpb) by number.
+        let kind = match h.kind.map(|k| k.to_string()).as_deref().map(str::trim) {
+            None | Some("Value") | Some("0") | Some("") => HandlerType::Value,
+            Some("Group") | Some("1") => HandlerType::Group,
             Some(other) => {
                 return Err(invalid(
                     format!("{path}.type"),
                     other,
-                    "expected `Value` or `Group`",
+                    "expected `Value` (0) or `Group` (1)",
                 ));
             }
         };
@@ -762,10 +929,15 @@ fn namespace_name(path: &str, value: String) -> Result<String> {
     Ok(value)
 }
 
-fn non_negative(path: &str, value: Option<i64>, default: u32) -> Result<u32> {
-    match value {
-        None | Some(0) => Ok(default),
-        Some(v) => u32::try_from(v).map_err(|_| invalid(path, v, "expected a positive number")),
+/// A count written as a number or (jsonpb int64, or by hand) a string; 0 means the default.
+fn non_negative(path: &str, value: Option<raw::IntOrString>, default: u32) -> Result<u32> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match value.to_string().trim().parse::<u32>() {
+        Ok(0) => Ok(default),
+        Ok(n) => Ok(n),
+        Err(_) => Err(invalid(path, value, "expected a positive number")),
     }
 }
 
@@ -786,6 +958,18 @@ fn parse_duration(path: &str, s: &str) -> Result<Duration> {
         return Err(invalid(path, s, "a duration must not be negative"));
     }
     Ok(d.into())
+}
+
+/// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_`, `.` starting and ending
+/// alphanumeric.
+fn is_label_value(value: &str) -> bool {
+    value.is_empty()
+        || (value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && value.as_bytes()[0].is_ascii_alphanumeric()
+            && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric())
 }
 
 /// A Kubernetes label key: optional DNS-subdomain prefix and a name of up to 63 characters.
@@ -900,11 +1084,84 @@ pub mod raw {
         pub global: Option<Global>,
         /// Metric sources.
         pub metric: Option<Metric>,
-        /// Slime's bundle/mode fields, accepted and unused.
-        pub mode: Option<String>,
+        /// Slime's `Config.Mode`: `Module` (0) or `BundleItem` (1); a name, or a number in
+        /// Slime's older enum. lazyload always runs as one module.
+        pub mode: Option<IntOrString>,
+        /// Slime's bundle of modules; no effect here.
+        pub bundle: Option<serde_yaml::Value>,
     }
 
     impl Module {
+        /// Whether the metric source is chosen explicitly (`general`, or older Slime's
+        /// `global.misc`).
+        pub fn metric_source_set(&self) -> bool {
+            let general = self.general.as_ref().or(self.fence.as_ref());
+            general.is_some_and(|g| g.metric_source_type.is_some())
+                || self
+                    .global
+                    .as_ref()
+                    .and_then(|g| g.misc.as_ref())
+                    .is_some_and(|m| m.contains_key("metricSourceType"))
+        }
+
+        /// Warnings for Slime settings that load but have no effect in lazyload, so that none is
+        /// taken for honoured.
+        pub fn without_effect(&self, prefix: &str) -> Vec<String> {
+            let mut fields: Vec<(&str, &str)> = Vec::new();
+            match self.mode.as_ref().map(ToString::to_string).as_deref() {
+                None | Some("Module") | Some("0") | Some("") => {}
+                Some(_) => fields.push(("mode", "lazyload always runs as a module of its own")),
+            }
+            if self.bundle.is_some() {
+                fields.push(("bundle", "lazyload always runs as a module of its own"));
+            }
+            if self.metric.as_ref().is_some_and(|m| m.k8s.is_some()) {
+                fields.push(("metric.k8s", "lazyload learns from access logs or Prometheus"));
+            }
+            if let Some(g) = &self.global {
+                let framework = "a setting of Slime's framework lazyload has no use for";
+                let set = [
+                    (
+                        "global.multicluster",
+                        g.multicluster.as_ref().is_some_and(|v| !v.is_empty()),
+                    ),
+                    (
+                        "global.masterUrl",
+                        g.master_url.as_ref().is_some_and(|v| !v.is_empty()),
+                    ),
+                    (
+                        "global.deployRev",
+                        g.deploy_rev.as_ref().is_some_and(|v| !v.is_empty()),
+                    ),
+                    (
+                        "global.configRev",
+                        g.config_rev.as_ref().is_some_and(|v| !v.is_empty()),
+                    ),
+                    ("global.configSources", g.config_sources.is_some()),
+                    ("global.istioConfigSource", g.istio_config_source.is_some()),
+                    ("global.clientGoTokenBucket", g.client_go_token_bucket.is_some()),
+                    (
+                        "global.enableConvertSeToIstioRes",
+                        g.enable_convert_se_to_istio_res.is_some(),
+                    ),
+                ];
+                fields.extend(set.into_iter().filter(|(_, on)| *on).map(|(f, _)| (f, framework)));
+                if let Some(log) = &g.log {
+                    let logging = "lazyload logs through `logLevel` (a tracing filter) only";
+                    let set = [
+                        ("global.log.klogLevel", log.klog_level.is_some()),
+                        ("global.log.enableQuote", log.enable_quote.is_some()),
+                        ("global.log.ilogLevel", log.ilog_level.is_some()),
+                    ];
+                    fields.extend(set.into_iter().filter(|(_, on)| *on).map(|(f, _)| (f, logging)));
+                }
+            }
+            fields
+                .into_iter()
+                .map(|(field, why)| format!("{prefix}{field} has no effect: {why}"))
+                .collect()
+        }
+
         /// Warnings for settings that load but no longer do anything, or moved.
         pub fn deprecations(&self, prefix: &str) -> Vec<String> {
             let mut out = Vec::new();
@@ -973,6 +1230,8 @@ pub mod raw {
         pub proxy_version: Option<String>,
         /// Shrink wormhole ports.
         pub cleanup_wormhole_port: Option<bool>,
+        /// lazyload: delete auto fences no longer wanted.
+        pub cleanup_auto_fences: Option<bool>,
         /// Keep short names.
         pub enable_short_domain: Option<bool>,
         /// Workload fences.
@@ -1040,6 +1299,14 @@ pub mod raw {
         pub deploy_rev: Option<String>,
         /// Slime framework settings accepted for compatibility.
         pub config_rev: Option<String>,
+        /// Slime framework settings accepted for compatibility (no effect).
+        pub config_sources: Option<serde_yaml::Value>,
+        /// Slime framework settings accepted for compatibility (no effect).
+        pub istio_config_source: Option<serde_yaml::Value>,
+        /// Slime framework settings accepted for compatibility (no effect).
+        pub client_go_token_bucket: Option<serde_yaml::Value>,
+        /// Slime framework settings accepted for compatibility (no effect).
+        pub enable_convert_se_to_istio_res: Option<serde_yaml::Value>,
     }
 
     /// `global.log`.
@@ -1049,7 +1316,7 @@ pub mod raw {
         /// Level.
         pub log_level: Option<String>,
         /// klog verbosity, unused.
-        pub klog_level: Option<i64>,
+        pub klog_level: Option<IntOrString>,
         /// Rotate to a file.
         pub log_rotate: Option<bool>,
         /// Rotation settings.
@@ -1068,11 +1335,11 @@ pub mod raw {
         pub file_path: Option<String>,
         /// Size.
         #[serde(rename = "maxSizeMB")]
-        pub max_size_mb: Option<i64>,
+        pub max_size_mb: Option<IntOrString>,
         /// Backups.
-        pub max_backups: Option<i64>,
+        pub max_backups: Option<IntOrString>,
         /// Age.
-        pub max_age_day: Option<i64>,
+        pub max_age_day: Option<IntOrString>,
         /// Gzip.
         pub compress: Option<bool>,
     }
@@ -1100,9 +1367,9 @@ pub mod raw {
     pub struct Handler {
         /// PromQL.
         pub query: Option<String>,
-        /// `Value` or `Group`.
+        /// `Value` or `Group`, or their numbers 0 and 1.
         #[serde(rename = "type")]
-        pub kind: Option<String>,
+        pub kind: Option<IntOrString>,
     }
 }
 
@@ -1248,6 +1515,144 @@ mod tests {
                 loaded.warnings
             );
         }
+    }
+
+    #[test]
+    fn prometheus_handler_type_by_name_or_number() {
+        for (written, want) in [
+            ("Value", HandlerType::Value),
+            ("0", HandlerType::Value),
+            ("'0'", HandlerType::Value),
+            ("Group", HandlerType::Group),
+            ("1", HandlerType::Group),
+            ("'1'", HandlerType::Group),
+        ] {
+            let text = format!(
+                "general:\n  metricSourceType: prometheus\nmetric:\n  prometheus:\n    address: http://p:9090\n    handlers:\n      d:\n        query: q\n        type: {written}\n"
+            );
+            let c = Config::parse(&text).unwrap().config;
+            assert_eq!(c.prometheus.unwrap().handlers["d"].kind, want, "{written}");
+        }
+        let e = err(
+            "metric:\n  prometheus:\n    address: http://p:9090\n    handlers:\n      d:\n        query: q\n        type: 2\n",
+        );
+        assert!(
+            e.starts_with("metric.prometheus.handlers.d.type: invalid value \"2\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn integers_may_be_strings() {
+        let c = Config::parse("global:\n  log:\n    klogLevel: '5'\n    logRotateConfig:\n      maxSizeMB: '7'\n      maxBackups: 3\n")
+            .unwrap()
+            .config;
+        assert_eq!(c.global.log.log_rotate_config.max_size_mb, 7);
+        assert_eq!(c.global.log.log_rotate_config.max_backups, 3);
+    }
+
+    #[test]
+    fn module_wrappers_as_pasted_from_slime_docs() {
+        for text in [
+            "module:\n  - name: lazyload\n    kind: lazyload\n    general:\n      wormholePort: ['9080']\n",
+            "spec:\n  module:\n    - name: lazyload\n      kind: lazyload\n      general:\n        wormholePort: ['9080']\n",
+            "- name: lazyload\n  kind: lazyload\n  general:\n    wormholePort: ['9080']\n",
+        ] {
+            let c = Config::parse(text)
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+                .config;
+            assert_eq!(c.general.wormhole_port, [9080].into(), "{text}");
+        }
+        let e = err("spec:\n  module:\n    - name: lazyload\n      general:\n        wormholePort: [x]\n");
+        assert!(e.starts_with("spec.module[0].general.wormholePort[0]"), "{e}");
+    }
+
+    #[test]
+    fn helm_templates_are_errors_naming_the_field() {
+        for (text, path) in [
+            (
+                "general:\n  clusterGsNamespace: '{{ .Values.ns }}'\n",
+                "general.clusterGsNamespace",
+            ),
+            (
+                "general:\n  autoFence: {{ .Values.autoFence }}\n",
+                "general.autoFence",
+            ),
+            (
+                "general:\n  wormholePort:\n    - \"{{ .Values.port }}\"\n",
+                "general.wormholePort[0]",
+            ),
+        ] {
+            let e = err(text);
+            assert!(
+                e.starts_with(&format!("{path}: invalid value")) && e.contains("Helm template"),
+                "{text} -> {e}"
+            );
+        }
+        let e = err("general:\n  wormholePort: [{{ .Values.port }}-x]\n");
+        assert!(e.contains("Helm template"), "{e}");
+    }
+
+    #[test]
+    fn prometheus_without_metric_source_is_warned_about() {
+        let text = "metric:\n  prometheus:\n    address: http://p:9090\n";
+        let loaded = Config::parse(text).unwrap();
+        assert_eq!(
+            loaded.config.general.metric_source_type,
+            MetricSourceType::Accesslog
+        );
+        assert!(
+            loaded.warnings.iter().any(|w| w.contains("before mid-2023")),
+            "{:?}",
+            loaded.warnings
+        );
+        let loaded = Config::parse(&format!("general:\n  metricSourceType: prometheus\n{text}")).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn fields_without_effect_and_unnamed_dispatches_are_warned_about() {
+        let loaded = Config::parse(
+            "mode: BundleItem\nglobal:\n  multicluster: 'true'\n  log:\n    klogLevel: 3\ngeneral:\n  dispatches:\n    - domains: [a.com]\n      cluster: PassthroughCluster\n",
+        )
+        .unwrap();
+        assert_eq!(loaded.config.general.dispatches[0].name, "dispatch-0");
+        for field in [
+            "mode",
+            "global.multicluster",
+            "global.log.klogLevel",
+            "dispatches[0] has no name",
+        ] {
+            assert!(
+                loaded.warnings.iter().any(|w| w.contains(field)),
+                "{field}: {:?}",
+                loaded.warnings
+            );
+        }
+        assert!(Config::parse("mode: Module\n").unwrap().warnings.is_empty());
+        assert!(Config::parse("mode: 0\n").unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn revisions_as_slime_scopes_them() {
+        let global = |text: &str| Config::parse(text).unwrap().config.global;
+        let any = global("");
+        assert!(any.rev_in_scope("") && any.rev_in_scope("canary"));
+        assert_eq!(
+            (any.own_rev(), any.per_revision("lazyload").as_str()),
+            (None, "lazyload")
+        );
+        let loose = global("global:\n  istioRev: 'canary, stable'\n");
+        let cases = [("", true), ("canary", true), ("stable", true), ("other", false)];
+        for (rev, want) in cases {
+            assert_eq!(loose.rev_in_scope(rev), want, "{rev:?}");
+        }
+        assert_eq!(loose.own_rev(), Some("canary"));
+        assert_eq!(loose.per_revision("lazyload"), "lazyload-canary");
+        let strict = global("global:\n  istioRev: canary\n  strictRev: true\n  selfResourceRev: c2\n");
+        assert!(!strict.rev_in_scope("") && strict.rev_in_scope("canary"));
+        assert_eq!(strict.own_rev(), Some("c2"));
+        assert!(err("global:\n  istioRev: 'a b'\n").starts_with("global.istioRev"));
     }
 
     #[test]

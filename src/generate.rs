@@ -94,7 +94,11 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
             fences.insert(ObjectKey::new(ns, name), f);
         }
     }
-    let services: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
+    let mut services: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
+    services.extend(crate::model::autofence::wanted_workload_fences(
+        &snap.index,
+        &config,
+    ));
     for key in services {
         if let Action::Create(f) = decide(&key, fences.get(&key), &snap.index, &config) {
             fences.insert(key, *f);

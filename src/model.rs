@@ -86,8 +86,26 @@ pub fn evaluate(
         }
         Err(why) => condition(CONDITION_SIDECAR, false, why.reason(), why.message().to_string()),
     };
-    let conditions = [hosts_valid, generated]
+    // Only on fences lazyload created: whether auto-fencing still wants them (kept either way).
+    let managed = fence
+        .is_auto_created()
+        .then(|| match autofence::unmanaged(fence, index, cfg) {
+            None => condition(
+                autofence::CONDITION_AUTO_FENCE_MANAGED,
+                true,
+                "Managed",
+                String::new(),
+            ),
+            Some(why) => condition(
+                autofence::CONDITION_AUTO_FENCE_MANAGED,
+                false,
+                why.reason(),
+                format!("no longer managed by auto-fencing, kept: {}", why.message()),
+            ),
+        });
+    let conditions = [Some(hosts_valid), Some(generated), managed]
         .into_iter()
+        .flatten()
         .map(|c| keep_transition_time(c, &old.conditions, now, generation))
         .collect();
 

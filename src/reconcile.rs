@@ -3,6 +3,7 @@
 //! issue as few writes as possible (istiod recomputes scopes on every Sidecar change).
 
 pub mod autofence;
+pub mod config_sync;
 pub mod fallback;
 pub mod fence;
 pub mod fences;

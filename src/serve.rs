@@ -31,6 +31,7 @@ use crate::model::istio::IstioVersion;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
 use crate::reconcile::autofence::AutoFenceController;
+use crate::reconcile::config_sync::ConfigSync;
 use crate::reconcile::fallback::FallbackController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
@@ -596,7 +597,9 @@ pub async fn start_watching(
 }
 
 /// The reconciler: a Lease elects the one replica that writes (kube-lease-manager; followers
-/// keep their state warm and take over within the lease duration); while it leads, the
+/// keep their state warm and take over within the lease duration), so only the leader's
+/// configuration is applied; replicas publish their configuration's digest on the Lease and
+/// report one that differs ([`ConfigSync`]). While it leads, the
 /// auto-fence controller creates and deletes fences, the fallback controller keeps the
 /// `to-global-sidecar` EnvoyFilter and wormhole ports, and the fence controller writes Sidecars
 /// and statuses. The lease is released on shutdown.
@@ -608,7 +611,9 @@ async fn start_reconciling(
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("lazyload-{}", std::process::id()));
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "lazyload")
+    // Two lazyloads for two Istio revisions hold one Lease each.
+    let lease_name = ctx.config.global.per_revision("lazyload");
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
         .with_namespace(ctx.config.global.slime_namespace.clone())
         .with_identity(identity.clone())
         .with_duration(LEASE_SECONDS)
@@ -617,6 +622,19 @@ async fn start_reconciling(
         .await
         .context("setting up the leader lease")?;
     let (leader, lease_task) = lease.watch().await;
+    let config_sync = ConfigSync::new(
+        client.clone(),
+        &ctx.config.global.slime_namespace,
+        &lease_name,
+        &identity,
+        &ctx.config,
+        &mut ctx.registry,
+    );
+    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
+    ctx.spawn("configuration comparison", async move {
+        config_sync.run(lead, shutdown).await;
+        Ok(())
+    });
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
         kube::runtime::events::Reporter {
@@ -624,7 +642,12 @@ async fn start_reconciling(
             instance: Some(identity),
         },
     );
-    let autofence = AutoFenceController::new(state.clone(), ctx.config.clone(), client.clone());
+    let autofence = AutoFenceController::new(
+        state.clone(),
+        ctx.config.clone(),
+        client.clone(),
+        &mut ctx.registry,
+    );
     let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
     ctx.spawn("auto-fence controller", async move {
         autofence.run(lead, shutdown).await;

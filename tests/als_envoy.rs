@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use lazyload::als::{ACCESS_LOG_CLUSTER, LOG_NAME, LOGGED_REQUEST_HEADERS};
-use support::envoy::{Envoy, grpc_cluster};
+use lazyload::als::{ACCESS_LOG_CLUSTER, LOG_NAME};
+use support::envoy::{Envoy, grpc_cluster, logged_http_listener};
 use support::serve::Serve;
 use support::{TempDir, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,44 +43,25 @@ fn bootstrap(
     echo: SocketAddr,
     als: SocketAddr,
 ) -> String {
-    let headers = LOGGED_REQUEST_HEADERS.map(|h| format!("\"{h}\"")).join(", ");
+    let http_listener = logged_http_listener(
+        "http",
+        http_port,
+        r#"            - name: details
+              domains: ["details", "details.default", "details.default.svc.cluster.local", "details:*"]
+              routes: [{match: {prefix: /}, route: {cluster: "outbound|9080||details.default.svc.cluster.local"}}]
+            - name: reviews-v2
+              domains: ["reviews", "reviews:*"]
+              routes: [{match: {prefix: /}, route: {cluster: "outbound|9080|v2|reviews.default.svc.cluster.local"}}]
+            - name: any
+              domains: ["*"]
+              routes: [{match: {prefix: /}, route: {cluster: PassthroughCluster}}]"#,
+    );
     format!(
         r#"
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
 static_resources:
   listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {http_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          access_log:
-          - name: envoy.access_loggers.http_grpc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
-              common_config:
-                log_name: {LOG_NAME}
-                transport_api_version: V3
-                buffer_flush_interval: 0.1s
-                grpc_service: {{envoy_grpc: {{cluster_name: {ACCESS_LOG_CLUSTER}}}}}
-              additional_request_headers_to_log: [{headers}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-          route_config:
-            virtual_hosts:
-            - name: details
-              domains: ["details", "details.default", "details.default.svc.cluster.local", "details:*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: "outbound|9080||details.default.svc.cluster.local"}}}}]
-            - name: reviews-v2
-              domains: ["reviews", "reviews:*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: "outbound|9080|v2|reviews.default.svc.cluster.local"}}}}]
-            - name: any
-              domains: ["*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: PassthroughCluster}}}}]
+{http_listener}
   - name: tcp
     address: {{socket_address: {{address: 127.0.0.1, port_value: {tcp_port}}}}}
     filter_chains:

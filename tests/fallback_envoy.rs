@@ -2,7 +2,10 @@
 //! configuration `"9080"` of an Istio 1.18 sidecar (as istiod would), served to a stock Envoy 1.40
 //! acting as a fenced workload. Envoy accepts it (one `*` virtual host, also when the mesh is
 //! `REGISTRY_ONLY` and when a dispatch asks for `*`), and an unknown host goes to the
-//! global-sidecar cluster with `Slime-Orig-Dest` and `Slime-Source-Ns`.
+//! global-sidecar cluster with `Slime-Orig-Dest` and `Slime-Source-Ns`. With `supportH2`, the
+//! global-sidecar's DestinationRule keeps a gRPC call HTTP/2 on its way to the global-sidecar, and
+//! through a real global-sidecar Envoy it reaches its backend as HTTP/2 and is learned by
+//! `lazyload serve`.
 
 mod support;
 
@@ -80,6 +83,11 @@ fn patched_route(config: &str, registry_only: bool) -> Value {
 }
 
 async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod) {
+    workload_envoy_with(route, static_cluster(GS_CLUSTER, gs)).await
+}
+
+/// [`workload_envoy`] with the global-sidecar cluster as given.
+async fn workload_envoy_with(route: Value, gs_cluster: Value) -> (Envoy, u16, TestIstiod) {
     let port = free_port();
     let listener = json!({
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -110,10 +118,7 @@ async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod
     let mut config = Config::new();
     config.insert(LISTENER.into(), by_name(&[listener]));
     config.insert(ROUTE.into(), by_name(&[route]));
-    config.insert(
-        CLUSTER.into(),
-        by_name(&[static_cluster(GS_CLUSTER, gs), passthrough]),
-    );
+    config.insert(CLUSTER.into(), by_name(&[gs_cluster, passthrough]));
     let istiod = TestIstiod::start(config).await;
     let bootstrap = format!(
         r#"
@@ -212,5 +217,245 @@ async fn a_star_dispatch_retargets_the_catch_all() {
         "{} {}",
         r.status,
         r.body
+    );
+}
+
+/// A gRPC server standing in for the global-sidecar's upstream: it speaks HTTP/2 only (as a gRPC
+/// backend does) and records the HTTP version and the `Slime-Orig-Dest` of each call it gets.
+#[derive(Clone)]
+struct GrpcBackend(std::sync::Arc<std::sync::Mutex<Vec<Call>>>);
+
+/// What the backend saw of one call: the HTTP version and `Slime-Orig-Dest`.
+type Call = (::http::Version, Option<String>);
+
+impl tonic::server::NamedService for GrpcBackend {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl tonic::codegen::Service<::http::Request<tonic::body::Body>> for GrpcBackend {
+    type Response = ::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: ::http::Request<tonic::body::Body>) -> Self::Future {
+        let orig = req
+            .headers()
+            .get("slime-orig-dest")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        self.0.lock().unwrap().push((req.version(), orig));
+        // A trailers-only gRPC answer: OK, no message.
+        let resp = ::http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        std::future::ready(Ok(resp))
+    }
+}
+
+async fn grpc_backend() -> (SocketAddr, GrpcBackend) {
+    let backend = GrpcBackend(Default::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = tonic::service::Routes::new(backend.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (addr, backend)
+}
+
+/// A gRPC call (HTTP/2, prior knowledge) for `authority` to the workload Envoy's port 9080
+/// listener: its host is unknown to the route configuration, so the fallback sends it to the
+/// global-sidecar cluster.
+/// Returns the call's `grpc-status` (Envoy answers a failed upstream with HTTP 200 and a
+/// trailers-only gRPC error).
+async fn grpc_call(port: u16, authority: &str) -> Result<String, String> {
+    use tonic::codegen::Service as _;
+    let mut channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .origin(format!("http://{authority}").parse().unwrap())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}/test.Echo/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = channel.call(req).await.map_err(|e| e.to_string())?;
+    Ok(resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// What istiod renders into a cluster for a DestinationRule with `useClientProtocol: true`.
+fn keep_client_protocol(cluster: &mut Value) {
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_support_h2_a_grpc_call_reaches_the_global_sidecar_as_http2() {
+    // What istiod renders for the outbound global-sidecar cluster: by default HTTP/1.1 upstream;
+    // with lazyload's DestinationRule (`useClientProtocol: true`) the downstream protocol.
+    let cfg = LazyloadConfig::parse("general:\n  supportH2: true\n")
+        .unwrap()
+        .config;
+    let rules = lazyload::model::fallback::global_sidecar_destination_rules(&cfg);
+    let use_client_protocol = rules[0]
+        .spec
+        .traffic_policy
+        .as_ref()
+        .and_then(|t| t.connection_pool.as_ref())
+        .and_then(|c| c.http.as_ref())
+        .is_some_and(|h| h.use_client_protocol);
+    assert_eq!(
+        rules[0].spec.host,
+        "global-sidecar.mesh-operator.svc.cluster.local"
+    );
+    for (client_protocol, reaches_as_h2) in [(use_client_protocol, true), (false, false)] {
+        let (gs, backend) = grpc_backend().await;
+        let mut cluster = static_cluster(GS_CLUSTER, gs);
+        if client_protocol {
+            keep_client_protocol(&mut cluster);
+        }
+        let (envoy, port, _istiod) = workload_envoy_with(patched_route("", false), cluster).await;
+        let outcome = grpc_call(port, &format!("127.0.0.1:{port}")).await;
+        let seen = backend.0.lock().unwrap().clone();
+        if reaches_as_h2 {
+            assert_eq!(outcome.as_deref(), Ok("0"), "{}", envoy.log());
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert_eq!(seen[0].0, ::http::Version::HTTP_2);
+            assert_eq!(seen[0].1.as_deref(), Some(&*format!("127.0.0.1:{port}")));
+        } else {
+            // Downgraded to HTTP/1.1, which a gRPC backend refuses: the call never arrives.
+            assert!(seen.is_empty(), "{seen:?}");
+            assert_ne!(outcome.as_deref(), Ok("0"));
+        }
+    }
+}
+
+/// The caller (productpage at 127.0.0.2) and the gRPC Service it calls.
+const GRPC_SNAPSHOT: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Service, metadata: {name: productpage, namespace: default}, spec: {selector: {app: productpage}, clusterIP: 10.96.0.1}}
+- {apiVersion: v1, kind: Service, metadata: {name: grpc, namespace: default}, spec: {selector: {app: grpc}, clusterIP: 10.96.0.9, ports: [{name: grpc, port: 9080}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: productpage-1, namespace: default, labels: {app: productpage}}, status: {podIP: 127.0.0.2}}
+- apiVersion: microservice.slime.io/v1alpha1
+  kind: ServiceFence
+  metadata: {name: productpage, namespace: default}
+  spec: {enable: true}
+"#;
+
+/// A global-sidecar Envoy: the gRPC Service's route (HTTP/2 upstream, as istiod renders a `grpc`
+/// port) and the access logger the relay installs, towards lazyload's collector at `als`.
+fn global_sidecar_bootstrap(port: u16, backend: SocketAddr, als: SocketAddr) -> String {
+    let listener = support::envoy::logged_http_listener(
+        "gs",
+        port,
+        r#"            - name: grpc
+              domains: ["grpc.default.svc.cluster.local", "grpc.default.svc.cluster.local:*"]
+              routes: [{match: {prefix: /}, route: {cluster: "outbound|9080||grpc.default.svc.cluster.local"}}]"#,
+    );
+    let cluster = |name: &str, addr: SocketAddr| {
+        format!(
+            r#"{{name: "{name}", type: STATIC, typed_extension_protocol_options: {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{"@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {{http2_protocol_options: {{}}}}}}}}, load_assignment: {{cluster_name: "{name}", endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]}}}}"#,
+            addr.ip(),
+            addr.port()
+        )
+    };
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+static_resources:
+  listeners:
+{listener}
+  clusters:
+  - {grpc}
+  - {als_cluster}
+"#,
+        grpc = cluster("outbound|9080||grpc.default.svc.cluster.local", backend),
+        als_cluster = cluster(lazyload::als::ACCESS_LOG_CLUSTER, als),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_through_the_global_sidecar_arrives_as_http2_and_is_learned() {
+    let dir = support::TempDir::new("grpc-fallback");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, GRPC_SNAPSHOT).unwrap();
+    let als: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let serve = support::serve::Serve::start(
+        [
+            "--als-listen",
+            &als.to_string(),
+            "--cluster-snapshot",
+            snapshot.to_str().unwrap(),
+        ],
+        std::process::Stdio::inherit(),
+    )
+    .await;
+
+    let (backend_addr, backend) = grpc_backend().await;
+    let gs_port = free_port();
+    let gs = Envoy::start(
+        "global-sidecar",
+        &global_sidecar_bootstrap(gs_port, backend_addr, als),
+    )
+    .await;
+    // The caller's sidecar: the fallback route, and the global-sidecar cluster as istiod renders
+    // it with lazyload's DestinationRule; its connections leave from the caller pod's IP.
+    let mut cluster = static_cluster(GS_CLUSTER, format!("127.0.0.1:{gs_port}").parse().unwrap());
+    keep_client_protocol(&mut cluster);
+    cluster["upstream_bind_config"] = json!({"source_address": {"address": "127.0.0.2", "port_value": 0}});
+    let (caller, port, _istiod) =
+        workload_envoy_with(patched_route("general:\n  supportH2: true\n", false), cluster).await;
+
+    let outcome = grpc_call(port, "grpc.default.svc.cluster.local:9080").await;
+    assert_eq!(outcome.as_deref(), Ok("0"), "{}\n{}", caller.log(), gs.log());
+    let seen = backend.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].0,
+        ::http::Version::HTTP_2,
+        "the backend got the call as HTTP/2"
+    );
+
+    let edges = gs
+        .wait_for("the learned edge", Duration::from_secs(20), || async {
+            let body = http::get(serve.admin, "/debug/edges", &[]).await.ok()?.body;
+            let json: Value = serde_json::from_str(&body).ok()?;
+            json["default/productpage"]["lastSeen"]
+                .get("grpc.default.svc.cluster.local")
+                .is_some()
+                .then_some(json)
+        })
+        .await;
+    assert_eq!(
+        edges["default/productpage"]["metricStatus"][r#"{destination_service="grpc.default.svc.cluster.local"}"#],
+        "1"
     );
 }

@@ -200,13 +200,13 @@ fn run_autofence_case(path: &Path) -> Result<(), String> {
         let cfg = config(step.config);
         let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
         add_cluster(&mut snap, step.cluster)?;
-        // Fences written by hand in the step exist before auto-fencing runs.
+        // Fences written in the step exist (as written) before auto-fencing runs.
         for f in snap.fences.drain(..) {
             let key = ObjectKey::new(
                 f.metadata.namespace.clone().unwrap(),
                 f.metadata.name.clone().unwrap(),
             );
-            fences.entry(key).or_insert(f);
+            fences.insert(key, f);
         }
         let mut keys: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
         keys.extend(fences.keys().cloned());
@@ -220,7 +220,7 @@ fn run_autofence_case(path: &Path) -> Result<(), String> {
                 Action::Delete => {
                     fences.remove(&key);
                 }
-                Action::Keep => {}
+                Action::Keep | Action::Unmanaged(_) => {}
             }
         }
         let got: Vec<String> = fences.keys().map(|k| k.to_string()).collect();

@@ -4,39 +4,81 @@
 use lazyload::cluster::convert::{Kind, convert};
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
-use lazyload::model::fence::metric_key_host;
+use lazyload::model::fence::{ServiceFence, metric_key_host};
 use lazyload::model::host::{FenceHost, host_name, sidecar_host};
 use proptest::prelude::*;
 use serde_json::Value;
 
 /// Arbitrary JSON-like trees with the config's field names sprinkled in.
 fn tree() -> impl Strategy<Value = Value> {
-    let key = prop_oneof![
-        Just("general".to_string()),
-        Just("global".to_string()),
-        Just("metric".to_string()),
-        Just("wormholePort".to_string()),
-        Just("domainAliases".to_string()),
-        Just("pattern".to_string()),
-        Just("templates".to_string()),
-        Just("dispatches".to_string()),
-        Just("misc".to_string()),
-        Just("kind".to_string()),
-        Just("spec".to_string()),
-        Just("status".to_string()),
-        Just("module".to_string()),
-        // Fields of the kinds the cluster watchers convert.
-        Just("hosts".to_string()),
-        Just("http".to_string()),
-        Just("route".to_string()),
-        Just("delegate".to_string()),
-        Just("ports".to_string()),
-        Just("selector".to_string()),
-        Just("labels".to_string()),
-        Just("host".to_string()),
-        Just("egress".to_string()),
-        "[a-zA-Z]{1,8}",
-    ];
+    tree_with(&[
+        "general",
+        "global",
+        "metric",
+        "wormholePort",
+        "domainAliases",
+        "pattern",
+        "templates",
+        "dispatches",
+        "misc",
+        "kind",
+        "spec",
+        "module",
+        "prometheus",
+        "handlers",
+        "type",
+        "log",
+        "logRotateConfig",
+        "maxSizeMB",
+        "mode",
+        "name",
+    ])
+}
+
+/// Arbitrary trees with a ServiceFence's field names sprinkled in.
+fn fence_tree() -> impl Strategy<Value = Value> {
+    tree_with(&[
+        "spec",
+        "status",
+        "host",
+        "enable",
+        "namespaceSelector",
+        "labelSelector",
+        "selector",
+        "workloadSelector",
+        "fromService",
+        "labels",
+        "stable",
+        "deadline",
+        "expire",
+        "auto",
+        "duration",
+        "seconds",
+        "nanos",
+        "RecentlyCalled",
+        "domains",
+        "hosts",
+        "metricStatus",
+        "visitor",
+        "lastSeen",
+        "conditions",
+        "metadata",
+    ])
+}
+
+/// Arbitrary trees with the field names of the kinds the cluster watchers convert.
+fn object_tree() -> impl Strategy<Value = Value> {
+    tree_with(&[
+        "hosts", "http", "route", "delegate", "destination", "host", "ports", "port", "selector",
+        "labels", "egress", "workloadSelector", "clusterIP", "podIP", "podIPs", "spec", "status",
+        "metadata",
+    ])
+}
+
+/// Arbitrary JSON-like trees whose keys are often one of `names`.
+fn tree_with(names: &[&'static str]) -> impl Strategy<Value = Value> + use<> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let key = prop_oneof![prop::sample::select(names), "[a-zA-Z]{1,8}",];
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
@@ -44,6 +86,9 @@ fn tree() -> impl Strategy<Value = Value> {
         "[ -~]{0,12}".prop_map(Value::from),
         Just(Value::from("SlimeBoot")),
         Just(Value::from("lazyload")),
+        Just(Value::from("{{ .Values.x }}")),
+        Just(Value::from("EXPIREWAIT")),
+        Just(Value::from("1700000000")),
     ];
     leaf.prop_recursive(4, 48, 6, move |inner| {
         prop_oneof![
@@ -68,6 +113,20 @@ proptest! {
     }
 
     #[test]
+    fn fence_trees_never_panic_and_what_reads_round_trips(tree in fence_tree()) {
+        if let Ok(fence) = serde_json::from_value::<ServiceFence>(tree) {
+            let written = serde_json::to_value(&fence).unwrap();
+            let again: ServiceFence = serde_json::from_value(written).unwrap();
+            prop_assert_eq!(again, fence);
+        }
+    }
+
+    #[test]
+    fn fence_text_never_panics(text in "[ -~\n]{0,200}") {
+        let _ = serde_yaml::from_str::<ServiceFence>(&text);
+    }
+
+    #[test]
     fn snapshots_never_panic(tree in tree(), kind in prop::sample::select(vec!["Service", "Namespace", "VirtualService", "ServiceEntry", "ServiceFence", "List"])) {
         let mut object = tree;
         if let Value::Object(map) = &mut object {
@@ -79,7 +138,7 @@ proptest! {
     /// Each object the watchers receive goes through one converter per kind: whatever it holds,
     /// it is converted or rejected with a reason, never a panic.
     #[test]
-    fn object_converters_never_panic(spec in tree(), status in tree(), named in any::<bool>()) {
+    fn object_converters_never_panic(spec in object_tree(), status in object_tree(), named in any::<bool>()) {
         let object = if named {
             serde_json::json!({"metadata": {"name": "x", "namespace": "default"}, "spec": spec, "status": status})
         } else {

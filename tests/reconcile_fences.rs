@@ -87,6 +87,23 @@ const SIDECAR: &str = "/apis/networking.istio.io/v1beta1/namespaces/default/side
 const STATUS: &str =
     "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/productpage/status";
 
+/// Starts a leading fence controller over `state` against the mock API server.
+fn start(state: ClusterState, config: Config) -> (Log, watch::Sender<bool>, CancellationToken) {
+    let (client, log) = api();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let controller = FenceController::new(
+        state,
+        Arc::new(config),
+        FenceWriter::new(client, IstioVersion::V1beta1),
+        None,
+        Metrics::register(&mut registry),
+    );
+    let (lead_tx, lead_rx) = watch::channel(true);
+    let stop = CancellationToken::new();
+    tokio::spawn(controller.run(lead_rx, stop.clone()));
+    (log, lead_tx, stop)
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 }
@@ -98,18 +115,7 @@ async fn writes_only_what_changed_once_per_window() {
         ClusterIndex::new("cluster.local"),
         [fence(&["details.default.svc.cluster.local"])],
     );
-    let (client, log) = api();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let controller = FenceController::new(
-        state.clone(),
-        Arc::new(Config::default()),
-        FenceWriter::new(client, IstioVersion::V1beta1),
-        None,
-        Metrics::register(&mut registry),
-    );
-    let (lead_tx, lead_rx) = watch::channel(true);
-    let stop = CancellationToken::new();
-    tokio::spawn(controller.run(lead_rx, stop.clone()));
+    let (log, lead_tx, stop) = start(state.clone(), Config::default());
 
     // 1. First reconcile: the Sidecar is applied, then the status written.
     settle().await;
@@ -182,4 +188,44 @@ async fn writes_only_what_changed_once_per_window() {
         "the new leader restores the Sidecar"
     );
     stop.cancel();
+}
+
+#[tokio::test]
+async fn only_fences_of_this_lazyloads_istio_revision_are_written() {
+    let labelled = |rev: Option<&str>, name: &str| {
+        let mut f = fence(&[]);
+        f.metadata.name = Some(name.into());
+        f.metadata.labels = rev.map(|r| [("istio.io/rev".to_string(), r.to_string())].into());
+        f
+    };
+    let fences = [
+        labelled(Some("canary"), "canary"),
+        labelled(Some("stable"), "stable"),
+        labelled(None, "unlabelled"),
+    ];
+    for (config, written) in [
+        ("global:\n  istioRev: canary\n", vec!["canary", "unlabelled"]),
+        ("global:\n  istioRev: canary\n  strictRev: true\n", vec!["canary"]),
+        ("", vec!["canary", "stable", "unlabelled"]),
+    ] {
+        let state = ClusterState::new(ClusterIndex::new("cluster.local"), fences.clone());
+        let (log, _lead, stop) = start(state, Config::parse(config).unwrap().config);
+        settle().await;
+        stop.cancel();
+        let mut sidecars: Vec<String> = writes(&log)
+            .into_iter()
+            .filter_map(|(_, p)| {
+                p.strip_prefix("/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/")
+                    .map(String::from)
+            })
+            .collect();
+        sidecars.sort();
+        assert_eq!(sidecars, written, "{config:?}");
+        // A Sidecar carries its fence's revision.
+        for (_, path, body) in log.lock().unwrap().iter() {
+            if path.ends_with("/sidecars/canary") {
+                assert_eq!(body["metadata"]["labels"]["istio.io/rev"], "canary");
+            }
+        }
+    }
 }

@@ -433,7 +433,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, sa: &str) -> PodInfo {
+    /// A running pod (shared test builder).
+    pub(crate) fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, sa: &str) -> PodInfo {
         PodInfo {
             key: ObjectKey::new(ns, name),
             labels: labels

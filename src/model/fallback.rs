@@ -17,13 +17,22 @@ use serde_json::{Value, json};
 use super::autofence::{in_scope, is_own_service};
 use super::fence::LABEL_ISTIO_REV;
 use super::host::service_fqdn;
-use super::istio::{ConfigPatch, EnvoyFilter, EnvoyFilterSpec, IstioKind, IstioVersion, Patch};
+use super::istio::{
+    ConfigPatch, ConnectionPool, DestinationRule, DestinationRuleSpec, EnvoyFilter, EnvoyFilterSpec,
+    HttpPool, IstioKind, IstioVersion, Patch, TrafficPolicy,
+};
 use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, Dispatch, GlobalSidecarMode};
 use crate::index::{ClusterIndex, ServicePort};
 
 /// Name of the generated EnvoyFilter (Slime's).
 pub const ENVOYFILTER_NAME: &str = "to-global-sidecar";
+
+/// The EnvoyFilter's name: Slime's, or `to-global-sidecar-<revision>` for a lazyload with an Istio
+/// revision, so that lazyloads for two revisions keep one each.
+pub fn envoyfilter_name(cfg: &Config) -> String {
+    cfg.global.per_revision(ENVOYFILTER_NAME)
+}
 /// Label on everything lazyload generates.
 pub const LABEL_MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "lazyload");
 /// Dispatch cluster meaning "the global-sidecar".
@@ -88,6 +97,46 @@ pub fn wormhole_ports(cfg: &Config, index: &ClusterIndex, previous: &BTreeSet<u1
     ports
 }
 
+/// With `supportH2`, the DestinationRule of each global-sidecar telling the callers' sidecars to
+/// speak their client's protocol to it (`useClientProtocol: true`, as Slime's chart ships it):
+/// without it they send HTTP/1.1 upstream, and a gRPC (HTTP/2) call reaching the global-sidecar
+/// is downgraded. Named `global-sidecar` (Slime's name), per revision like the EnvoyFilter.
+pub fn global_sidecar_destination_rules(cfg: &Config) -> Vec<DestinationRule> {
+    if !cfg.general.support_h2 {
+        return Vec::new();
+    }
+    crate::model::scope::global_sidecar_namespaces(cfg)
+        .into_iter()
+        .map(|namespace| {
+            let mut labels =
+                BTreeMap::from([(LABEL_MANAGED_BY.0.to_string(), LABEL_MANAGED_BY.1.to_string())]);
+            if let Some(rev) = cfg.global.own_rev() {
+                labels.insert(LABEL_ISTIO_REV.to_string(), rev.to_string());
+            }
+            let mut dr = DestinationRule::new(
+                &cfg.global.per_revision(GLOBAL_SIDECAR),
+                &IstioVersion::V1beta1.resource(IstioKind::DestinationRule),
+                DestinationRuleSpec {
+                    host: service_fqdn(GLOBAL_SIDECAR, &namespace, &cfg.general.cluster_domain),
+                    traffic_policy: Some(TrafficPolicy {
+                        connection_pool: Some(ConnectionPool {
+                            http: Some(HttpPool {
+                                use_client_protocol: true,
+                            }),
+                        }),
+                    }),
+                },
+            );
+            dr.metadata = ObjectMeta {
+                namespace: Some(namespace),
+                labels: Some(labels),
+                ..dr.metadata
+            };
+            dr
+        })
+        .collect()
+}
+
 /// The `to-global-sidecar` EnvoyFilters: one in Istio's root namespace (cluster mode) or one per
 /// listed namespace (namespace mode).
 pub fn envoyfilters(cfg: &Config, ports: &BTreeSet<u16>) -> Vec<EnvoyFilter> {
@@ -109,11 +158,11 @@ pub fn envoyfilters(cfg: &Config, ports: &BTreeSet<u16>) -> Vec<EnvoyFilter> {
                 .collect();
             let mut labels =
                 BTreeMap::from([(LABEL_MANAGED_BY.0.to_string(), LABEL_MANAGED_BY.1.to_string())]);
-            if !cfg.global.istio_rev.is_empty() {
-                labels.insert(LABEL_ISTIO_REV.to_string(), cfg.global.istio_rev.clone());
+            if let Some(rev) = cfg.global.own_rev() {
+                labels.insert(LABEL_ISTIO_REV.to_string(), rev.to_string());
             }
             let mut ef = EnvoyFilter::new(
-                ENVOYFILTER_NAME,
+                &envoyfilter_name(cfg),
                 &IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter),
                 EnvoyFilterSpec {
                     config_patches: patches,
@@ -358,6 +407,77 @@ mod tests {
             export_to: crate::index::ExportTo::All,
         });
         idx
+    }
+
+    #[test]
+    fn support_h2_gives_each_global_sidecar_slimes_destination_rule() {
+        let rules = |yaml: &str| {
+            global_sidecar_destination_rules(&Config::parse(yaml).unwrap().config)
+                .into_iter()
+                .map(|dr| serde_json::to_value(dr).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert!(rules("").is_empty());
+        let cluster = rules("general:\n  supportH2: true\n");
+        assert_eq!(
+            cluster,
+            [json!({
+                "apiVersion": "networking.istio.io/v1beta1",
+                "kind": "DestinationRule",
+                "metadata": {"name": "global-sidecar", "namespace": "mesh-operator",
+                             "labels": {"app.kubernetes.io/managed-by": "lazyload"}},
+                "spec": {"host": "global-sidecar.mesh-operator.svc.cluster.local",
+                         "trafficPolicy": {"connectionPool": {"http": {"useClientProtocol": true}}}}
+            })]
+        );
+        let namespaced = rules(
+            "general:\n  supportH2: true\n  globalSidecarMode: namespace\n  namespace: [a, b]\nglobal:\n  istioRev: canary\n",
+        );
+        let names: Vec<(&Value, &Value, &Value)> = namespaced
+            .iter()
+            .map(|d| {
+                (
+                    &d["metadata"]["namespace"],
+                    &d["metadata"]["name"],
+                    &d["spec"]["host"],
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    &json!("a"),
+                    &json!("global-sidecar-canary"),
+                    &json!("global-sidecar.a.svc.cluster.local")
+                ),
+                (
+                    &json!("b"),
+                    &json!("global-sidecar-canary"),
+                    &json!("global-sidecar.b.svc.cluster.local")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_revision_names_and_labels_the_envoyfilter() {
+        let ports = BTreeSet::from([9080]);
+        let meta = |yaml: &str| {
+            let ef = envoyfilters(&Config::parse(yaml).unwrap().config, &ports).remove(0);
+            let rev = ef
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ISTIO_REV))
+                .cloned();
+            (ef.metadata.name.unwrap_or_default(), rev)
+        };
+        assert_eq!(meta(""), ("to-global-sidecar".to_string(), None));
+        assert_eq!(
+            meta("global:\n  istioRev: 'canary,stable'\n"),
+            ("to-global-sidecar-canary".to_string(), Some("canary".to_string()))
+        );
     }
 
     #[test]

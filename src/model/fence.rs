@@ -6,12 +6,16 @@
 //! So objects in real clusters carry either form. lazyload reads both (the schema marks those
 //! fields `x-kubernetes-int-or-string`) and writes names and numbers.
 //!
+//! Slime's first CRD had no schema at all and none of its CRDs requires anything, so a fence may
+//! have no `spec`, and any map or list may be missing or `null`: all of them read as empty.
+//!
 //! Additions over Slime's schema (all optional, so Slime ignores them): `status.lastSeen` (when each
 //! learned dependency was last seen, for expiry) and `status.conditions`.
 
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -48,30 +52,79 @@ pub const CONDITION_SIDECAR: &str = "SidecarGenerated";
     printcolumn = r#"{"name":"Hosts-Valid", "type":"string", "jsonPath":".status.conditions[?(@.type==\"HostsValid\")].status"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
+// `remote = "Self"`: the derived code becomes `ServiceFenceSpec::deserialize`, wrapped by the
+// `Deserialize` impl below so that a missing or `null` spec reads as the empty spec.
+#[serde(rename_all = "camelCase", remote = "Self")]
 pub struct ServiceFenceSpec {
     /// Static dependencies: host (FQDN, external host, `ns/*`) to its recycling strategy.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_values_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub host: BTreeMap<String, RecyclingStrategy>,
     /// Render this fence as a Sidecar.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub enable: bool,
     /// Every service in these namespaces is a static dependency.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub namespace_selector: Vec<String>,
     /// Services matching any selector (all labels of one selector) are static dependencies.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub label_selector: Vec<Selector>,
     /// Which workloads the Sidecar applies to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<WorkloadSelector>,
 }
 
+impl<'de> Deserialize<'de> for ServiceFenceSpec {
+    /// A missing `spec` (serde asks an absent field for an option) and `spec: null` read as the
+    /// empty spec: a fence Slime accepted is never unreadable here.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Present(#[serde(with = "ServiceFenceSpec")] ServiceFenceSpec);
+        Ok(Option::<Present>::deserialize(d)?
+            .map(|p| p.0)
+            .unwrap_or_default())
+    }
+}
+
+impl Serialize for ServiceFenceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ServiceFenceSpec::serialize(self, s)
+    }
+}
+
+/// Reads `null` as the type's default (Slime's schemas allow `null` for every map and list).
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A map whose values may each be `null` (`host: {a.b.svc.cluster.local: }`): empty values.
+fn null_values_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, T>, D::Error> {
+    let map: Option<BTreeMap<String, Option<T>>> = Option::deserialize(d)?;
+    Ok(map
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap_or_default()))
+        .collect())
+}
+
 /// One label selector of `spec.labelSelector`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Selector {
     /// Labels a Service must all carry.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub selector: BTreeMap<String, String>,
 }
 
@@ -81,10 +134,14 @@ pub struct Selector {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     /// Use the selector of the Service named like the fence.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub from_service: bool,
     /// Explicit workload labels.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub labels: BTreeMap<String, String>,
 }
 
@@ -132,8 +189,9 @@ pub struct ProtoTimestamp {
     #[serde(default, deserialize_with = "int_or_string_i64")]
     #[schemars(schema_with = "int_or_string_schema")]
     pub seconds: i64,
-    /// Nanoseconds.
-    #[serde(default)]
+    /// Nanoseconds (a number, or a string as some encoders write every integer).
+    #[serde(default, deserialize_with = "int_or_string_i32")]
+    #[schemars(schema_with = "int_or_string_schema")]
     pub nanos: i32,
 }
 
@@ -220,10 +278,14 @@ pub struct Destinations {
     #[serde(rename = "RecentlyCalled", default, skip_serializing_if = "Option::is_none")]
     pub recently_called: Option<ProtoTimestamp>,
     /// The host and what it routes to (VirtualService destinations), each written as `*/<host>`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub hosts: Vec<String>,
     /// Whether the hosts are in the Sidecar.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub status: DomainStatus,
 }
 
@@ -232,23 +294,63 @@ pub struct Destinations {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceFenceStatus {
     /// Every dependency (declared and learned) with its expansion and state.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub domains: BTreeMap<String, Destinations>,
     /// Learned dependencies in Slime's format: `{destination_service="<fqdn>"}` -> call count.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub metric_status: BTreeMap<String, String>,
     /// Deprecated in Slime; kept so that it survives a rewrite.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub visitor: BTreeMap<String, bool>,
     /// lazyload: when each learned host was last seen (drives expiry).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub last_seen: BTreeMap<String, Time>,
     /// lazyload: `HostsValid` and `SidecarGenerated`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub conditions: Vec<Condition>,
 }
 
 impl ServiceFence {
+    /// The CustomResourceDefinition. Like every CRD Slime shipped it requires no `spec` (the
+    /// derived schema would), so that fences written for Slime without one are accepted.
+    pub fn definition() -> CustomResourceDefinition {
+        let mut crd = <Self as kube::CustomResourceExt>::crd();
+        for version in &mut crd.spec.versions {
+            if let Some(root) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                && let Some(required) = root.required.as_mut()
+            {
+                required.retain(|field| field != "spec");
+                if required.is_empty() {
+                    root.required = None;
+                }
+            }
+        }
+        crd
+    }
+
     /// Whether lazyload created this fence (and may delete it).
     pub fn is_auto_created(&self) -> bool {
         self.metadata
@@ -298,6 +400,10 @@ fn int_or_string_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
+fn int_or_string_i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    i32::try_from(int_or_string_i64(d)?).map_err(serde::de::Error::custom)
+}
+
 fn int_or_string_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "description": "Seconds, as a number or a string.",
@@ -345,6 +451,46 @@ mod tests {
         assert_eq!(
             spec.host["reviews.default.svc.cluster.local"],
             RecyclingStrategy::default()
+        );
+    }
+
+    #[test]
+    fn missing_or_null_spec_status_and_maps_read_as_empty() {
+        let cases = [
+            "apiVersion: microservice.slime.io/v1alpha1\nkind: ServiceFence\nmetadata: {name: a}\n",
+            "apiVersion: microservice.slime.io/v1alpha1\nkind: ServiceFence\nmetadata: {name: a}\nspec:\nstatus:\n",
+            "apiVersion: microservice.slime.io/v1alpha1\nkind: ServiceFence\nmetadata: {name: a}\nspec: {host: null, enable: null, namespaceSelector: null, labelSelector: [{selector: null}], workloadSelector: {labels: null, fromService: null}}\nstatus: {domains: null, metricStatus: null, visitor: null, lastSeen: null, conditions: null}\n",
+        ];
+        for text in cases {
+            let fence: ServiceFence = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(!fence.spec.enable && fence.spec.host.is_empty(), "{text}");
+            assert!(fence.status.unwrap_or_default().domains.is_empty(), "{text}");
+        }
+        let spec: ServiceFenceSpec = serde_json::from_str(
+            r#"{"host": {"a.b.svc.cluster.local": null, "c": {"deadline": {"expire": {"seconds": "5", "nanos": "7"}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.host["a.b.svc.cluster.local"], RecyclingStrategy::default());
+        assert_eq!(
+            spec.host["c"].deadline.as_ref().and_then(|d| d.expire),
+            Some(ProtoTimestamp { seconds: 5, nanos: 7 })
+        );
+    }
+
+    #[test]
+    fn definition_requires_no_spec() {
+        let crd = ServiceFence::definition();
+        let root = crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap();
+        assert!(
+            root.required
+                .as_ref()
+                .is_none_or(|r| !r.iter().any(|f| f == "spec"))
         );
     }
 

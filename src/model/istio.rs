@@ -57,6 +57,8 @@ pub enum IstioKind {
     ServiceEntry,
     /// `EnvoyFilter`.
     EnvoyFilter,
+    /// `DestinationRule`.
+    DestinationRule,
 }
 
 impl IstioKind {
@@ -67,6 +69,7 @@ impl IstioKind {
             Self::VirtualService => "VirtualService",
             Self::ServiceEntry => "ServiceEntry",
             Self::EnvoyFilter => "EnvoyFilter",
+            Self::DestinationRule => "DestinationRule",
         }
     }
 
@@ -77,6 +80,7 @@ impl IstioKind {
             Self::VirtualService => "virtualservices",
             Self::ServiceEntry => "serviceentries",
             Self::EnvoyFilter => "envoyfilters",
+            Self::DestinationRule => "destinationrules",
         }
     }
 }
@@ -123,6 +127,46 @@ pub struct EgressListener {
 
 /// An Istio `EnvoyFilter` (`v1alpha3`).
 pub type EnvoyFilter = Object<EnvoyFilterSpec, NotUsed>;
+
+/// An Istio DestinationRule (only the fields lazyload writes).
+pub type DestinationRule = Object<DestinationRuleSpec, NotUsed>;
+
+/// `DestinationRule.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// The service the rule applies to.
+    pub host: String,
+    /// Connection settings for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// `DestinationRule.spec.trafficPolicy`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// Connection pool settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+/// `trafficPolicy.connectionPool`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionPool {
+    /// HTTP settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpPool>,
+}
+
+/// `connectionPool.http`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPool {
+    /// Speak the client's protocol (HTTP/1.1 or HTTP/2) to the upstream instead of HTTP/1.1.
+    #[serde(default)]
+    pub use_client_protocol: bool,
+}
 
 /// `EnvoyFilter.spec`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -411,6 +455,7 @@ spec:
             IstioKind::VirtualService,
             IstioKind::ServiceEntry,
             IstioKind::EnvoyFilter,
+            IstioKind::DestinationRule,
         ]
         .into_iter()
         .map(|k| (k.as_str(), IstioVersion::V1beta1.resource(k).plural))
@@ -422,6 +467,7 @@ spec:
                 ("VirtualService", "virtualservices".into()),
                 ("ServiceEntry", "serviceentries".into()),
                 ("EnvoyFilter", "envoyfilters".into()),
+                ("DestinationRule", "destinationrules".into()),
             ]
         );
     }

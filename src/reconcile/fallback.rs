@@ -1,5 +1,6 @@
-//! The fallback controller: keeps the `to-global-sidecar` EnvoyFilter(s) and, with `autoPort`,
-//! the global-sidecar Service's ports in line with the wormhole ports
+//! The fallback controller: keeps the `to-global-sidecar` EnvoyFilter(s), with `supportH2` the
+//! global-sidecar DestinationRule(s), and, with `autoPort`, the global-sidecar Service's ports in
+//! line with the wormhole ports
 //! ([`crate::model::fallback`]).
 //!
 //! The computed port set is written into an annotation of the EnvoyFilter and read back when a
@@ -19,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Error, FIELD_MANAGER, Result, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
-use crate::model::fallback::{ENVOYFILTER_NAME, envoyfilters, global_sidecar_service_ports, wormhole_ports};
-use crate::model::istio::{EnvoyFilter, IstioKind, IstioVersion};
+use crate::model::fallback::{
+    envoyfilter_name, envoyfilters, global_sidecar_destination_rules, global_sidecar_service_ports,
+    wormhole_ports,
+};
+use crate::model::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::GLOBAL_SIDECAR;
 
@@ -28,6 +32,28 @@ use crate::model::sidecar::GLOBAL_SIDECAR;
 pub const PORTS_ANNOTATION: &str = "lazyload.io/wormhole-ports";
 /// How long after a Service or ServiceEntry change the ports are recomputed.
 const DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Server-side applies `object` (an Istio object of `api`'s kind) with retries.
+async fn apply<K>(api: &Api<K>, object: &K, action: &'static str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let meta = object.meta();
+    let (ns, name) = (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    );
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(object);
+    with_retries(|| api.patch(&name, &params, &patch))
+        .await
+        .map_err(|source| Error::Kube {
+            action,
+            object: format!("{ns}/{name}"),
+            source,
+        })?;
+    Ok(())
+}
 
 /// The fallback controller.
 pub struct FallbackController {
@@ -66,13 +92,14 @@ impl FallbackController {
                 None => return Ok(BTreeSet::new()),
             },
         };
+        let name = envoyfilter_name(&self.config);
         let ef = self
             .envoyfilters_api(&ns)
-            .get_opt(ENVOYFILTER_NAME)
+            .get_opt(&name)
             .await
             .map_err(|source| Error::Kube {
                 action: "read EnvoyFilter",
-                object: format!("{ns}/{ENVOYFILTER_NAME}"),
+                object: format!("{ns}/{name}"),
                 source,
             })?;
         Ok(ef
@@ -98,22 +125,21 @@ impl FallbackController {
             return Ok(false);
         }
         let annotation = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let params = PatchParams::apply(FIELD_MANAGER).force();
         for mut ef in envoyfilters(&self.config, &ports) {
             ef.metadata
                 .annotations
                 .get_or_insert_with(Default::default)
                 .insert(PORTS_ANNOTATION.into(), annotation.clone());
-            let ns = ef.metadata.namespace.clone().unwrap_or_default();
-            let api = self.envoyfilters_api(&ns);
-            let patch = Patch::Apply(&ef);
-            with_retries(|| api.patch(ENVOYFILTER_NAME, &params, &patch))
-                .await
-                .map_err(|source| Error::Kube {
-                    action: "apply EnvoyFilter",
-                    object: format!("{ns}/{ENVOYFILTER_NAME}"),
-                    source,
-                })?;
+            let api = self.envoyfilters_api(ef.metadata.namespace.as_deref().unwrap_or_default());
+            apply(&api, &ef, "apply EnvoyFilter").await?;
+        }
+        for dr in global_sidecar_destination_rules(&self.config) {
+            let api: Api<DestinationRule> = Api::namespaced_with(
+                self.client.clone(),
+                dr.metadata.namespace.as_deref().unwrap_or_default(),
+                &IstioVersion::V1beta1.resource(IstioKind::DestinationRule),
+            );
+            apply(&api, &dr, "apply global-sidecar DestinationRule").await?;
         }
         if self.config.general.auto_port {
             self.apply_service_ports(&ports).await?;
@@ -223,7 +249,7 @@ mod tests {
 
     #[tokio::test]
     async fn ports_from_services_are_applied_once_and_recorded() {
-        let cfg = Config::parse("general:\n  autoPort: true\n  wormholePort: ['9080']\n")
+        let cfg = Config::parse("general:\n  autoPort: true\n  supportH2: true\n  wormholePort: ['9080']\n")
             .unwrap()
             .config;
         let mut index = ClusterIndex::new("cluster.local");
@@ -244,7 +270,7 @@ mod tests {
         let mut ctl = FallbackController::new(state, Arc::new(cfg), Client::new(service, "default"));
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..4 {
                 let (req, send) = handle.next_request().await.unwrap();
                 let (method, path) = (req.method().clone(), req.uri().path().to_string());
                 let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
@@ -286,11 +312,23 @@ mod tests {
             .filter_map(|p| p["match"]["routeConfiguration"]["name"].as_str())
             .collect();
         assert!(patched.contains(&"7000") && patched.contains(&"8080") && patched.contains(&"9080"));
+        // supportH2: the global-sidecar's DestinationRule keeps the callers' protocol.
         assert_eq!(
-            seen[2].1,
+            (&seen[2].0, seen[2].1.as_str()),
+            (
+                &Method::PATCH,
+                "/apis/networking.istio.io/v1beta1/namespaces/mesh-operator/destinationrules/global-sidecar"
+            )
+        );
+        assert_eq!(
+            seen[2].2["spec"]["trafficPolicy"]["connectionPool"]["http"]["useClientProtocol"],
+            true
+        );
+        assert_eq!(
+            seen[3].1,
             "/api/v1/namespaces/mesh-operator/services/global-sidecar"
         );
-        assert_eq!(seen[2].2["spec"]["ports"].as_array().unwrap().len(), 3);
+        assert_eq!(seen[3].2["spec"]["ports"].as_array().unwrap().len(), 3);
         // Nothing changed: nothing written.
         assert!(!ctl.sync().await.unwrap());
     }

@@ -202,6 +202,14 @@ impl FenceController {
             // Deleted: its Sidecar goes with it (owner reference).
             return;
         };
+        // Another Istio revision's fence: the lazyload of that revision writes its Sidecar.
+        if !self
+            .config
+            .global
+            .rev_in_scope(&crate::model::autofence::revision(&fence))
+        {
+            return;
+        }
         self.metrics.reconciles.inc();
         match self.reconcile(&fence).await {
             Ok(requeue) => {

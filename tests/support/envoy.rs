@@ -126,3 +126,38 @@ pub fn grpc_cluster(name: &str, addr: SocketAddr) -> String {
         addr.port()
     )
 }
+
+/// A bootstrap `listeners:` entry (YAML, at the indentation of `static_resources.listeners`): an
+/// HTTP listener on `127.0.0.1:port` whose connection manager logs every request to lazyload's
+/// collector (the access logger the relay installs on a global-sidecar) and routes with
+/// `virtual_hosts` (YAML list items indented by 12 spaces).
+pub fn logged_http_listener(name: &str, port: u16, virtual_hosts: &str) -> String {
+    use lazyload::als::{ACCESS_LOG_CLUSTER, LOG_NAME, LOGGED_REQUEST_HEADERS};
+    let headers = LOGGED_REQUEST_HEADERS.map(|h| format!("\"{h}\"")).join(", ");
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          access_log:
+          - name: envoy.access_loggers.http_grpc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+              common_config:
+                log_name: {LOG_NAME}
+                transport_api_version: V3
+                buffer_flush_interval: 0.1s
+                grpc_service: {{envoy_grpc: {{cluster_name: {ACCESS_LOG_CLUSTER}}}}}
+              additional_request_headers_to_log: [{headers}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+{virtual_hosts}"#
+    )
+}
