@@ -69,8 +69,23 @@ fn fence_tree() -> impl Strategy<Value = Value> {
 /// Arbitrary trees with the field names of the kinds the cluster watchers convert.
 fn object_tree() -> impl Strategy<Value = Value> {
     tree_with(&[
-        "hosts", "http", "route", "delegate", "destination", "host", "ports", "port", "selector",
-        "labels", "egress", "workloadSelector", "clusterIP", "podIP", "podIPs", "spec", "status",
+        "hosts",
+        "http",
+        "route",
+        "delegate",
+        "destination",
+        "host",
+        "ports",
+        "port",
+        "selector",
+        "labels",
+        "egress",
+        "workloadSelector",
+        "clusterIP",
+        "podIP",
+        "podIPs",
+        "spec",
+        "status",
         "metadata",
     ])
 }

@@ -9,8 +9,8 @@ pub mod envoyfilter;
 pub mod fixtures;
 pub mod http;
 pub mod istiod;
-pub mod sds;
 pub mod schema;
+pub mod sds;
 pub mod serve;
 
 /// A port nothing listens on right now, never handed out before to this or any other test
