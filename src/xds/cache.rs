@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::google::protobuf::Any;
 
+use super::routes::RouteCache;
 use super::{CLUSTER, LISTENER};
 
 /// An encoded resource, shared between streams.
@@ -49,9 +50,11 @@ impl Resource {
 pub type ResourceSet = BTreeMap<Arc<str>, Resource>;
 
 /// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
-/// plus the type URLs and resource names streams share.
+/// plus the type URLs and resource names streams share, and the adjusted virtual hosts.
 #[derive(Debug, Default)]
 pub struct Interner {
+    /// Adjusted virtual hosts by content (A1, A2, A4 done incrementally).
+    pub routes: RouteCache,
     table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
     strings: Mutex<std::collections::HashSet<Arc<str>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -105,8 +108,8 @@ impl Interner {
 pub struct Snapshot {
     /// The upstream stream it came from.
     pub generation: u64,
-    /// Resources by type URL.
-    pub types: BTreeMap<String, ResourceSet>,
+    /// Resources by type URL, shared with the streams that ACKed them.
+    pub types: BTreeMap<String, Arc<ResourceSet>>,
 }
 
 impl Snapshot {
@@ -138,8 +141,9 @@ struct LastGoodInner {
 }
 
 impl LastGood {
-    /// Records that the stream `generation` of `class` had `resources` of `type_url` ACKed.
-    pub fn acked(&self, class: &str, generation: u64, type_url: &str, resources: &ResourceSet) {
+    /// Records that the stream `generation` of `class` had `resources` of `type_url` ACKed. The
+    /// record shares the set with the stream (no copy per ACK).
+    pub fn acked(&self, class: &str, generation: u64, type_url: &str, resources: &Arc<ResourceSet>) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = (class.to_string(), generation);
         let snap = inner.collecting.entry(key.clone()).or_insert_with(|| Snapshot {
@@ -185,11 +189,13 @@ impl LastGood {
 mod tests {
     use super::*;
 
-    fn set(items: &[(&str, &[u8])], interner: &Interner) -> ResourceSet {
-        items
-            .iter()
-            .map(|(n, b)| (interner.name(n), interner.intern("t", b)))
-            .collect()
+    fn set(items: &[(&str, &[u8])], interner: &Interner) -> Arc<ResourceSet> {
+        Arc::new(
+            items
+                .iter()
+                .map(|(n, b)| (interner.name(n), interner.intern("t", b)))
+                .collect(),
+        )
     }
 
     #[test]
