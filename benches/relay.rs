@@ -314,11 +314,7 @@ fn one_service_changed(config: &Config) -> (String, Any) {
     let routes = &config[ROUTE];
     for (name, any) in routes {
         let mut rc = RouteConfiguration::decode(&*any.value).unwrap();
-        if let Some(vh) = rc
-            .virtual_hosts
-            .iter_mut()
-            .find(|v| v.name.starts_with("svc-0."))
-        {
+        if let Some(vh) = rc.virtual_hosts.iter_mut().find(|v| v.name.starts_with("svc-0.")) {
             let mut canary = vh.routes[0].clone();
             canary.name = "canary".into();
             vh.routes.insert(0, canary);
@@ -377,7 +373,12 @@ fn adjust_costs(config: &Config) -> (String, String) {
     let mut flip = false;
     let mut push = |resources: Vec<Any>| {
         let start = Instant::now();
-        let _ = state.upstream_response(response(ROUTE, resources), &adj, &interner, &mut Counts::default());
+        let _ = state.upstream_response(
+            response(ROUTE, resources),
+            &adj,
+            &interner,
+            &mut Counts::default(),
+        );
         start.elapsed()
     };
     let whole = best_of(&mut || {
@@ -526,8 +527,16 @@ async fn run(n: usize, baseline: Option<&str>) {
     let mut direct_times = Vec::new();
     let mut null_times = Vec::new();
     for replica in 0..3 {
-        direct_times.push(Client::converge(istiod.addr, 110 + replica, &clusters, &routes).await.1);
-        null_times.push(Client::converge(null_addr, 120 + replica, &clusters, &routes).await.1);
+        direct_times.push(
+            Client::converge(istiod.addr, 110 + replica, &clusters, &routes)
+                .await
+                .1,
+        );
+        null_times.push(
+            Client::converge(null_addr, 120 + replica, &clusters, &routes)
+                .await
+                .1,
+        );
     }
     let mut relays = vec![("this build", env!("CARGO_BIN_EXE_lazyload").to_string())];
     relays.extend(baseline.map(|b| ("baseline", b.to_string())));

@@ -10,6 +10,8 @@ use crate::xds::NodeInfo;
 use crate::xds::adjust::Settings;
 use crate::xds::stream::StreamState;
 use crate::xds::{ENDPOINT, LISTENER, ROUTE, SECRET};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::google::protobuf::Any;
 
 fn cla(name: &str) -> Any {
@@ -111,6 +113,66 @@ fn nonces_versions_and_replies() {
     // Partial EDS pushes merge by name.
     let names: Vec<&str> = s.resources(ENDPOINT).unwrap().keys().map(|k| &**k).collect();
     assert_eq!(names, ["a", "b"]);
+}
+
+/// The last-good record shares the set the stream ACKed (no copy per ACK); the stream's next
+/// push copies it, so the record keeps what was ACKed.
+#[test]
+fn acked_sets_are_shared_then_copied_on_write() {
+    use crate::xds::cache::LastGood;
+    let settings = Settings::default();
+    let node = NodeInfo::default();
+    let adj = Adjuster {
+        settings: &settings,
+        node: &node,
+    };
+    let interner = Interner::default();
+    let record = LastGood::default();
+    let mut s = SotwStream::new(1);
+    let cluster = pack(&Cluster {
+        name: "c0".into(),
+        ..Default::default()
+    });
+    let listener = pack(&Listener {
+        name: "l0".into(),
+        ..Default::default()
+    });
+    for (type_url, any) in [(CLUSTER, cluster), (LISTENER, listener)] {
+        let nonce = s
+            .upstream_response(
+                response(type_url, vec![any], "v1", "u1"),
+                &adj,
+                &interner,
+                &mut Counts::default(),
+            )
+            .nonce;
+        let (_, reply) = s.downstream_request(request(type_url, "", &nonce, None));
+        assert_eq!(
+            reply,
+            Reply::Ack {
+                type_url: type_url.into()
+            }
+        );
+        record.acked("gs", 1, type_url, s.resources(type_url).unwrap());
+    }
+    let acked = record.get("gs").unwrap();
+    assert!(Arc::ptr_eq(&acked.types[CLUSTER], s.resources(CLUSTER).unwrap()));
+    let named = pack(&Cluster {
+        name: "c".into(),
+        ..Default::default()
+    });
+    s.upstream_response(
+        response(CLUSTER, vec![named], "v2", "u2"),
+        &adj,
+        &interner,
+        &mut Counts::default(),
+    );
+    assert!(s.resources(CLUSTER).unwrap().contains_key("c"));
+    assert!(acked.types[CLUSTER].contains_key("c0"));
+    assert!(
+        !record.get("gs").unwrap().types[CLUSTER].contains_key("c"),
+        "the record keeps what was ACKed"
+    );
 }
 
 proptest! {
