@@ -12,7 +12,7 @@
 //! different ports, bytes that do not parse) takes the from-scratch path of
 //! [`Adjuster::route`], whose result this path must equal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -107,6 +107,8 @@ enum Output {
 struct ServicePiece {
     short: String,
     port: String,
+    /// The A4 virtual host's name and domains, encoded (its routes follow).
+    head: Vec<u8>,
     /// Its routes guarded by its namespace, each encoded as a `VirtualHost.routes` field.
     guarded: Vec<u8>,
     /// Its routes unguarded, when istiod gave it the short name itself.
@@ -145,12 +147,14 @@ impl RouteCache {
             changed = true;
         }
         let mut out = rest;
+        // Short-name virtual hosts repeat every route once more.
+        out.reserve(2 * encoded.len());
         let at = wildcard_at.unwrap_or(kept.len());
         for p in &kept[..at] {
             put_virtual_host(&mut out, p.encoded());
         }
-        if let Some(port) = port {
-            put_short_name_vhosts(&mut out, &kept, port);
+        if port.is_some() {
+            put_short_name_vhosts(&mut out, &kept);
             local.add("short_name_vhost_added");
             changed = true;
         }
@@ -268,9 +272,11 @@ impl Piece {
                 vh.routes.iter().for_each(|r| put_route(&mut own, r));
                 own
             });
+            let head = short_name_vhost(&short, &port).encode_to_vec();
             piece.service = Some(ServicePiece {
                 short,
                 port,
+                head,
                 guarded,
                 own,
             });
@@ -295,27 +301,25 @@ impl Piece {
 }
 
 /// A4's virtual hosts, one per short name in name order, from the services' route chunks in
-/// the order of their virtual hosts.
-fn put_short_name_vhosts(out: &mut Vec<u8>, kept: &[&Piece], port: &str) {
-    let mut by_short: BTreeMap<&str, Vec<&ServicePiece>> = BTreeMap::new();
-    for s in kept.iter().filter_map(|p| p.service.as_ref()) {
-        by_short.entry(&s.short).or_default().push(s);
-    }
+/// the order of their virtual hosts (all on one port, so any service's head serves).
+fn put_short_name_vhosts(out: &mut Vec<u8>, kept: &[&Piece]) {
+    let mut services: Vec<&ServicePiece> = kept.iter().filter_map(|p| p.service.as_ref()).collect();
+    // Stable: a short name's services stay in the order of their virtual hosts.
+    services.sort_by(|a, b| a.short.cmp(&b.short));
     let mut catch_all = Vec::new();
     put_route(&mut catch_all, &passthrough_catch_all());
-    for (short, services) in by_short {
-        let head = short_name_vhost(short, port).encode_to_vec();
-        let guarded = services.iter().map(|s| s.guarded.as_slice());
-        let own = services.iter().filter_map(|s| s.own.as_deref());
-        let chunks: Vec<&[u8]> = std::iter::once(head.as_slice())
-            .chain(guarded)
-            .chain(own)
-            .chain(std::iter::once(catch_all.as_slice()))
-            .collect();
-        let len = chunks.iter().map(|c| c.len()).sum();
+    for group in services.chunk_by(|a, b| a.short == b.short) {
+        let own = || group.iter().filter_map(|s| s.own.as_deref());
+        let len = group[0].head.len()
+            + group.iter().map(|s| s.guarded.len()).sum::<usize>()
+            + own().map(<[u8]>::len).sum::<usize>()
+            + catch_all.len();
         out.push(VIRTUAL_HOSTS_KEY);
         put_len(out, len);
-        chunks.iter().for_each(|c| out.extend_from_slice(c));
+        out.extend_from_slice(&group[0].head);
+        group.iter().for_each(|s| out.extend_from_slice(&s.guarded));
+        own().for_each(|chunk| out.extend_from_slice(chunk));
+        out.extend_from_slice(&catch_all);
     }
 }
 
