@@ -7,7 +7,6 @@
 //! by it; a listener the relay drops is sent as a removal.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -23,8 +22,8 @@ use crate::als::ACCESS_LOG_CLUSTER;
 #[derive(Debug, Default)]
 struct TypeState {
     sent: SentLog,
-    /// Shared with the last-good record once ACKed; copied on the next change.
-    resources: Arc<ResourceSet>,
+    /// Shared with the last-good record once ACKed; copied (by shard) on the next change.
+    resources: ResourceSet,
     pins: PinsByName,
     own_cluster_sent: bool,
 }
@@ -79,7 +78,7 @@ impl StreamState for DeltaStream {
         self.seq += 1;
         let nonce = format!("ll-{}-{}", self.generation, self.seq);
         let state = self.types.entry(resp.type_url.clone()).or_default();
-        let set = Arc::make_mut(&mut state.resources);
+        let set = &mut state.resources;
         let mut adjusted = Vec::new();
         let mut resources = Vec::with_capacity(resp.resources.len() + 1);
         let mut removed: Vec<String> = resp
@@ -145,7 +144,7 @@ impl StreamState for DeltaStream {
         }
     }
 
-    fn resources(&self, type_url: &str) -> Option<&Arc<ResourceSet>> {
+    fn resources(&self, type_url: &str) -> Option<&ResourceSet> {
         self.types.get(type_url).map(|s| &s.resources)
     }
 }

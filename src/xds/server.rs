@@ -278,7 +278,7 @@ impl Protocol for Sotw {
             return None; // an ACK
         }
         answered.insert(req.type_url.clone(), names);
-        let set = snap.types.get(&req.type_url).map(|s| &**s);
+        let set = snap.types.get(&req.type_url);
         let resources = if is_wildcard_type(&req.type_url) {
             set.map(|s| s.values().map(|r| r.to_any()).collect())
                 .unwrap_or_default()
@@ -342,7 +342,7 @@ impl Protocol for Delta {
         if !first && req.resource_names_subscribe.is_empty() {
             return None; // an ACK or an unsubscribe
         }
-        let set = snap.types.get(&req.type_url).map(|s| &**s);
+        let set = snap.types.get(&req.type_url);
         let wildcard = is_wildcard_type(&req.type_url)
             && (first && req.resource_names_subscribe.is_empty()
                 || req.resource_names_subscribe.iter().any(|n| n == "*"));

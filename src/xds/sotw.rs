@@ -6,7 +6,6 @@
 //! view of every type (partial EDS/RDS pushes merged by name) for the last-good cache.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
@@ -19,8 +18,8 @@ use super::{CLUSTER, is_wildcard_type};
 #[derive(Debug, Default)]
 struct TypeState {
     sent: SentLog,
-    /// Shared with the last-good record once ACKed; copied on the next change.
-    resources: Arc<ResourceSet>,
+    /// Shared with the last-good record once ACKed; copied (by shard) on the next change.
+    resources: ResourceSet,
     pins: PinsByName,
 }
 
@@ -66,10 +65,10 @@ impl StreamState for SotwStream {
         let version = format!("ll{}:{}", self.seq, resp.version_info);
         let state = self.types.entry(resp.type_url.clone()).or_default();
         if is_wildcard_type(&resp.type_url) {
-            state.resources = Arc::default();
+            state.resources = ResourceSet::default();
             state.pins.clear();
         }
-        let set = Arc::make_mut(&mut state.resources);
+        let set = &mut state.resources;
         let mut adjusted = Vec::new();
         let mut resources = Vec::with_capacity(resp.resources.len() + 1);
         for any in resp.resources {
@@ -118,7 +117,7 @@ impl StreamState for SotwStream {
         }
     }
 
-    fn resources(&self, type_url: &str) -> Option<&Arc<ResourceSet>> {
+    fn resources(&self, type_url: &str) -> Option<&ResourceSet> {
         self.types.get(type_url).map(|s| &s.resources)
     }
 }

@@ -3,7 +3,6 @@
 //! and the interface the server drives them through.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
@@ -37,7 +36,7 @@ pub trait StreamState: Send + Sync {
         counts: &mut Counts,
     ) -> Self::Response;
     /// The resources of a type as the downstream holds them (shared, copied on write).
-    fn resources(&self, type_url: &str) -> Option<&Arc<ResourceSet>>;
+    fn resources(&self, type_url: &str) -> Option<&ResourceSet>;
 }
 
 /// What a downstream request meant.

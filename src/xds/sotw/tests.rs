@@ -156,7 +156,7 @@ fn acked_sets_are_shared_then_copied_on_write() {
         record.acked("gs", 1, type_url, s.resources(type_url).unwrap());
     }
     let acked = record.get("gs").unwrap();
-    assert!(Arc::ptr_eq(&acked.types[CLUSTER], s.resources(CLUSTER).unwrap()));
+    assert!(acked.types[CLUSTER].shares_with(s.resources(CLUSTER).unwrap()));
     let named = pack(&Cluster {
         name: "c".into(),
         ..Default::default()
