@@ -1,10 +1,15 @@
 //! Relay benchmark: an Istio-shaped mesh of N services (a cluster, 3 endpoints and a virtual host
 //! per service over 20 ports) served by the test istiod; a global-sidecar client converges
-//! directly and through `lazyload serve` (a separate process, so its memory can be read), in the
-//! same run. Prints, per N: convergence time via the relay vs direct, the added latency of an
-//! incremental EDS push (p50/p99), and the relay's RSS for the first and each further replica.
+//! directly, through a null relay (a TCP proxy forwarding bytes without decoding them: the
+//! floor), and through `lazyload serve` (a separate process, so its memory can be read), all in
+//! the same run. Prints, per N: convergence time via each path vs direct, the added latency of an
+//! incremental EDS push (p50/p99), the relay's RSS for the first and each further replica, and
+//! the relay's state machine per response, including the whole RDS response when one service
+//! changed (the incremental route path) against adjusting it from scratch.
 //!
 //! `cargo bench --bench relay` (release). `LAZYLOAD_BENCH_SIZES=1000,10000` to choose N.
+//! `LAZYLOAD_BENCH_BASELINE=/path/to/an/older/lazyload` also measures that binary in the same
+//! run and prints the figures of this build as ratios against it.
 //!
 //! The per-port listener and route configuration are the demo's (`demo::mesh::outbound_port`):
 //! since 2026-11-23 each HCM carries a router filter and listeners bind (`bind_to_port` unset),
@@ -228,10 +233,10 @@ impl Drop for RelayProcess {
     }
 }
 
-async fn start_relay(upstream: &str) -> (RelayProcess, SocketAddr) {
+async fn start_relay(binary: &str, upstream: &str) -> (RelayProcess, SocketAddr) {
     let xds = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let child = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+    let child = Command::new(binary)
         .env_remove("KUBECONFIG")
         .args(["serve", "--upstream", upstream, "--als-address", "127.0.0.1:8082"])
         .args([
@@ -283,13 +288,54 @@ async fn eds_latencies(
     out
 }
 
-/// Time the relay's state machine spends on each type's full response (no network).
-fn adjust_costs(config: &Config) -> String {
+/// A null relay: a TCP proxy to `upstream` that forwards bytes without decoding them.
+async fn start_null_relay(upstream: SocketAddr) -> (tokio::task::JoinHandle<()>, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = down.set_nodelay(true);
+                if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = up.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    (task, addr)
+}
+
+/// The route configuration of `config` holding `svc-0`, with that one service changed (a route
+/// added in front of its own, as a VirtualService would).
+fn one_service_changed(config: &Config) -> (String, Any) {
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use prost::Message;
+    let routes = &config[ROUTE];
+    for (name, any) in routes {
+        let mut rc = RouteConfiguration::decode(&*any.value).unwrap();
+        if let Some(vh) = rc.virtual_hosts.iter_mut().find(|v| v.name.starts_with("svc-0.")) {
+            let mut canary = vh.routes[0].clone();
+            canary.name = "canary".into();
+            vh.routes.insert(0, canary);
+            return (name.clone(), lazyload::xds::adjust::pack(&rc));
+        }
+    }
+    panic!("svc-0 has no route configuration");
+}
+
+/// Time the relay's state machine spends on each type's full response (no network), then on
+/// the whole RDS response in which one service changed: incrementally (what the relay does)
+/// and from scratch (decode, adjust and re-encode every route configuration, as before the
+/// incremental path) in the same run.
+fn adjust_costs(config: &Config) -> (String, String) {
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
     use lazyload::xds::NodeInfo;
-    use lazyload::xds::adjust::{Adjuster, Counts, Settings};
+    use lazyload::xds::adjust::{Adjuster, Counts, Settings, pack};
     use lazyload::xds::cache::Interner;
     use lazyload::xds::sotw::SotwStream;
     use lazyload::xds::stream::StreamState;
+    use prost::Message;
     let settings = Settings {
         als_address: Some(("127.0.0.1".into(), 8082)),
         ..Default::default()
@@ -301,98 +347,161 @@ fn adjust_costs(config: &Config) -> String {
     };
     let interner = Interner::default();
     let mut state = SotwStream::new(1);
+    let response = |type_url: &str, resources: Vec<Any>| DiscoveryResponse {
+        version_info: "v".into(),
+        resources,
+        type_url: type_url.into(),
+        nonce: "n".into(),
+        ..Default::default()
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mut out = Vec::new();
     for (type_url, resources) in config {
-        let resp = DiscoveryResponse {
-            version_info: "v".into(),
-            resources: resources.values().cloned().collect(),
-            type_url: type_url.clone(),
-            nonce: "n".into(),
-            ..Default::default()
-        };
+        let resp = response(type_url, resources.values().cloned().collect());
         let start = Instant::now();
         let _ = state.upstream_response(resp, &adj, &interner, &mut Counts::default());
         let short = type_url.rsplit('.').next().unwrap_or_default();
-        out.push(format!("{short} {:.1} ms", start.elapsed().as_secs_f64() * 1e3));
+        out.push(format!("{short} {:.1} ms", ms(start.elapsed())));
     }
-    out.join(", ")
+
+    let (changed_name, changed) = one_service_changed(config);
+    let original = config[ROUTE][&changed_name].clone();
+    let mut routes = config[ROUTE].clone();
+    routes.insert(changed_name, changed.clone());
+    let best_of = |f: &mut dyn FnMut() -> Duration| (0..5).map(|_| f()).min().unwrap();
+    // Alternate the changed and the original configuration so that each push has a change.
+    let mut flip = false;
+    let mut push = |resources: Vec<Any>| {
+        let start = Instant::now();
+        let _ = state.upstream_response(
+            response(ROUTE, resources),
+            &adj,
+            &interner,
+            &mut Counts::default(),
+        );
+        start.elapsed()
+    };
+    let whole = best_of(&mut || {
+        flip = !flip;
+        let set = if flip { &routes } else { &config[ROUTE] };
+        push(set.values().cloned().collect())
+    });
+    let single = best_of(&mut || {
+        flip = !flip;
+        let any = if flip { changed.clone() } else { original.clone() };
+        push(vec![any])
+    });
+    let scratch = best_of(&mut || {
+        let start = Instant::now();
+        for any in routes.values() {
+            let mut rc = RouteConfiguration::decode(&*any.value).unwrap();
+            adj.route(&mut rc, &mut Counts::default());
+            std::hint::black_box(pack(&rc));
+        }
+        start.elapsed()
+    });
+    // What the relay still pays per SotW EDS ACK: tonic decodes the request with every
+    // subscribed name, and it is encoded again for istiod.
+    let ack = DiscoveryRequest {
+        version_info: "ll3:v".into(),
+        resource_names: config[ENDPOINT].keys().cloned().collect(),
+        type_url: ENDPOINT.into(),
+        response_nonce: "ll-1-3".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut ack_state = SotwStream::new(1);
+    let translate_ack = best_of(&mut || {
+        let start = Instant::now();
+        let req = DiscoveryRequest::decode(ack.as_slice()).unwrap();
+        let (req, _) = ack_state.downstream_request(req);
+        std::hint::black_box(req.encode_to_vec());
+        start.elapsed()
+    });
+    let incremental = format!(
+        "whole RDS response with one service changed: incremental {:.2} ms, from scratch {:.1} ms, ratio {:.3}x; the changed route configuration alone {:.2} ms",
+        ms(whole),
+        ms(scratch),
+        ms(whole) / ms(scratch),
+        ms(single)
+    );
+    let incremental = format!(
+        "{incremental}\n  a SotW EDS ACK ({} names) decoded, translated and encoded again: {:.3} ms",
+        config[ENDPOINT].len(),
+        ms(translate_ack)
+    );
+    (out.join(", "), incremental)
 }
 
-async fn run(n: usize) {
-    let (config, clusters, routes, bytes) = mesh(n);
-    let costs = adjust_costs(&config);
-    let istiod = TestIstiod::start(config).await;
-    let (relay, relay_addr) = start_relay(&istiod.url()).await;
-    let pid = relay.0.id();
+/// What one relay did in the run.
+struct RelayFigures {
+    converge: Duration,
+    plain: Duration,
+    eds: Vec<Duration>,
+    /// RSS (KiB) idle, then after each global-sidecar replica converged.
+    rss: Vec<u64>,
+}
 
-    // Warm both paths once (connection setup, allocator), then measure in alternation.
-    let _ = Client::converge(istiod.addr, 90, &clusters, &routes).await;
-    let mut direct_times = Vec::new();
-    let mut relay_times = Vec::new();
-    let rss_idle = rss_kib(pid);
+/// Converges three global-sidecar replicas and three ordinary sidecars through the relay at
+/// `addr` (each converge of a replica follows a direct one, so both see the same machine), then
+/// measures incremental EDS pushes through it alone.
+async fn measure_relay(
+    istiod: &TestIstiod,
+    addr: SocketAddr,
+    pid: u32,
+    clusters: &[String],
+    routes: &[String],
+    direct_times: &mut Vec<Duration>,
+) -> RelayFigures {
+    let _ = Client::converge(addr, 80, clusters, routes).await;
+    let mut times = Vec::new();
+    let mut rss = vec![rss_kib(pid)];
     let mut replicas = Vec::new();
-    let mut rss = vec![rss_idle];
     for replica in 0..3 {
-        let (_, d) = Client::converge(istiod.addr, 100 + replica, &clusters, &routes).await;
+        let (_, d) = Client::converge(istiod.addr, 100 + replica, clusters, routes).await;
         direct_times.push(d);
-        let (c, r) = Client::converge(relay_addr, replica, &clusters, &routes).await;
-        relay_times.push(r);
+        let (c, r) = Client::converge(addr, replica, clusters, routes).await;
+        times.push(r);
         replicas.push(c);
         tokio::time::sleep(Duration::from_millis(200)).await;
         rss.push(rss_kib(pid));
     }
-    let direct = direct_times.iter().min().unwrap();
-    let via = relay_times.iter().min().unwrap();
     let mut plain = Vec::new();
     for replica in 0..3 {
-        plain.push(
-            Client::converge(relay_addr, 1000 + replica, &clusters, &routes)
-                .await
-                .1,
-        );
+        plain.push(Client::converge(addr, 1000 + replica, clusters, routes).await.1);
     }
-    let plain = plain.iter().min().unwrap();
-
-    // A push reaches every subscribed stream: measure each path with only its client connected.
+    // A push reaches every subscribed stream: measure with only this client connected.
     drop(replicas);
-    let rounds = 300;
-    let (mut direct_client, _) = Client::converge(istiod.addr, 200, &clusters, &routes).await;
-    let direct_eds = eds_latencies(&istiod, &mut direct_client, &clusters, rounds).await;
-    drop(direct_client);
-    let (mut relay_client, _) = Client::converge(relay_addr, 201, &clusters, &routes).await;
-    let relay_eds = eds_latencies(&istiod, &mut relay_client, &clusters, rounds).await;
+    let (mut client, _) = Client::converge(addr, 201, clusters, routes).await;
+    let eds = eds_latencies(istiod, &mut client, clusters, 300).await;
+    RelayFigures {
+        converge: times.into_iter().min().unwrap(),
+        plain: plain.into_iter().min().unwrap(),
+        eds,
+        rss,
+    }
+}
 
+fn print_relay(name: &str, f: &RelayFigures, direct: Duration, direct_eds: &[Duration], config_mib: f64) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let mib = |k: u64| k as f64 / 1024.0;
-    let config_mib = bytes as f64 / (1024.0 * 1024.0);
+    println!("  {name}:");
     println!(
-        "N = {n}: config {config_mib:.2} MiB ({} clusters, {} routes)",
-        clusters.len(),
-        routes.len()
+        "    converge (CDS+EDS+LDS+RDS, all ACKed): {:.1} ms, ratio to direct {:.2}x; ordinary sidecar {:.1} ms ({:.2}x)",
+        ms(f.converge),
+        ms(f.converge) / ms(direct),
+        ms(f.plain),
+        ms(f.plain) / ms(direct)
     );
-    println!("  relay state machine per full response: {costs}");
+    let added = |p: f64| ms(percentile(&f.eds, p)) - ms(percentile(direct_eds, p));
     println!(
-        "  converge (CDS+EDS+LDS+RDS, all ACKed): direct {:.1} ms, via relay {:.1} ms, ratio {:.2}x",
-        direct.as_secs_f64() * 1e3,
-        via.as_secs_f64() * 1e3,
-        via.as_secs_f64() / direct.as_secs_f64()
-    );
-    println!(
-        "  converge, ordinary sidecar through the relay (no adjustments): {:.1} ms, ratio {:.2}x",
-        plain.as_secs_f64() * 1e3,
-        plain.as_secs_f64() / direct.as_secs_f64()
-    );
-    let added = |p: f64| {
-        percentile(&relay_eds, p).as_secs_f64() * 1e3 - percentile(&direct_eds, p).as_secs_f64() * 1e3
-    };
-    println!(
-        "  incremental EDS push: direct p50 {:.3} ms p99 {:.3} ms; via relay p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms p99 {:.3} ms",
-        percentile(&direct_eds, 0.5).as_secs_f64() * 1e3,
-        percentile(&direct_eds, 0.99).as_secs_f64() * 1e3,
-        percentile(&relay_eds, 0.5).as_secs_f64() * 1e3,
-        percentile(&relay_eds, 0.99).as_secs_f64() * 1e3,
+        "    incremental EDS push: p50 {:.3} ms p99 {:.3} ms; added to direct p50 {:.3} ms p99 {:.3} ms",
+        ms(percentile(&f.eds, 0.5)),
+        ms(percentile(&f.eds, 0.99)),
         added(0.5),
         added(0.99)
     );
+    let rss = &f.rss;
     let first = mib(rss[1].saturating_sub(rss[0]));
     let further: Vec<String> = rss
         .windows(2)
@@ -400,14 +509,88 @@ async fn run(n: usize) {
         .map(|w| format!("{:.2}", mib(w[1].saturating_sub(w[0]))))
         .collect();
     println!(
-        "  relay RSS: idle {:.1} MiB; first replica +{first:.2} MiB ({:.2}x config); further replicas +[{}] MiB ({:.3}x config each, mean)",
+        "    RSS: idle {:.1} MiB; first replica +{first:.2} MiB ({:.2}x config); further replicas +[{}] MiB ({:.3}x config each, mean)",
         mib(rss[0]),
         first / config_mib,
         further.join(", "),
         (mib(rss[3].saturating_sub(rss[1])) / 2.0) / config_mib
     );
-    drop(relay_client);
-    drop(relay);
+}
+
+async fn run(n: usize, baseline: Option<&str>) {
+    let (config, clusters, routes, bytes) = mesh(n);
+    let (costs, incremental) = adjust_costs(&config);
+    let istiod = TestIstiod::start(config).await;
+    let (null_task, null_addr) = start_null_relay(istiod.addr).await;
+    let _ = Client::converge(istiod.addr, 90, &clusters, &routes).await;
+
+    let mut direct_times = Vec::new();
+    let mut null_times = Vec::new();
+    for replica in 0..3 {
+        direct_times.push(
+            Client::converge(istiod.addr, 110 + replica, &clusters, &routes)
+                .await
+                .1,
+        );
+        null_times.push(
+            Client::converge(null_addr, 120 + replica, &clusters, &routes)
+                .await
+                .1,
+        );
+    }
+    let mut relays = vec![("this build", env!("CARGO_BIN_EXE_lazyload").to_string())];
+    relays.extend(baseline.map(|b| ("baseline", b.to_string())));
+    let mut figures = Vec::new();
+    for (name, binary) in &relays {
+        let (relay, addr) = start_relay(binary, &istiod.url()).await;
+        let f = measure_relay(&istiod, addr, relay.0.id(), &clusters, &routes, &mut direct_times).await;
+        figures.push((*name, f));
+        drop(relay);
+    }
+    let (mut direct_client, _) = Client::converge(istiod.addr, 200, &clusters, &routes).await;
+    let direct_eds = eds_latencies(&istiod, &mut direct_client, &clusters, 300).await;
+    drop(direct_client);
+    let (mut null_client, _) = Client::converge(null_addr, 202, &clusters, &routes).await;
+    let null_eds = eds_latencies(&istiod, &mut null_client, &clusters, 300).await;
+    drop(null_client);
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let direct = direct_times.iter().min().copied().unwrap();
+    let null = null_times.iter().min().copied().unwrap();
+    let config_mib = bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "N = {n}: config {config_mib:.2} MiB ({} clusters, {} routes)",
+        clusters.len(),
+        routes.len()
+    );
+    println!("  relay state machine per full response: {costs}");
+    println!("  {incremental}");
+    println!(
+        "  direct: converge {:.1} ms; incremental EDS push p50 {:.3} ms p99 {:.3} ms",
+        ms(direct),
+        ms(percentile(&direct_eds, 0.5)),
+        ms(percentile(&direct_eds, 0.99))
+    );
+    println!(
+        "  null relay (bytes forwarded, not decoded): converge {:.1} ms, ratio {:.2}x; EDS push added p50 {:.3} ms p99 {:.3} ms",
+        ms(null),
+        ms(null) / ms(direct),
+        ms(percentile(&null_eds, 0.5)) - ms(percentile(&direct_eds, 0.5)),
+        ms(percentile(&null_eds, 0.99)) - ms(percentile(&direct_eds, 0.99))
+    );
+    for (name, f) in &figures {
+        print_relay(name, f, direct, &direct_eds, config_mib);
+    }
+    if let [(_, now), (_, base)] = figures.as_slice() {
+        let further = |f: &RelayFigures| f.rss[3].saturating_sub(f.rss[1]) as f64;
+        println!(
+            "  this build / baseline: converge {:.2}x, EDS push p99 {:.2}x, RSS per further replica {:.2}x",
+            ms(now.converge) / ms(base.converge),
+            ms(percentile(&now.eds, 0.99)) / ms(percentile(&base.eds, 0.99)),
+            further(now) / further(base).max(1.0)
+        );
+    }
+    null_task.abort();
     istiod.stop().await;
 }
 
@@ -422,9 +605,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let baseline = std::env::var("LAZYLOAD_BENCH_BASELINE").ok();
     rt.block_on(async {
         for n in sizes {
-            run(n).await;
+            run(n, baseline.as_deref()).await;
         }
     });
 }

@@ -5,6 +5,7 @@
 //! - [`adjust`]: the adjustments, pure functions over decoded Listener/RouteConfiguration/Cluster.
 //! - [`sotw`] and [`delta`]: per-stream protocol state machines (sans-IO): nonce translation,
 //!   merge by name, ACK tracking; [`stream`] holds what they share.
+//! - [`routes`]: the route adjustments done incrementally on encoded configurations.
 //! - [`cache`]: the last config each node class ACKed, served when istiod is unreachable.
 //! - [`upstream`]: the connection to istiod (TLS, token and metadata forwarding, keepalive).
 //! - [`server`]: the tonic service coupling the streams.
@@ -13,6 +14,7 @@ pub mod adjust;
 pub mod cache;
 pub mod delta;
 pub mod metrics;
+pub mod routes;
 pub mod server;
 pub mod sotw;
 pub mod stream;

@@ -505,7 +505,7 @@ async fn check_traffic(s: &Setup) {
     let orig = format!("127.0.0.1:{}", s.passthrough.port());
     let r = get(vec![
         ("Host", "unknown.example.com".into()),
-        ("Slime-Orig-Dest", orig),
+        ("Slime-Orig-Dest", orig.clone()),
     ])
     .await;
     assert_eq!(
@@ -532,6 +532,12 @@ async fn check_traffic(s: &Setup) {
     ])
     .await;
     assert_eq!(r.body, "backend=other\n", "short name from namespace other");
+    let r = get(vec![("Host", "details".into()), ("Slime-Orig-Dest", orig)]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "backend=passthrough\n"),
+        "a short name without Slime-Source-Ns falls through to the passthrough"
+    );
 }
 
 /// A11: a caller with a mesh certificate talks mTLS to the global-sidecar; its SPIFFE identity

@@ -78,6 +78,7 @@ const TYPED_STRUCT: [&str; 2] = [
     "type.googleapis.com/xds.type.v3.TypedStruct",
 ];
 const SDS_AGENT_CLUSTER: &str = "sds-grpc";
+const SHORT_NAME_VHOST_PREFIX: &str = "lazyload-short~";
 
 /// Settings of the adjustments (from the configuration and flags).
 #[derive(Clone, Debug)]
@@ -116,6 +117,17 @@ pub struct Adjuster<'a> {
     pub settings: &'a Settings,
     /// The node.
     pub node: &'a NodeInfo,
+}
+
+/// A virtual host istiod made for a Kubernetes service (A4 reads its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ServiceHost<'v> {
+    /// The service's name (the short name callers use).
+    pub name: &'v str,
+    /// Its namespace.
+    pub namespace: &'v str,
+    /// The port of the route configuration.
+    pub port: &'v str,
 }
 
 /// What happened to a listener.
@@ -445,14 +457,12 @@ impl Adjuster<'_> {
         true
     }
 
-    /// A1, A2, A4 on a route configuration.
+    /// A1, A2, A4 on a route configuration, from scratch ([`super::routes::RouteCache`] does the
+    /// same incrementally on encoded configurations, reusing what it adjusted before).
     pub fn route(&self, rc: &mut RouteConfiguration, counts: &mut Counts) -> bool {
         let mut changed = false;
-        // A1: nothing may route back to the global-sidecar.
         for vh in &mut rc.virtual_hosts {
-            let before = vh.routes.len();
-            vh.routes.retain(|r| !self.targets_global_sidecar(r));
-            if vh.routes.len() != before {
+            if self.remove_routes_to_global_sidecar(vh) {
                 counts.add("route_to_global_sidecar_removed");
                 changed = true;
             }
@@ -463,6 +473,14 @@ impl Adjuster<'_> {
         changed |= self.short_names(rc, counts);
         changed |= ensure_passthrough_catch_all(rc, counts);
         changed
+    }
+
+    /// A1 on one virtual host: nothing may route back to the global-sidecar. Returns whether a
+    /// route was removed.
+    pub(crate) fn remove_routes_to_global_sidecar(&self, vh: &mut VirtualHost) -> bool {
+        let before = vh.routes.len();
+        vh.routes.retain(|r| !self.targets_global_sidecar(r));
+        vh.routes.len() != before
     }
 
     fn targets_global_sidecar(&self, r: &Route) -> bool {
@@ -482,78 +500,68 @@ impl Adjuster<'_> {
         }
     }
 
+    /// The service a virtual host istiod named `<name>.<ns>.svc.<domain>:<port>` is for.
+    pub(crate) fn service_of<'v>(&self, vhost_name: &'v str) -> Option<ServiceHost<'v>> {
+        let (host, port) = vhost_name.rsplit_once(':')?;
+        let (name, namespace) = host
+            .strip_suffix(self.settings.cluster_domain.as_str())?
+            .strip_suffix(".svc.")?
+            .split_once('.')?;
+        (!namespace.contains('.')).then_some(ServiceHost {
+            name,
+            namespace,
+            port,
+        })
+    }
+
     /// A4: a caller in namespace N asking for the short name `reviews` must reach
     /// `reviews.N`. Istio only adds short names for the proxy's own namespace, so for every
     /// short name one virtual host collects the routes of each namespace's service, guarded by
-    /// `Slime-Source-Ns: N`; istiod's own unguarded short-name routes stay last.
+    /// `Slime-Source-Ns: N`; istiod's own unguarded short-name routes follow, and last a
+    /// catch-all to `PassthroughCluster`, so that a request without the header is served as the
+    /// `*` virtual host would have served it.
     fn short_names(&self, rc: &mut RouteConfiguration, counts: &mut Counts) -> bool {
-        let suffix = format!(".svc.{}", self.settings.cluster_domain);
         // short name -> [(namespace, vhost index)]
         let mut by_short: BTreeMap<String, Vec<(String, usize)>> = BTreeMap::new();
         let mut port = None;
         for (i, vh) in rc.virtual_hosts.iter().enumerate() {
-            let Some((host, p)) = vh.name.rsplit_once(':') else {
+            let Some(service) = self.service_of(&vh.name) else {
                 continue;
             };
-            let Some((name, ns)) = host.strip_suffix(&suffix).and_then(|s| s.split_once('.')) else {
-                continue;
-            };
-            if ns.contains('.') {
-                continue;
-            }
-            port = Some(p.to_string());
+            port = Some(service.port.to_string());
             by_short
-                .entry(name.to_string())
+                .entry(service.name.to_string())
                 .or_default()
-                .push((ns.to_string(), i));
+                .push((service.namespace.to_string(), i));
         }
         let Some(port) = port else { return false };
-        if rc
-            .virtual_hosts
-            .iter()
-            .any(|vh| vh.name.starts_with("lazyload-short~"))
-        {
+        if rc.virtual_hosts.iter().any(|vh| is_short_name_vhost(&vh.name)) {
             return false; // already adjusted
         }
         let mut added = Vec::new();
         for (short, services) in by_short {
-            let domains = [short.clone(), format!("{short}:{port}")];
-            let mut routes = Vec::new();
+            let mut short_vh = short_name_vhost(&short, &port);
             let mut own = Vec::new();
             for (ns, i) in &services {
                 let vh = &mut rc.virtual_hosts[*i];
-                let had_short = vh.domains.iter().any(|d| domains.contains(d));
-                vh.domains.retain(|d| !domains.contains(d));
-                for r in &vh.routes {
-                    let mut guarded = r.clone();
-                    guarded
-                        .r#match
-                        .get_or_insert_with(RouteMatch::default)
-                        .headers
-                        .push(exact_header(SOURCE_NS_HEADER, ns));
-                    routes.push(guarded);
-                }
+                let had_short = strip_short_domains(vh, &short_vh.domains);
+                short_vh
+                    .routes
+                    .extend(vh.routes.iter().map(|r| guarded_by_source_namespace(r, ns)));
                 if had_short {
                     own.extend(vh.routes.iter().cloned());
                 }
             }
-            routes.extend(own);
-            added.push(VirtualHost {
-                name: format!("lazyload-short~{short}:{port}"),
-                domains: domains.to_vec(),
-                routes,
-                ..Default::default()
-            });
+            short_vh.routes.extend(own);
+            short_vh.routes.push(passthrough_catch_all());
+            added.push(short_vh);
         }
         if added.is_empty() {
             return false;
         }
         counts.add("short_name_vhost_added");
         // Keep the catch-all last.
-        let wildcard_at = rc
-            .virtual_hosts
-            .iter()
-            .position(|vh| vh.domains.iter().any(|d| d == "*"));
+        let wildcard_at = rc.virtual_hosts.iter().position(is_wildcard);
         let at = wildcard_at.unwrap_or(rc.virtual_hosts.len());
         rc.virtual_hosts.splice(at..at, added);
         true
@@ -663,12 +671,12 @@ struct TypedStruct {
 
 /// A2: exactly one `*` virtual host, last, whose catch-all route goes to `PassthroughCluster`
 /// with no timeout (Envoy rejects two `*` hosts; without one unknown hosts fail).
-fn ensure_passthrough_catch_all(rc: &mut RouteConfiguration, counts: &mut Counts) -> bool {
+pub(crate) fn ensure_passthrough_catch_all(rc: &mut RouteConfiguration, counts: &mut Counts) -> bool {
     let mut changed = false;
     let mut wildcard: Option<VirtualHost> = None;
     let mut rest = Vec::with_capacity(rc.virtual_hosts.len());
     for mut vh in std::mem::take(&mut rc.virtual_hosts) {
-        if !vh.domains.iter().any(|d| d == "*") {
+        if !is_wildcard(&vh) {
             rest.push(vh);
             continue;
         }
@@ -694,38 +702,85 @@ fn ensure_passthrough_catch_all(rc: &mut RouteConfiguration, counts: &mut Counts
             ..Default::default()
         }
     });
-    let passthrough = RouteAction {
-        cluster_specifier: Some(ClusterSpecifier::Cluster(PASSTHROUGH_CLUSTER.into())),
-        timeout: Some(Duration::default()),
-        ..Default::default()
-    };
     let mut has_catch_all = false;
     for r in &mut wildcard.routes {
         if is_catch_all(r.r#match.as_ref()) {
             has_catch_all = true;
-            let action = Some(Action::Route(passthrough.clone()));
-            if !matches!(&r.action, Some(Action::Route(ra)) if ra.cluster_specifier == passthrough.cluster_specifier && ra.timeout == passthrough.timeout)
+            let wanted = passthrough_action();
+            if !matches!(&r.action, Some(Action::Route(ra)) if ra.cluster_specifier == wanted.cluster_specifier && ra.timeout == wanted.timeout)
             {
-                r.action = action;
+                r.action = Some(Action::Route(wanted));
                 changed = true;
             }
         }
     }
     if !has_catch_all {
-        wildcard.routes.push(Route {
-            name: "allow_any".into(),
-            r#match: Some(RouteMatch {
-                path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                ..Default::default()
-            }),
-            action: Some(Action::Route(passthrough)),
-            ..Default::default()
-        });
+        wildcard.routes.push(passthrough_catch_all());
         changed = true;
     }
     rest.push(wildcard);
     rc.virtual_hosts = rest;
     changed
+}
+
+/// Where unknown hosts go: `PassthroughCluster`, with no timeout.
+fn passthrough_action() -> RouteAction {
+    RouteAction {
+        cluster_specifier: Some(ClusterSpecifier::Cluster(PASSTHROUGH_CLUSTER.into())),
+        timeout: Some(Duration::default()),
+        ..Default::default()
+    }
+}
+
+/// The route every request no other route matched takes (A2).
+pub(crate) fn passthrough_catch_all() -> Route {
+    Route {
+        name: "allow_any".into(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(Action::Route(passthrough_action())),
+        ..Default::default()
+    }
+}
+
+/// Whether a virtual host serves every host (`*`).
+pub(crate) fn is_wildcard(vh: &VirtualHost) -> bool {
+    vh.domains.iter().any(|d| d == "*")
+}
+
+/// Whether a virtual host is one A4 added.
+pub(crate) fn is_short_name_vhost(name: &str) -> bool {
+    name.starts_with(SHORT_NAME_VHOST_PREFIX)
+}
+
+/// The A4 virtual host for a short name, without routes.
+pub(crate) fn short_name_vhost(short: &str, port: &str) -> VirtualHost {
+    VirtualHost {
+        name: format!("{SHORT_NAME_VHOST_PREFIX}{short}:{port}"),
+        domains: vec![short.to_string(), format!("{short}:{port}")],
+        ..Default::default()
+    }
+}
+
+/// Removes the short-name domains (they move to the A4 virtual host); returns whether the
+/// virtual host had one (istiod's own short name, for the proxy's namespace).
+pub(crate) fn strip_short_domains(vh: &mut VirtualHost, short_domains: &[String]) -> bool {
+    let before = vh.domains.len();
+    vh.domains.retain(|d| !short_domains.contains(d));
+    vh.domains.len() != before
+}
+
+/// A route that only matches callers from namespace `ns` (A4).
+pub(crate) fn guarded_by_source_namespace(r: &Route, ns: &str) -> Route {
+    let mut guarded = r.clone();
+    guarded
+        .r#match
+        .get_or_insert_with(RouteMatch::default)
+        .headers
+        .push(exact_header(SOURCE_NS_HEADER, ns));
+    guarded
 }
 
 fn is_catch_all(m: Option<&RouteMatch>) -> bool {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::google::protobuf::Any;
 
+use super::routes::RouteCache;
 use super::{CLUSTER, LISTENER};
 
 /// An encoded resource, shared between streams.
@@ -45,13 +46,106 @@ impl Resource {
     }
 }
 
-/// The resources of one type, by name.
-pub type ResourceSet = BTreeMap<Arc<str>, Resource>;
+/// Shards of a [`ResourceSet`]: a change copies 1/64 of the set.
+const SHARDS: usize = 64;
+
+/// The resources of one type, by name. Its shards are shared copy-on-write: handing the set to
+/// the last-good record copies 64 pointers, and the stream's next change copies the one shard
+/// it touches, not the 10,000 entries of a large EDS set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceSet {
+    /// Empty until the first insert.
+    shards: Vec<Arc<BTreeMap<Arc<str>, Resource>>>,
+}
+
+impl ResourceSet {
+    fn shard_of(name: &str) -> usize {
+        use std::hash::Hasher;
+        let mut h = crate::hash::FxHasher::default();
+        h.write(name.as_bytes());
+        (h.finish() % SHARDS as u64) as usize
+    }
+
+    /// The resource named `name`.
+    pub fn get(&self, name: &str) -> Option<&Resource> {
+        self.shards.get(Self::shard_of(name))?.get(name)
+    }
+
+    /// Whether a resource is named `name`.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Keeps `resource` under `name` (copying the shard if it is shared).
+    pub fn insert(&mut self, name: Arc<str>, resource: Resource) {
+        if self.shards.is_empty() {
+            self.shards = vec![Arc::default(); SHARDS];
+        }
+        let shard = &mut self.shards[Self::shard_of(&name)];
+        Arc::make_mut(shard).insert(name, resource);
+    }
+
+    /// Forgets the resource named `name` (copying the shard if it is shared and has it).
+    pub fn remove(&mut self, name: &str) {
+        if let Some(shard) = self.shards.get_mut(Self::shard_of(name))
+            && shard.contains_key(name)
+        {
+            Arc::make_mut(shard).remove(name);
+        }
+    }
+
+    /// Number of resources.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|s| s.is_empty())
+    }
+
+    /// The resources by name, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Resource)> {
+        let mut all: Vec<_> = self.shards.iter().flat_map(|s| s.iter()).collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
+    }
+
+    /// The names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// The resources, in name order.
+    pub fn values(&self) -> impl Iterator<Item = &Resource> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    /// Whether both share every shard (nothing was copied).
+    pub fn shares_with(&self, other: &ResourceSet) -> bool {
+        self.shards.len() == other.shards.len()
+            && self
+                .shards
+                .iter()
+                .zip(&other.shards)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl FromIterator<(Arc<str>, Resource)> for ResourceSet {
+    fn from_iter<I: IntoIterator<Item = (Arc<str>, Resource)>>(iter: I) -> Self {
+        let mut set = ResourceSet::default();
+        iter.into_iter().for_each(|(k, v)| set.insert(k, v));
+        set
+    }
+}
 
 /// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
-/// plus the type URLs and resource names streams share.
+/// plus the type URLs and resource names streams share, and the adjusted virtual hosts.
 #[derive(Debug, Default)]
 pub struct Interner {
+    /// Adjusted virtual hosts by content (A1, A2, A4 done incrementally).
+    pub routes: RouteCache,
     table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
     strings: Mutex<std::collections::HashSet<Arc<str>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -105,7 +199,7 @@ impl Interner {
 pub struct Snapshot {
     /// The upstream stream it came from.
     pub generation: u64,
-    /// Resources by type URL.
+    /// Resources by type URL, shared with the streams that ACKed them.
     pub types: BTreeMap<String, ResourceSet>,
 }
 
@@ -138,7 +232,8 @@ struct LastGoodInner {
 }
 
 impl LastGood {
-    /// Records that the stream `generation` of `class` had `resources` of `type_url` ACKed.
+    /// Records that the stream `generation` of `class` had `resources` of `type_url` ACKed. The
+    /// record shares the set with the stream (no copy per ACK).
     pub fn acked(&self, class: &str, generation: u64, type_url: &str, resources: &ResourceSet) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = (class.to_string(), generation);

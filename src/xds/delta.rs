@@ -15,13 +15,16 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use super::CLUSTER;
 use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
+use super::routes::{Pins, PinsByName};
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
 use crate::als::ACCESS_LOG_CLUSTER;
 
 #[derive(Debug, Default)]
 struct TypeState {
     sent: SentLog,
+    /// Shared with the last-good record once ACKed; copied (by shard) on the next change.
     resources: ResourceSet,
+    pins: PinsByName,
     own_cluster_sent: bool,
 }
 
@@ -75,6 +78,7 @@ impl StreamState for DeltaStream {
         self.seq += 1;
         let nonce = format!("ll-{}-{}", self.generation, self.seq);
         let state = self.types.entry(resp.type_url.clone()).or_default();
+        let set = &mut state.resources;
         let mut adjusted = Vec::new();
         let mut resources = Vec::with_capacity(resp.resources.len() + 1);
         let mut removed: Vec<String> = resp
@@ -87,15 +91,17 @@ impl StreamState for DeltaStream {
                 resources.push(r);
                 continue;
             };
-            match process(any, &r.name, adj, counts) {
+            match process(any, &r.name, adj, interner, counts) {
                 Processed::Keep {
                     any,
                     adjusted: changed,
+                    pins,
                 } => {
                     if changed {
                         adjusted.push(r.name.clone());
                     }
-                    interner.remember(&mut state.resources, &r.name, &any);
+                    interner.remember(set, &r.name, &any);
+                    state.pins.hold(&r.name, pins);
                     r.resource = Some(any);
                     resources.push(r);
                 }
@@ -103,14 +109,15 @@ impl StreamState for DeltaStream {
             }
         }
         for name in &removed {
-            state.resources.remove(name.as_str());
+            set.remove(name.as_str());
+            state.pins.hold(name, Pins::default());
         }
         if resp.type_url == CLUSTER
             && !state.own_cluster_sent
             && let Some(als) = adj.als_cluster()
         {
             let any = pack(&als);
-            interner.remember(&mut state.resources, &als.name, &any);
+            interner.remember(set, &als.name, &any);
             resources.push(Resource {
                 name: als.name,
                 version: "lazyload".into(),

@@ -11,13 +11,16 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
+use super::routes::PinsByName;
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process, resource_name};
 use super::{CLUSTER, is_wildcard_type};
 
 #[derive(Debug, Default)]
 struct TypeState {
     sent: SentLog,
+    /// Shared with the last-good record once ACKed; copied (by shard) on the next change.
     resources: ResourceSet,
+    pins: PinsByName,
 }
 
 /// One SotW stream of a global-sidecar.
@@ -62,19 +65,23 @@ impl StreamState for SotwStream {
         let version = format!("ll{}:{}", self.seq, resp.version_info);
         let state = self.types.entry(resp.type_url.clone()).or_default();
         if is_wildcard_type(&resp.type_url) {
-            state.resources.clear();
+            state.resources = ResourceSet::default();
+            state.pins.clear();
         }
+        let set = &mut state.resources;
         let mut adjusted = Vec::new();
         let mut resources = Vec::with_capacity(resp.resources.len() + 1);
         for any in resp.resources {
             let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
-            match process(any, &name, adj, counts) {
+            match process(any, &name, adj, interner, counts) {
                 Processed::Keep {
                     any,
                     adjusted: changed,
+                    pins,
                 } => {
                     if !name.is_empty() {
-                        interner.remember(&mut state.resources, &name, &any);
+                        interner.remember(set, &name, &any);
+                        state.pins.hold(&name, pins);
                     }
                     if changed {
                         adjusted.push(name);
@@ -86,10 +93,10 @@ impl StreamState for SotwStream {
         }
         if resp.type_url == CLUSTER
             && let Some(als) = adj.als_cluster()
-            && !state.resources.contains_key(als.name.as_str())
+            && !set.contains_key(als.name.as_str())
         {
             let any = pack(&als);
-            interner.remember(&mut state.resources, &als.name, &any);
+            interner.remember(set, &als.name, &any);
             resources.push(any);
         }
         state.sent.push(Sent {

@@ -13,6 +13,7 @@ use prost::Message;
 
 use super::adjust::{Adjuster, Counts, ListenerOutcome, pack};
 use super::cache::{Interner, ResourceSet};
+use super::routes::{AdjustedRoute, Pins};
 use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// Responses remembered per type for translating replies (Envoy only answers recent ones).
@@ -34,7 +35,7 @@ pub trait StreamState: Send + Sync {
         interner: &Interner,
         counts: &mut Counts,
     ) -> Self::Response;
-    /// The resources of a type as the downstream holds them.
+    /// The resources of a type as the downstream holds them (shared, copied on write).
     fn resources(&self, type_url: &str) -> Option<&ResourceSet>;
 }
 
@@ -141,6 +142,8 @@ pub(crate) enum Processed {
         any: Any,
         /// Whether it was changed.
         adjusted: bool,
+        /// The cached pieces it was made of (route configurations), to hold while it is served.
+        pins: Pins,
     },
     /// Do not send it (a listener on a reserved port).
     Drop,
@@ -148,8 +151,18 @@ pub(crate) enum Processed {
 
 /// Adjusts one resource, `name` (for logs). Resources that cannot be decoded pass through
 /// unchanged (Envoy will judge them) and are counted.
-pub(crate) fn process(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
-    let keep = |any, adjusted| Processed::Keep { any, adjusted };
+pub(crate) fn process(
+    any: Any,
+    name: &str,
+    adj: &Adjuster<'_>,
+    interner: &Interner,
+    counts: &mut Counts,
+) -> Processed {
+    let keep = |any, adjusted| Processed::Keep {
+        any,
+        adjusted,
+        pins: Pins::default(),
+    };
     match any.type_url.as_str() {
         LISTENER => match Listener::decode(&*any.value) {
             Ok(mut l) => match adj.listener(&mut l, counts) {
@@ -162,15 +175,19 @@ pub(crate) fn process(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Cou
             },
             Err(e) => undecodable(any, name, e, counts),
         },
-        ROUTE => match RouteConfiguration::decode(&*any.value) {
-            Ok(mut rc) => {
-                if adj.route(&mut rc, counts) {
-                    keep(pack(&rc), true)
-                } else {
-                    keep(any, false)
-                }
+        ROUTE => match interner.routes.adjust(adj, &any.value, counts) {
+            Some(AdjustedRoute { encoded, pins }) => {
+                let adjusted = encoded.is_some();
+                let any = match encoded {
+                    Some(value) => Any {
+                        type_url: any.type_url,
+                        value,
+                    },
+                    None => any,
+                };
+                Processed::Keep { any, adjusted, pins }
             }
-            Err(e) => undecodable(any, name, e, counts),
+            None => route_from_scratch(any, name, adj, counts),
         },
         CLUSTER if adj.cluster_needs_decode(&any.value) => match Cluster::decode(&*any.value) {
             Ok(mut c) => {
@@ -186,8 +203,29 @@ pub(crate) fn process(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Cou
     }
 }
 
+/// The route adjustments on the whole decoded configuration, for what the incremental path
+/// does not take.
+fn route_from_scratch(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
+    match RouteConfiguration::decode(&*any.value) {
+        Ok(mut rc) => {
+            let adjusted = adj.route(&mut rc, counts);
+            let any = if adjusted { pack(&rc) } else { any };
+            Processed::Keep {
+                any,
+                adjusted,
+                pins: Pins::default(),
+            }
+        }
+        Err(e) => undecodable(any, name, e, counts),
+    }
+}
+
 fn undecodable(any: Any, name: &str, e: prost::DecodeError, counts: &mut Counts) -> Processed {
     tracing::warn!(type_url = %any.type_url, resource = %name, "cannot decode resource, passing it through: {e}");
     counts.add("undecodable_resource");
-    Processed::Keep { any, adjusted: false }
+    Processed::Keep {
+        any,
+        adjusted: false,
+        pins: Pins::default(),
+    }
 }

@@ -539,6 +539,8 @@ fn short_names_route_by_source_namespace() {
                 "outbound|9080||details.mesh-operator.svc.cluster.local".to_string(),
                 None
             ),
+            // A caller without the header is served as the `*` host would serve it.
+            (PASSTHROUGH_CLUSTER.to_string(), None),
         ]
     );
     // No domain appears twice (Envoy rejects that).

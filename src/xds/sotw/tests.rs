@@ -1,16 +1,17 @@
 //! Tests of the SotW state machine: nonce and version translation, ACK/NACK classification,
 //! merge by name, and that arbitrary bytes never panic it.
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use proptest::prelude::*;
 
 use super::*;
 use crate::xds::adjust::Settings;
 use crate::xds::stream::StreamState;
-use crate::xds::{ENDPOINT, LISTENER, ROUTE, SECRET};
-use crate::xds::{NodeInfo, SecretSource};
-use envoy_types::pb::google::protobuf::Any;
+use crate::xds::{ENDPOINT, LISTENER, NodeInfo, ROUTE, SECRET, SecretSource};
 
 fn cla(name: &str) -> Any {
     pack(&ClusterLoadAssignment {
@@ -42,75 +43,136 @@ fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> D
     }
 }
 
-#[test]
-fn nonces_versions_and_replies() {
+/// Runs `f` with the default adjustments and a fresh interner.
+fn with_defaults(f: impl FnOnce(&Adjuster<'_>, &Interner)) {
     let settings = Settings::default();
     let node = NodeInfo::default();
     let adj = Adjuster {
         settings: &settings,
         node: &node,
     };
-    let interner = Interner::default();
-    let mut s = SotwStream::new(7);
-    let first = s.upstream_response(
-        response(ENDPOINT, vec![cla("a")], "v1", "n1"),
-        &adj,
-        &interner,
-        &mut Counts::default(),
-    );
-    let second = s.upstream_response(
-        response(ENDPOINT, vec![cla("b")], "v2", "n2"),
-        &adj,
-        &interner,
-        &mut Counts::default(),
-    );
-    assert_eq!(first.nonce, "ll-7-1");
-    assert_ne!(first.version_info, "v1");
+    f(&adj, &Interner::default());
+}
 
-    // (request, translated nonce, translated version, reply)
-    let cases = [
-        (request(ENDPOINT, "", "", None), "", "", Reply::Request),
-        (
-            request(ENDPOINT, &second.version_info, &second.nonce, None),
-            "n2",
-            "v2",
-            Reply::Ack {
-                type_url: ENDPOINT.into(),
-            },
-        ),
-        (
-            request(ENDPOINT, &first.version_info, &first.nonce, None),
-            "n1",
-            "v1",
-            Reply::Request,
-        ),
-        (
-            request(ENDPOINT, &first.version_info, &second.nonce, Some("bad")),
-            "n2",
-            "v1",
-            Reply::Nack {
-                type_url: ENDPOINT.into(),
-                detail: "bad".into(),
-                adjusted: vec![],
-            },
-        ),
-        (
-            request(ENDPOINT, "x", "unknown-nonce", None),
-            "unknown-nonce",
-            "x",
-            Reply::Request,
-        ),
-    ];
-    for (req, nonce, version, reply) in cases {
-        let (up, got) = s.downstream_request(req);
-        assert_eq!(
-            (up.response_nonce.as_str(), up.version_info.as_str(), got),
-            (nonce, version, reply)
+#[test]
+fn nonces_versions_and_replies() {
+    with_defaults(|adj, interner| {
+        let mut s = SotwStream::new(7);
+        let first = s.upstream_response(
+            response(ENDPOINT, vec![cla("a")], "v1", "n1"),
+            adj,
+            interner,
+            &mut Counts::default(),
         );
-    }
-    // Partial EDS pushes merge by name.
-    let names: Vec<&str> = s.resources(ENDPOINT).unwrap().keys().map(|k| &**k).collect();
-    assert_eq!(names, ["a", "b"]);
+        let second = s.upstream_response(
+            response(ENDPOINT, vec![cla("b")], "v2", "n2"),
+            adj,
+            interner,
+            &mut Counts::default(),
+        );
+        assert_eq!(first.nonce, "ll-7-1");
+        assert_ne!(first.version_info, "v1");
+
+        // (request, translated nonce, translated version, reply)
+        let cases = [
+            (request(ENDPOINT, "", "", None), "", "", Reply::Request),
+            (
+                request(ENDPOINT, &second.version_info, &second.nonce, None),
+                "n2",
+                "v2",
+                Reply::Ack {
+                    type_url: ENDPOINT.into(),
+                },
+            ),
+            (
+                request(ENDPOINT, &first.version_info, &first.nonce, None),
+                "n1",
+                "v1",
+                Reply::Request,
+            ),
+            (
+                request(ENDPOINT, &first.version_info, &second.nonce, Some("bad")),
+                "n2",
+                "v1",
+                Reply::Nack {
+                    type_url: ENDPOINT.into(),
+                    detail: "bad".into(),
+                    adjusted: vec![],
+                },
+            ),
+            (
+                request(ENDPOINT, "x", "unknown-nonce", None),
+                "unknown-nonce",
+                "x",
+                Reply::Request,
+            ),
+        ];
+        for (req, nonce, version, reply) in cases {
+            let (up, got) = s.downstream_request(req);
+            assert_eq!(
+                (up.response_nonce.as_str(), up.version_info.as_str(), got),
+                (nonce, version, reply)
+            );
+        }
+        // Partial EDS pushes merge by name.
+        let names: Vec<&str> = s.resources(ENDPOINT).unwrap().keys().map(|k| &**k).collect();
+        assert_eq!(names, ["a", "b"]);
+    });
+}
+
+/// The last-good record shares the set the stream ACKed (no copy per ACK); the stream's next
+/// push copies it, so the record keeps what was ACKed.
+#[test]
+fn acked_sets_are_shared_then_copied_on_write() {
+    use crate::xds::cache::LastGood;
+    with_defaults(|adj, interner| {
+        let record = LastGood::default();
+        let mut s = SotwStream::new(1);
+        let cluster = pack(&Cluster {
+            name: "c0".into(),
+            ..Default::default()
+        });
+        let listener = pack(&Listener {
+            name: "l0".into(),
+            ..Default::default()
+        });
+        for (type_url, any) in [(CLUSTER, cluster), (LISTENER, listener)] {
+            let nonce = s
+                .upstream_response(
+                    response(type_url, vec![any], "v1", "u1"),
+                    adj,
+                    interner,
+                    &mut Counts::default(),
+                )
+                .nonce;
+            let (_, reply) = s.downstream_request(request(type_url, "", &nonce, None));
+            assert_eq!(
+                reply,
+                Reply::Ack {
+                    type_url: type_url.into()
+                }
+            );
+            record.acked("gs", 1, type_url, s.resources(type_url).unwrap());
+        }
+        let acked = record.get("gs").unwrap();
+        assert!(acked.types[CLUSTER].shares_with(s.resources(CLUSTER).unwrap()));
+        let named = pack(&Cluster {
+            name: "c".into(),
+            ..Default::default()
+        });
+        s.upstream_response(
+            response(CLUSTER, vec![named], "v2", "u2"),
+            adj,
+            interner,
+            &mut Counts::default(),
+        );
+        assert!(s.resources(CLUSTER).unwrap().contains_key("c"));
+        assert!(acked.types[CLUSTER].contains_key("c0"));
+        assert!(
+            !record.get("gs").unwrap().types[CLUSTER].contains_key("c"),
+            "the record keeps what was ACKed"
+        );
+    });
 }
 
 proptest! {
