@@ -179,6 +179,9 @@ pub struct General {
     /// How long an expired dependency stays in the Sidecar as EXPIREWAIT before it is removed.
     #[serde(serialize_with = "serialize_duration")]
     pub dependency_expire_wait: Duration,
+    /// Most hosts learned for one fence; further ones are refused (and counted, and the fence
+    /// gets a condition): one caller cannot make its Sidecar, or lazyload's memory, unbounded.
+    pub max_learned_hosts_per_fence: usize,
 }
 
 /// Size-based log rotation (Slime `logRotateConfig`).
@@ -283,6 +286,10 @@ pub struct Loaded {
 }
 
 /// Misc keys Slime's framework defines, with their defaults.
+/// Default of `general.maxLearnedHostsPerFence`: far more than any service calls (a Sidecar of
+/// thousands of hosts already costs its proxy megabytes), far less than a flood.
+pub const DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE: usize = 5_000;
+
 const MISC_DEFAULTS: &[(&str, &str)] = &[
     ("metrics-addr", ":8080"),
     ("aux-addr", ":8081"),
@@ -670,6 +677,18 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         Some(s) => parse_duration("general.dependencyExpireWait", s)?,
     };
 
+    let max_learned_hosts_per_fence = match f.max_learned_hosts_per_fence {
+        None => DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE,
+        Some(0) => {
+            return Err(invalid(
+                "general.maxLearnedHostsPerFence",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        Some(n) => n as usize,
+    };
+
     Ok(General {
         wormhole_port,
         auto_fence: f.auto_fence.unwrap_or(false),
@@ -694,6 +713,7 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         cluster_domain: cluster_domain.to_ascii_lowercase(),
         dependency_ttl,
         dependency_expire_wait,
+        max_learned_hosts_per_fence,
     })
 }
 
@@ -987,6 +1007,8 @@ pub mod raw {
         pub dependency_ttl: Option<String>,
         /// lazyload: EXPIREWAIT period.
         pub dependency_expire_wait: Option<String>,
+        /// lazyload: cap on the hosts learned per fence.
+        pub max_learned_hosts_per_fence: Option<u32>,
     }
 
     /// A dispatch rule.
@@ -1157,6 +1179,11 @@ mod tests {
                 "general:\n  metricSourceType: kafka\n",
                 "general.metricSourceType",
                 "kafka",
+            ),
+            (
+                "general:\n  maxLearnedHostsPerFence: 0\n",
+                "general.maxLearnedHostsPerFence",
+                "0",
             ),
             (
                 "general:\n  dependencyTtl: soon\n",

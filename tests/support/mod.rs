@@ -8,6 +8,7 @@ pub mod envoyfilter;
 pub mod fixtures;
 pub mod http;
 pub mod istiod;
+pub mod manifests;
 pub mod serve;
 
 /// A port nothing listens on right now, and never handed out before in this test binary.

@@ -36,6 +36,24 @@ impl Serve {
     }
 }
 
+impl Serve {
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its status and how long
+    /// it took, or `None` if it was still running.
+    pub async fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((status, start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
