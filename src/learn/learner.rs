@@ -81,14 +81,14 @@ struct EdgeState {
     pending: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct SourceState {
     hosts: usize,
     queue: VecDeque<u32>,
 }
 
 /// The dedup state machine. Pure: the caller passes the time.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Learner {
     limits: Limits,
     /// Fences come from the cluster index, ids are ours: a fast hash is safe. Hosts come from
