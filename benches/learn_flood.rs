@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use criterion::{BatchSize, Criterion, Throughput};
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress};
 use envoy_types::pb::envoy::data::accesslog::v3::{
@@ -28,7 +29,6 @@ use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::A
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
     HttpAccessLogEntries, Identifier, LogEntries,
 };
-use criterion::{BatchSize, Criterion, Throughput};
 use jiff::Timestamp;
 use lazyload::index::ObjectKey;
 use lazyload::learn::{Learner, Limits};
@@ -176,7 +176,11 @@ async fn run(bin: &Path, n: usize) {
     let dir = std::env::temp_dir().join(format!("lazyload-bench-flood-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let (snapshot, config, manifests) = (dir.join("cluster.yaml"), dir.join("config.yaml"), dir.join("manifests"));
+    let (snapshot, config, manifests) = (
+        dir.join("cluster.yaml"),
+        dir.join("config.yaml"),
+        dir.join("manifests"),
+    );
     std::fs::write(&snapshot, SNAPSHOT).expect("the snapshot");
     std::fs::write(&config, CONFIG).expect("the config");
     let (admin, als) = (free_addr(), free_addr());
@@ -185,7 +189,12 @@ async fn run(bin: &Path, n: usize) {
         .env("LAZYLOAD_ALS_TRUST", "any")
         .env("RUST_LOG", "warn")
         .arg("serve")
-        .args(["--admin-listen", &admin.to_string(), "--als-listen", &als.to_string()])
+        .args([
+            "--admin-listen",
+            &admin.to_string(),
+            "--als-listen",
+            &als.to_string(),
+        ])
         .arg("--config")
         .arg(&config)
         .arg("--cluster-snapshot")
@@ -229,10 +238,16 @@ async fn run(bin: &Path, n: usize) {
     let sent = start.elapsed();
     let quiet_sent = quiet_sent.expect("the quiet entry was sent");
 
-    let (mut flood_file, quiet_file) = (FenceFile::new(&manifests, "flood"), FenceFile::new(&manifests, "quiet"));
+    let (mut flood_file, quiet_file) = (
+        FenceFile::new(&manifests, "flood"),
+        FenceFile::new(&manifests, "quiet"),
+    );
     let (mut flood_done, mut quiet_done) = (None, None);
     while flood_done.is_none() || quiet_done.is_none() {
-        assert!(start.elapsed() < RUN_LIMIT, "N = {n}: not applied within {RUN_LIMIT:?}");
+        assert!(
+            start.elapsed() < RUN_LIMIT,
+            "N = {n}: not applied within {RUN_LIMIT:?}"
+        );
         if quiet_done.is_none() && quiet_file.has(QUIET_HOST) {
             quiet_done = Some(quiet_sent.elapsed());
         }

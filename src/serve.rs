@@ -28,13 +28,13 @@ use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::{Edge, Learner, Limits, prometheus};
 use crate::model::fence::ServiceFenceStatus;
 use crate::model::istio::IstioVersion;
+use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
 use crate::reconcile::autofence::AutoFenceController;
 use crate::reconcile::fallback::FallbackController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
-use crate::model::scope::global_sidecar_namespaces;
 use crate::reconcile::scope::ScopeCheck;
 use crate::telemetry::{self, LogFormat};
 use crate::xds::adjust::{RESERVED_PORTS, Settings};
@@ -718,14 +718,26 @@ impl EdgeConsumer {
                     let update = |s: &mut _| {
                         crate::learn::status::apply_edges(s, edges.iter(), now);
                     };
-                    apply_locally(&self.state, &self.config, &key, update, now, self.manifests.as_deref());
+                    apply_locally(
+                        &self.state,
+                        &self.config,
+                        &key,
+                        update,
+                        now,
+                        self.manifests.as_deref(),
+                    );
                 }
             }
         }
     }
 
     /// Writes one Prometheus poll of `key`.
-    async fn write_metrics(&mut self, key: &ObjectKey, metrics: &BTreeMap<String, String>, now: jiff::Timestamp) {
+    async fn write_metrics(
+        &mut self,
+        key: &ObjectKey,
+        metrics: &BTreeMap<String, String>,
+        now: jiff::Timestamp,
+    ) {
         match &mut self.writer {
             Some(w) => {
                 let done = w.write_metrics(key, metrics, now).await;
@@ -735,7 +747,14 @@ impl EdgeConsumer {
                 let update = |s: &mut _| {
                     crate::learn::prometheus::apply_metrics(s, metrics, now);
                 };
-                apply_locally(&self.state, &self.config, key, update, now, self.manifests.as_deref());
+                apply_locally(
+                    &self.state,
+                    &self.config,
+                    key,
+                    update,
+                    now,
+                    self.manifests.as_deref(),
+                );
             }
         }
     }

@@ -234,7 +234,11 @@ async fn a_full_queue_stops_reading_until_the_consumer_drains_it() {
 
 #[tokio::test]
 async fn only_global_sidecar_pods_may_stream() {
-    let r = start_for(Limits::default(), Peers::GlobalSidecars(vec!["mesh-operator".into()])).await;
+    let r = start_for(
+        Limits::default(),
+        Peers::GlobalSidecars(vec!["mesh-operator".into()]),
+    )
+    .await;
     let send = || async {
         let mut c = client(r.addr).await;
         c.stream_access_logs(tokio_stream::iter([message(true, ["a.example.org".to_string()])]))
@@ -250,12 +254,20 @@ async fn only_global_sidecar_pods_may_stream() {
         host_network: false,
         service_account: "default".into(),
     };
-    r.index.write().unwrap().apply_pod(pod("default", "impostor", "global-sidecar"));
-    let refused = send().await.expect_err("a pod outside the global-sidecar's namespace was trusted");
+    r.index
+        .write()
+        .unwrap()
+        .apply_pod(pod("default", "impostor", "global-sidecar"));
+    let refused = send()
+        .await
+        .expect_err("a pod outside the global-sidecar's namespace was trusted");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     assert_eq!(r.learner.lock().len(), 0, "a refused stream taught something");
     // The global-sidecar's pod at that address: trusted.
-    r.index.write().unwrap().apply_pod(pod("mesh-operator", "global-sidecar-0", "global-sidecar"));
+    r.index
+        .write()
+        .unwrap()
+        .apply_pod(pod("mesh-operator", "global-sidecar-0", "global-sidecar"));
     send().await.expect("the global-sidecar's stream");
     assert_eq!(r.learner.lock().len(), 1);
     let text = metrics_text(&r.registry);
@@ -263,7 +275,10 @@ async fn only_global_sidecar_pods_may_stream() {
         text.contains("als_refused_streams_total{reason=\"not_global_sidecar\"} 2"),
         "{text}"
     );
-    assert!(text.contains("als_refused_streams_total{reason=\"no_peer_address\"} 0"), "{text}");
+    assert!(
+        text.contains("als_refused_streams_total{reason=\"no_peer_address\"} 0"),
+        "{text}"
+    );
     r.shutdown.cancel();
 }
 
@@ -285,10 +300,12 @@ async fn garbage_ends_the_stream_with_invalid_argument() {
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_static(
-        "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
-    );
-    let codec = tonic_prost::ProstCodec::<Garbage, envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse>::default();
+    let path =
+        http::uri::PathAndQuery::from_static("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs");
+    let codec = tonic_prost::ProstCodec::<
+        Garbage,
+        envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse,
+    >::default();
     let status = grpc
         .client_streaming(
             tonic::Request::new(tokio_stream::iter([Garbage { identifier: 7 }])),
@@ -327,7 +344,9 @@ async fn shutdown_ends_open_streams_at_once() {
     let r = start(Limits::default()).await;
     let mut c = client(r.addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(message(true, ["a.example.org".to_string()])).await.unwrap();
+    tx.send(message(true, ["a.example.org".to_string()]))
+        .await
+        .unwrap();
     let call = tokio::spawn(async move {
         c.stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await

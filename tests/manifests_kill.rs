@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
@@ -70,18 +69,7 @@ async fn a_kill_at_any_point_loses_no_written_edge_and_leaves_no_partial_file() 
     let mut before = BTreeSet::new();
     let mut kills_after_a_write = 0;
     for round in 0..ROUNDS {
-        let als = format!("127.0.0.1:{}", support::free_port());
-        let args = [
-            "--cluster-snapshot",
-            snapshot.to_str().unwrap(),
-            "--manifests-dir",
-            manifests.to_str().unwrap(),
-            "--als-listen",
-            &als,
-            "--als-trust",
-            "any",
-        ];
-        let mut serve = Serve::start(args, Stdio::null()).await;
+        let (mut serve, als) = Serve::learning(&snapshot, &manifests).await;
         let message = round_message(&logs, round);
         let sender = tokio::spawn(async move {
             for _ in 0..100 {

@@ -200,22 +200,10 @@ async fn sigterm_with_an_open_stream_and_a_backlog_exits_at_once_and_loses_nothi
     let snapshot = dir.path("cluster.yaml");
     std::fs::write(&snapshot, mesh.cluster_yaml(true)).unwrap();
     let manifests = dir.path("manifests");
-    let als = format!("127.0.0.1:{}", support::free_port());
-    let mut serve = Serve::start(
-        [
-            "--cluster-snapshot",
-            snapshot.to_str().unwrap(),
-            "--manifests-dir",
-            manifests.to_str().unwrap(),
-            "--als-listen",
-            &als,
-            "--als-trust",
-            "any",
-        ],
-        Stdio::null(),
-    )
-    .await;
-    let mut client = AccessLogServiceClient::connect(format!("http://{als}")).await.unwrap();
+    let (mut serve, als) = Serve::learning(&snapshot, &manifests).await;
+    let mut client = AccessLogServiceClient::connect(format!("http://{als}"))
+        .await
+        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     for msg in mesh.access_logs() {
         tx.send(msg).await.unwrap();

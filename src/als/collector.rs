@@ -33,9 +33,9 @@ use super::attribute::{Attributor, Drop, Hosts};
 use super::entry::{Entry, Kind};
 use super::{LOG_NAME, MAX_MESSAGE_BYTES, SLIME_LOG_NAME};
 use crate::index::ClusterIndex;
-use crate::model::scope::is_global_sidecar_address;
 use crate::learn::pump::LearnerHandle;
 use crate::learn::{Learner, Observed};
+use crate::model::scope::is_global_sidecar_address;
 
 /// Why the collector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -329,20 +329,24 @@ impl Collector {
     }
 }
 
+/// How prost's decode errors begin (tonic passes them on as the status message).
+const PROST_DECODE_ERROR: &str = "failed to decode Protobuf message";
+
 impl Collector {
     /// Counts and logs a stream that failed, and says why to its sender: what does not decode
     /// is the sender's fault (`InvalidArgument`, or the size limit's own status); a stream the
     /// sender broke off is only logged at debug level.
     fn failed(&self, peer: Option<SocketAddr>, status: Status) -> Status {
         match status.code() {
-            // tonic reports a message that does not decode as `Internal`.
-            Code::Internal => {
+            // tonic reports a message that does not decode as `Internal`, with prost's error.
+            Code::Internal if status.message().starts_with(PROST_DECODE_ERROR) => {
                 self.metrics.decode_error();
-                tracing::warn!(?peer, "access-log stream ended: a message is not an access-log message: {}", status.message());
-                Status::invalid_argument(format!(
-                    "not a StreamAccessLogsMessage: {}",
+                tracing::warn!(
+                    ?peer,
+                    "access-log stream ended: a message is not an access-log message: {}",
                     status.message()
-                ))
+                );
+                Status::invalid_argument(format!("not a StreamAccessLogsMessage: {}", status.message()))
             }
             Code::OutOfRange | Code::ResourceExhausted => {
                 self.metrics.decode_error();

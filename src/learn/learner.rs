@@ -414,7 +414,11 @@ mod tests {
         assert_eq!(l.fences_at_cap(), 2);
         assert_eq!(l.observe(&a, "h3", t(0)), Observed::FenceFull);
         l.take_batch(10);
-        assert_eq!(l.observe(&a, "h1", t(60)), Observed::Refreshed, "known hosts still refresh");
+        assert_eq!(
+            l.observe(&a, "h1", t(60)),
+            Observed::Refreshed,
+            "known hosts still refresh"
+        );
         assert_eq!(l.len(), 5);
     }
 

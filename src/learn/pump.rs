@@ -192,9 +192,12 @@ mod tests {
         let waiting = handle.clone();
         let room = tokio::spawn(async move { waiting.wait_for_room().await });
         // A full batch does not wait for the (hour-long) tick.
-        let batch = tokio::time::timeout(Duration::from_secs(5), handle.next_batch(Duration::from_secs(3600)))
-            .await
-            .expect("a full batch at once");
+        let batch = tokio::time::timeout(
+            Duration::from_secs(5),
+            handle.next_batch(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("a full batch at once");
         assert_eq!(batch.len(), 2);
         tokio::time::timeout(Duration::from_secs(5), room)
             .await
