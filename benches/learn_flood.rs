@@ -1,9 +1,10 @@
 //! One fence's flood, black-box: `lazyload serve --manifests-dir` learns N distinct hosts for one
-//! fence (`default/flood`) from one access-log stream while another fence (`default/quiet`)
-//! learns one host from a second stream, sent when half the flood was sent. Reports, at N = 100
-//! and 60,000 in the same run: the flood's apply rate (hosts in the fence's file / time from the
-//! first entry sent to the last host on disk), the quiet fence's latency (its entry sent -> its
-//! host on disk), and the process's peak RSS.
+//! fence (`default/flood`) from one access-log stream while two other fences learn one host
+//! each from streams of their own: `default/quiet` when half the flood was sent, `default/late`
+//! when all of it was. Reports, at N = 100 and 60,000 in the same run: the flood's apply rate
+//! (hosts in the fence's file / time from the first entry sent to the last host on disk), the
+//! other fences' latencies (their entry sent -> their host on disk), and the process's peak
+//! RSS.
 //!
 //! First, with criterion, the learner alone (sans I/O): queueing and taking a batch of 500 new
 //! edges for a fence that already has 100 or 60,000 (the cost must not grow with the fence).
@@ -36,7 +37,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const FLOOD_IP: &str = "10.1.0.1";
 const QUIET_IP: &str = "10.1.0.2";
-const QUIET_HOST: &str = "quiet-dependency.example.org";
+const LATE_IP: &str = "10.1.0.3";
+/// What the other fences call.
+const OTHER_HOST: &str = "other-dependency.example.org";
 /// Longest a run may take (the flood at 60,000 took minutes before the fair queue).
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
@@ -55,6 +58,15 @@ items:
   metadata: {name: quiet, namespace: default}
   spec: {selector: {app: quiet}, clusterIP: 10.96.0.2, ports: [{name: http, port: 80}]}
 - apiVersion: v1
+  kind: Service
+  metadata: {name: late, namespace: default}
+  spec: {selector: {app: late}, clusterIP: 10.96.0.3, ports: [{name: http, port: 80}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: late-0, namespace: default, labels: {app: late}}
+  spec: {containers: [{name: app, image: app}]}
+  status: {phase: Running, podIP: 10.1.0.3, podIPs: [{ip: 10.1.0.3}]}
+- apiVersion: v1
   kind: Pod
   metadata: {name: flood-0, namespace: default, labels: {app: flood}}
   spec: {containers: [{name: app, image: app}]}
@@ -71,6 +83,10 @@ items:
 - apiVersion: microservice.slime.io/v1alpha1
   kind: ServiceFence
   metadata: {name: flood, namespace: default}
+  spec: {enable: true, workloadSelector: {fromService: true}}
+- apiVersion: microservice.slime.io/v1alpha1
+  kind: ServiceFence
+  metadata: {name: late, namespace: default}
   spec: {enable: true, workloadSelector: {fromService: true}}
 - apiVersion: microservice.slime.io/v1alpha1
   kind: ServiceFence
@@ -214,7 +230,19 @@ async fn run(bin: &Path, n: usize) {
         }
         panic!("the collector did not come up");
     };
-    let (mut flood_client, mut quiet_client) = (connect().await, connect().await);
+    let (mut flood_client, other_client) = (connect().await, connect().await);
+    // Another fence's one call, on a stream of its own; when it was sent.
+    let send_one = |from: &'static str| {
+        let one = message(true, vec![entry(from, OTHER_HOST.into())]);
+        let mut client = other_client.clone();
+        async move {
+            client
+                .stream_access_logs(tokio_stream::iter([one]))
+                .await
+                .expect("another fence's stream");
+            Instant::now()
+        }
+    };
 
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let flood = tokio::spawn(async move { flood_client.stream_access_logs(ReceiverStream::new(rx)).await });
@@ -227,46 +255,49 @@ async fn run(bin: &Path, n: usize) {
             .collect();
         tx.send(message(m == 0, entries)).await.expect("the flood stream");
         if quiet_sent.is_none() && (m + 1) * 100 >= n / 2 {
-            let one = message(true, vec![entry(QUIET_IP, QUIET_HOST.into())]);
-            quiet_client
-                .stream_access_logs(tokio_stream::iter([one]))
-                .await
-                .expect("the quiet stream");
-            quiet_sent = Some(Instant::now());
+            quiet_sent = Some(send_one(QUIET_IP).await);
         }
     }
     let sent = start.elapsed();
+    let late_sent = send_one(LATE_IP).await;
     let quiet_sent = quiet_sent.expect("the quiet entry was sent");
 
-    let (mut flood_file, quiet_file) = (
-        FenceFile::new(&manifests, "flood"),
-        FenceFile::new(&manifests, "quiet"),
-    );
-    let (mut flood_done, mut quiet_done) = (None, None);
-    while flood_done.is_none() || quiet_done.is_none() {
+    let mut flood_file = FenceFile::new(&manifests, "flood");
+    let others = [
+        (FenceFile::new(&manifests, "quiet"), quiet_sent),
+        (FenceFile::new(&manifests, "late"), late_sent),
+    ];
+    let mut flood_done = None;
+    let mut others_done = [None, None];
+    while flood_done.is_none() || others_done.contains(&None) {
         assert!(
             start.elapsed() < RUN_LIMIT,
             "N = {n}: not applied within {RUN_LIMIT:?}"
         );
-        if quiet_done.is_none() && quiet_file.has(QUIET_HOST) {
-            quiet_done = Some(quiet_sent.elapsed());
+        for ((file, sent), done) in others.iter().zip(&mut others_done) {
+            if done.is_none() && file.has(OTHER_HOST) {
+                *done = Some(sent.elapsed());
+            }
         }
         if flood_done.is_none() && flood_file.hosts() >= n {
             flood_done = Some(start.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (flood_done, quiet_done) = (flood_done.unwrap_or_default(), quiet_done.unwrap_or_default());
+    let flood_done = flood_done.unwrap_or_default();
+    let [quiet_done, late_done] = others_done.map(Option::unwrap_or_default);
     let rss = peak_rss_mib(child.0.id());
     drop(tx);
     let _ = flood.await;
     println!(
         "N = {n:>6}: flood sent in {:>7.2} s, on disk after {:>7.2} s ({:>8.0} hosts/s); \
-         the other fence's edge on disk {:>6.2} s after it was sent; peak RSS {rss:.0} MiB",
+         other fences' edges on disk {:>6.2} s (sent mid-flood) and {:>6.2} s (sent after it) \
+         after they were sent; peak RSS {rss:.0} MiB",
         sent.as_secs_f64(),
         flood_done.as_secs_f64(),
         n as f64 / flood_done.as_secs_f64(),
         quiet_done.as_secs_f64(),
+        late_done.as_secs_f64(),
     );
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
