@@ -390,6 +390,8 @@ fn e2e() {
             &admin.to_string(),
             "--als-listen",
             &als.to_string(),
+            "--als-trust",
+            "any",
         ])
         .arg("--cluster-snapshot")
         .arg(&snap)

@@ -182,6 +182,9 @@ pub struct General {
     /// How long an expired dependency stays in the Sidecar as EXPIREWAIT before it is removed.
     #[serde(serialize_with = "serialize_duration")]
     pub dependency_expire_wait: Duration,
+    /// Most hosts learned for one fence; further ones are refused (and counted, and the fence
+    /// gets a condition): one caller cannot make its Sidecar, or lazyload's memory, unbounded.
+    pub max_learned_hosts_per_fence: usize,
 }
 
 /// Size-based log rotation (Slime `logRotateConfig`).
@@ -293,6 +296,10 @@ pub struct Loaded {
 }
 
 /// Misc keys Slime's framework defines, with their defaults.
+/// Default of `general.maxLearnedHostsPerFence`: far more than any service calls (a Sidecar of
+/// thousands of hosts already costs its proxy megabytes), far less than a flood.
+pub const DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE: usize = 5_000;
+
 const MISC_DEFAULTS: &[(&str, &str)] = &[
     ("metrics-addr", ":8080"),
     ("aux-addr", ":8081"),
@@ -830,6 +837,18 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         Some(s) => parse_duration("general.dependencyExpireWait", s)?,
     };
 
+    let max_learned_hosts_per_fence = match f.max_learned_hosts_per_fence {
+        None => DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE,
+        Some(0) => {
+            return Err(invalid(
+                "general.maxLearnedHostsPerFence",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        Some(n) => n as usize,
+    };
+
     Ok(General {
         wormhole_port,
         auto_fence: f.auto_fence.unwrap_or(false),
@@ -855,6 +874,7 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
         cluster_domain: cluster_domain.to_ascii_lowercase(),
         dependency_ttl,
         dependency_expire_wait,
+        max_learned_hosts_per_fence,
     })
 }
 
@@ -1246,6 +1266,8 @@ pub mod raw {
         pub dependency_ttl: Option<String>,
         /// lazyload: EXPIREWAIT period.
         pub dependency_expire_wait: Option<String>,
+        /// lazyload: cap on the hosts learned per fence.
+        pub max_learned_hosts_per_fence: Option<u32>,
     }
 
     /// A dispatch rule.
@@ -1424,6 +1446,11 @@ mod tests {
                 "general:\n  metricSourceType: kafka\n",
                 "general.metricSourceType",
                 "kafka",
+            ),
+            (
+                "general:\n  maxLearnedHostsPerFence: 0\n",
+                "general.maxLearnedHostsPerFence",
+                "0",
             ),
             (
                 "general:\n  dependencyTtl: soon\n",

@@ -319,6 +319,10 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             &als.to_string(),
             "--als-address",
             &als.to_string(),
+            // The demo's Envoy is a process on this machine, not a pod of the snapshot; the
+            // collector listens on loopback only.
+            "--als-trust",
+            "any",
             "--admin-listen",
             &admin.to_string(),
             // The global-sidecar's listeners stay on loopback: its PassthroughCluster goes

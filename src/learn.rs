@@ -4,8 +4,9 @@
 //! - [`learner`]: the dedup state machine (sans I/O): which calls are new or refresh a stale
 //!   last-seen time, with caps on memory.
 //! - [`status`]: the pure merge of edges into a fence's status, and the restart seed.
-//! - [`pump`]: the task that moves pending edges to the consumer in batches, and the in-memory
-//!   view of what each fence learned (`/debug/edges`).
+//! - [`pump`]: the learner shared by the collector's streams and the consumer, which takes
+//!   batches when it is ready for them, and the in-memory view of what each fence learned
+//!   (`/debug/edges`).
 //! - [`persist`]: writing the batches into the fences' statuses when lazyload has a cluster.
 //! - [`prometheus`]: the alternative source, `metricSourceType: prometheus`.
 

@@ -20,7 +20,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::config::Config;
 use crate::index::{ClusterIndex, ObjectKey};
 use dependencies::{Dependencies, InvalidHost};
-use fence::{CONDITION_HOSTS_VALID, CONDITION_SIDECAR, ServiceFence, ServiceFenceStatus};
+use fence::{
+    CONDITION_HOST_CAP, CONDITION_HOSTS_VALID, CONDITION_SIDECAR, ServiceFence, ServiceFenceStatus,
+    metric_key_host,
+};
 use istio::{IstioVersion, Sidecar};
 use sidecar::NoSidecar;
 
@@ -103,7 +106,23 @@ pub fn evaluate(
                 format!("no longer managed by auto-fencing, kept: {}", why.message()),
             ),
         });
-    let conditions = [Some(hosts_valid), Some(generated), managed]
+    let learned = metric_status
+        .keys()
+        .filter(|k| metric_key_host(k).is_some())
+        .count();
+    let cap = cfg.general.max_learned_hosts_per_fence;
+    let capped = (learned >= cap).then(|| {
+        condition(
+            CONDITION_HOST_CAP,
+            true,
+            "MaxLearnedHostsPerFence",
+            format!(
+                "{learned} learned hosts, general.maxLearnedHostsPerFence is {cap}: further hosts \
+                 are not learned"
+            ),
+        )
+    });
+    let conditions = [Some(hosts_valid), Some(generated), managed, capped]
         .into_iter()
         .flatten()
         .map(|c| keep_transition_time(c, &old.conditions, now, generation))
@@ -171,4 +190,64 @@ fn describe_invalid(invalid: &[InvalidHost]) -> String {
         parts.push(format!("and {} more", invalid.len() - MAX_LISTED));
     }
     parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fence::{ServiceFenceSpec, metric_key};
+
+    #[test]
+    fn a_fence_at_the_learned_host_cap_says_so() {
+        let mut cfg = Config::default();
+        cfg.general.max_learned_hosts_per_fence = 2;
+        let index = ClusterIndex::new("cluster.local");
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let with = |hosts: &[&str]| {
+            let mut f = ServiceFence::new("a", ServiceFenceSpec::default());
+            f.metadata.namespace = Some("n".into());
+            let mut status = ServiceFenceStatus::default();
+            for h in hosts {
+                status.metric_status.insert(metric_key(h), "1".into());
+                status.last_seen.insert(h.to_string(), Time(now));
+            }
+            f.status = Some(status);
+            evaluate(&f, &index, &cfg, now, IstioVersion::default())
+                .status
+                .conditions
+        };
+        let capped = |conditions: &[Condition]| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == CONDITION_HOST_CAP)
+                .map(|c| (c.status.clone(), c.message.clone()))
+        };
+        // (learned hosts, the condition's message prefix; the condition is `True` when present)
+        let cases: [(&[&str], Option<&str>); 3] = [
+            (&["a.n.svc.cluster.local"], None),
+            (
+                &["a.n.svc.cluster.local", "b.n.svc.cluster.local"],
+                Some("2 learned hosts, general.maxLearnedHostsPerFence is 2"),
+            ),
+            (
+                &[
+                    "a.n.svc.cluster.local",
+                    "b.n.svc.cluster.local",
+                    "c.n.svc.cluster.local",
+                ],
+                Some("3 learned hosts"),
+            ),
+        ];
+        for (hosts, want) in cases {
+            let got = capped(&with(hosts));
+            match want {
+                None => assert_eq!(got, None, "{hosts:?}"),
+                Some(message) => {
+                    let (status, m) = got.unwrap_or_else(|| panic!("{hosts:?}: no condition"));
+                    assert_eq!(status, "True", "{hosts:?}");
+                    assert!(m.starts_with(message), "{hosts:?}: {m}");
+                }
+            }
+        }
+    }
 }

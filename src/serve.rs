@@ -18,16 +18,17 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::admin;
 use crate::als::attribute::Attributor;
-use crate::als::collector::{self, Collector};
+use crate::als::collector::{self, Collector, Peers};
 use crate::cluster::{ClusterState, watch};
 use crate::config::{Config, MetricSourceType};
 use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
 use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
-use crate::learn::{Learner, Limits, prometheus};
+use crate::learn::{Edge, Learner, Limits, prometheus};
 use crate::model::fence::ServiceFenceStatus;
 use crate::model::istio::IstioVersion;
+use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
 use crate::reconcile::autofence::AutoFenceController;
@@ -48,12 +49,20 @@ const LEASE_GRACE_SECONDS: u64 = 5;
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most edges in one batch handed to the consumer.
+/// Most edges in one batch the consumer takes from the learner.
 const EDGE_BATCH: usize = 500;
-/// How often queued edges are handed over when no batch is full. A first call through the
+/// How often queued edges are taken when no batch is full. A first call through the
 /// global-sidecar waits on this (after the access logger's 50 ms flush, before the reconciler's
-/// 100 ms debounce), so it is short; an idle tick takes a lock and sends nothing.
+/// 100 ms debounce), so it is short; an idle tick takes a lock and takes nothing.
 const EDGE_FLUSH: Duration = Duration::from_millis(50);
+/// How often one fence is written at most: a fence that was not written this long is written at
+/// once (a first call is not delayed), one learning a flood is rewritten once per interval with
+/// everything it learned meanwhile, not once per batch (writing costs the fence's size).
+const FENCE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most learned edges kept unwritten; more are written at once.
+const MAX_UNWRITTEN: usize = 100_000;
+/// How long the final flush waits for the collector's streams to end (they end at once).
+const COLLECTOR_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Flags of `lazyload serve` (each also read from an environment variable).
 #[derive(Clone, Debug, clap::Args)]
@@ -72,6 +81,9 @@ pub struct ServeArgs {
     /// (`:8082`). Runs with `metricSourceType: accesslog`, or whenever this flag is given.
     #[arg(long, env = "LAZYLOAD_ALS_LISTEN")]
     pub als_listen: Option<SocketAddr>,
+    /// Which peers may send access logs (what they send becomes fences' dependencies).
+    #[arg(long, env = "LAZYLOAD_ALS_TRUST", value_enum, default_value_t)]
+    pub als_trust: AlsTrust,
     /// The cluster, from a file (`kubectl get
     /// ns,svc,pods,virtualservices,serviceentries,servicefences,sidecars -A -o yaml`); for running
     /// without a cluster (with one, its watchers keep the index up to date); required with
@@ -96,6 +108,18 @@ pub struct ServeArgs {
     /// The xDS relay.
     #[command(flatten)]
     pub relay: RelayArgs,
+}
+
+/// Which peers the access-log collector takes streams from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AlsTrust {
+    /// Global-sidecar pods only: the peer's address must be a global-sidecar pod's in the
+    /// cluster's pods (watched, or from --cluster-snapshot).
+    #[default]
+    GlobalSidecar,
+    /// Whoever reaches --als-listen: for the demo and tests on loopback, or a port only trusted
+    /// hosts can reach.
+    Any,
 }
 
 /// Flags of the xDS relay.
@@ -395,7 +419,10 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         .set_workload_label(config.general.fence_label_key_alias.clone());
     tracing::info!(counts = ?snapshot.index.counts(), fences = snapshot.fences.len(), "cluster index loaded");
 
-    let mut learner = Learner::new(Limits::default());
+    let mut learner = Learner::new(Limits {
+        max_hosts_per_fence: config.general.max_learned_hosts_per_fence,
+        ..Limits::default()
+    });
     // `--manifests-dir` is a file sink instead of the API server: the cluster is not contacted.
     let client = match &args.manifests_dir {
         Some(_) => {
@@ -432,14 +459,6 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
     );
     let learner = LearnerHandle::new(learner, EDGE_BATCH);
     ctx.debug = std::mem::take(&mut ctx.debug).merge(store.router());
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<crate::learn::Edge>>(16);
-    let consumer = store.clone();
-    let shutdown = ctx.shutdown.clone();
-    let pump = learner.clone();
-    ctx.spawn("edge-pump", async move {
-        Ok(pump.pump(tx, EDGE_FLUSH, shutdown).await?)
-    });
-
     let state = ClusterState::new(snapshot.index, snapshot.fences);
     state.rejections().register(&mut ctx.registry);
     for rejection in snapshot.rejected {
@@ -491,7 +510,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             Ok(prometheus::run(prom, enabled, interval, sink, shutdown).await?)
         });
     }
-    let mut writer = client.clone().map(StatusWriter::new);
+    let writer = client.clone().map(StatusWriter::new);
     if writer.is_none() {
         match &args.manifests_dir {
             Some(dir) => {
@@ -500,44 +519,48 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             None => tracing::warn!("no cluster configured: learned dependencies are kept in memory only"),
         }
     }
-    let (local, local_config, manifests) = (state.clone(), config.clone(), args.manifests_dir.clone());
+    let mut consumer = EdgeConsumer {
+        store: store.clone(),
+        writer,
+        state: state.clone(),
+        config: config.clone(),
+        manifests: args.manifests_dir.clone(),
+        unwritten: BTreeMap::new(),
+        unwritten_len: 0,
+        written_at: BTreeMap::new(),
+    };
+    // The final flush waits for the collector: what its streams were handling is learned too.
+    let collector_stopped = CancellationToken::new();
+    let (shutdown, stopped, queue) = (ctx.shutdown.clone(), collector_stopped.clone(), learner.clone());
     ctx.spawn("edge-consumer", async move {
         loop {
             tokio::select! {
-                batch = rx.recv() => {
-                    let Some(batch) = batch else { return Ok(()) };
-                    let now = jiff::Timestamp::now();
-                    consumer.apply(&batch, now);
-                    match &mut writer {
-                        Some(w) => {
-                            let done = w.write(batch, now).await;
-                            tracing::debug!(?done, "learned dependencies written");
+                biased;
+                () = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(COLLECTOR_STOP_WAIT, stopped.cancelled()).await;
+                    let mut flushed = consumer.unwritten_len;
+                    loop {
+                        let batch = queue.take_batch();
+                        if batch.is_empty() {
+                            break;
                         }
-                        None => {
-                            for (key, edges) in crate::learn::status::by_fence(&batch) {
-                                let update = |s: &mut _| {
-                                    crate::learn::status::apply_edges(s, edges.iter().copied(), now);
-                                };
-                                apply_locally(&local, &local_config, key, update, now, manifests.as_deref());
-                            }
-                        }
+                        flushed += batch.len();
+                        consumer.add(batch, jiff::Timestamp::now());
+                    }
+                    consumer.write(jiff::Timestamp::now()).await;
+                    tracing::info!(edges = flushed, "learned dependencies flushed");
+                    return Ok(());
+                }
+                () = tokio::time::sleep_until(consumer.next_due()), if consumer.unwritten_len > 0 => {
+                    consumer.write_due(jiff::Timestamp::now()).await;
+                }
+                batch = queue.next_batch(EDGE_FLUSH) => {
+                    consumer.add(batch, jiff::Timestamp::now());
+                    if consumer.unwritten_len >= MAX_UNWRITTEN {
+                        consumer.write(jiff::Timestamp::now()).await;
                     }
                 }
-                Some((key, metrics)) = metrics_rx.recv() => {
-                    let now = jiff::Timestamp::now();
-                    match &mut writer {
-                    Some(w) => {
-                        let done = w.write_metrics(&key, &metrics, now).await;
-                        tracing::debug!(?done, "prometheus results written");
-                    }
-                    None => {
-                        let update = |s: &mut _| {
-                            crate::learn::prometheus::apply_metrics(s, &metrics, now);
-                        };
-                        apply_locally(&local, &local_config, &key, update, now, manifests.as_deref());
-                    }
-                    }
-                }
+                Some((key, metrics)) = metrics_rx.recv() => consumer.write_metrics(&key, &metrics, jiff::Timestamp::now()).await,
             }
         }
     });
@@ -567,11 +590,21 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             .with_context(|| format!("binding the access-log address {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "access-log collector listening");
         let metrics = collector::Metrics::register(&mut ctx.registry);
-        let service = Collector::new(index, Attributor::new(&config), learner, metrics);
+        let peers = match args.als_trust {
+            AlsTrust::GlobalSidecar => Peers::GlobalSidecars(global_sidecar_namespaces(&config)),
+            AlsTrust::Any => {
+                tracing::warn!("--als-trust any: access logs are taken from whoever reaches the collector");
+                Peers::Any
+            }
+        };
+        let service = Collector::new(index, Attributor::new(&config), learner, metrics, peers);
         let shutdown = ctx.shutdown.clone();
         ctx.spawn("access-log collector", async move {
+            let _stopped = collector_stopped.drop_guard();
             Ok(collector::serve(listener, service, shutdown).await?)
         });
+    } else {
+        collector_stopped.cancel();
     }
     Ok(())
 }
@@ -677,6 +710,123 @@ async fn start_reconciling(
         Ok(())
     });
     Ok(())
+}
+
+/// Where learned edges go: into `/debug/edges` as each batch is taken, and into the cluster's
+/// fence statuses or the snapshot's fences (and files) per fence, coalesced: every edge a fence
+/// learned since its last write goes in one write. Taking a batch costs O(its edges); a write
+/// costs the fence's size, once per write, not once per edge or batch.
+struct EdgeConsumer {
+    store: EdgeStore,
+    writer: Option<StatusWriter>,
+    state: ClusterState,
+    config: Arc<Config>,
+    manifests: Option<PathBuf>,
+    unwritten: BTreeMap<ObjectKey, Vec<Edge>>,
+    unwritten_len: usize,
+    /// When each fence written within the last [`FENCE_WRITE_INTERVAL`] was written.
+    written_at: BTreeMap<ObjectKey, tokio::time::Instant>,
+}
+
+impl EdgeConsumer {
+    /// Takes a batch: shown at once, written at the next write.
+    fn add(&mut self, batch: Vec<Edge>, now: jiff::Timestamp) {
+        self.store.apply(&batch, now);
+        self.unwritten_len += batch.len();
+        for edge in batch {
+            self.unwritten.entry(edge.fence.clone()).or_default().push(edge);
+        }
+    }
+
+    /// When the next fence with unwritten edges may be written (now, for one not written within
+    /// [`FENCE_WRITE_INTERVAL`]).
+    fn next_due(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.unwritten
+            .keys()
+            .map(|k| {
+                self.written_at
+                    .get(k)
+                    .map_or(now, |at| *at + FENCE_WRITE_INTERVAL)
+            })
+            .min()
+            .unwrap_or(now)
+    }
+
+    /// Writes the fences whose interval has passed.
+    async fn write_due(&mut self, now: jiff::Timestamp) {
+        let at = tokio::time::Instant::now();
+        self.written_at
+            .retain(|_, written| at.duration_since(*written) < FENCE_WRITE_INTERVAL);
+        let (due, wait): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.unwritten)
+            .into_iter()
+            .partition(|(k, _)| !self.written_at.contains_key(k));
+        self.unwritten = wait;
+        self.write_fences(due, now).await;
+    }
+
+    /// Writes every fence that learned something since its last write, once.
+    async fn write(&mut self, now: jiff::Timestamp) {
+        let unwritten = std::mem::take(&mut self.unwritten);
+        self.write_fences(unwritten, now).await;
+    }
+
+    async fn write_fences(&mut self, unwritten: BTreeMap<ObjectKey, Vec<Edge>>, now: jiff::Timestamp) {
+        let at = tokio::time::Instant::now();
+        self.unwritten_len -= unwritten.values().map(Vec::len).sum::<usize>();
+        for key in unwritten.keys() {
+            self.written_at.insert(key.clone(), at);
+        }
+        match &mut self.writer {
+            Some(w) => {
+                let done = w.write(unwritten.into_values().flatten().collect(), now).await;
+                tracing::debug!(?done, "learned dependencies written");
+            }
+            None => {
+                for (key, edges) in unwritten {
+                    let update = |s: &mut _| {
+                        crate::learn::status::apply_edges(s, edges.iter(), now);
+                    };
+                    apply_locally(
+                        &self.state,
+                        &self.config,
+                        &key,
+                        update,
+                        now,
+                        self.manifests.as_deref(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes one Prometheus poll of `key`.
+    async fn write_metrics(
+        &mut self,
+        key: &ObjectKey,
+        metrics: &BTreeMap<String, String>,
+        now: jiff::Timestamp,
+    ) {
+        match &mut self.writer {
+            Some(w) => {
+                let done = w.write_metrics(key, metrics, now).await;
+                tracing::debug!(?done, "prometheus results written");
+            }
+            None => {
+                let update = |s: &mut _| {
+                    crate::learn::prometheus::apply_metrics(s, metrics, now);
+                };
+                apply_locally(
+                    &self.state,
+                    &self.config,
+                    key,
+                    update,
+                    now,
+                    self.manifests.as_deref(),
+                );
+            }
+        }
+    }
 }
 
 /// Without a cluster: merges what was learned for one fence (`update`) into its in-memory copy

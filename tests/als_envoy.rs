@@ -180,6 +180,8 @@ async fn envoy_access_logs_teach_lazyload_serve() {
         [
             "--als-listen",
             &als.to_string(),
+            "--als-trust",
+            "any",
             "--cluster-snapshot",
             snapshot.to_str().unwrap(),
         ],

@@ -1,6 +1,7 @@
 //! The collector over real gRPC on loopback: concurrent streams each identified by their first
-//! message only, an oversized message refused and counted without harming other streams, and a
-//! flood of distinct hosts kept within the learner's caps.
+//! message only, an oversized message refused and counted without harming other streams, a
+//! flood of distinct hosts kept within the learner's caps, streams from peers that are not
+//! global-sidecars refused, garbage refused as such, and open streams ended by shutdown.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use lazyload::als::MAX_MESSAGE_BYTES;
 use lazyload::als::attribute::Attributor;
-use lazyload::als::collector::{self, Collector, Metrics};
+use lazyload::als::collector::{self, Collector, Metrics, Peers};
 use lazyload::config::Config;
 use lazyload::index::{ClusterIndex, ObjectKey, PodInfo, ServiceEntryInfo, ServiceInfo};
 use lazyload::learn::pump::LearnerHandle;
@@ -54,28 +55,39 @@ struct Running {
     addr: SocketAddr,
     learner: LearnerHandle,
     registry: Registry,
+    index: Arc<RwLock<ClusterIndex>>,
     shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), collector::Error>>,
 }
 
+/// A collector taking streams from anyone (the tests' client is on loopback).
 async fn start(limits: Limits) -> Running {
+    start_for(limits, Peers::Any).await
+}
+
+async fn start_for(limits: Limits, peers: Peers) -> Running {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let learner = LearnerHandle::new(Learner::new(limits), 100);
+    let index = Arc::new(RwLock::new(index()));
     let collector = Collector::new(
-        Arc::new(RwLock::new(index())),
+        index.clone(),
         Attributor::new(&Config::default()),
         learner.clone(),
         metrics,
+        peers,
     );
     let listener = collector::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(collector::serve(listener, collector, shutdown.clone()));
+    let server = tokio::spawn(collector::serve(listener, collector, shutdown.clone()));
     Running {
         addr,
         learner,
         registry,
+        index,
         shutdown,
+        server,
     }
 }
 
@@ -169,19 +181,146 @@ async fn a_full_queue_stops_reading_until_the_consumer_drains_it() {
     assert!(!call.is_finished(), "the stream was read past a full queue");
     assert_eq!(r.learner.lock().pending(), 50);
     // A consumer appears: everything is learned, nothing dropped.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(
-        r.learner
-            .clone()
-            .pump(tx, Duration::from_millis(10), r.shutdown.clone()),
-    );
     let mut received = 0;
     while received < 1_000 {
-        received += rx.recv().await.unwrap().len();
+        received += r.learner.next_batch(Duration::from_millis(10)).await.len();
     }
     call.await.unwrap().unwrap();
     assert_eq!(r.learner.lock().len(), 1_000);
     let text = metrics_text(&r.registry);
     assert!(text.contains("reason=\"queue_full\"} 0"), "{text}");
     r.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn only_global_sidecar_pods_may_stream() {
+    let r = start_for(
+        Limits::default(),
+        Peers::GlobalSidecars(vec!["mesh-operator".into()]),
+    )
+    .await;
+    let send = || async {
+        let mut c = client(r.addr).await;
+        c.stream_access_logs(tokio_stream::iter([message(true, ["a.example.org".to_string()])]))
+            .await
+    };
+    // 127.0.0.1 is nobody's address yet, then a pod's that is not a global-sidecar.
+    let refused = send().await.expect_err("an unknown peer was trusted");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    let pod = |ns: &str, name: &str, app: &str| PodInfo {
+        key: ObjectKey::new(ns, name),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: vec!["127.0.0.1".parse().unwrap()],
+        host_network: false,
+        service_account: "default".into(),
+    };
+    r.index
+        .write()
+        .unwrap()
+        .apply_pod(pod("default", "impostor", "global-sidecar"));
+    let refused = send()
+        .await
+        .expect_err("a pod outside the global-sidecar's namespace was trusted");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(r.learner.lock().len(), 0, "a refused stream taught something");
+    // The global-sidecar's pod at that address: trusted.
+    r.index
+        .write()
+        .unwrap()
+        .apply_pod(pod("mesh-operator", "global-sidecar-0", "global-sidecar"));
+    send().await.expect("the global-sidecar's stream");
+    assert_eq!(r.learner.lock().len(), 1);
+    let text = metrics_text(&r.registry);
+    assert!(
+        text.contains("als_refused_streams_total{reason=\"not_global_sidecar\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("als_refused_streams_total{reason=\"no_peer_address\"} 0"),
+        "{text}"
+    );
+    r.shutdown.cancel();
+}
+
+/// A message whose field 1 (the identifier, a message) arrives as a varint: not an access-log
+/// message.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbage {
+    #[prost(uint64, tag = "1")]
+    identifier: u64,
+}
+
+#[tokio::test]
+async fn garbage_ends_the_stream_with_invalid_argument() {
+    let r = start(Limits::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        http::uri::PathAndQuery::from_static("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs");
+    let codec = tonic_prost::ProstCodec::<
+        Garbage,
+        envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse,
+    >::default();
+    let status = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::iter([Garbage { identifier: 7 }])),
+            path,
+            codec,
+        )
+        .await
+        .expect_err("garbage accepted");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    let text = metrics_text(&r.registry);
+    assert!(text.contains("reason=\"decode_error\"} 1"), "{text}");
+    assert!(text.contains("als_streams_open 0"), "{text}");
+    r.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_fence_at_its_host_cap_learns_no_more() {
+    let r = start(Limits {
+        max_hosts_per_fence: 10,
+        ..Limits::default()
+    })
+    .await;
+    let mut c = client(r.addr).await;
+    let msgs = [message(true, (0..25).map(|i| format!("h{i}.example.org")))];
+    c.stream_access_logs(tokio_stream::iter(msgs)).await.unwrap();
+    assert_eq!(r.learner.lock().len(), 10);
+    let text = metrics_text(&r.registry);
+    assert!(text.contains("reason=\"fence_full\"} 15"), "{text}");
+    assert!(text.contains("als_fences_at_host_cap 1"), "{text}");
+    r.shutdown.cancel();
+}
+
+/// Envoy never closes its access-log stream: shutdown must end it, not wait for it.
+#[tokio::test]
+async fn shutdown_ends_open_streams_at_once() {
+    let r = start(Limits::default()).await;
+    let mut c = client(r.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(message(true, ["a.example.org".to_string()]))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        c.stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    wait_for("the edge", || r.learner.lock().len() == 1).await;
+    r.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), r.server)
+        .await
+        .expect("the server stopped with a stream open")
+        .unwrap()
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .expect("the stream ended");
+    drop(tx);
+    ended.unwrap().expect("ended cleanly");
 }

@@ -412,6 +412,9 @@ async fn a_grpc_call_through_the_global_sidecar_arrives_as_http2_and_is_learned(
         [
             "--als-listen",
             &als.to_string(),
+            // The global-sidecar Envoy here sends from loopback, not from a global-sidecar pod.
+            "--als-trust",
+            "any",
             "--cluster-snapshot",
             snapshot.to_str().unwrap(),
         ],

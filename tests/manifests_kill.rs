@@ -5,8 +5,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
@@ -16,49 +14,13 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
     HttpAccessLogEntries, LogEntries,
 };
 use lazyload::demo::mesh::Mesh;
-use lazyload::model::fence::ServiceFence;
+use support::manifests::edges_on_disk;
 use support::serve::Serve;
 
 /// Rounds of start, learn, kill. Rounds `2p` and `2p + 1` send the calls of part `p`; a caller's
 /// calls are in different parts, so a restart that forgot the files would rewrite them with
 /// fewer edges.
 const ROUNDS: usize = 8;
-
-/// Every learned (fence, host) in the fence files under `dir`; panics on a file that is not a
-/// whole ServiceFence.
-fn edges_on_disk(dir: &Path) -> BTreeSet<(String, String)> {
-    let mut edges = BTreeSet::new();
-    let Ok(namespaces) = std::fs::read_dir(dir) else {
-        return edges;
-    };
-    for namespace in namespaces {
-        for file in std::fs::read_dir(namespace.unwrap().path()).unwrap() {
-            let path = file.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().to_string();
-            if !name.ends_with(".yaml") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            assert!(!text.is_empty(), "{name} is empty");
-            if !name.ends_with(".servicefence.yaml") {
-                let _: serde_yaml::Value = serde_yaml::from_str(&text)
-                    .unwrap_or_else(|e| panic!("{name} is not whole: {e}\n{text}"));
-                continue;
-            }
-            let fence: ServiceFence = serde_yaml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{name} is not a whole ServiceFence: {e}\n{text}"));
-            let id = format!(
-                "{}/{}",
-                fence.metadata.namespace.unwrap(),
-                fence.metadata.name.unwrap()
-            );
-            for key in fence.status.unwrap_or_default().metric_status.into_keys() {
-                edges.insert((id.clone(), key));
-            }
-        }
-    }
-    edges
-}
 
 /// The calls of round `round` (part `round / 2`: every `ROUNDS / 2`-th call) as one message.
 fn round_message(all: &[StreamAccessLogsMessage], round: usize) -> StreamAccessLogsMessage {
@@ -107,16 +69,7 @@ async fn a_kill_at_any_point_loses_no_written_edge_and_leaves_no_partial_file() 
     let mut before = BTreeSet::new();
     let mut kills_after_a_write = 0;
     for round in 0..ROUNDS {
-        let als = format!("127.0.0.1:{}", support::free_port());
-        let args = [
-            "--cluster-snapshot",
-            snapshot.to_str().unwrap(),
-            "--manifests-dir",
-            manifests.to_str().unwrap(),
-            "--als-listen",
-            &als,
-        ];
-        let mut serve = Serve::start(args, Stdio::null()).await;
+        let (mut serve, als) = Serve::learning(&snapshot, &manifests).await;
         let message = round_message(&logs, round);
         let sender = tokio::spawn(async move {
             for _ in 0..100 {

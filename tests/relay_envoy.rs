@@ -719,6 +719,8 @@ items:
             &xds_addr,
             "--als-listen",
             &als_addr,
+            "--als-trust",
+            "any",
             "--als-address",
             &als_addr,
             "--cluster-snapshot",

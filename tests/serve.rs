@@ -20,22 +20,10 @@ async fn admin_endpoints_and_clean_shutdown() {
     assert!(metrics.body.contains("# EOF"), "{}", metrics.body);
 
     // SIGTERM: the process exits 0.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pid = serve.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (status, _) = serve
+        .terminate(Duration::from_secs(10))
+        .await
+        .expect("serve did not stop on SIGTERM");
     assert!(status.success(), "exit status {status}");
 }
 
@@ -231,7 +219,7 @@ items:
     let serve = Serve::offline(
         &snapshot,
         &dir.path("manifests"),
-        &["--als-listen", &als.to_string()],
+        &["--als-listen", &als.to_string(), "--als-trust", "any"],
     )
     .await;
     assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
@@ -255,5 +243,68 @@ items:
         }
         assert!(Instant::now() < deadline, "no Sidecar learned: {text:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM with an access-log stream open (Envoy never closes its own) and learned edges still
+/// queued: the stream is ended, the queue flushed to the files, and the process exits at once,
+/// not after the 10 s drain timeout.
+#[tokio::test]
+async fn sigterm_with_an_open_stream_and_a_backlog_exits_at_once_and_loses_nothing() {
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+
+    let dir = support::TempDir::new("serve-sigterm");
+    let mesh = lazyload::demo::mesh::Mesh::sample(120);
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, mesh.cluster_yaml(true)).unwrap();
+    let manifests = dir.path("manifests");
+    let (mut serve, als) = Serve::learning(&snapshot, &manifests).await;
+    let mut client = AccessLogServiceClient::connect(format!("http://{als}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    for msg in mesh.access_logs() {
+        tx.send(msg).await.unwrap();
+    }
+    // The stream stays open: `tx` lives until the end of the test.
+    let call = tokio::spawn(async move {
+        client
+            .stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Everything sent was learned (and part of it is still queued: batches are written each
+    // second), then SIGTERM at once.
+    let learned = learned_total(serve.admin).await;
+    let (status, took) = serve
+        .terminate(Duration::from_secs(3))
+        .await
+        .expect("serve did not exit within 3 s of SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    println!("exited {took:?} after SIGTERM, {learned} edges learned");
+    let on_disk = support::manifests::edges_on_disk(&manifests);
+    assert_eq!(on_disk.len(), learned, "learned edges missing from the files");
+    let ended = tokio::time::timeout(Duration::from_secs(2), call).await;
+    assert!(ended.is_ok(), "the access-log stream was left open");
+    drop(tx);
+}
+
+/// Waits until the collector learned what was sent (its edges counter is above 0 and stopped
+/// moving) and returns how many edges it learned.
+async fn learned_total(admin: std::net::SocketAddr) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = 0;
+    loop {
+        let body = http::get(admin, "/metrics", &[]).await.unwrap().body;
+        let learned = body
+            .lines()
+            .find_map(|l| l.strip_prefix("lazyload_als_edges_learned_total "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if learned > 0 && learned == last {
+            return learned;
+        }
+        last = learned;
+        assert!(Instant::now() < deadline, "learned only {learned} edges");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

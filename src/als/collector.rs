@@ -1,12 +1,18 @@
 //! The gRPC Access Log Service: many concurrent streams from global-sidecars, each entry
 //! attributed and handed to the learner.
 //!
+//! Only trusted peers may stream ([`Peers`]): with the default, a global-sidecar pod, by the
+//! peer's address in the pod index; anyone else is refused with `PermissionDenied` and counted,
+//! since whatever a stream claims becomes a fence's dependency. A message that does not decode
+//! ends its stream with `InvalidArgument` and a warning. On shutdown every stream ends at once
+//! (Envoy keeps its stream open for ever; waiting for it would hold the process).
+//!
 //! Each stream names itself (node, log name) on its first message only; the collector keeps
 //! that per stream for its logs. Entries are processed a message at a time under one learner
 //! lock. While the learner's queue is full the stream is not read (back-pressure: Envoy buffers,
 //! then drops, on its side, which its ALS contract allows).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -21,7 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::attribute::{Attributor, Drop, Hosts};
 use super::entry::{Entry, Kind};
@@ -29,6 +35,7 @@ use super::{LOG_NAME, MAX_MESSAGE_BYTES, SLIME_LOG_NAME};
 use crate::index::ClusterIndex;
 use crate::learn::pump::LearnerHandle;
 use crate::learn::{Learner, Observed};
+use crate::model::scope::is_global_sidecar_address;
 
 /// Why the collector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,8 @@ pub struct Tally {
     pub queue_full: u64,
     /// Edges not learned because the learner's tables were full.
     pub table_full: u64,
+    /// Edges not learned because their fence had its most hosts.
+    pub fence_full: u64,
     /// New edges.
     pub learned: u64,
     /// Known edges whose last-seen time was refreshed.
@@ -90,6 +99,7 @@ pub fn process(
                             Observed::Refreshed => tally.refreshed += 1,
                             Observed::QueueFull => tally.queue_full += 1,
                             Observed::TableFull => tally.table_full += 1,
+                            Observed::FenceFull => tally.fence_full += 1,
                         }
                     }
                 }
@@ -122,10 +132,62 @@ pub struct Metrics {
     dropped: Vec<Counter>,
     queue_full: Counter,
     table_full: Counter,
+    fence_full: Counter,
     decode_error: Counter,
     learned: Counter,
     refreshed: Counter,
     streams: Gauge,
+    /// Indexed like [`Refused::ALL`].
+    refused: Vec<Counter>,
+    fences_at_cap: Gauge,
+}
+
+/// Why a stream was refused: a closed set (a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The peer's address is not a global-sidecar pod's.
+    NotGlobalSidecar,
+    /// The connection has no peer address to check.
+    NoPeerAddress,
+}
+
+impl Refused {
+    /// Every reason, in counter order.
+    pub const ALL: [Refused; 2] = [Refused::NotGlobalSidecar, Refused::NoPeerAddress];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::NotGlobalSidecar => "not_global_sidecar",
+            Refused::NoPeerAddress => "no_peer_address",
+        }
+    }
+}
+
+/// Which peers may stream access logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// Only global-sidecar pods of these namespaces, by the peer's address in the pod index
+    /// (see [`is_global_sidecar_address`]).
+    GlobalSidecars(Vec<String>),
+    /// Anyone who reaches the port: for the demo, tests, and collectors only trusted hosts can
+    /// reach.
+    Any,
+}
+
+impl Peers {
+    /// Why `peer` may not stream, if it may not.
+    fn refuses(&self, index: &ClusterIndex, peer: Option<IpAddr>) -> Option<Refused> {
+        match (self, peer) {
+            (Peers::Any, _) => None,
+            (Peers::GlobalSidecars(_), None) => Some(Refused::NoPeerAddress),
+            (Peers::GlobalSidecars(namespaces), Some(ip)) => {
+                // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`.
+                let ip = ip.to_canonical();
+                (!is_global_sidecar_address(index, namespaces, ip)).then_some(Refused::NotGlobalSidecar)
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -134,6 +196,7 @@ impl Metrics {
         type Labels = Vec<(String, String)>;
         let entries = Family::<Labels, Counter>::default();
         let dropped = Family::<Labels, Counter>::default();
+        let refused = Family::<Labels, Counter>::default();
         let series = |family: &Family<Labels, Counter>, key: &str, value: &str| {
             family
                 .get_or_create(&vec![(key.to_string(), value.to_string())])
@@ -148,10 +211,16 @@ impl Metrics {
                 .collect(),
             queue_full: series(&dropped, "reason", "queue_full"),
             table_full: series(&dropped, "reason", "table_full"),
+            fence_full: series(&dropped, "reason", "fence_full"),
             decode_error: series(&dropped, "reason", "decode_error"),
             learned: Counter::default(),
             refreshed: Counter::default(),
             streams: Gauge::default(),
+            refused: Refused::ALL
+                .iter()
+                .map(|r| series(&refused, "reason", r.as_str()))
+                .collect(),
+            fences_at_cap: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("als");
         r.register("entries", "Access-log entries received, by kind", entries);
@@ -167,6 +236,16 @@ impl Metrics {
             m.refreshed.clone(),
         );
         r.register("streams_open", "Access-log streams open", m.streams.clone());
+        r.register(
+            "refused_streams",
+            "Access-log streams refused (untrusted peers), by reason",
+            refused,
+        );
+        r.register(
+            "fences_at_host_cap",
+            "Fences that reached general.maxLearnedHostsPerFence (further hosts are not learned)",
+            m.fences_at_cap.clone(),
+        );
         m
     }
 
@@ -179,6 +258,7 @@ impl Metrics {
         }
         self.queue_full.inc_by(t.queue_full);
         self.table_full.inc_by(t.table_full);
+        self.fence_full.inc_by(t.fence_full);
         self.learned.inc_by(t.learned);
         self.refreshed.inc_by(t.refreshed);
     }
@@ -195,21 +275,28 @@ pub struct Collector {
     attributor: Arc<Attributor>,
     learner: LearnerHandle,
     metrics: Metrics,
+    peers: Arc<Peers>,
+    /// Ends every stream (set by [`serve`]).
+    shutdown: CancellationToken,
 }
 
 impl Collector {
-    /// A collector attributing against `index` and learning into `learner`.
+    /// A collector taking streams from `peers`, attributing against `index` and learning into
+    /// `learner`.
     pub fn new(
         index: Arc<RwLock<ClusterIndex>>,
         attributor: Attributor,
         learner: LearnerHandle,
         metrics: Metrics,
+        peers: Peers,
     ) -> Self {
         Self {
             index,
             attributor: Arc::new(attributor),
             learner,
             metrics,
+            peers: Arc::new(peers),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -220,7 +307,7 @@ impl Collector {
 
     fn handle(&self, msg: &StreamAccessLogsMessage, hosts: &mut Hosts) {
         let mut tally = Tally::default();
-        let pending = {
+        let (pending, at_cap) = {
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
             let mut learner = self.learner.lock();
             process(
@@ -232,10 +319,45 @@ impl Collector {
                 Timestamp::now(),
                 &mut tally,
             );
-            learner.pending()
+            (learner.pending(), learner.fences_at_cap())
         };
         self.learner.queued(pending);
         self.metrics.record(&tally);
+        self.metrics
+            .fences_at_cap
+            .set(i64::try_from(at_cap).unwrap_or(i64::MAX));
+    }
+}
+
+/// How prost's decode errors begin (tonic passes them on as the status message).
+const PROST_DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+impl Collector {
+    /// Counts and logs a stream that failed, and says why to its sender: what does not decode
+    /// is the sender's fault (`InvalidArgument`, or the size limit's own status); a stream the
+    /// sender broke off is only logged at debug level.
+    fn failed(&self, peer: Option<SocketAddr>, status: Status) -> Status {
+        match status.code() {
+            // tonic reports a message that does not decode as `Internal`, with prost's error.
+            Code::Internal if status.message().starts_with(PROST_DECODE_ERROR) => {
+                self.metrics.decode_error();
+                tracing::warn!(
+                    ?peer,
+                    "access-log stream ended: a message is not an access-log message: {}",
+                    status.message()
+                );
+                Status::invalid_argument(format!("not a StreamAccessLogsMessage: {}", status.message()))
+            }
+            Code::OutOfRange | Code::ResourceExhausted => {
+                self.metrics.decode_error();
+                tracing::warn!(?peer, "access-log stream ended: {}", status.message());
+                status
+            }
+            _ => {
+                tracing::debug!(?peer, "access-log stream failed: {status}");
+                status
+            }
+        }
     }
 }
 
@@ -255,6 +377,22 @@ impl AccessLogService for Collector {
         request: Request<Streaming<StreamAccessLogsMessage>>,
     ) -> Result<Response<StreamAccessLogsResponse>, Status> {
         let peer = request.remote_addr();
+        let refused = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            self.peers.refuses(&index, peer.map(|p| p.ip()))
+        };
+        if let Some(why) = refused {
+            self.metrics.refused[why as usize].inc();
+            tracing::warn!(
+                ?peer,
+                reason = why.as_str(),
+                "access-log stream refused: only global-sidecars may send access logs"
+            );
+            return Err(Status::permission_denied(format!(
+                "access logs are taken from global-sidecar pods only ({})",
+                why.as_str()
+            )));
+        }
         let mut stream = request.into_inner();
         self.metrics.streams.inc();
         let _guard = StreamGuard(self.metrics.streams.clone());
@@ -262,15 +400,20 @@ impl AccessLogService for Collector {
         let mut identified = false;
         let mut hosts = Hosts::default();
         loop {
-            self.learner.wait_for_room().await;
-            let msg = match stream.message().await {
+            let next = async {
+                self.learner.wait_for_room().await;
+                stream.message().await
+            };
+            let msg = tokio::select! {
+                biased;
+                // What was read is learned; the rest stays with the sender.
+                () = self.shutdown.cancelled() => break,
+                msg = next => msg,
+            };
+            let msg = match msg {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
-                Err(status) => {
-                    self.metrics.decode_error();
-                    tracing::debug!(?peer, "access-log stream failed: {status}");
-                    return Err(status);
-                }
+                Err(status) => return Err(self.failed(peer, status)),
             };
             if !identified {
                 identified = true;
@@ -297,20 +440,32 @@ impl AccessLogService for Collector {
     }
 }
 
-/// Serves `collector` on `listener` until `shutdown`.
+/// How long connections may linger after shutdown ended their streams (a sender keeps its
+/// connection open and the server would wait for it to close).
+const CONNECTION_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Serves `collector` on `listener` until `shutdown`: then every stream ends at once (what was
+/// read is learned) and connections still open a moment later are closed.
 pub async fn serve(
     listener: TcpListener,
-    collector: Collector,
+    mut collector: Collector,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    collector.shutdown = shutdown.clone();
     // The collector sends almost nothing but HTTP/2 window updates; Nagle's algorithm held them
     // back and stalled the sender (measured: 63k entries/s with it, 370k+ without; larger
     // HTTP/2 windows made no measurable difference once it was off).
     let incoming = crate::net::nodelay_incoming(listener);
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(collector.into_service())
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::select! {
+        served = server => served?,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(CONNECTION_GRACE).await;
+        } => tracing::debug!("access-log connections still open after shutdown: closed"),
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! Moving learned edges out: the shared learner handle, the task that sends queued edges to the
-//! consumer in batches, and the in-memory consumer `serve` uses until the reconciler exists.
+//! Moving learned edges out: the shared learner handle the consumer takes batches from, and the
+//! in-memory view of what each fence learned (`/debug/edges`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,8 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use jiff::Timestamp;
-use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use super::prometheus::apply_metrics;
 use super::status::{apply_edges, by_fence, seed};
@@ -17,15 +16,7 @@ use super::{Edge, Learner};
 use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
 
-/// Why the pump stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The consumer dropped its receiver.
-    #[error("the edge consumer is gone")]
-    ConsumerGone,
-}
-
-/// A [`Learner`] shared by the collector's streams and the pump. The lock is a plain mutex held
+/// A [`Learner`] shared by the collector's streams and the consumer. The lock is a plain mutex held
 /// for one message at a time, never across an await.
 #[derive(Clone, Debug)]
 pub struct LearnerHandle(Arc<Inner>);
@@ -33,15 +24,16 @@ pub struct LearnerHandle(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     learner: Mutex<Learner>,
-    /// Signalled after the pump took a batch (streams waiting for room resume).
+    /// Signalled after the consumer took a batch (streams waiting for room resume).
     drained: Notify,
-    /// Signalled when a full batch is waiting (the pump sends it without waiting for its tick).
+    /// Signalled when a full batch is waiting (the consumer takes it without waiting for its
+    /// tick).
     ready: Notify,
     batch: usize,
 }
 
 impl LearnerHandle {
-    /// Shares `learner`; the pump sends batches of at most `batch` edges.
+    /// Shares `learner`; the consumer takes batches of at most `batch` edges.
     pub fn new(learner: Learner, batch: usize) -> Self {
         Self(Arc::new(Inner {
             learner: Mutex::new(learner),
@@ -70,39 +62,35 @@ impl LearnerHandle {
         }
     }
 
-    /// Tells the pump that edges were queued; it sends at once when a batch is full.
+    /// Tells the consumer that edges were queued; it takes them at once when a batch is full.
     pub fn queued(&self, pending: usize) {
         if pending >= self.0.batch {
             self.0.ready.notify_one();
         }
     }
 
-    /// Sends queued edges to `sink` in batches, at least every `interval`, until `shutdown`
-    /// (then what is queued is sent one last time).
-    pub async fn pump(
-        self,
-        sink: mpsc::Sender<Vec<Edge>>,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<(), Error> {
-        loop {
-            let stop = tokio::select! {
-                _ = shutdown.cancelled() => true,
-                _ = tokio::time::sleep(interval) => false,
-                _ = self.0.ready.notified() => false,
-            };
-            loop {
-                let batch = self.lock().take_batch(self.0.batch);
-                if batch.is_empty() {
-                    break;
-                }
-                self.0.drained.notify_waiters();
-                sink.send(batch).await.map_err(|_| Error::ConsumerGone)?;
-            }
-            if stop {
-                return Ok(());
+    /// Waits until a batch is full or `interval` passed, then takes up to one batch (empty
+    /// when nothing is queued). The consumer calls it when it is ready for more, so edges wait
+    /// in the learner's fair queue, not in a buffer behind another fence's flood: an edge
+    /// queued while a batch is applied is in the next one. Cancel-safe: it takes nothing until
+    /// it stops waiting.
+    pub async fn next_batch(&self, interval: Duration) -> Vec<Edge> {
+        if self.lock().pending() < self.0.batch {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.0.ready.notified() => {}
             }
         }
+        self.take_batch()
+    }
+
+    /// Takes up to one batch now (streams waiting for room resume).
+    pub fn take_batch(&self) -> Vec<Edge> {
+        let batch = self.lock().take_batch(self.0.batch);
+        if !batch.is_empty() {
+            self.0.drained.notify_waiters();
+        }
+        batch
     }
 }
 
@@ -184,7 +172,7 @@ mod tests {
     use crate::learn::Limits;
 
     #[tokio::test]
-    async fn pump_batches_and_releases_back_pressure() {
+    async fn a_full_batch_is_taken_at_once_and_releases_back_pressure() {
         let handle = LearnerHandle::new(
             Learner::new(Limits {
                 max_pending: 2,
@@ -200,19 +188,21 @@ mod tests {
             l.observe(&a, "h2.n.svc.cluster.local", now);
             assert!(l.queue_full());
         }
-        let (tx, mut rx) = mpsc::channel(4);
-        let shutdown = CancellationToken::new();
         handle.queued(2);
-        let pump = tokio::spawn(
-            handle
-                .clone()
-                .pump(tx, Duration::from_secs(3600), shutdown.clone()),
-        );
-        tokio::time::timeout(Duration::from_secs(5), handle.wait_for_room())
-            .await
-            .expect("room after the pump drained");
-        let batch = rx.recv().await.unwrap();
+        let waiting = handle.clone();
+        let room = tokio::spawn(async move { waiting.wait_for_room().await });
+        // A full batch does not wait for the (hour-long) tick.
+        let batch = tokio::time::timeout(
+            Duration::from_secs(5),
+            handle.next_batch(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("a full batch at once");
         assert_eq!(batch.len(), 2);
+        tokio::time::timeout(Duration::from_secs(5), room)
+            .await
+            .expect("room after the batch was taken")
+            .unwrap();
         let store = EdgeStore::default();
         store.apply(&batch, now);
         let json = store.to_json();
@@ -220,7 +210,7 @@ mod tests {
             json["n/a"]["metricStatus"][r#"{destination_service="h1.n.svc.cluster.local"}"#],
             "1"
         );
-        shutdown.cancel();
-        pump.await.unwrap().unwrap();
+        // Nothing queued: the tick passes and the batch is empty.
+        assert!(handle.next_batch(Duration::from_millis(10)).await.is_empty());
     }
 }

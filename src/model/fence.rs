@@ -34,6 +34,9 @@ pub const LABEL_ISTIO_REV: &str = "istio.io/rev";
 pub const CONDITION_HOSTS_VALID: &str = "HostsValid";
 /// Condition type: whether the fence yields a Sidecar, and why not.
 pub const CONDITION_SIDECAR: &str = "SidecarGenerated";
+/// Condition type, present only while true: the fence learned `general.maxLearnedHostsPerFence`
+/// hosts and learns no more.
+pub const CONDITION_HOST_CAP: &str = "LearnedHostCapReached";
 
 /// A ServiceFence: which services a workload depends on, declared and learned.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

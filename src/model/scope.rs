@@ -6,6 +6,7 @@
 //! so the operator is told loudly.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use super::istio::Sidecar;
 use super::labels::Labels;
@@ -112,16 +113,38 @@ pub fn scoped_global_sidecars<'a>(
 
 /// The label sets of the global-sidecar's pods in `namespace` (see [`scoped_global_sidecars`]).
 fn global_sidecar_pod_labels(index: &ClusterIndex, namespace: &str) -> Vec<Labels> {
-    let selector: Labels = index
-        .service(&ObjectKey::new(namespace, GLOBAL_SIDECAR))
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_else(|| BTreeMap::from([("app".to_string(), GLOBAL_SIDECAR.to_string())]));
+    let selector = global_sidecar_selector(index, namespace);
     let pods: Vec<Labels> = index
         .pods()
-        .filter(|p| p.key.namespace == namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        .filter(|p| p.key.namespace == namespace && selects(&selector, &p.labels))
         .map(|p| p.labels.clone())
         .collect();
     if pods.is_empty() { vec![selector] } else { pods }
+}
+
+/// The labels of the global-sidecar's pods in `namespace`: its Service's selector, else
+/// `app: global-sidecar`.
+fn global_sidecar_selector(index: &ClusterIndex, namespace: &str) -> Labels {
+    index
+        .service(&ObjectKey::new(namespace, GLOBAL_SIDECAR))
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_else(|| BTreeMap::from([("app".to_string(), GLOBAL_SIDECAR.to_string())]))
+}
+
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether `ip` is a global-sidecar pod's address: a pod at `ip`, in one of the global-sidecar
+/// `namespaces` (see [`global_sidecar_namespaces`]), with the global-sidecar's labels (see
+/// [`scoped_global_sidecars`]). A host-network pod's address is its node's, shared by every
+/// host-network process there: it proves nothing and never counts ([`ClusterIndex::pods_at`]
+/// leaves such pods out).
+pub fn is_global_sidecar_address(index: &ClusterIndex, namespaces: &[String], ip: IpAddr) -> bool {
+    index.pods_at(ip).any(|(pod, _)| {
+        namespaces.contains(&pod.key.namespace)
+            && selects(&global_sidecar_selector(index, &pod.key.namespace), &pod.labels)
+    })
 }
 
 /// Whether a Sidecar leaves its proxies the whole mesh: no egress (Istio reads that as one

@@ -2,6 +2,7 @@
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,42 @@ impl Serve {
             manifests.to_str().unwrap(),
         ];
         Self::start(args.iter().chain(&files), Stdio::inherit()).await
+    }
+}
+
+impl Serve {
+    /// Starts `lazyload serve` learning from access logs without a cluster: the cluster from
+    /// `snapshot`, learned fences written under `manifests`, the collector on a free loopback
+    /// port (returned) taking streams from anyone (the tests send from loopback).
+    pub async fn learning(snapshot: &Path, manifests: &Path) -> (Self, String) {
+        let als = format!("127.0.0.1:{}", super::free_port());
+        let args: [&OsStr; 8] = [
+            "--cluster-snapshot".as_ref(),
+            snapshot.as_ref(),
+            "--manifests-dir".as_ref(),
+            manifests.as_ref(),
+            "--als-listen".as_ref(),
+            als.as_ref(),
+            "--als-trust".as_ref(),
+            "any".as_ref(),
+        ];
+        (Self::start(args, Stdio::null()).await, als)
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its status and how long
+    /// it took, or `None` if it was still running.
+    pub async fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((status, start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 }
 
