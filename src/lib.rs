@@ -11,6 +11,7 @@
 //! - [`learn`]: dependency dedup, batches, the merge into fence status, the Prometheus source.
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`): atomic writes, read back at
 //!   start.
+//! - [`metrics`]: the catalog of every metric family lazyload exports (`lazyload metrics`).
 //! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
 //!   [`telemetry`].
 
@@ -24,6 +25,7 @@ pub mod hash;
 pub mod index;
 pub mod learn;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod readiness;

@@ -30,6 +30,16 @@ enum Command {
     Report(lazyload::report::ReportArgs),
     /// Learn Sidecars for a built-in sample mesh and show how much smaller each proxy's config is.
     Demo(lazyload::demo::DemoArgs),
+    /// List every metric family lazyload can export (series name, type, help; `--json` for more).
+    Metrics {
+        /// Print JSON instead of tab-separated lines.
+        #[arg(long)]
+        json: bool,
+        /// Instead: check that every lazyload metric the `expr` fields of these Grafana
+        /// dashboards (.json) or PrometheusRules (YAML) use exists.
+        #[arg(long, num_args = 1..)]
+        check: Vec<PathBuf>,
+    },
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -98,6 +108,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             print!("{}", lazyload::demo::summary(&outcome));
         }
+        Command::Metrics { json, check } => {
+            let catalog = lazyload::metrics::catalog()?;
+            if !check.is_empty() {
+                return check_metric_names(&check, &catalog);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&catalog).context("printing the catalog")?
+                );
+            } else {
+                print!("{}", lazyload::metrics::table(&catalog));
+            }
+        }
         Command::Crd => {
             print!("{}", crd_yaml()?);
         }
@@ -112,6 +136,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `lazyload metrics --check`: fails naming each file's unknown metrics.
+fn check_metric_names(files: &[PathBuf], catalog: &[lazyload::metrics::MetricFamily]) -> anyhow::Result<()> {
+    let mut failed = false;
+    for file in files {
+        let used = lazyload::metrics::used_names(file)?;
+        let unknown = lazyload::metrics::unknown_names(&used, catalog);
+        if unknown.is_empty() {
+            println!("ok: {}: {} metrics, all exported", file.display(), used.len());
+        } else {
+            failed = true;
+            eprintln!(
+                "{}: not exported by lazyload: {}",
+                file.display(),
+                unknown.join(", ")
+            );
+        }
+    }
+    anyhow::ensure!(!failed, "unknown metrics (see `lazyload metrics` for the names)");
     Ok(())
 }
 
