@@ -82,6 +82,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("warning: {scoped}");
             }
         }
+        Command::Report(args) if args.live.istiod.is_some() => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let now = jiff::Timestamp::now();
+            print!(
+                "{}",
+                runtime.block_on(lazyload::report::istiod::run(&args.live, args.json, now))?
+            );
+        }
         Command::Report(args) => {
             let report = lazyload::report::run(&args, jiff::Timestamp::now())?;
             for rejected in &report.rejected {
