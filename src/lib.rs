@@ -12,6 +12,7 @@
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`): atomic writes, read back at
 //!   start.
 //! - [`metrics`]: the catalog of every metric family lazyload exports (`lazyload metrics`).
+//! - [`explain`]: `lazyload explain`: why each host is in a workload's Sidecar.
 //! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
 //!   [`telemetry`].
 
@@ -20,6 +21,7 @@ pub mod als;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod generate;
 pub mod hash;
 pub mod index;

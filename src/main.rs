@@ -28,6 +28,8 @@ enum Command {
     Generate(lazyload::generate::GenerateArgs),
     /// Compare the full config with what each fenced workload's Sidecar scope keeps.
     Report(lazyload::report::ReportArgs),
+    /// Explain a workload's Sidecar: each host and why, what expired or was refused.
+    Explain(lazyload::explain::ExplainArgs),
     /// Learn Sidecars for a built-in sample mesh and show how much smaller each proxy's config is.
     Demo(lazyload::demo::DemoArgs),
     /// List every metric family lazyload can export (series name, type, help; `--json` for more).
@@ -102,6 +104,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 print!("{}", lazyload::report::table(&report));
+            }
+        }
+        Command::Explain(args) => {
+            let explanation = lazyload::explain::run(&args, jiff::Timestamp::now())?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&explanation).context("printing the explanation")?
+                );
+            } else {
+                print!("{}", lazyload::explain::text(&explanation));
             }
         }
         Command::Demo(args) => {
