@@ -77,6 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.attributed,
                 summary.skipped
             );
+            eprintln!(
+                "wrote {} to-global-sidecar EnvoyFilters and {} global-sidecar Service port lists (wormhole ports {:?})",
+                summary.envoyfilters, summary.services, summary.wormhole_ports
+            );
             for rejected in &summary.rejected {
                 eprintln!("warning: {rejected}");
             }
