@@ -1,5 +1,5 @@
 //! `lazyload report --istiod`: against a stand-in istiod serving its debug endpoints and metrics
-//! in the shapes Istio 1.17 to 1.24 serve them, with configs cut from the recorded dump.
+//! in the shapes istio/istio's debug.go (1.17/1.18) and monitoring.go serve them, with configs cut from the recorded dump.
 
 mod support;
 

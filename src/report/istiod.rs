@@ -1,8 +1,9 @@
 //! `lazyload report --istiod <url>`: what every proxy connected to a live istiod holds now.
 //!
 //! It reads the debug endpoints `istioctl proxy-status` and `istioctl proxy-config` read, on
-//! istiod's monitoring port (15014), as written in `pilot/pkg/xds/debug.go` of Istio 1.17 to 1.24
-//! (the shapes below did not change over these releases):
+//! istiod's monitoring port (15014), as written in istio/istio's `pilot/pkg/xds/debug.go` of the
+//! 1.17/1.18 line, `pilot/pkg/model/sidecar.go` (SidecarScope's JSON) and
+//! `pilot/pkg/xds/monitoring.go` of 1.19+ (fields a later release adds are ignored):
 //!
 //! - `GET /debug/syncz`: a JSON array, one object per connected proxy: `proxy`
 //!   (`<pod>.<namespace>`), `cluster_id`, `istio_version`, and per type `<type>_sent` /

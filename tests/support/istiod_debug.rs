@@ -1,6 +1,6 @@
 //! A stand-in for istiod's monitoring port (15014): the debug endpoints `istioctl proxy-status`
-//! and `proxy-config` read, and `/metrics`, as `pilot/pkg/xds/debug.go` (Istio 1.17 to 1.24)
-//! serves them. Only those paths answer (anything else is a 404, as on istiod's mux):
+//! and `proxy-config` read, and `/metrics`, as istio/istio's `pilot/pkg/xds/debug.go` (1.17/1.18
+//! line) serves them. Only those paths answer (anything else is a 404, as on istiod's mux):
 //!
 //! - `/debug/syncz`: `[{"cluster_id", "proxy", "istio_version", "<type>_sent", "<type>_acked"}]`.
 //! - `/debug/config_dump?proxyID=<id>[&include_eds=true]`: the proxy's config in the shape of
