@@ -6,6 +6,8 @@
 //! dependency — with the fence cut down to that one source, which tells which domains (and which
 //! aliases and VirtualService destinations of them) that source brings. What the model adds by
 //! itself (Istio's and lazyload's namespaces, `stableHost`, the global-sidecar) is named as such.
+//! The fence's learned last-seen times are also the last calls that went through the
+//! global-sidecar: only such a call (its access log) refreshes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -145,7 +147,22 @@ pub struct Explanation {
     pub expired: Vec<HostLeftOut>,
     /// Hosts refused: invalid, or a global-sidecar.
     pub refused: Vec<HostLeftOut>,
+    /// The last calls that went through the global-sidecar (the learned hosts by last-seen
+    /// time, newest first: only a call through the global-sidecar refreshes it).
+    pub fallback_calls: Vec<FallbackCall>,
 }
+
+/// A call that went through the global-sidecar.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FallbackCall {
+    /// The host called.
+    pub host: String,
+    /// When it was last called that way.
+    pub at: Timestamp,
+}
+
+/// At most this many fallback calls are listed.
+const MAX_FALLBACK_CALLS: usize = 10;
 
 /// Loads the snapshot (and the manifests' learned state) and explains `args.workload`.
 pub fn run(args: &ExplainArgs, now: Timestamp) -> anyhow::Result<Explanation> {
@@ -285,6 +302,7 @@ pub fn explain(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config, now: Ti
         hosts,
         expired: expired(&old, &eval.status, cfg, index.domain()),
         refused: refused(fence, index, cfg, now),
+        fallback_calls: fallback_calls(&old),
     }
 }
 
@@ -436,6 +454,21 @@ fn expired(
     out
 }
 
+/// The learned hosts by last-seen time, newest first.
+fn fallback_calls(status: &ServiceFenceStatus) -> Vec<FallbackCall> {
+    let mut calls: Vec<FallbackCall> = status
+        .last_seen
+        .iter()
+        .map(|(host, at)| FallbackCall {
+            host: host.clone(),
+            at: at.0,
+        })
+        .collect();
+    calls.sort_by(|a, b| b.at.cmp(&a.at).then_with(|| a.host.cmp(&b.host)));
+    calls.truncate(MAX_FALLBACK_CALLS);
+    calls
+}
+
 /// Slime's name of a dependency status.
 fn status_name(s: DomainStatus) -> &'static str {
     match s {
@@ -494,6 +527,12 @@ pub fn text(e: &Explanation) -> String {
         out.push_str(&format!("  {}{status}\n", h.host));
         for r in &h.reasons {
             out.push_str(&format!("    - {r}\n"));
+        }
+    }
+    if !e.fallback_calls.is_empty() {
+        out.push_str("last calls through the global-sidecar:\n");
+        for c in &e.fallback_calls {
+            out.push_str(&format!("  {} {}\n", c.at, c.host));
         }
     }
     for (title, list) in [("expired", &e.expired), ("refused", &e.refused)] {

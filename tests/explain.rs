@@ -148,8 +148,26 @@ fn every_host_says_why() {
     );
     assert!(e.refused[0].why.starts_with("invalid: "), "{}", e.refused[0].why);
 
+    // The last calls through the global-sidecar: the learned last-seen times, newest first.
+    let calls: Vec<(&str, String)> = e
+        .fallback_calls
+        .iter()
+        .map(|c| (c.host.as_str(), c.at.to_string()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            (REVIEWS, "2026-06-01T11:30:00Z".to_string()),
+            (
+                "ratings-old.default.svc.cluster.local",
+                "2026-05-01T00:00:00Z".to_string()
+            )
+        ]
+    );
+
     // The text names the same.
     let text = lazyload::explain::text(&e);
+    assert!(text.contains("last calls through the global-sidecar:\n  2026-06-01T11:30:00Z reviews.default.svc.cluster.local\n"), "{text}");
     assert!(text.contains("  */reviews-v2.default.svc.cluster.local [ACTIVE]\n    - VirtualService expansion of reviews.default.svc.cluster.local (learned: reviews.default.svc.cluster.local, last seen 2026-06-01T11:30:00Z, from the access log of a call through the global-sidecar)\n"), "{text}");
 }
 

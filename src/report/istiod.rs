@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -39,6 +40,8 @@ use super::Size;
 const DEFAULT_SIDECAR: &str = "default-sidecar";
 /// The longest a single debug request may take (a config dump of a large mesh takes a while).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Config dumps asked for at the same time.
+const PARALLEL_DUMPS: usize = 4;
 /// The largest debug response read.
 const MAX_BODY: usize = 256 * 1024 * 1024;
 
@@ -385,10 +388,13 @@ pub async fn collect(args: &IstiodArgs, now: Timestamp) -> anyhow::Result<LiveRe
     };
     let istiod = Client::new(address, token.clone())?;
     let syncz = istiod.get("/debug/syncz").await?;
-    let mut proxies = Vec::new();
-    for status in parse_syncz(istiod.url("/debug/syncz"), &syncz)? {
-        proxies.push(measure(&istiod, status).await);
-    }
+    let statuses = parse_syncz(istiod.url("/debug/syncz"), &syncz)?;
+    // A few at a time: each config dump makes istiod generate the proxy's whole config.
+    let mut proxies: Vec<ProxyRow> = futures::stream::iter(statuses)
+        .map(|status| measure(&istiod, status))
+        .buffer_unordered(PARALLEL_DUMPS)
+        .collect()
+        .await;
     proxies.sort_by(|a, b| a.proxy.cmp(&b.proxy));
     let pilot = match &args.istiod_metrics {
         Some(url) => {
