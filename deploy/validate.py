@@ -2,7 +2,7 @@
 
 Built-in kinds: the Kubernetes JSON schemas bundled by the `kubernetes-validate` package (strict:
 unknown fields fail). ServiceFence: the openAPIV3Schema of crds/servicefence.yaml. ServiceMonitor:
-the fields lazyload relies on. Plus cross-object checks: every Service selects a Deployment's pods
+the fields lazyload relies on. PrometheusRule: its groups and rules. Plus cross-object checks: every Service selects a Deployment's pods
 and its named targetPorts exist there; probes use declared ports; lazyload's config loads
 (`lazyload check-config`, when a built binary is given in LAZYLOAD_BIN) and its `serve` flags exist.
 """
@@ -37,6 +37,19 @@ def check_servicemonitor(doc):
         assert isinstance(ep["port"], str), "endpoints[].port must be a port name"
 
 
+def check_prometheusrule(doc):
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1", "apiVersion"
+    assert set(doc["spec"]) == {"groups"}, f"spec fields {sorted(doc['spec'])}"
+    for group in doc["spec"]["groups"]:
+        assert isinstance(group["name"], str) and group["rules"], "groups[].name and rules"
+        for rule in group["rules"]:
+            assert ("alert" in rule) != ("record" in rule), "a rule is an alert or a record"
+            assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations"}, f"rule fields {sorted(rule)}"
+            assert isinstance(rule["expr"], str) and rule["expr"].strip(), "rules[].expr"
+            assert rule["expr"].count("(") == rule["expr"].count(")"), f"unbalanced parentheses in {rule['expr']}"
+            assert all(isinstance(v, str) for v in rule.get("labels", {}).values()), "label values are strings"
+
+
 def main(files):
     fence_api, fence_kind, fence_schema = crd_schema(os.path.join(ROOT, "crds", "servicefence.yaml"))
     failures = 0
@@ -52,6 +65,8 @@ def main(files):
                     jsonschema.validate(doc, fence_schema)
                 elif doc.get("kind") == "ServiceMonitor":
                     check_servicemonitor(doc)
+                elif doc.get("kind") == "PrometheusRule":
+                    check_prometheusrule(doc)
                 else:
                     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
                 seen += 1

@@ -482,9 +482,10 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let report = report::run(
         &ReportArgs {
             config: None,
-            cluster_snapshot: fenced_path,
+            cluster_snapshot: Some(fenced_path),
             config_dump: vec![dump],
             json: false,
+            live: Default::default(),
         },
         now,
     )?;

@@ -63,6 +63,12 @@ pub struct Summary {
     pub fences: usize,
     /// Sidecars written.
     pub sidecars: usize,
+    /// `to-global-sidecar` EnvoyFilters written.
+    pub envoyfilters: usize,
+    /// Global-sidecar Services (their ports, for a server-side apply) written.
+    pub services: usize,
+    /// The wormhole ports they cover.
+    pub wormhole_ports: Vec<u16>,
     /// Dependencies learned from the logs.
     pub edges: usize,
     /// Log lines and Prometheus series that named a dependency.
@@ -181,6 +187,36 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
             summary.sidecars += 1;
         }
     }
+
+    // The fallback: what the fallback controller applies to a cluster with no EnvoyFilter yet.
+    let ports = crate::model::fallback::wormhole_ports(&config, &snap.index, &Default::default());
+    let desired = crate::reconcile::fallback::desired(&config, &ports);
+    for ef in &desired.envoyfilters {
+        let key = ObjectKey::new(
+            ef.metadata.namespace.clone().unwrap_or_default(),
+            ef.metadata.name.clone().unwrap_or_default(),
+        );
+        manifests::write(&args.out, &key, "envoyfilter", ef)?;
+        summary.envoyfilters += 1;
+    }
+    for dr in &desired.destination_rules {
+        let key = ObjectKey::new(
+            dr.metadata.namespace.clone().unwrap_or_default(),
+            dr.metadata.name.clone().unwrap_or_default(),
+        );
+        manifests::write(&args.out, &key, "destinationrule", dr)?;
+    }
+    for svc in &desired.services {
+        let field = |k: &str| svc["metadata"][k].as_str().unwrap_or_default().to_string();
+        manifests::write(
+            &args.out,
+            &ObjectKey::new(field("namespace"), field("name")),
+            "service",
+            svc,
+        )?;
+        summary.services += 1;
+    }
+    summary.wormhole_ports = ports.into_iter().collect();
     Ok(summary)
 }
 

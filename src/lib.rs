@@ -11,6 +11,8 @@
 //! - [`learn`]: dependency dedup, batches, the merge into fence status, the Prometheus source.
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`): atomic writes, read back at
 //!   start.
+//! - [`metrics`]: the catalog of every metric family lazyload exports (`lazyload metrics`).
+//! - [`explain`]: `lazyload explain`: why each host is in a workload's Sidecar.
 //! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
 //!   [`telemetry`].
 
@@ -19,11 +21,13 @@ pub mod als;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod generate;
 pub mod hash;
 pub mod index;
 pub mod learn;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod readiness;

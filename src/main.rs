@@ -27,8 +27,20 @@ enum Command {
     Generate(lazyload::generate::GenerateArgs),
     /// Compare the full config with what each fenced workload's Sidecar scope keeps.
     Report(lazyload::report::ReportArgs),
+    /// Explain a workload's Sidecar: each host and why, what expired or was refused.
+    Explain(lazyload::explain::ExplainArgs),
     /// Learn Sidecars for a built-in sample mesh and show how much smaller each proxy's config is.
     Demo(lazyload::demo::DemoArgs),
+    /// List every metric family lazyload can export (series name, type, help; `--json` for more).
+    Metrics {
+        /// Print JSON instead of tab-separated lines.
+        #[arg(long)]
+        json: bool,
+        /// Instead: check that every lazyload metric the `expr` fields of these Grafana
+        /// dashboards (.json) or PrometheusRules (YAML) use exists.
+        #[arg(long, num_args = 1..)]
+        check: Vec<PathBuf>,
+    },
     /// Load a configuration file, report problems, and print the effective settings.
     CheckConfig {
         /// A SlimeBoot lazyload module entry, or a whole SlimeBoot.
@@ -64,12 +76,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.attributed,
                 summary.skipped
             );
+            eprintln!(
+                "wrote {} to-global-sidecar EnvoyFilters and {} global-sidecar Service port lists (wormhole ports {:?})",
+                summary.envoyfilters, summary.services, summary.wormhole_ports
+            );
             for rejected in &summary.rejected {
                 eprintln!("warning: {rejected}");
             }
             for scoped in &summary.scoped {
                 eprintln!("warning: {scoped}");
             }
+        }
+        Command::Report(args) if args.live.istiod.is_some() => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let now = jiff::Timestamp::now();
+            print!(
+                "{}",
+                runtime.block_on(lazyload::report::istiod::run(&args.live, args.json, now))?
+            );
         }
         Command::Report(args) => {
             let report = lazyload::report::run(&args, jiff::Timestamp::now())?;
@@ -85,6 +109,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", lazyload::report::table(&report));
             }
         }
+        Command::Explain(args) => {
+            let explanation = lazyload::explain::run(&args, jiff::Timestamp::now())?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&explanation).context("printing the explanation")?
+                );
+            } else {
+                print!("{}", lazyload::explain::text(&explanation));
+            }
+        }
         Command::Demo(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             // On a signal the demo is dropped, which stops what it started (Envoy included).
@@ -96,6 +131,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })?;
             print!("{}", lazyload::demo::summary(&outcome));
+        }
+        Command::Metrics { json, check } => {
+            let catalog = lazyload::metrics::catalog()?;
+            if !check.is_empty() {
+                return check_metric_names(&check, &catalog);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&catalog).context("printing the catalog")?
+                );
+            } else {
+                print!("{}", lazyload::metrics::table(&catalog));
+            }
         }
         Command::Crd => {
             print!("{}", crd_yaml()?);
@@ -111,6 +160,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `lazyload metrics --check`: fails naming each file's unknown metrics.
+fn check_metric_names(files: &[PathBuf], catalog: &[lazyload::metrics::MetricFamily]) -> anyhow::Result<()> {
+    let mut failed = false;
+    for file in files {
+        let used = lazyload::metrics::used_names(file)?;
+        let unknown = lazyload::metrics::unknown_names(&used, catalog);
+        if unknown.is_empty() {
+            println!("ok: {}: {} metrics, all exported", file.display(), used.len());
+        } else {
+            failed = true;
+            eprintln!(
+                "{}: not exported by lazyload: {}",
+                file.display(),
+                unknown.join(", ")
+            );
+        }
+    }
+    anyhow::ensure!(!failed, "unknown metrics (see `lazyload metrics` for the names)");
     Ok(())
 }
 

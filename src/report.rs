@@ -22,6 +22,8 @@ use crate::index::snapshot::Snapshot;
 use crate::model::evaluate;
 use crate::model::istio::IstioVersion;
 
+pub mod istiod;
+
 /// Flags of `lazyload report`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ReportArgs {
@@ -29,18 +31,21 @@ pub struct ReportArgs {
     #[arg(short, long, env = "LAZYLOAD_CONFIG")]
     pub config: Option<PathBuf>,
     /// The cluster with its ServiceFences (`kubectl get ... servicefences -A -o yaml`).
-    #[arg(long)]
-    pub cluster_snapshot: PathBuf,
+    #[arg(long, required_unless_present = "istiod", conflicts_with = "istiod")]
+    pub cluster_snapshot: Option<PathBuf>,
     /// Envoy config dump(s) of a proxy with the full config (`/config_dump?include_eds`).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "istiod", conflicts_with = "istiod")]
     pub config_dump: Vec<PathBuf>,
+    /// Measure a live mesh through istiod's debug endpoints instead (see [`istiod`]).
+    #[command(flatten)]
+    pub live: istiod::IstiodArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 /// Resource counts and bytes of one config.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Size {
     /// Clusters.
     pub clusters: usize,
@@ -95,29 +100,41 @@ fn load(paths: &[PathBuf]) -> anyhow::Result<Dump> {
     for p in paths {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
-        let configs = v["configs"]
-            .as_array()
+        read_dump(&v, &mut dump)
             .with_context(|| format!("{} is not an Envoy config dump (no `configs`)", p.display()))?;
-        for c in configs {
-            let pick = |list: &str, path: &[&str]| -> Vec<Value> {
-                c[list]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|e| path.iter().try_fold(e, |acc, k| acc.get(*k)).cloned())
-                    .collect()
-            };
-            dump.clusters
-                .extend(pick("dynamic_active_clusters", &["cluster"]));
-            dump.endpoints
-                .extend(pick("dynamic_endpoint_configs", &["endpoint_config"]));
-            dump.listeners
-                .extend(pick("dynamic_listeners", &["active_state", "listener"]));
-            dump.routes
-                .extend(pick("dynamic_route_configs", &["route_config"]));
-        }
     }
     Ok(dump)
+}
+
+/// Adds the dynamic resources of config dump `v` (Envoy's `/config_dump`, or istiod's
+/// `/debug/config_dump`, which has the same shape) to `dump`; `None` if `v` has no `configs`.
+fn read_dump(v: &Value, dump: &mut Dump) -> Option<()> {
+    for c in v["configs"].as_array()? {
+        let pick = |list: &str, path: &[&str]| -> Vec<Value> {
+            c[list]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| path.iter().try_fold(e, |acc, k| acc.get(*k)).cloned())
+                .collect()
+        };
+        dump.clusters
+            .extend(pick("dynamic_active_clusters", &["cluster"]));
+        dump.endpoints
+            .extend(pick("dynamic_endpoint_configs", &["endpoint_config"]));
+        dump.listeners
+            .extend(pick("dynamic_listeners", &["active_state", "listener"]));
+        dump.routes
+            .extend(pick("dynamic_route_configs", &["route_config"]));
+    }
+    Some(())
+}
+
+/// The resource counts and bytes of one config dump; `None` if it is not one.
+pub fn dump_size(v: &Value) -> Option<Size> {
+    let mut dump = Dump::default();
+    read_dump(v, &mut dump)?;
+    Some(size(&dump, None))
 }
 
 /// Whether a Sidecar with `hosts` imports service host `host`.
@@ -221,10 +238,14 @@ pub fn run(args: &ReportArgs, now: Timestamp) -> anyhow::Result<Report> {
         Some(p) => Config::load(p)?.config,
         None => Config::default(),
     };
-    let text = std::fs::read_to_string(&args.cluster_snapshot)
-        .with_context(|| format!("reading {}", args.cluster_snapshot.display()))?;
+    let snapshot = args
+        .cluster_snapshot
+        .as_ref()
+        .context("--cluster-snapshot is required without --istiod")?;
+    let text =
+        std::fs::read_to_string(snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
     let snap = Snapshot::parse(&text, &config.general.cluster_domain)
-        .with_context(|| format!("loading {}", args.cluster_snapshot.display()))?;
+        .with_context(|| format!("loading {}", snapshot.display()))?;
     let dump = load(&args.config_dump)?;
     let full = size(&dump, None);
     let mut workloads = Vec::new();

@@ -251,7 +251,7 @@ pub async fn run_until(
     let mut ctx = Components {
         config: Arc::new(config),
         shutdown: CancellationToken::new(),
-        registry: Registry::with_prefix("lazyload"),
+        registry: Registry::with_prefix(crate::metrics::PREFIX),
         readiness: Readiness::default(),
         debug: Router::new(),
         tasks: JoinSet::new(),

@@ -316,7 +316,7 @@ pub async fn run(
 }
 
 /// Percent-encodes a query-string value (everything but RFC 3986 unreserved characters).
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

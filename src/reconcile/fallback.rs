@@ -55,6 +55,69 @@ where
     Ok(())
 }
 
+/// What the fallback controller applies for a set of wormhole ports (and `generate` writes).
+#[derive(Clone, Debug)]
+pub struct Desired {
+    /// The `to-global-sidecar` EnvoyFilter(s), the ports recorded in [`PORTS_ANNOTATION`].
+    pub envoyfilters: Vec<EnvoyFilter>,
+    /// With `supportH2`: the global-sidecar DestinationRule(s) (`useClientProtocol`).
+    pub destination_rules: Vec<DestinationRule>,
+    /// With `autoPort`: the global-sidecar Service(s) as applied (name, namespace and ports
+    /// only: server-side apply leaves the rest of the Service to its other owners).
+    pub services: Vec<serde_json::Value>,
+}
+
+/// The ports as the annotation writes them (`80,9080`).
+fn ports_annotation(ports: &BTreeSet<u16>) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The objects the controller applies for `ports`.
+pub fn desired(cfg: &Config, ports: &BTreeSet<u16>) -> Desired {
+    let annotation = ports_annotation(ports);
+    let envoyfilters = envoyfilters(cfg, ports)
+        .into_iter()
+        .map(|mut ef| {
+            ef.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(PORTS_ANNOTATION.into(), annotation.clone());
+            ef
+        })
+        .collect();
+    let services = if cfg.general.auto_port {
+        global_sidecar_namespaces(cfg)
+            .into_iter()
+            .map(|ns| {
+                let svc = Service {
+                    metadata: kube::core::ObjectMeta {
+                        name: Some(GLOBAL_SIDECAR.into()),
+                        namespace: Some(ns),
+                        ..Default::default()
+                    },
+                    spec: Some(ServiceSpec {
+                        ports: Some(global_sidecar_service_ports(ports)),
+                        ..Default::default()
+                    }),
+                    status: None,
+                };
+                // Serialising a Service cannot fail (no maps with non-string keys).
+                let mut value = serde_json::to_value(&svc).unwrap_or_default();
+                value["apiVersion"] = "v1".into();
+                value["kind"] = "Service".into();
+                value
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Desired {
+        envoyfilters,
+        destination_rules: global_sidecar_destination_rules(cfg),
+        services,
+    }
+}
+
 /// The fallback controller.
 pub struct FallbackController {
     state: ClusterState,
@@ -124,56 +187,33 @@ impl FallbackController {
         if self.ports.as_ref() == Some(&ports) {
             return Ok(false);
         }
-        let annotation = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        for mut ef in envoyfilters(&self.config, &ports) {
-            ef.metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(PORTS_ANNOTATION.into(), annotation.clone());
+        let annotation = ports_annotation(&ports);
+        let desired = desired(&self.config, &ports);
+        for ef in &desired.envoyfilters {
             let api = self.envoyfilters_api(ef.metadata.namespace.as_deref().unwrap_or_default());
-            apply(&api, &ef, "apply EnvoyFilter").await?;
+            apply(&api, ef, "apply EnvoyFilter").await?;
         }
-        for dr in global_sidecar_destination_rules(&self.config) {
+        for dr in &desired.destination_rules {
             let api: Api<DestinationRule> = Api::namespaced_with(
                 self.client.clone(),
                 dr.metadata.namespace.as_deref().unwrap_or_default(),
                 &IstioVersion::V1beta1.resource(IstioKind::DestinationRule),
             );
-            apply(&api, &dr, "apply global-sidecar DestinationRule").await?;
+            apply(&api, dr, "apply global-sidecar DestinationRule").await?;
         }
-        if self.config.general.auto_port {
-            self.apply_service_ports(&ports).await?;
-        }
+        self.apply_service_ports(&desired.services).await?;
         tracing::info!(ports = %annotation, "wormhole ports applied");
         self.ports = Some(ports);
         Ok(true)
     }
 
-    /// The global-sidecar Service(s) listen on every wormhole port.
-    async fn apply_service_ports(&self, ports: &BTreeSet<u16>) -> Result<()> {
-        let namespaces = global_sidecar_namespaces(&self.config);
+    /// Applies the global-sidecar Service ports of [`desired`].
+    async fn apply_service_ports(&self, services: &[serde_json::Value]) -> Result<()> {
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        for ns in namespaces {
-            let svc = Service {
-                metadata: kube::core::ObjectMeta {
-                    name: Some(GLOBAL_SIDECAR.into()),
-                    namespace: Some(ns.clone()),
-                    ..Default::default()
-                },
-                spec: Some(ServiceSpec {
-                    ports: Some(global_sidecar_service_ports(ports)),
-                    ..Default::default()
-                }),
-                status: None,
-            };
-            let api: Api<Service> = Api::namespaced(self.client.clone(), &ns);
-            let mut value = serde_json::to_value(&svc).map_err(|source| Error::Serialize {
-                object: format!("{ns}/{GLOBAL_SIDECAR}"),
-                source,
-            })?;
-            value["apiVersion"] = "v1".into();
-            value["kind"] = "Service".into();
-            let patch = Patch::Apply(&value);
+        for value in services {
+            let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
+            let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
+            let patch = Patch::Apply(value);
             with_retries(|| api.patch(GLOBAL_SIDECAR, &params, &patch))
                 .await
                 .map_err(|source| Error::Kube {

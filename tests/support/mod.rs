@@ -9,6 +9,7 @@ pub mod envoyfilter;
 pub mod fixtures;
 pub mod http;
 pub mod istiod;
+pub mod istiod_debug;
 pub mod manifests;
 pub mod schema;
 pub mod sds;
