@@ -59,6 +59,8 @@ pub fn register_all(registry: &mut Registry) -> Result<(), crate::config::Error>
     }));
     crate::als::collector::Metrics::register(registry);
     crate::reconcile::fences::Metrics::register(registry);
+    crate::reconcile::autofence::AutoFenceController::register_metrics(registry);
+    crate::reconcile::config_sync::ConfigSync::register_metrics(registry);
     let config = Config::parse("")?.config;
     let state = ClusterState::new(ClusterIndex::new(&config.general.cluster_domain), []);
     state.rejections().register(registry);
@@ -278,6 +280,10 @@ mod tests {
             "lazyload_reconcile_learn_to_apply_seconds",
             "lazyload_objects_rejected",
             "lazyload_global_sidecar_scoped",
+            "lazyload_als_refused_streams",
+            "lazyload_als_fences_at_host_cap",
+            "lazyload_autofence_unmanaged_fences",
+            "lazyload_config_mismatches",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }

@@ -42,12 +42,7 @@ impl AutoFenceController {
         client: Client,
         registry: &mut Registry,
     ) -> Self {
-        let unmanaged_gauge = Gauge::default();
-        registry.sub_registry_with_prefix("autofence").register(
-            "unmanaged_fences",
-            "Fences lazyload created and keeps although auto-fencing no longer wants them",
-            unmanaged_gauge.clone(),
-        );
+        let unmanaged_gauge = Self::register_metrics(registry);
         Self {
             state,
             config,
@@ -55,6 +50,17 @@ impl AutoFenceController {
             unmanaged: Mutex::default(),
             unmanaged_gauge,
         }
+    }
+
+    /// Registers the controller's gauge (`autofence_unmanaged_fences`) in `registry`.
+    pub fn register_metrics(registry: &mut Registry) -> Gauge {
+        let gauge = Gauge::default();
+        registry.sub_registry_with_prefix("autofence").register(
+            "unmanaged_fences",
+            "Fences lazyload created and keeps although auto-fencing no longer wants them",
+            gauge.clone(),
+        );
+        gauge
     }
 
     /// Records whether the fence `key` is kept unmanaged; logs when that changes.

@@ -161,6 +161,17 @@ pub struct ConfigSync {
 }
 
 impl ConfigSync {
+    /// Registers the checker's gauge (`config_mismatches`) in `registry`.
+    pub fn register_metrics(registry: &mut Registry) -> Gauge {
+        let gauge = Gauge::default();
+        registry.register(
+            "config_mismatches",
+            "Replicas (seen by the leader) or leaders (seen by a follower) whose configuration differs",
+            gauge.clone(),
+        );
+        gauge
+    }
+
     /// A checker for this replica; its gauge (`config_mismatches`) is registered in `registry`.
     pub fn new(
         client: Client,
@@ -170,12 +181,7 @@ impl ConfigSync {
         config: &Config,
         registry: &mut Registry,
     ) -> Self {
-        let mismatched = Gauge::default();
-        registry.register(
-            "config_mismatches",
-            "Replicas (seen by the leader) or leaders (seen by a follower) whose configuration differs",
-            mismatched.clone(),
-        );
+        let mismatched = Self::register_metrics(registry);
         Self {
             leases: Api::namespaced(client, namespace),
             name: name.to_string(),
