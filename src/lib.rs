@@ -1,20 +1,29 @@
 //! lazyload gives every Istio sidecar only the configuration it needs, learned from live traffic.
 //!
 //! It is a Rust re-implementation of the Slime lazyload module, compatible with its
-//! `ServiceFence` API and module configuration.
+//! `ServiceFence` API and module configuration; the design is in `docs/design.md`. Modules, from
+//! the vocabulary up to the I/O and the commands:
 //!
-//! - [`config`]: the Slime-compatible module configuration.
-//! - [`model`]: the pure domain: ServiceFence and Istio types, fence -> Sidecar, auto-fencing.
-//! - [`index`]: the cluster state the model reads (Services, Pods by IP, Namespaces,
-//!   VirtualServices, ...).
+//! - [`hash`]: a fast hasher for the access-log hot path.
+//! - [`config`]: the Slime-compatible module configuration (SlimeBoot forms, defaults, checks).
+//! - [`index`]: the cluster state the model reads (Services, Pods by IP, VirtualServices, ...).
+//! - [`model`]: pure decisions: fence -> status and Sidecar, auto-fencing, the fallback objects.
 //! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
-//! - [`learn`]: dependency dedup, batches, the merge into fence status, the Prometheus source.
-//! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`): atomic writes, read back at
-//!   start.
-//! - [`metrics`]: the catalog of every metric family lazyload exports (`lazyload metrics`).
-//! - [`explain`]: `lazyload explain`: why each host is in a workload's Sidecar.
-//! - [`serve`]: `lazyload serve`, wiring the components with [`admin`], [`readiness`] and
-//!   [`telemetry`].
+//! - [`learn`]: fair per-fence learning queues, the merge into fence status, the Prometheus source.
+//! - [`xds`]: the ADS relay between istiod and the global-sidecar, with its adjustments.
+//! - [`cluster`]: the kube watchers and per-object conversion that keep the index up to date.
+//! - [`reconcile`]: the lease-gated controllers that write fences, Sidecars and fallback objects.
+//! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`), atomic and read back.
+//! - [`readiness`]: the tasks `/readyz` waits for.
+//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/debug/...`).
+//! - [`metrics`]: the catalog of every metric family (`lazyload metrics`).
+//! - [`telemetry`]: logging, to standard error or a rotated file.
+//! - [`net`]: socket helpers shared by the gRPC servers.
+//! - [`serve`]: `lazyload serve`, wiring the components.
+//! - [`generate`]: `lazyload generate`, manifests from a snapshot and access logs.
+//! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
+//! - [`explain`]: `lazyload explain`, why each host is in a workload's Sidecar.
+//! - [`demo`]: `lazyload demo`, the whole path on a sample mesh.
 
 pub mod admin;
 pub mod als;
