@@ -205,3 +205,46 @@ fn garbage_lines_are_skipped_not_fatal() {
     };
     assert_eq!(not_json(&stderr), not_json(&clean) + 2, "{stderr}");
 }
+
+/// Issue 14: with `fenceLabelKeyAlias`, `generate` also writes the workload fences auto-fencing
+/// creates for the label values the pods carry (Slime's `<alias>-<value>.workload.identity`),
+/// with the workload selector on that label.
+#[test]
+fn writes_workload_fences_for_the_label_values_pods_carry() {
+    let out = support::TempDir::new("generate-workload-fences");
+    let config = out.path("config.yaml");
+    std::fs::write(
+        &config,
+        "general:\n  autoFence: true\n  defaultFence: true\n  fenceLabelKeyAlias: app:wl\n",
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+        .arg("generate")
+        .arg("--config")
+        .arg(&config)
+        .arg("--cluster-snapshot")
+        .arg(fixture("cluster.yaml"))
+        .arg("--access-log")
+        .arg(fixture("access.log"))
+        .arg("--out")
+        .arg(out.path("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    let fence: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(out.path("out/default/wl-productpage.workload.identity.servicefence.yaml"))
+            .unwrap_or_else(|e| panic!("no workload fence for app=productpage: {e}\n{stderr}")),
+    )
+    .unwrap();
+    assert_eq!(fence["spec"]["workloadSelector"]["labels"]["app"], "productpage");
+    assert_eq!(
+        fence["metadata"]["labels"]["app.kubernetes.io/created-by"],
+        "fence-controller"
+    );
+    assert!(
+        out.path("out/default/wl-reviews.workload.identity.servicefence.yaml")
+            .exists(),
+        "{stderr}"
+    );
+}
