@@ -19,6 +19,7 @@ pub mod als;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod duration;
 pub mod generate;
 pub mod hash;
 pub mod index;

@@ -160,10 +160,7 @@ pub struct RelayArgs {
 
 /// Parses a positive Go-style duration (`30s`, `2m`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s
-        .parse()
-        .map_err(|e| format!("expected a duration like `30s`: {e}"))?;
-    let d: Duration = d.into();
+    let d = crate::duration::parse(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("the duration must be positive".into());
     }
@@ -216,6 +213,7 @@ pub async fn run_until(
     config: Config,
     stop: impl Future<Output = &'static str>,
 ) -> anyhow::Result<()> {
+    check_args(&args)?;
     let admin_addr = match args.admin_listen {
         Some(a) => a,
         None => config
@@ -282,16 +280,52 @@ pub async fn run_until(
     failure.map_or(Ok(()), Err)
 }
 
-/// Starts the xDS relay (plaintext, and TLS when configured).
-async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> anyhow::Result<()> {
-    let cfg = &ctx.config;
-    let upstream = Upstream::new(UpstreamConfig {
-        address: upstream.to_string(),
+/// Checks every flag before anything starts (addresses, the upstream's scheme, every file it
+/// names, the manifests directory): a mistake is an error now, not a failure per stream or per
+/// write later while `/readyz` says ready.
+fn check_args(args: &ServeArgs) -> anyhow::Result<()> {
+    let relay = &args.relay;
+    relay
+        .rebind_address
+        .parse::<std::net::IpAddr>()
+        .with_context(|| format!("--rebind-address {:?} is not an IP address", relay.rebind_address))?;
+    if let Some(upstream) = &relay.upstream {
+        // `{e}` alone: these errors name their cause already.
+        upstream_of(relay, upstream).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    }
+    let files = [
+        ("--xds-tls-cert", &relay.xds_tls_cert),
+        ("--xds-tls-key", &relay.xds_tls_key),
+        ("--xds-tls-client-ca", &relay.xds_tls_client_ca),
+        ("--upstream-ca", &relay.upstream_ca),
+    ];
+    for (flag, file) in files {
+        if let Some(file) = file {
+            std::fs::read(file).with_context(|| format!("{flag}: cannot read {}", file.display()))?;
+        }
+    }
+    if let Some(dir) = &args.manifests_dir {
+        crate::manifests::check_writable(dir)
+            .map_err(|e| anyhow::anyhow!("--manifests-dir is not writable: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The upstream the relay flags describe.
+fn upstream_of(args: &RelayArgs, address: &str) -> Result<Upstream, crate::xds::upstream::Error> {
+    Upstream::new(UpstreamConfig {
+        address: address.to_string(),
         ca_file: args.upstream_ca.clone(),
         server_name: Some(args.upstream_server_name.clone()),
         token_file: args.upstream_token_file.clone(),
         cluster_id: args.cluster_id.clone(),
-    })?;
+    })
+}
+
+/// Starts the xDS relay (plaintext, and TLS when configured).
+async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> anyhow::Result<()> {
+    let cfg = &ctx.config;
+    let upstream = upstream_of(args, upstream)?;
     let als_address = match args.als_address.as_deref() {
         Some("off") => None,
         Some(a) => Some(parse_host_port(a).with_context(|| format!("--als-address {a:?}"))?),
@@ -500,7 +534,11 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
             None => tracing::warn!("no cluster configured: learned dependencies are kept in memory only"),
         }
     }
-    let (local, local_config, manifests) = (state.clone(), config.clone(), args.manifests_dir.clone());
+    let manifests = args
+        .manifests_dir
+        .clone()
+        .map(|dir| ManifestSink::new(dir, &ctx.readiness));
+    let (local, local_config) = (state.clone(), config.clone());
     ctx.spawn("edge-consumer", async move {
         loop {
             tokio::select! {
@@ -518,7 +556,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
                                 let update = |s: &mut _| {
                                     crate::learn::status::apply_edges(s, edges.iter().copied(), now);
                                 };
-                                apply_locally(&local, &local_config, key, update, now, manifests.as_deref());
+                                apply_locally(&local, &local_config, key, update, now, manifests.as_ref());
                             }
                         }
                     }
@@ -534,7 +572,7 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
                         let update = |s: &mut _| {
                             crate::learn::prometheus::apply_metrics(s, &metrics, now);
                         };
-                        apply_locally(&local, &local_config, &key, update, now, manifests.as_deref());
+                        apply_locally(&local, &local_config, &key, update, now, manifests.as_ref());
                     }
                     }
                 }
@@ -689,7 +727,7 @@ fn apply_locally(
     key: &ObjectKey,
     update: impl FnOnce(&mut ServiceFenceStatus),
     now: jiff::Timestamp,
-    dir: Option<&std::path::Path>,
+    sink: Option<&ManifestSink>,
 ) {
     let Some(mut fence) = state.fence(key) else {
         return;
@@ -697,7 +735,7 @@ fn apply_locally(
     update(fence.status.get_or_insert_with(Default::default));
     let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
     fence.status = Some(eval.status);
-    if let Some(dir) = dir {
+    if let Some(ManifestSink { dir, ready }) = sink {
         let written =
             crate::manifests::write(dir, key, "servicefence", &fence).and_then(|()| match &eval.sidecar {
                 Ok(sidecar) => crate::manifests::write(dir, key, "sidecar", sidecar),
@@ -706,11 +744,29 @@ fn apply_locally(
                     Ok(())
                 }
             });
-        if let Err(e) = written {
-            tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
+        match written {
+            Ok(()) => ready.set(true),
+            Err(e) => {
+                tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
+                ready.fail(format!("writing {key}: {e}"));
+            }
         }
     }
     state.set_fence(key.clone(), Some(fence));
+}
+
+/// `--manifests-dir` and its readiness task: not ready while the last write failed.
+struct ManifestSink {
+    dir: std::path::PathBuf,
+    ready: crate::readiness::Task,
+}
+
+impl ManifestSink {
+    fn new(dir: std::path::PathBuf, readiness: &Readiness) -> Self {
+        let ready = readiness.register("manifests-dir");
+        ready.set(true);
+        Self { dir, ready }
+    }
 }
 
 /// `/debug/fences`: every fence with its status and the Sidecar hosts the model gives it now
