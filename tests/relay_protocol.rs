@@ -613,3 +613,84 @@ async fn tls_towards_pilot_agent_and_towards_istiod() {
     .unwrap();
     assert!(wrong.connect().await.is_err(), "server name is checked");
 }
+
+/// Opens a SotW stream whose requests are `M` (not `DiscoveryRequest`): garbage on the wire.
+async fn raw_stream<M: prost::Message + Default + Send + Sync + 'static>(
+    addr: SocketAddr,
+    messages: Vec<M>,
+) -> Result<Streaming<DiscoveryResponse>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let codec = tonic_prost::ProstCodec::<M, DiscoveryResponse>::default();
+    let request = tonic::Request::new(tokio_stream::iter(messages));
+    grpc.streaming(request, path, codec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Issue 16 item 8: a first request that is not a `DiscoveryRequest` (field 1, a string, holds
+/// bytes that are not UTF-8) or that has no node ends the stream with `InvalidArgument`, and
+/// is counted; istiod is never asked.
+#[tokio::test]
+async fn garbage_first_requests_end_the_stream_with_invalid_argument() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let garbage = envoy_types::pb::google::protobuf::BytesValue {
+        value: vec![0xff, 0xfe, 0xfd],
+    };
+    let status = match raw_stream(r.addr, vec![garbage]).await {
+        Ok(mut stream) => tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the stream ends in time")
+            .expect_err("an error status"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(None, CLUSTER, &[], "").await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("node"), "{status:?}");
+    assert_eq!(r.relay.metrics().invalid_requests.get(), 2);
+    assert_eq!(
+        istiod.streams(),
+        0,
+        "istiod is not asked for a stream that is refused"
+    );
+}
+
+/// Issue 16 item 8: a response whose resources are of another type than the response says is
+/// not relayed (counted, logged); the next valid one is.
+#[tokio::test]
+async fn responses_holding_resources_of_another_type_are_not_relayed() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), CLUSTER, &[], "").await;
+    let cds = c.recv().await;
+    c.request(None, CLUSTER, &[], &cds.nonce).await;
+    // A "Cluster" response holding a Listener.
+    istiod.set(CLUSTER, [("x".to_string(), listener("x"))].into());
+    assert!(
+        c.silent(Duration::from_millis(500)).await,
+        "a mistyped response was relayed"
+    );
+    let dropped = r
+        .relay
+        .metrics()
+        .upstream_invalid
+        .get_or_create(&lazyload::xds::metrics::Metrics::type_labels(CLUSTER))
+        .get();
+    assert_eq!(dropped, 1);
+    istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
+    assert_eq!(names(&c.recv().await), ["a"]);
+}

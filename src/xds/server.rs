@@ -7,7 +7,7 @@
 //! other (istio issue 39209). When istiod cannot be reached as a global-sidecar connects, the
 //! stream is served from the node class's last good config until istiod answers again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -217,6 +217,10 @@ trait Protocol: Send + 'static {
     const NAME: &'static str;
 
     fn node(req: &Self::Request) -> Option<&Node>;
+    /// The type URL a request is for.
+    fn requested_type(req: &Self::Request) -> &str;
+    /// The type URLs of a response's resources.
+    fn resource_types(resp: &Self::Response) -> impl Iterator<Item = &str>;
     fn open(
         client: AggregatedDiscoveryServiceClient<Channel>,
         request: Request<UnboundedReceiverStream<Self::Request>>,
@@ -245,6 +249,14 @@ impl Protocol for Sotw {
 
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn requested_type(req: &DiscoveryRequest) -> &str {
+        &req.type_url
+    }
+
+    fn resource_types(resp: &DiscoveryResponse) -> impl Iterator<Item = &str> {
+        resp.resources.iter().map(|r| r.type_url.as_str())
     }
 
     async fn open(
@@ -306,6 +318,17 @@ impl Protocol for Delta {
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn requested_type(req: &DeltaDiscoveryRequest) -> &str {
+        &req.type_url
+    }
+
+    fn resource_types(resp: &DeltaDiscoveryResponse) -> impl Iterator<Item = &str> {
+        resp.resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|r| r.type_url.as_str())
     }
 
     async fn open(
@@ -405,10 +428,18 @@ async fn run_stream<P: Protocol>(
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
     let first = match inbound.message().await {
-        Ok(Some(first)) => first,
+        Ok(Some(first)) if P::node(&first).is_some() => first,
+        Ok(Some(_)) => {
+            let status = Status::invalid_argument("the first request of a stream must carry the node");
+            refuse(&shared, &tx, status).await;
+            return;
+        }
         Ok(None) => return,
         Err(status) => {
-            tracing::debug!("downstream stream failed before its first request: {status}");
+            match invalid_request(&status) {
+                Some(status) => refuse(&shared, &tx, status).await,
+                None => tracing::debug!("downstream stream failed before its first request: {status}"),
+            }
             return;
         }
     };
@@ -448,6 +479,43 @@ async fn run_stream<P: Protocol>(
     .await
 }
 
+/// The status to end a stream with when reading a downstream request failed because of what the
+/// client sent (undecodable, or over the size limit); `None` when the client went away.
+fn invalid_request(status: &Status) -> Option<Status> {
+    match status.code() {
+        // tonic's decoder reports a message that is not protobuf as `Internal`.
+        tonic::Code::Internal => Some(Status::invalid_argument(format!(
+            "undecodable request: {}",
+            status.message()
+        ))),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Some(Status::resource_exhausted(
+            format!("request too large: {}", status.message()),
+        )),
+        _ => None,
+    }
+}
+
+/// Ends a stream whose client sent an invalid request, with a warning and a count.
+async fn refuse<R>(shared: &Shared, tx: &mpsc::Sender<Result<R, Status>>, status: Status) {
+    tracing::warn!(code = ?status.code(), "ending a downstream stream: {}", status.message());
+    shared.metrics.invalid_requests.inc();
+    let _ = tx.send(Err(status)).await;
+}
+
+/// Why a response from istiod is not relayed: its type was never requested on this stream, or a
+/// resource in it is of another type than the response says.
+fn invalid_response<P: Protocol>(resp: &P::Response, requested: &HashSet<String>) -> Option<String> {
+    let (type_url, _, _) = P::describe(resp);
+    if !requested.contains(type_url) {
+        return Some(format!(
+            "a response of type {type_url:?}, which this stream never requested"
+        ));
+    }
+    P::resource_types(resp)
+        .find(|t| *t != type_url)
+        .map(|other| format!("a response of type {type_url:?} holding a resource of type {other:?}"))
+}
+
 fn set_view(shared: &Shared, generation: u64, f: impl FnOnce(&mut Option<StreamView>)) {
     let mut streams = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
     let mut entry = streams.remove(&generation);
@@ -467,6 +535,7 @@ async fn couple<P: Protocol>(
     node: NodeInfo,
     generation: u64,
 ) -> Result<(), Status> {
+    let mut requested: HashSet<String> = HashSet::from([P::requested_type(&first).to_string()]);
     let mut state = node.global_sidecar.then(|| P::new_state(generation));
     let first_up = match &mut state {
         Some(s) => s.downstream_request(first.clone()).0,
@@ -501,6 +570,9 @@ async fn couple<P: Protocol>(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
+                    if !requested.contains(P::requested_type(&req)) {
+                        requested.insert(P::requested_type(&req).to_string());
+                    }
                     let req = match &mut state {
                         Some(s) => {
                             let (req, reply) = s.downstream_request(req);
@@ -515,11 +587,21 @@ async fn couple<P: Protocol>(
                 }
                 Ok(None) => return Ok(()),
                 Err(status) => {
+                    if let Some(status) = invalid_request(&status) {
+                        shared.metrics.invalid_requests.inc();
+                        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
+                        return Err(status);
+                    }
                     tracing::debug!("downstream stream failed: {status}");
                     return Ok(());
                 }
             },
             msg = upstream.message(), if pending.is_empty() => match msg {
+                Ok(Some(resp)) if let Some(why) = invalid_response::<P>(&resp, &requested) => {
+                    let (type_url, _, _) = P::describe(&resp);
+                    shared.metrics.upstream_invalid.get_or_create(&Metrics::type_labels(type_url)).inc();
+                    tracing::warn!("istiod sent {why}: not relayed");
+                }
                 Ok(Some(resp)) => {
                     let resp = match &mut state {
                         Some(s) => {
