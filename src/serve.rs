@@ -156,6 +156,15 @@ pub struct RelayArgs {
     /// How long to keep trying istiod before a global-sidecar gets its last good config.
     #[arg(long, env = "LAZYLOAD_UPSTREAM_OPEN_BUDGET", default_value = "5s", value_parser = parse_duration)]
     pub upstream_open_budget: Duration,
+    /// Connections each xDS listener holds at once; more are closed as they arrive.
+    #[arg(long, env = "LAZYLOAD_XDS_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub xds_max_connections: u32,
+    /// How long a new xDS connection may take to start its HTTP/2 (or TLS) handshake.
+    #[arg(long, env = "LAZYLOAD_XDS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub xds_handshake_timeout: Duration,
+    /// Largest xDS request accepted from a downstream, in bytes (istiod's default is 4 MiB).
+    #[arg(long, env = "LAZYLOAD_XDS_MAX_REQUEST_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub xds_max_request_bytes: u32,
 }
 
 /// Parses a positive Go-style duration (`30s`, `2m`).
@@ -363,6 +372,13 @@ async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> 
             node_pattern,
             open_budget: args.upstream_open_budget,
             probe_interval: Duration::from_secs(2),
+            limits: crate::xds::server::ServerLimits {
+                connections: crate::net::ConnectionLimits {
+                    max_connections: args.xds_max_connections as usize,
+                    handshake_timeout: args.xds_handshake_timeout,
+                },
+                max_request_bytes: args.xds_max_request_bytes as usize,
+            },
         },
         ctx.shutdown.clone(),
     );

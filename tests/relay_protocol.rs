@@ -694,3 +694,90 @@ async fn responses_holding_resources_of_another_type_are_not_relayed() {
     istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
     assert_eq!(names(&c.recv().await), ["a"]);
 }
+
+/// Issue 16 item 5: a downstream that leaves before istiod's first answer (istiod sends no
+/// headers before it) takes its upstream stream with it.
+#[tokio::test]
+async fn a_downstream_leaving_before_istiods_first_answer_drops_the_upstream_stream() {
+    let istiod = TestIstiod::start(mesh()).await;
+    istiod.go_silent();
+    let r = relay(&istiod.url()).await;
+    for global_sidecar in [false, true] {
+        let c = SotwClient::connect(r.addr, &[]).await;
+        c.request(Some(node(global_sidecar)), CLUSTER, &[], "").await;
+        wait_until("istiod sees the stream", || istiod.open_streams() == 1).await;
+        drop(c);
+        wait_until("the upstream stream is closed", || istiod.open_streams() == 0).await;
+    }
+}
+
+/// Issue 16 item 5: a request over the size limit ends its stream with `ResourceExhausted`
+/// before it is read whole, and is never relayed.
+#[tokio::test]
+async fn requests_over_the_size_limit_end_the_stream() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let limits = lazyload::xds::server::ServerLimits {
+        max_request_bytes: 64 << 10,
+        ..Default::default()
+    };
+    let r = TestRelay::start_limited(upstream_config(&istiod.url()), Settings::default(), None, limits).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    let name = "x".repeat(100 << 10);
+    c.request(Some(node(false)), ENDPOINT, &[&name], "").await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(istiod.streams(), 0);
+    // A request under the limit is served.
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), ENDPOINT, &["a"], "").await;
+    assert_eq!(c.recv().await.resources.len(), 1);
+}
+
+/// Issue 16 item 5: connections that never send the HTTP/2 preface are closed after the
+/// handshake timeout, and connections past the limit are closed at once (counted), while a
+/// real client still gets through once a place is free.
+#[tokio::test]
+async fn idle_connections_time_out_and_the_connection_limit_holds() {
+    use tokio::io::AsyncReadExt as _;
+    let istiod = TestIstiod::start(mesh()).await;
+    let limits = lazyload::xds::server::ServerLimits {
+        connections: lazyload::net::ConnectionLimits {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(500),
+        },
+        ..Default::default()
+    };
+    let r = TestRelay::start_limited(upstream_config(&istiod.url()), Settings::default(), None, limits).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(r.addr).await.unwrap());
+    }
+    // The third is over the limit: closed at once.
+    let mut buf = [0u8; 64];
+    let over = tokio::time::timeout(Duration::from_millis(300), idle[2].read(&mut buf)).await;
+    assert!(matches!(over, Ok(Ok(0) | Err(_))), "{over:?}");
+    assert_eq!(r.relay.metrics().refused_connections.get(), 1);
+    // The two silent ones are closed after the handshake timeout (the server's SETTINGS
+    // frame may come first).
+    let started = std::time::Instant::now();
+    for conn in &mut idle[..2] {
+        loop {
+            match tokio::time::timeout(WAIT, conn.read(&mut buf))
+                .await
+                .expect("closed in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    // Places are free again: a client is served.
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), CLUSTER, &[], "").await;
+    assert_eq!(names(&c.recv().await), ["a", "b", "c"]);
+}

@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Downstream streams ended because a request was undecodable, too large, or the first one
     /// had no node.
     pub invalid_requests: Counter,
+    /// Connections closed at once because the connection limit was reached.
+    pub refused_connections: Counter,
 }
 
 impl Metrics {
@@ -103,6 +105,11 @@ impl Metrics {
             "invalid_requests",
             "Downstream streams ended for an invalid request",
             self.invalid_requests.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Downstream connections closed because the connection limit was reached",
+            self.refused_connections.clone(),
         );
         r.register(
             "adjustments",

@@ -55,7 +55,38 @@ pub struct RelayConfig {
     pub open_budget: Duration,
     /// How often a stream served from the last good config checks whether istiod is back.
     pub probe_interval: Duration,
+    /// Bounds on the listeners' connections and requests.
+    pub limits: ServerLimits,
 }
+
+/// Bounds on what downstreams may hold or send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections at once and the handshake timeout, per listener.
+    pub connections: crate::net::ConnectionLimits,
+    /// Largest request accepted from a downstream (istiod's own limit is 4 MiB too); a larger
+    /// one ends its stream with `ResourceExhausted`.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            connections: crate::net::ConnectionLimits::default(),
+            max_request_bytes: MAX_REQUEST,
+        }
+    }
+}
+
+/// Default of [`ServerLimits::max_request_bytes`]: istiod's default receive limit.
+pub const MAX_REQUEST: usize = 4 << 20;
+/// Idle connections are pinged this often; a peer that does not answer within
+/// [`KEEPALIVE_TIMEOUT`] is gone and its connection (and streams, and their upstream streams)
+/// is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent streams per connection: Envoy opens one ADS stream per connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// The relay service (cheap to clone).
 #[derive(Clone, Debug)]
@@ -164,16 +195,22 @@ impl Relay {
     /// Serves ADS on `listener` (TLS when `tls` is set) until shutdown.
     pub async fn serve(self, listener: TcpListener, tls: Option<ServerTlsConfig>) -> anyhow::Result<()> {
         let shutdown = self.shared.shutdown.clone();
+        let limits = self.shared.config.limits;
+        let refused = self.shared.metrics.refused_connections.clone();
         let service = AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE)
+            .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(MAX_MESSAGE);
-        let mut builder = Server::builder();
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
+        let incoming = crate::net::bounded_incoming(listener, limits.connections, refused);
         builder
             .add_service(service)
-            .serve_with_incoming_shutdown(crate::net::nodelay_incoming(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         Ok(())
     }
@@ -541,7 +578,15 @@ async fn couple<P: Protocol>(
         Some(s) => s.downstream_request(first.clone()).0,
         None => first.clone(),
     };
-    let opened = open::<P>(shared, metadata, &first_up).await;
+    // istiod answers the stream (headers included) only with its first response: a downstream
+    // that leaves before then must not leave the upstream stream and connection behind.
+    let opened = tokio::select! {
+        opened = open::<P>(shared, metadata, &first_up) => opened,
+        () = tx.closed() => {
+            tracing::info!("downstream left before istiod answered: upstream stream dropped");
+            return Ok(());
+        }
+    };
     let (up_tx, mut upstream) = match opened {
         Ok(pair) => pair,
         Err(status) => {
@@ -562,6 +607,7 @@ async fn couple<P: Protocol>(
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
+            () = tx.closed() => return Ok(()),
             permit = tx.reserve(), if !pending.is_empty() => {
                 let Ok(permit) = permit else { return Ok(()) };
                 if let Some(resp) = pending.pop_front() {
