@@ -200,17 +200,9 @@ async fn a_sidecar_scoping_the_global_sidecar_is_reported() {
     );
 }
 
-/// Issue 11: a snapshot with a ServiceFence without `spec` (valid under every CRD Slime shipped)
-/// and a VirtualService lazyload's types do not fit (a `delegate` without `name`, valid for
-/// Istio): serve starts, skips what it cannot read (counted), learns, and writes the Sidecar of
-/// the good fence.
-#[tokio::test]
-async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
-    let dir = support::TempDir::new("serve-tolerant");
-    let snapshot = dir.path("cluster.yaml");
-    std::fs::write(
-        &snapshot,
-        r#"
+/// productpage (fenced, learning) and details in `default`, a VirtualService lazyload's types do
+/// not fit and a fence without `spec` (both skipped).
+const PRODUCTPAGE_SNAPSHOT: &str = r#"
 apiVersion: v1
 kind: List
 items:
@@ -224,9 +216,17 @@ items:
   spec: {hosts: [reviews], http: [{delegate: {namespace: default}}]}
 - {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: legacy, namespace: default}}
 - {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: productpage, namespace: default, uid: u1}, spec: {enable: true, workloadSelector: {fromService: true}}}
-"#,
-    )
-    .unwrap();
+"#;
+
+/// Issue 11: a snapshot with a ServiceFence without `spec` (valid under every CRD Slime shipped)
+/// and a VirtualService lazyload's types do not fit (a `delegate` without `name`, valid for
+/// Istio): serve starts, skips what it cannot read (counted), learns, and writes the Sidecar of
+/// the good fence.
+#[tokio::test]
+async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
+    let dir = support::TempDir::new("serve-tolerant");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
     let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
     let serve = Serve::offline(
         &snapshot,
@@ -387,20 +387,7 @@ fn every_flag_and_config_value_is_checked_at_start() {
 async fn readiness_reflects_manifest_write_failures() {
     let dir = support::TempDir::new("serve-unwritable");
     let snapshot = dir.path("cluster.yaml");
-    std::fs::write(
-        &snapshot,
-        r#"
-apiVersion: v1
-kind: List
-items:
-- {apiVersion: v1, kind: Namespace, metadata: {name: default}}
-- {apiVersion: v1, kind: Service, metadata: {name: productpage, namespace: default}, spec: {selector: {app: productpage}, ports: [{name: http, port: 9080}]}}
-- {apiVersion: v1, kind: Service, metadata: {name: details, namespace: default}, spec: {selector: {app: details}, ports: [{name: http, port: 9080}]}}
-- {apiVersion: v1, kind: Pod, metadata: {name: productpage-1, namespace: default, labels: {app: productpage}}, status: {podIP: 10.1.0.5}}
-- {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: productpage, namespace: default, uid: u1}, spec: {enable: true, workloadSelector: {fromService: true}}}
-"#,
-    )
-    .unwrap();
+    std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
     let manifests = dir.path("new/manifests");
     let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
     let serve = Serve::offline(&snapshot, &manifests, &["--als-listen", &als.to_string()]).await;
