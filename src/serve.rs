@@ -298,6 +298,12 @@ fn check_args(args: &ServeArgs) -> anyhow::Result<()> {
         .rebind_address
         .parse::<std::net::IpAddr>()
         .with_context(|| format!("--rebind-address {:?} is not an IP address", relay.rebind_address))?;
+    if let Some(address) = relay.als_address.as_deref().filter(|a| *a != "off") {
+        parse_host_port(address).with_context(|| format!("--als-address {address:?}"))?;
+    }
+    if let Some(pattern) = &relay.global_sidecar_node_pattern {
+        Regex::new(pattern).context("--global-sidecar-node-pattern")?;
+    }
     if let Some(upstream) = &relay.upstream {
         // `{e}` alone: these errors name their cause already.
         upstream_of(relay, upstream).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;

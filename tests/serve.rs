@@ -339,6 +339,31 @@ fn every_flag_and_config_value_is_checked_at_start() {
                 "serve",
                 "--upstream",
                 "http://127.0.0.1:1",
+                "--als-address",
+                "no-port",
+            ],
+            "--als-address",
+        ),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--global-sidecar-node-pattern",
+                "(",
+            ],
+            "--global-sidecar-node-pattern",
+        ),
+        (
+            &["serve", "--xds-handshake-timeout", "1d"],
+            "--xds-handshake-timeout",
+        ),
+        (&["serve", "--xds-max-connections", "0"], "--xds-max-connections"),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
                 "--upstream-token-file",
                 "/nonexistent/token",
             ],
