@@ -815,3 +815,48 @@ async fn serve_last_good<P: Protocol>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::{CLUSTER, LISTENER};
+
+    #[test]
+    fn responses_of_an_unrequested_type_or_with_resources_of_another_type_are_invalid() {
+        let any = |type_url: &str| Any {
+            type_url: type_url.into(),
+            value: vec![],
+        };
+        let response = |type_url: &str, resources: Vec<Any>| DiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        };
+        let requested = HashSet::from([CLUSTER.to_string()]);
+        let table = [
+            (response(CLUSTER, vec![any(CLUSTER), any(CLUSTER)]), None),
+            (response(CLUSTER, vec![]), None),
+            (response(LISTENER, vec![any(LISTENER)]), Some("never requested")),
+            (
+                response(CLUSTER, vec![any(CLUSTER), any(LISTENER)]),
+                Some("holding a resource of type"),
+            ),
+        ];
+        for (resp, want) in table {
+            let got = invalid_response::<Sotw>(&resp, &requested);
+            match want {
+                None => assert_eq!(got, None, "{resp:?}"),
+                Some(why) => assert!(got.as_deref().is_some_and(|g| g.contains(why)), "{got:?}"),
+            }
+        }
+        let delta = DeltaDiscoveryResponse {
+            type_url: CLUSTER.into(),
+            resources: vec![DeltaResource {
+                resource: Some(any(LISTENER)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(invalid_response::<Delta>(&delta, &requested).is_some());
+    }
+}
