@@ -971,13 +971,7 @@ fn split_list(list: &str) -> BTreeSet<String> {
 
 /// Parses a Go-style duration (`720h`, `1h30m`, `90s`).
 fn parse_duration(path: &str, s: &str) -> Result<Duration> {
-    let d: kube::core::Duration = s
-        .parse()
-        .map_err(|e| invalid(path, s, format!("expected a duration like `720h`: {e}")))?;
-    if d.is_negative() {
-        return Err(invalid(path, s, "a duration must not be negative"));
-    }
-    Ok(d.into())
+    crate::duration::parse(s).map_err(|e| invalid(path, s, e.to_string()))
 }
 
 /// A Kubernetes label value: empty, or up to 63 alphanumerics, `-`, `_`, `.` starting and ending

@@ -40,6 +40,39 @@ pub enum Error {
         /// The missing metadata field.
         field: &'static str,
     },
+    /// A field holds a value no cluster would accept (a port out of 1..=65535, an IP that is
+    /// not one): the object is rejected rather than indexed with the value dropped.
+    #[error("{field}: {value:?} is {why}")]
+    Field {
+        /// Path of the field (`spec.ports[0].port`).
+        field: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// `port` if it is a port number (1..=65535), else an error naming `field`.
+fn port_number(field: impl FnOnce() -> String, port: impl Into<i64>) -> Result<u16> {
+    let port = port.into();
+    u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| Error::Field {
+            field: field(),
+            value: port.to_string(),
+            why: "not a port (1..=65535)",
+        })
+}
+
+/// `ip` parsed, else an error naming `field`.
+fn ip_address(field: impl FnOnce() -> String, ip: &str) -> Result<IpAddr> {
+    ip.parse().map_err(|_| Error::Field {
+        field: field(),
+        value: ip.to_string(),
+        why: "not an IP address",
+    })
 }
 
 /// Namespace and name of an object.
@@ -124,22 +157,28 @@ impl TryFrom<&Service> for ServiceInfo {
             .ports
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|p| {
-                Some(ServicePort {
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(ServicePort {
+                    port: port_number(|| format!("spec.ports[{i}].port"), p.port)?,
                     name: p.name.unwrap_or_default(),
-                    port: u16::try_from(p.port).ok()?,
                     protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
                     app_protocol: p.app_protocol,
                 })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut cluster_ips: Vec<String> = spec.cluster_ips.unwrap_or_default();
         if let Some(ip) = spec.cluster_ip
             && !cluster_ips.contains(&ip)
         {
             cluster_ips.push(ip);
         }
-        cluster_ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+        // `None` (headless) and empty (not yet allocated) are what the API server writes; any
+        // other value must be an address.
+        cluster_ips.retain(|ip| !ip.is_empty() && ip != "None");
+        for ip in &cluster_ips {
+            ip_address(|| "spec.clusterIPs".into(), ip)?;
+        }
         Ok(Self {
             key,
             labels: svc.metadata.labels.clone().unwrap_or_default(),
@@ -203,10 +242,9 @@ impl TryFrom<&Pod> for PodInfo {
         let mut ips: Vec<IpAddr> = Vec::new();
         if !finished && let Some(status) = status {
             let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-            for ip in listed.chain(status.pod_ip.as_deref()) {
-                if let Ok(ip) = ip.parse()
-                    && !ips.contains(&ip)
-                {
+            for ip in listed.chain(status.pod_ip.as_deref()).filter(|ip| !ip.is_empty()) {
+                let ip = ip_address(|| "status.podIPs".into(), ip)?;
+                if !ips.contains(&ip) {
                     ips.push(ip);
                 }
             }
@@ -400,6 +438,9 @@ impl TryFrom<&ServiceEntry> for ServiceEntryInfo {
 
     fn try_from(se: &ServiceEntry) -> Result<Self> {
         let key = ObjectKey::of("ServiceEntry", &se.metadata)?;
+        for (i, p) in se.spec.ports.iter().enumerate() {
+            port_number(|| format!("spec.ports[{i}].number"), p.number)?;
+        }
         Ok(Self {
             hosts: se
                 .spec

@@ -5,6 +5,7 @@
 //! the vocabulary up to the I/O and the commands:
 //!
 //! - [`hash`]: a fast hasher for the access-log hot path.
+//! - [`duration`]: Go-style durations with checked arithmetic (config and flags).
 //! - [`config`]: the Slime-compatible module configuration (SlimeBoot forms, defaults, checks).
 //! - [`index`]: the cluster state the model reads (Services, Pods by IP, VirtualServices, ...).
 //! - [`model`]: pure decisions: fence -> status and Sidecar, auto-fencing, the fallback objects.
@@ -30,6 +31,7 @@ pub mod als;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod duration;
 pub mod explain;
 pub mod generate;
 pub mod hash;

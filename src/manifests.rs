@@ -67,6 +67,18 @@ pub fn write<T: serde::Serialize>(out: &Path, key: &ObjectKey, kind: &str, objec
     File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
 }
 
+/// Creates `dir` if it is missing and checks that a file can be written in it (a temporary
+/// file, removed at once): an unusable directory is an error at start, not at the first write.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let probe = dir.join(format!(".lazyload-write-check{PARTIAL}"));
+    let mut file = File::create(&probe).map_err(io(&probe))?;
+    file.write_all(b"lazyload").map_err(io(&probe))?;
+    file.sync_all().map_err(io(&probe))?;
+    drop(file);
+    std::fs::remove_file(&probe).map_err(io(&probe))
+}
+
 /// What [`restore_fence_status`] found.
 #[derive(Debug, Default, PartialEq)]
 pub struct Restored {

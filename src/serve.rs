@@ -180,14 +180,20 @@ pub struct RelayArgs {
     /// How long to keep trying istiod before a global-sidecar gets its last good config.
     #[arg(long, env = "LAZYLOAD_UPSTREAM_OPEN_BUDGET", default_value = "5s", value_parser = parse_duration)]
     pub upstream_open_budget: Duration,
+    /// Connections each xDS listener holds at once; more are closed as they arrive.
+    #[arg(long, env = "LAZYLOAD_XDS_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub xds_max_connections: u32,
+    /// How long a new xDS connection may take to start its HTTP/2 (or TLS) handshake.
+    #[arg(long, env = "LAZYLOAD_XDS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub xds_handshake_timeout: Duration,
+    /// Largest xDS request accepted from a downstream, in bytes (istiod's default is 4 MiB).
+    #[arg(long, env = "LAZYLOAD_XDS_MAX_REQUEST_BYTES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub xds_max_request_bytes: u32,
 }
 
 /// Parses a positive Go-style duration (`30s`, `2m`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s
-        .parse()
-        .map_err(|e| format!("expected a duration like `30s`: {e}"))?;
-    let d: Duration = d.into();
+    let d = crate::duration::parse(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("the duration must be positive".into());
     }
@@ -240,6 +246,7 @@ pub async fn run_until(
     config: Config,
     stop: impl Future<Output = &'static str>,
 ) -> anyhow::Result<()> {
+    check_args(&args)?;
     let admin_addr = match args.admin_listen {
         Some(a) => a,
         None => config
@@ -306,16 +313,58 @@ pub async fn run_until(
     failure.map_or(Ok(()), Err)
 }
 
-/// Starts the xDS relay (plaintext, and TLS when configured).
-async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> anyhow::Result<()> {
-    let cfg = &ctx.config;
-    let upstream = Upstream::new(UpstreamConfig {
-        address: upstream.to_string(),
+/// Checks every flag before anything starts (addresses, the upstream's scheme, every file it
+/// names, the manifests directory): a mistake is an error now, not a failure per stream or per
+/// write later while `/readyz` says ready.
+fn check_args(args: &ServeArgs) -> anyhow::Result<()> {
+    let relay = &args.relay;
+    relay
+        .rebind_address
+        .parse::<std::net::IpAddr>()
+        .with_context(|| format!("--rebind-address {:?} is not an IP address", relay.rebind_address))?;
+    if let Some(address) = relay.als_address.as_deref().filter(|a| *a != "off") {
+        parse_host_port(address).with_context(|| format!("--als-address {address:?}"))?;
+    }
+    if let Some(pattern) = &relay.global_sidecar_node_pattern {
+        Regex::new(pattern).context("--global-sidecar-node-pattern")?;
+    }
+    if let Some(upstream) = &relay.upstream {
+        // `{e}` alone: these errors name their cause already.
+        upstream_of(relay, upstream).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+    }
+    let files = [
+        ("--xds-tls-cert", &relay.xds_tls_cert),
+        ("--xds-tls-key", &relay.xds_tls_key),
+        ("--xds-tls-client-ca", &relay.xds_tls_client_ca),
+        ("--upstream-ca", &relay.upstream_ca),
+    ];
+    for (flag, file) in files {
+        if let Some(file) = file {
+            std::fs::read(file).with_context(|| format!("{flag}: cannot read {}", file.display()))?;
+        }
+    }
+    if let Some(dir) = &args.manifests_dir {
+        crate::manifests::check_writable(dir)
+            .map_err(|e| anyhow::anyhow!("--manifests-dir is not writable: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The upstream the relay flags describe.
+fn upstream_of(args: &RelayArgs, address: &str) -> Result<Upstream, crate::xds::upstream::Error> {
+    Upstream::new(UpstreamConfig {
+        address: address.to_string(),
         ca_file: args.upstream_ca.clone(),
         server_name: Some(args.upstream_server_name.clone()),
         token_file: args.upstream_token_file.clone(),
         cluster_id: args.cluster_id.clone(),
-    })?;
+    })
+}
+
+/// Starts the xDS relay (plaintext, and TLS when configured).
+async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> anyhow::Result<()> {
+    let cfg = &ctx.config;
+    let upstream = upstream_of(args, upstream)?;
     let als_address = match args.als_address.as_deref() {
         Some("off") => None,
         Some(a) => Some(parse_host_port(a).with_context(|| format!("--als-address {a:?}"))?),
@@ -353,6 +402,13 @@ async fn start_relay(ctx: &mut Components, args: &RelayArgs, upstream: &str) -> 
             node_pattern,
             open_budget: args.upstream_open_budget,
             probe_interval: Duration::from_secs(2),
+            limits: crate::xds::server::ServerLimits {
+                connections: crate::net::ConnectionLimits {
+                    max_connections: args.xds_max_connections as usize,
+                    handshake_timeout: args.xds_handshake_timeout,
+                },
+                max_request_bytes: args.xds_max_request_bytes as usize,
+            },
         },
         ctx.shutdown.clone(),
     );
@@ -524,7 +580,10 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         writer,
         state: state.clone(),
         config: config.clone(),
-        manifests: args.manifests_dir.clone(),
+        manifests: args
+            .manifests_dir
+            .clone()
+            .map(|dir| ManifestSink::new(dir, &ctx.readiness)),
         unwritten: BTreeMap::new(),
         unwritten_len: 0,
         written_at: BTreeMap::new(),
@@ -721,7 +780,7 @@ struct EdgeConsumer {
     writer: Option<StatusWriter>,
     state: ClusterState,
     config: Arc<Config>,
-    manifests: Option<PathBuf>,
+    manifests: Option<ManifestSink>,
     unwritten: BTreeMap<ObjectKey, Vec<Edge>>,
     unwritten_len: usize,
     /// When each fence written within the last [`FENCE_WRITE_INTERVAL`] was written.
@@ -793,7 +852,7 @@ impl EdgeConsumer {
                         &key,
                         update,
                         now,
-                        self.manifests.as_deref(),
+                        self.manifests.as_ref(),
                     );
                 }
             }
@@ -822,7 +881,7 @@ impl EdgeConsumer {
                     key,
                     update,
                     now,
-                    self.manifests.as_deref(),
+                    self.manifests.as_ref(),
                 );
             }
         }
@@ -839,7 +898,7 @@ fn apply_locally(
     key: &ObjectKey,
     update: impl FnOnce(&mut ServiceFenceStatus),
     now: jiff::Timestamp,
-    dir: Option<&std::path::Path>,
+    sink: Option<&ManifestSink>,
 ) {
     let Some(mut fence) = state.fence(key) else {
         return;
@@ -847,7 +906,7 @@ fn apply_locally(
     update(fence.status.get_or_insert_with(Default::default));
     let eval = crate::model::evaluate(&fence, &state.index(), config, now, IstioVersion::default());
     fence.status = Some(eval.status);
-    if let Some(dir) = dir {
+    if let Some(ManifestSink { dir, ready }) = sink {
         let written =
             crate::manifests::write(dir, key, "servicefence", &fence).and_then(|()| match &eval.sidecar {
                 Ok(sidecar) => crate::manifests::write(dir, key, "sidecar", sidecar),
@@ -856,11 +915,29 @@ fn apply_locally(
                     Ok(())
                 }
             });
-        if let Err(e) = written {
-            tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
+        match written {
+            Ok(()) => ready.set(true),
+            Err(e) => {
+                tracing::error!(fence = %key, error = %format!("{e:#}"), "writing the learned fence");
+                ready.fail(format!("writing {key}: {e}"));
+            }
         }
     }
     state.set_fence(key.clone(), Some(fence));
+}
+
+/// `--manifests-dir` and its readiness task: not ready while the last write failed.
+struct ManifestSink {
+    dir: std::path::PathBuf,
+    ready: crate::readiness::Task,
+}
+
+impl ManifestSink {
+    fn new(dir: std::path::PathBuf, readiness: &Readiness) -> Self {
+        let ready = readiness.register("manifests-dir");
+        ready.set(true);
+        Self { dir, ready }
+    }
 }
 
 /// `/debug/fences`: every fence with its status and the Sidecar hosts the model gives it now

@@ -74,7 +74,7 @@ fn cases(dir: &str) -> Vec<PathBuf> {
 
 /// Adds a case's cluster; every object of it must be readable (a case is written to be).
 fn add_cluster(snap: &mut Snapshot, cluster: Value) -> Result<(), String> {
-    snap.add(cluster);
+    snap.add(cluster).map_err(|e| e.to_string())?;
     match snap.rejected.first() {
         Some(rejected) => Err(rejected.to_string()),
         None => Ok(()),

@@ -613,3 +613,171 @@ async fn tls_towards_pilot_agent_and_towards_istiod() {
     .unwrap();
     assert!(wrong.connect().await.is_err(), "server name is checked");
 }
+
+/// Opens a SotW stream whose requests are `M` (not `DiscoveryRequest`): garbage on the wire.
+async fn raw_stream<M: prost::Message + Default + Send + Sync + 'static>(
+    addr: SocketAddr,
+    messages: Vec<M>,
+) -> Result<Streaming<DiscoveryResponse>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let codec = tonic_prost::ProstCodec::<M, DiscoveryResponse>::default();
+    let request = tonic::Request::new(tokio_stream::iter(messages));
+    grpc.streaming(request, path, codec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Issue 16 item 8: a first request that is not a `DiscoveryRequest` (field 1, a string, holds
+/// bytes that are not UTF-8) or that has no node ends the stream with `InvalidArgument`, and
+/// is counted; istiod is never asked.
+#[tokio::test]
+async fn garbage_first_requests_end_the_stream_with_invalid_argument() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let garbage = envoy_types::pb::google::protobuf::BytesValue {
+        value: vec![0xff, 0xfe, 0xfd],
+    };
+    let status = match raw_stream(r.addr, vec![garbage]).await {
+        Ok(mut stream) => tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("the stream ends in time")
+            .expect_err("an error status"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(None, CLUSTER, &[], "").await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("node"), "{status:?}");
+    assert_eq!(r.relay.metrics().invalid_requests.get(), 2);
+    assert_eq!(
+        istiod.streams(),
+        0,
+        "istiod is not asked for a stream that is refused"
+    );
+}
+
+/// Issue 16 item 8: a response whose resources are of another type than the response says is
+/// not relayed (counted, logged); the next valid one is.
+#[tokio::test]
+async fn responses_holding_resources_of_another_type_are_not_relayed() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let r = relay(&istiod.url()).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), CLUSTER, &[], "").await;
+    let cds = c.recv().await;
+    c.request(None, CLUSTER, &[], &cds.nonce).await;
+    // A "Cluster" response holding a Listener.
+    istiod.set(CLUSTER, [("x".to_string(), listener("x"))].into());
+    assert!(
+        c.silent(Duration::from_millis(500)).await,
+        "a mistyped response was relayed"
+    );
+    let dropped = r
+        .relay
+        .metrics()
+        .upstream_invalid
+        .get_or_create(&lazyload::xds::metrics::Metrics::type_labels(CLUSTER))
+        .get();
+    assert_eq!(dropped, 1);
+    istiod.set(CLUSTER, [("a".to_string(), cluster("a"))].into());
+    assert_eq!(names(&c.recv().await), ["a"]);
+}
+
+/// Issue 16 item 5: a downstream that leaves before istiod's first answer (istiod sends no
+/// headers before it) takes its upstream stream with it.
+#[tokio::test]
+async fn a_downstream_leaving_before_istiods_first_answer_drops_the_upstream_stream() {
+    let istiod = TestIstiod::start(mesh()).await;
+    istiod.go_silent();
+    let r = relay(&istiod.url()).await;
+    for global_sidecar in [false, true] {
+        let c = SotwClient::connect(r.addr, &[]).await;
+        c.request(Some(node(global_sidecar)), CLUSTER, &[], "").await;
+        wait_until("istiod sees the stream", || istiod.open_streams() == 1).await;
+        drop(c);
+        wait_until("the upstream stream is closed", || istiod.open_streams() == 0).await;
+    }
+}
+
+/// Issue 16 item 5: a request over the size limit ends its stream with `ResourceExhausted`
+/// before it is read whole, and is never relayed.
+#[tokio::test]
+async fn requests_over_the_size_limit_end_the_stream() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let limits = lazyload::xds::server::ServerLimits {
+        max_request_bytes: 64 << 10,
+        ..Default::default()
+    };
+    let r = TestRelay::start_limited(upstream_config(&istiod.url()), Settings::default(), None, limits).await;
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    let name = "x".repeat(100 << 10);
+    c.request(Some(node(false)), ENDPOINT, &[&name], "").await;
+    let status = c.ended().await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(istiod.streams(), 0);
+    // A request under the limit is served.
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), ENDPOINT, &["a"], "").await;
+    assert_eq!(c.recv().await.resources.len(), 1);
+}
+
+/// Issue 16 item 5: connections that never send the HTTP/2 preface are closed after the
+/// handshake timeout, and connections past the limit are closed at once (counted), while a
+/// real client still gets through once a place is free.
+#[tokio::test]
+async fn idle_connections_time_out_and_the_connection_limit_holds() {
+    use tokio::io::AsyncReadExt as _;
+    let istiod = TestIstiod::start(mesh()).await;
+    let limits = lazyload::xds::server::ServerLimits {
+        connections: lazyload::net::ConnectionLimits {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(500),
+        },
+        ..Default::default()
+    };
+    let r = TestRelay::start_limited(upstream_config(&istiod.url()), Settings::default(), None, limits).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(r.addr).await.unwrap());
+    }
+    // The third is over the limit: closed at once.
+    let mut buf = [0u8; 64];
+    let over = tokio::time::timeout(Duration::from_millis(300), idle[2].read(&mut buf)).await;
+    assert!(matches!(over, Ok(Ok(0) | Err(_))), "{over:?}");
+    assert_eq!(r.relay.metrics().refused_connections.get(), 1);
+    // The two silent ones are closed after the handshake timeout (the server's SETTINGS
+    // frame may come first).
+    let started = std::time::Instant::now();
+    for conn in &mut idle[..2] {
+        loop {
+            match tokio::time::timeout(WAIT, conn.read(&mut buf))
+                .await
+                .expect("closed in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    // Places are free again: a client is served.
+    let mut c = SotwClient::connect(r.addr, &[]).await;
+    c.request(Some(node(false)), CLUSTER, &[], "").await;
+    assert_eq!(names(&c.recv().await), ["a", "b", "c"]);
+}

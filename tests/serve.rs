@@ -188,17 +188,9 @@ async fn a_sidecar_scoping_the_global_sidecar_is_reported() {
     );
 }
 
-/// Issue 11: a snapshot with a ServiceFence without `spec` (valid under every CRD Slime shipped)
-/// and a VirtualService lazyload's types do not fit (a `delegate` without `name`, valid for
-/// Istio): serve starts, skips what it cannot read (counted), learns, and writes the Sidecar of
-/// the good fence.
-#[tokio::test]
-async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
-    let dir = support::TempDir::new("serve-tolerant");
-    let snapshot = dir.path("cluster.yaml");
-    std::fs::write(
-        &snapshot,
-        r#"
+/// productpage (fenced, learning) and details in `default`, a VirtualService lazyload's types do
+/// not fit and a fence without `spec` (both skipped).
+const PRODUCTPAGE_SNAPSHOT: &str = r#"
 apiVersion: v1
 kind: List
 items:
@@ -212,9 +204,17 @@ items:
   spec: {hosts: [reviews], http: [{delegate: {namespace: default}}]}
 - {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: legacy, namespace: default}}
 - {apiVersion: microservice.slime.io/v1alpha1, kind: ServiceFence, metadata: {name: productpage, namespace: default, uid: u1}, spec: {enable: true, workloadSelector: {fromService: true}}}
-"#,
-    )
-    .unwrap();
+"#;
+
+/// Issue 11: a snapshot with a ServiceFence without `spec` (valid under every CRD Slime shipped)
+/// and a VirtualService lazyload's types do not fit (a `delegate` without `name`, valid for
+/// Istio): serve starts, skips what it cannot read (counted), learns, and writes the Sidecar of
+/// the good fence.
+#[tokio::test]
+async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
+    let dir = support::TempDir::new("serve-tolerant");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
     let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
     let serve = Serve::offline(
         &snapshot,
@@ -306,5 +306,188 @@ async fn learned_total(admin: std::net::SocketAddr) -> usize {
         last = learned;
         assert!(Instant::now() < deadline, "learned only {learned} edges");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `lazyload` with `args` (no cluster) to its end: it must fail at start, with a message
+/// and no panic.
+fn fails_at_start(args: &[&str]) -> String {
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let als = format!("127.0.0.1:{}", support::free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazyload"));
+    if args.first() == Some(&"serve") {
+        cmd.args(["serve", "--admin-listen", &admin, "--als-listen", &als]);
+        cmd.args(&args[1..]);
+    } else {
+        cmd.args(args);
+    }
+    let mut child = cmd
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{args:?} started instead of failing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // 1: refused by lazyload; 2: by the flag parser; never 101 (a panic).
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "{args:?}: {:?} {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    err
+}
+
+/// Issue 16 item 6: a huge duration in the config or a flag, a rebind address that is not an IP,
+/// an upstream scheme the relay cannot dial, unreadable CA, token and TLS files, and a
+/// manifests directory that cannot be written are errors at start, each naming its flag or field.
+#[test]
+fn every_flag_and_config_value_is_checked_at_start() {
+    let dir = support::TempDir::new("serve-checks");
+    let huge = dir.path("huge.yaml");
+    std::fs::write(&huge, "general:\n  dependencyTtl: 99999999999999999999s\n").unwrap();
+    let huge = huge.to_str().unwrap();
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, "").unwrap();
+    let snapshot = snapshot.to_str().unwrap();
+    let not_a_dir = dir.path("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let under_a_file = format!("{}/manifests", not_a_dir.display());
+    let cases: &[(&[&str], &str)] = &[
+        (&["check-config", "-c", huge], "general.dependencyTtl"),
+        (&["serve", "-c", huge], "general.dependencyTtl"),
+        (
+            &["serve", "--prometheus-interval", "99999999999999999999s"],
+            "--prometheus-interval",
+        ),
+        (
+            &["serve", "--upstream-open-budget", "99999999999999999999h"],
+            "--upstream-open-budget",
+        ),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--rebind-address",
+                "not-an-ip",
+            ],
+            "--rebind-address",
+        ),
+        (&["serve", "--upstream", "ftp://istiod:15010"], "scheme"),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--als-address",
+                "no-port",
+            ],
+            "--als-address",
+        ),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--global-sidecar-node-pattern",
+                "(",
+            ],
+            "--global-sidecar-node-pattern",
+        ),
+        (
+            &["serve", "--xds-handshake-timeout", "1d"],
+            "--xds-handshake-timeout",
+        ),
+        (&["serve", "--xds-max-connections", "0"], "--xds-max-connections"),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--upstream-token-file",
+                "/nonexistent/token",
+            ],
+            "/nonexistent/token",
+        ),
+        (
+            &[
+                "serve",
+                "--upstream",
+                "https://127.0.0.1:1",
+                "--upstream-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "/nonexistent/ca.pem",
+        ),
+        (
+            &[
+                "serve",
+                "--xds-tls-cert",
+                "/nonexistent/cert.pem",
+                "--xds-tls-key",
+                "/nonexistent/key.pem",
+            ],
+            "--xds-tls-cert",
+        ),
+        (
+            &[
+                "serve",
+                "--cluster-snapshot",
+                snapshot,
+                "--manifests-dir",
+                &under_a_file,
+            ],
+            "--manifests-dir",
+        ),
+    ];
+    for (args, names) in cases {
+        let err = fails_at_start(args);
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+}
+
+/// A missing `--manifests-dir` is created; when writes to it fail later, `/readyz` says so with
+/// the reason (and says ready again once a write lands).
+#[tokio::test]
+async fn readiness_reflects_manifest_write_failures() {
+    let dir = support::TempDir::new("serve-unwritable");
+    let snapshot = dir.path("cluster.yaml");
+    std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
+    let manifests = dir.path("new/manifests");
+    let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
+    let serve = Serve::offline(&snapshot, &manifests, &["--als-listen", &als.to_string()]).await;
+    assert!(manifests.is_dir(), "--manifests-dir is created");
+    assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
+
+    // The namespace directory becomes a file: the next write of the fence fails.
+    std::fs::write(manifests.join("default"), "").unwrap();
+    use support::als_client::{client, entry, message};
+    let mut c = client(als).await;
+    let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
+    c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http::get(serve.admin, "/readyz", &[]).await.unwrap();
+        if ready.status == 503 {
+            assert!(
+                ready.body.contains("manifests-dir (writing default/productpage"),
+                "{}",
+                ready.body
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready after a failed write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

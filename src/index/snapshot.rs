@@ -26,7 +26,23 @@ pub enum Error {
         "not Kubernetes objects: no document is an object with a `kind` (expected `kubectl get ... -o yaml` output)"
     )]
     NotKubernetes,
+    /// Something other than objects, lists of objects or `List`s (a scalar, a list of lists, a
+    /// `List` whose `items` is not a list).
+    #[error(
+        "document {document}: {what}: expected Kubernetes objects or lists of them (`kubectl get ... -o yaml` output)"
+    )]
+    Shape {
+        /// 1-based document number.
+        document: usize,
+        /// What was found where.
+        what: String,
+    },
 }
+
+/// A value of the wrong shape, found by [`Snapshot::add`].
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(String);
 
 /// A loaded snapshot.
 #[derive(Debug, Default)]
@@ -61,7 +77,10 @@ impl Snapshot {
                 source,
             })?;
             content |= !value.is_null();
-            snap.add(value);
+            snap.add(value).map_err(|ShapeError(what)| Error::Shape {
+                document: i + 1,
+                what,
+            })?;
         }
         if content && snap.objects == 0 {
             return Err(Error::NotKubernetes);
@@ -69,22 +88,36 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// Adds one object, a `List` of objects, or a sequence of objects.
-    pub fn add(&mut self, value: Value) {
+    /// Adds one object, a `List` of objects, or a sequence of objects; anything else (a scalar,
+    /// a sequence of sequences, a `List` whose `items` is not a sequence) is refused whole.
+    pub fn add(&mut self, value: Value) -> Result<(), ShapeError> {
         match value {
-            Value::Null => {}
-            Value::Array(items) => items.into_iter().for_each(|v| self.add(v)),
+            Value::Null => Ok(()),
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .try_for_each(|(i, item)| match item {
+                    Value::Object(_) => self.add(item),
+                    other => Err(ShapeError(format!("item {i} is {}", shape(&other)))),
+                }),
             Value::Object(ref map)
                 if map
                     .get("kind")
                     .and_then(Value::as_str)
                     .is_some_and(|k| k.ends_with("List")) =>
             {
-                let items = map.get("items").cloned().unwrap_or(Value::Array(vec![]));
                 self.objects += 1;
-                self.add(items)
+                match map.get("items").cloned() {
+                    None | Some(Value::Null) => Ok(()),
+                    Some(items @ Value::Array(_)) => self.add(items),
+                    Some(other) => Err(ShapeError(format!("the List's items is {}", shape(&other)))),
+                }
             }
-            object => self.add_object(object),
+            Value::Object(_) => {
+                self.add_object(value);
+                Ok(())
+            }
+            other => Err(ShapeError(format!("the document is {}", shape(&other)))),
         }
     }
 
@@ -108,6 +141,18 @@ impl Snapshot {
             Ok((_, Converted::Sidecar(s))) => self.sidecars.push(*s),
             Err(rejection) => self.rejected.push(rejection),
         }
+    }
+}
+
+/// What kind of YAML value `v` is, for errors.
+fn shape(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
     }
 }
 
@@ -195,18 +240,71 @@ spec: {enable: true}
     }
 
     #[test]
+    fn out_of_range_ports_and_invalid_ips_reject_their_object_with_the_field() {
+        let cases = [
+            (
+                "kind: Service\nmetadata: {name: s, namespace: d}\nspec: {ports: [{port: 80}, {port: 70000}]}",
+                "Service d/s skipped (invalid): spec.ports[1].port: \"70000\" is not a port",
+            ),
+            (
+                "kind: Service\nmetadata: {name: s, namespace: d}\nspec: {ports: [{port: 0}]}",
+                "spec.ports[0].port: \"0\" is not a port",
+            ),
+            (
+                "kind: Service\nmetadata: {name: s, namespace: d}\nspec: {clusterIP: 10.0.0.300}",
+                "spec.clusterIPs: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "kind: Pod\nmetadata: {name: p, namespace: d}\nstatus: {podIP: not-an-ip}",
+                "Pod d/p skipped (invalid): status.podIPs: \"not-an-ip\" is not an IP address",
+            ),
+            (
+                "kind: ServiceEntry\napiVersion: networking.istio.io/v1beta1\nmetadata: {name: e, namespace: d}\nspec: {hosts: [a.b], ports: [{number: 65536, name: x}]}",
+                "spec.ports[0].number: \"65536\" is not a port",
+            ),
+        ];
+        for (text, want) in cases {
+            let snap = Snapshot::parse(text, "cluster.local").unwrap();
+            let rejected: Vec<String> = snap.rejected.iter().map(|r| r.to_string()).collect();
+            assert_eq!(rejected.len(), 1, "{text}: {rejected:?}");
+            assert!(rejected[0].contains(want), "{text}: {rejected:?}");
+        }
+        // What the API server writes for headless and not-yet-allocated Services is fine.
+        let ok = "kind: Service\nmetadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 65535}]}\n---\n\
+                  kind: Pod\nmetadata: {name: p, namespace: d}\nstatus: {podIP: ''}\n";
+        let snap = Snapshot::parse(ok, "cluster.local").unwrap();
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+    }
+
+    #[test]
     fn a_file_that_is_not_kubernetes_objects_is_an_error() {
         let e = Snapshot::parse("a: [", "cluster.local").unwrap_err().to_string();
         assert!(e.starts_with("document 1"), "{e}");
         // An access log, a config file, a bare list of strings: not an empty cluster.
-        for text in [
-            "{\"authority\": \"a\"}\n",
-            "general: {autoFence: true}\n",
-            "- a\n- b\n",
-            "hello\n",
-        ] {
+        for text in ["{\"authority\": \"a\"}\n", "general: {autoFence: true}\n"] {
             let e = Snapshot::parse(text, "cluster.local").unwrap_err();
             assert!(matches!(e, Error::NotKubernetes), "{text}: {e}");
+        }
+        // Scalars and lists of the wrong shape, even beside good objects: an error that says
+        // where.
+        let good = "kind: Namespace\nmetadata: {name: default}\n---\n";
+        for (text, what) in [
+            ("- a\n- b\n", "document 1: item 0 is a string"),
+            ("hello\n", "document 1: the document is a string"),
+            ("42\n", "document 1: the document is a number"),
+            ("- [a]\n", "document 1: item 0 is a list"),
+            (
+                "kind: List\nitems: 5\n",
+                "document 1: the List's items is a number",
+            ),
+            (
+                "kind: List\nitems: [{kind: Namespace, metadata: {name: a}}, 7]\n",
+                "document 1: item 1 is a number",
+            ),
+            (&format!("{good}true\n"), "document 2: the document is a boolean"),
+        ] {
+            let e = Snapshot::parse(text, "cluster.local").unwrap_err().to_string();
+            assert!(e.starts_with(what), "{text}: {e}");
         }
         // Empty files and empty lists are empty clusters.
         for text in ["", "---\n", "apiVersion: v1\nkind: List\nitems: []\n"] {

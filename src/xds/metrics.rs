@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 /// Labels of per-type metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
-    /// Short type name (`Cluster`, `Listener`, ...).
+    /// Short type name (`Cluster`, `Listener`, ...), `other` for unknown types.
     pub r#type: String,
 }
 
@@ -50,6 +50,14 @@ pub struct Metrics {
     pub last_good_served: Counter,
     /// Adjustments applied, by kind.
     pub adjustments: Family<AdjustLabels, Counter>,
+    /// Upstream responses dropped because their type was not requested or their resources are
+    /// of another type.
+    pub upstream_invalid: Family<TypeLabels, Counter>,
+    /// Downstream streams ended because a request was undecodable, too large, or the first one
+    /// had no node.
+    pub invalid_requests: Counter,
+    /// Connections closed at once because the connection limit was reached.
+    pub refused_connections: Counter,
 }
 
 impl Metrics {
@@ -89,21 +97,77 @@ impl Metrics {
             self.last_good_served.clone(),
         );
         r.register(
+            "upstream_invalid",
+            "Upstream responses dropped: a type not requested, or resources of another type",
+            self.upstream_invalid.clone(),
+        );
+        r.register(
+            "invalid_requests",
+            "Downstream streams ended for an invalid request",
+            self.invalid_requests.clone(),
+        );
+        r.register(
+            "refused_connections",
+            "Downstream connections closed because the connection limit was reached",
+            self.refused_connections.clone(),
+        );
+        r.register(
             "adjustments",
             "Adjustments applied to global-sidecar config",
             self.adjustments.clone(),
         );
     }
 
-    /// Per-type labels from a type URL.
+    /// Per-type labels from a type URL: its short name for the types a mesh uses, `other` for any
+    /// other (type URLs come from istiod and clients: as labels they must be a closed set).
     pub fn type_labels(type_url: &str) -> TypeLabels {
+        let known = KNOWN_TYPES.contains(&type_url);
         TypeLabels {
-            r#type: short_type(type_url).to_string(),
+            r#type: if known { short_type(type_url) } else { "other" }.to_string(),
         }
     }
 }
 
+/// The type URLs Envoy and istio-agent request over ADS (xDS core types and Istio's own); any
+/// other is labelled `other`.
+const KNOWN_TYPES: [&str; 11] = [
+    super::CLUSTER,
+    super::ENDPOINT,
+    super::LISTENER,
+    super::ROUTE,
+    super::SECRET,
+    "type.googleapis.com/envoy.config.route.v3.VirtualHost",
+    "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration",
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+    "type.googleapis.com/envoy.service.runtime.v3.Runtime",
+    "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig",
+    "type.googleapis.com/istio.networking.nds.v1.NameTable",
+];
+
 /// A type URL's last part (`Cluster`, `ClusterLoadAssignment`, ...), as metrics and logs name it.
 pub fn short_type(type_url: &str) -> &str {
     type_url.rsplit('.').next().unwrap_or(type_url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_labels_are_a_closed_set() {
+        let table = [
+            (crate::xds::CLUSTER, "Cluster"),
+            (crate::xds::ENDPOINT, "ClusterLoadAssignment"),
+            (
+                "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig",
+                "ProxyConfig",
+            ),
+            ("type.googleapis.com/attacker.Chosen1", "other"),
+            ("", "other"),
+            ("Cluster", "other"),
+        ];
+        for (type_url, want) in table {
+            assert_eq!(Metrics::type_labels(type_url).r#type, want, "{type_url}");
+        }
+    }
 }

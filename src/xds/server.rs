@@ -7,7 +7,7 @@
 //! other (istio issue 39209). When istiod cannot be reached as a global-sidecar connects, the
 //! stream is served from the node class's last good config until istiod answers again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,7 +55,38 @@ pub struct RelayConfig {
     pub open_budget: Duration,
     /// How often a stream served from the last good config checks whether istiod is back.
     pub probe_interval: Duration,
+    /// Bounds on the listeners' connections and requests.
+    pub limits: ServerLimits,
 }
+
+/// Bounds on what downstreams may hold or send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections at once and the handshake timeout, per listener.
+    pub connections: crate::net::ConnectionLimits,
+    /// Largest request accepted from a downstream (istiod's own limit is 4 MiB too); a larger
+    /// one ends its stream with `ResourceExhausted`.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            connections: crate::net::ConnectionLimits::default(),
+            max_request_bytes: MAX_REQUEST,
+        }
+    }
+}
+
+/// Default of [`ServerLimits::max_request_bytes`]: istiod's default receive limit.
+pub const MAX_REQUEST: usize = 4 << 20;
+/// Idle connections are pinged this often; a peer that does not answer within
+/// [`KEEPALIVE_TIMEOUT`] is gone and its connection (and streams, and their upstream streams)
+/// is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent streams per connection: Envoy opens one ADS stream per connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// The relay service (cheap to clone).
 #[derive(Clone, Debug)]
@@ -164,16 +195,22 @@ impl Relay {
     /// Serves ADS on `listener` (TLS when `tls` is set) until shutdown.
     pub async fn serve(self, listener: TcpListener, tls: Option<ServerTlsConfig>) -> anyhow::Result<()> {
         let shutdown = self.shared.shutdown.clone();
+        let limits = self.shared.config.limits;
+        let refused = self.shared.metrics.refused_connections.clone();
         let service = AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE)
+            .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(MAX_MESSAGE);
-        let mut builder = Server::builder();
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
+        let incoming = crate::net::bounded_incoming(listener, limits.connections, refused);
         builder
             .add_service(service)
-            .serve_with_incoming_shutdown(crate::net::nodelay_incoming(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         Ok(())
     }
@@ -217,6 +254,10 @@ trait Protocol: Send + 'static {
     const NAME: &'static str;
 
     fn node(req: &Self::Request) -> Option<&Node>;
+    /// The type URL a request is for.
+    fn requested_type(req: &Self::Request) -> &str;
+    /// The type URLs of a response's resources.
+    fn resource_types(resp: &Self::Response) -> impl Iterator<Item = &str>;
     fn open(
         client: AggregatedDiscoveryServiceClient<Channel>,
         request: Request<UnboundedReceiverStream<Self::Request>>,
@@ -245,6 +286,14 @@ impl Protocol for Sotw {
 
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn requested_type(req: &DiscoveryRequest) -> &str {
+        &req.type_url
+    }
+
+    fn resource_types(resp: &DiscoveryResponse) -> impl Iterator<Item = &str> {
+        resp.resources.iter().map(|r| r.type_url.as_str())
     }
 
     async fn open(
@@ -306,6 +355,17 @@ impl Protocol for Delta {
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn requested_type(req: &DeltaDiscoveryRequest) -> &str {
+        &req.type_url
+    }
+
+    fn resource_types(resp: &DeltaDiscoveryResponse) -> impl Iterator<Item = &str> {
+        resp.resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|r| r.type_url.as_str())
     }
 
     async fn open(
@@ -405,10 +465,18 @@ async fn run_stream<P: Protocol>(
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
     let first = match inbound.message().await {
-        Ok(Some(first)) => first,
+        Ok(Some(first)) if P::node(&first).is_some() => first,
+        Ok(Some(_)) => {
+            let status = Status::invalid_argument("the first request of a stream must carry the node");
+            refuse(&shared, &tx, status).await;
+            return;
+        }
         Ok(None) => return,
         Err(status) => {
-            tracing::debug!("downstream stream failed before its first request: {status}");
+            match invalid_request(&status) {
+                Some(status) => refuse(&shared, &tx, status).await,
+                None => tracing::debug!("downstream stream failed before its first request: {status}"),
+            }
             return;
         }
     };
@@ -448,6 +516,43 @@ async fn run_stream<P: Protocol>(
     .await
 }
 
+/// The status to end a stream with when reading a downstream request failed because of what the
+/// client sent (undecodable, or over the size limit); `None` when the client went away.
+fn invalid_request(status: &Status) -> Option<Status> {
+    match status.code() {
+        // tonic's decoder reports a message that is not protobuf as `Internal`.
+        tonic::Code::Internal => Some(Status::invalid_argument(format!(
+            "undecodable request: {}",
+            status.message()
+        ))),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Some(Status::resource_exhausted(
+            format!("request too large: {}", status.message()),
+        )),
+        _ => None,
+    }
+}
+
+/// Ends a stream whose client sent an invalid request, with a warning and a count.
+async fn refuse<R>(shared: &Shared, tx: &mpsc::Sender<Result<R, Status>>, status: Status) {
+    tracing::warn!(code = ?status.code(), "ending a downstream stream: {}", status.message());
+    shared.metrics.invalid_requests.inc();
+    let _ = tx.send(Err(status)).await;
+}
+
+/// Why a response from istiod is not relayed: its type was never requested on this stream, or a
+/// resource in it is of another type than the response says.
+fn invalid_response<P: Protocol>(resp: &P::Response, requested: &HashSet<String>) -> Option<String> {
+    let (type_url, _, _) = P::describe(resp);
+    if !requested.contains(type_url) {
+        return Some(format!(
+            "a response of type {type_url:?}, which this stream never requested"
+        ));
+    }
+    P::resource_types(resp)
+        .find(|t| *t != type_url)
+        .map(|other| format!("a response of type {type_url:?} holding a resource of type {other:?}"))
+}
+
 fn set_view(shared: &Shared, generation: u64, f: impl FnOnce(&mut Option<StreamView>)) {
     let mut streams = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
     let mut entry = streams.remove(&generation);
@@ -467,12 +572,21 @@ async fn couple<P: Protocol>(
     node: NodeInfo,
     generation: u64,
 ) -> Result<(), Status> {
+    let mut requested: HashSet<String> = HashSet::from([P::requested_type(&first).to_string()]);
     let mut state = node.global_sidecar.then(|| P::new_state(generation));
     let first_up = match &mut state {
         Some(s) => s.downstream_request(first.clone()).0,
         None => first.clone(),
     };
-    let opened = open::<P>(shared, metadata, &first_up).await;
+    // istiod answers the stream (headers included) only with its first response: a downstream
+    // that leaves before then must not leave the upstream stream and connection behind.
+    let opened = tokio::select! {
+        opened = open::<P>(shared, metadata, &first_up) => opened,
+        () = tx.closed() => {
+            tracing::info!("downstream left before istiod answered: upstream stream dropped");
+            return Ok(());
+        }
+    };
     let (up_tx, mut upstream) = match opened {
         Ok(pair) => pair,
         Err(status) => {
@@ -493,6 +607,7 @@ async fn couple<P: Protocol>(
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
+            () = tx.closed() => return Ok(()),
             permit = tx.reserve(), if !pending.is_empty() => {
                 let Ok(permit) = permit else { return Ok(()) };
                 if let Some(resp) = pending.pop_front() {
@@ -501,6 +616,9 @@ async fn couple<P: Protocol>(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
+                    if !requested.contains(P::requested_type(&req)) {
+                        requested.insert(P::requested_type(&req).to_string());
+                    }
                     let req = match &mut state {
                         Some(s) => {
                             let (req, reply) = s.downstream_request(req);
@@ -515,11 +633,21 @@ async fn couple<P: Protocol>(
                 }
                 Ok(None) => return Ok(()),
                 Err(status) => {
+                    if let Some(status) = invalid_request(&status) {
+                        shared.metrics.invalid_requests.inc();
+                        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
+                        return Err(status);
+                    }
                     tracing::debug!("downstream stream failed: {status}");
                     return Ok(());
                 }
             },
             msg = upstream.message(), if pending.is_empty() => match msg {
+                Ok(Some(resp)) if let Some(why) = invalid_response::<P>(&resp, &requested) => {
+                    let (type_url, _, _) = P::describe(&resp);
+                    shared.metrics.upstream_invalid.get_or_create(&Metrics::type_labels(type_url)).inc();
+                    tracing::warn!("istiod sent {why}: not relayed");
+                }
                 Ok(Some(resp)) => {
                     let resp = match &mut state {
                         Some(s) => {
@@ -685,5 +813,50 @@ async fn serve_last_good<P: Protocol>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::{CLUSTER, LISTENER};
+
+    #[test]
+    fn responses_of_an_unrequested_type_or_with_resources_of_another_type_are_invalid() {
+        let any = |type_url: &str| Any {
+            type_url: type_url.into(),
+            value: vec![],
+        };
+        let response = |type_url: &str, resources: Vec<Any>| DiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        };
+        let requested = HashSet::from([CLUSTER.to_string()]);
+        let table = [
+            (response(CLUSTER, vec![any(CLUSTER), any(CLUSTER)]), None),
+            (response(CLUSTER, vec![]), None),
+            (response(LISTENER, vec![any(LISTENER)]), Some("never requested")),
+            (
+                response(CLUSTER, vec![any(CLUSTER), any(LISTENER)]),
+                Some("holding a resource of type"),
+            ),
+        ];
+        for (resp, want) in table {
+            let got = invalid_response::<Sotw>(&resp, &requested);
+            match want {
+                None => assert_eq!(got, None, "{resp:?}"),
+                Some(why) => assert!(got.as_deref().is_some_and(|g| g.contains(why)), "{got:?}"),
+            }
+        }
+        let delta = DeltaDiscoveryResponse {
+            type_url: CLUSTER.into(),
+            resources: vec![DeltaResource {
+                resource: Some(any(LISTENER)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(invalid_response::<Delta>(&delta, &requested).is_some());
     }
 }

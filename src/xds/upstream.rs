@@ -57,8 +57,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Validates the configuration (addresses, TLS files).
+    /// Validates the configuration (address and scheme, TLS and token files).
     pub fn new(config: UpstreamConfig) -> Result<Self, Error> {
+        // Only what the relay dials: plaintext h2c (`http`) or TLS (`https`).
+        if !(config.address.starts_with("http://") || config.address.starts_with("https://")) {
+            return Err(Error::Address(
+                config.address.clone(),
+                "the scheme must be http:// (plaintext) or https:// (TLS)".into(),
+            ));
+        }
+        // Read again on every connection (it rotates), but it must be there from the start.
+        if let Some(token) = &config.token_file {
+            std::fs::read(token).map_err(|source| Error::File {
+                path: token.clone(),
+                source,
+            })?;
+        }
         let mut endpoint = Endpoint::from_shared(config.address.clone())
             .map_err(|e| Error::Address(config.address.clone(), e.to_string()))?
             .connect_timeout(Duration::from_secs(5))

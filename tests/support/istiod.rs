@@ -64,7 +64,25 @@ struct State {
     pushes: broadcast::Sender<Push>,
     seen: Mutex<Vec<Seen>>,
     streams: AtomicU64,
+    open: Arc<AtomicU64>,
+    silent: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
+}
+
+/// Counts a stream as open until dropped.
+struct OpenStream(Arc<AtomicU64>);
+
+impl OpenStream {
+    fn new(open: &Arc<AtomicU64>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running test istiod.
@@ -120,6 +138,8 @@ impl TestIstiod {
             pushes: broadcast::channel(64).0,
             seen: Mutex::new(Vec::new()),
             streams: AtomicU64::new(0),
+            open: Arc::new(AtomicU64::new(0)),
+            silent: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         let stop = state.stop.clone();
@@ -214,6 +234,17 @@ impl TestIstiod {
     /// Streams opened so far.
     pub fn streams(&self) -> u64 {
         self.state.streams.load(Ordering::SeqCst)
+    }
+
+    /// Streams open now (SotW).
+    pub fn open_streams(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
+    /// From now on, new SotW streams are read but never answered, not even with headers: as
+    /// istiod (grpc-go) before its first response on a stream.
+    pub fn go_silent(&self) {
+        self.state.silent.store(true, Ordering::SeqCst);
     }
 
     /// Stops serving and closes every stream.
@@ -347,11 +378,26 @@ impl AggregatedDiscoveryService for Service {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let state = self.0.clone();
         state.streams.fetch_add(1, Ordering::SeqCst);
+        let open = OpenStream::new(&state.open);
         let authorization = auth(&req);
         let mut inbound = req.into_inner();
+        if state.silent.load(Ordering::SeqCst) {
+            while let Ok(Some(r)) = inbound.message().await {
+                state.record(
+                    &r.type_url,
+                    &r.response_nonce,
+                    None,
+                    r.resource_names.clone(),
+                    &authorization,
+                    r.node.is_some(),
+                );
+            }
+            return Err(Status::cancelled("the client left"));
+        }
         let mut pushes = state.pushes.subscribe();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
+            let _open = open;
             // per type: last nonce sent, subscribed names (None = wildcard)
             let mut types: HashMap<String, (String, Option<BTreeSet<String>>)> = HashMap::new();
             // From the node on the first request of the stream.

@@ -72,6 +72,16 @@ impl TestRelay {
         settings: lazyload::xds::adjust::Settings,
         tls: Option<tonic::transport::ServerTlsConfig>,
     ) -> Self {
+        Self::start_limited(upstream, settings, tls, Default::default()).await
+    }
+
+    /// The same, with `limits` on connections and requests.
+    pub async fn start_limited(
+        upstream: lazyload::xds::upstream::UpstreamConfig,
+        settings: lazyload::xds::adjust::Settings,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        limits: lazyload::xds::server::ServerLimits,
+    ) -> Self {
         use std::time::Duration;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -83,6 +93,7 @@ impl TestRelay {
                 node_pattern: None,
                 open_budget: Duration::from_millis(600),
                 probe_interval: Duration::from_millis(200),
+                limits,
             },
             stop.clone(),
         );
