@@ -466,7 +466,12 @@ async fn readiness_reflects_manifest_write_failures() {
     std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
     let manifests = dir.path("new/manifests");
     let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
-    let serve = Serve::offline(&snapshot, &manifests, &["--als-listen", &als.to_string()]).await;
+    let serve = Serve::offline(
+        &snapshot,
+        &manifests,
+        &["--als-listen", &als.to_string(), "--als-trust", "any"],
+    )
+    .await;
     assert!(manifests.is_dir(), "--manifests-dir is created");
     assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
 
