@@ -660,7 +660,13 @@ async fn start_learning(ctx: &mut Components, args: &ServeArgs) -> anyhow::Resul
         let shutdown = ctx.shutdown.clone();
         ctx.spawn("access-log collector", async move {
             let _stopped = collector_stopped.drop_guard();
-            Ok(collector::serve(listener, service, shutdown).await?)
+            Ok(collector::serve(
+                listener,
+                service,
+                crate::net::ConnectionLimits::default(),
+                shutdown,
+            )
+            .await?)
         });
     } else {
         collector_stopped.cancel();

@@ -66,6 +66,10 @@ async fn start(limits: Limits) -> Running {
 }
 
 async fn start_for(limits: Limits, peers: Peers) -> Running {
+    start_with(limits, peers, lazyload::net::ConnectionLimits::default()).await
+}
+
+async fn start_with(limits: Limits, peers: Peers, connections: lazyload::net::ConnectionLimits) -> Running {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let learner = LearnerHandle::new(Learner::new(limits), 100);
@@ -80,7 +84,12 @@ async fn start_for(limits: Limits, peers: Peers) -> Running {
     let listener = collector::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(collector::serve(listener, collector, shutdown.clone()));
+    let server = tokio::spawn(collector::serve(
+        listener,
+        collector,
+        connections,
+        shutdown.clone(),
+    ));
     Running {
         addr,
         learner,
@@ -323,4 +332,51 @@ async fn shutdown_ends_open_streams_at_once() {
         .expect("the stream ended");
     drop(tx);
     ended.unwrap().expect("ended cleanly");
+}
+
+/// Issue 16: the collector's port is bounded like the relay's: a connection over the limit is
+/// closed at once (and counted), one that never sends the HTTP/2 preface is closed after the
+/// handshake timeout, and then a client is served again.
+#[tokio::test]
+async fn idle_connections_time_out_and_the_connection_limit_holds() {
+    use tokio::io::AsyncReadExt as _;
+    let connections = lazyload::net::ConnectionLimits {
+        max_connections: 2,
+        handshake_timeout: Duration::from_millis(500),
+    };
+    let r = start_with(Limits::default(), Peers::Any, connections).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(r.addr).await.unwrap());
+    }
+    let mut buf = [0u8; 64];
+    let over = tokio::time::timeout(Duration::from_secs(2), idle[2].read(&mut buf)).await;
+    assert!(matches!(over, Ok(Ok(0) | Err(_))), "{over:?}");
+    assert!(
+        metrics_text(&r.registry).contains("als_refused_connections_total 1"),
+        "{}",
+        metrics_text(&r.registry)
+    );
+    let started = Instant::now();
+    for conn in &mut idle[..2] {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("an idle connection closed in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    let mut c = client(r.addr).await;
+    c.stream_access_logs(tokio_stream::iter([message(true, [])]))
+        .await
+        .expect("a client is served once places are free");
 }

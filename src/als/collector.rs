@@ -140,6 +140,8 @@ pub struct Metrics {
     /// Indexed like [`Refused::ALL`].
     refused: Vec<Counter>,
     fences_at_cap: Gauge,
+    /// Connections closed because the collector's connection limit was reached.
+    pub refused_connections: Counter,
 }
 
 /// Why a stream was refused: a closed set (a metric label).
@@ -221,6 +223,7 @@ impl Metrics {
                 .map(|r| series(&refused, "reason", r.as_str()))
                 .collect(),
             fences_at_cap: Gauge::default(),
+            refused_connections: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("als");
         r.register("entries", "Access-log entries received, by kind", entries);
@@ -240,6 +243,11 @@ impl Metrics {
             "refused_streams",
             "Access-log streams refused (untrusted peers), by reason",
             refused,
+        );
+        r.register(
+            "refused_connections",
+            "Connections closed at once because the collector's connection limit was reached",
+            m.refused_connections.clone(),
         );
         r.register(
             "fences_at_host_cap",
@@ -449,14 +457,20 @@ const CONNECTION_GRACE: std::time::Duration = std::time::Duration::from_millis(3
 pub async fn serve(
     listener: TcpListener,
     mut collector: Collector,
+    limits: crate::net::ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     collector.shutdown = shutdown.clone();
     // The collector sends almost nothing but HTTP/2 window updates; Nagle's algorithm held them
     // back and stalled the sender (measured: 63k entries/s with it, 370k+ without; larger
-    // HTTP/2 windows made no measurable difference once it was off).
-    let incoming = crate::net::nodelay_incoming(listener);
+    // HTTP/2 windows made no measurable difference once it was off). The connections are
+    // bounded like the relay's: a limit, and a deadline for the HTTP/2 preface, so idle sockets
+    // cannot exhaust file descriptors; keepalive pings find peers that went away.
+    let refused = collector.metrics.refused_connections.clone();
+    let incoming = crate::net::bounded_incoming(listener, limits, refused);
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(collector.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
