@@ -781,3 +781,123 @@ async fn idle_connections_time_out_and_the_connection_limit_holds() {
     c.request(Some(node(false)), CLUSTER, &[], "").await;
     assert_eq!(names(&c.recv().await), ["a", "b", "c"]);
 }
+
+/// Issue 16 item 2: with a token of its own (`--upstream-token-file`), the relay lends it only to
+/// clients it authenticated. A plaintext client without credentials is refused with
+/// `Unauthenticated` before istiod is asked (nor is it served the last good config); one that
+/// brings its own `authorization` is served with that, never with the relay's token.
+#[tokio::test]
+async fn the_relay_lends_its_own_token_to_no_unauthenticated_client() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let dir = support::TempDir::new("relay-token");
+    let token = dir.path("token");
+    std::fs::write(&token, "relay-own-token\n").unwrap();
+    let upstream = UpstreamConfig {
+        token_file: Some(token),
+        ..upstream_config(&istiod.url())
+    };
+    let r = TestRelay::start(upstream, Settings::default()).await;
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", r.addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(DiscoveryRequest {
+        node: Some(node(true)),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let status = match client
+        .stream_aggregated_resources(tonic::Request::new(ReceiverStream::new(rx)))
+        .await
+    {
+        Ok(resp) => tokio::time::timeout(WAIT, resp.into_inner().message())
+            .await
+            .expect("the stream ends in time")
+            .expect_err("an error status"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(r.relay.metrics().unauthenticated.get(), 1);
+    assert_eq!(istiod.streams(), 0, "istiod is never asked on its behalf");
+
+    let mut c = SotwClient::connect(r.addr, &[("authorization", "Bearer gs-token")]).await;
+    c.request(Some(node(true)), CLUSTER, &[], "").await;
+    c.recv().await;
+    let seen = istiod.seen();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|s| s.authorization.as_deref() == Some("Bearer gs-token")),
+        "only the client's own credentials reach istiod: {seen:?}"
+    );
+}
+
+/// Issue 16 item 2: a client authenticated by a certificate from `--xds-tls-client-ca` (a stock
+/// Envoy global-sidecar with its workload certificate) is served with the relay's own token.
+#[tokio::test]
+async fn a_client_with_a_verified_certificate_gets_the_relays_token() {
+    let istiod = TestIstiod::start(mesh()).await;
+    let ca = support::certs::Ca::new();
+    let dir = support::TempDir::new("relay-mtls-token");
+    let token = dir.path("token");
+    std::fs::write(&token, "relay-own-token\n").unwrap();
+    let relay_cert = ca.workload("mesh-operator", "lazyload", &["lazyload.mesh-operator.svc"]);
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &relay_cert.cert,
+            &relay_cert.key,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&ca.root));
+    let upstream = UpstreamConfig {
+        token_file: Some(token),
+        ..upstream_config(&istiod.url())
+    };
+    let relay = TestRelay::start_tls(upstream, Settings::default(), Some(tls)).await;
+
+    let gs = ca.workload(
+        "mesh-operator",
+        "global-sidecar",
+        &["global-sidecar.mesh-operator.svc"],
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", relay.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca.root))
+                .identity(tonic::transport::Identity::from_pem(&gs.cert, &gs.key))
+                .domain_name("lazyload.mesh-operator.svc"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node(true)),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let cds = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a response in time")
+        .expect("served, not refused")
+        .expect("a response");
+    assert!(!cds.resources.is_empty());
+    assert_eq!(relay.relay.metrics().unauthenticated.get(), 0);
+    assert_eq!(
+        istiod.seen()[0].authorization.as_deref(),
+        Some("Bearer relay-own-token"),
+        "the relay's own token, for a client it authenticated"
+    );
+}

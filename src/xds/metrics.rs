@@ -58,6 +58,9 @@ pub struct Metrics {
     pub invalid_requests: Counter,
     /// Connections closed at once because the connection limit was reached.
     pub refused_connections: Counter,
+    /// Streams refused because the client was not authenticated and would have used the
+    /// relay's own istiod credentials.
+    pub unauthenticated: Counter,
 }
 
 impl Metrics {
@@ -105,6 +108,11 @@ impl Metrics {
             "invalid_requests",
             "Downstream streams ended for an invalid request",
             self.invalid_requests.clone(),
+        );
+        r.register(
+            "unauthenticated_streams",
+            "Streams refused: an unauthenticated client would have used the relay's own istiod credentials",
+            self.unauthenticated.clone(),
         );
         r.register(
             "refused_connections",

@@ -219,9 +219,24 @@ impl Relay {
         &self,
         request: Request<Streaming<P::Request>>,
     ) -> ReceiverStream<Result<P::Response, Status>> {
+        // A client certificate tonic verified against --xds-tls-client-ca authenticates the client.
+        let verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
         let (metadata, _, inbound) = request.into_parts();
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(run_stream::<P>(self.shared.clone(), metadata, inbound, tx));
+        match self.shared.config.upstream.may_serve(&metadata, verified) {
+            Ok(()) => {
+                tokio::spawn(run_stream::<P>(self.shared.clone(), metadata, inbound, tx));
+            }
+            Err(status) => {
+                tracing::warn!(
+                    "refused a stream from an unauthenticated client: {}",
+                    status.message()
+                );
+                self.shared.metrics.unauthenticated.inc();
+                // The channel is empty: this send cannot fail.
+                let _ = tx.try_send(Err(status));
+            }
+        }
         ReceiverStream::new(rx)
     }
 }

@@ -116,6 +116,21 @@ impl Upstream {
             .max_encoding_message_size(MAX_MESSAGE))
     }
 
+    /// Whether the relay may open istiod streams for this downstream. With a token of its own
+    /// (`--upstream-token-file`) the relay would otherwise lend it to whoever reaches its port:
+    /// a client brings its own `authorization` (forwarded; istiod authorises it), or it was
+    /// authenticated by a client certificate the relay verified (`--xds-tls-client-ca`), or it
+    /// is refused with `Unauthenticated`. Without a token there is nothing to lend.
+    pub fn may_serve(&self, downstream: &MetadataMap, client_verified: bool) -> Result<(), tonic::Status> {
+        if self.config.token_file.is_none() || client_verified || downstream.contains_key("authorization") {
+            return Ok(());
+        }
+        Err(tonic::Status::unauthenticated(
+            "the relay lends its istiod credentials only to clients it authenticated: present a \
+             client certificate the relay trusts (--xds-tls-client-ca) or your own authorization",
+        ))
+    }
+
     /// The metadata of the upstream stream: the downstream's `authorization` and `ClusterID`
     /// (istiod authorises the proxy, not the relay), else the configured token and cluster id.
     /// The token file is read on every connection: it rotates.
@@ -236,6 +251,19 @@ mod tests {
         let md = up.metadata(&down);
         assert_eq!(md.get("authorization").unwrap(), "Bearer theirs");
         assert_eq!(md.get("clusterid").unwrap(), "c2");
+        // Only authenticated clients get the relay's own token.
+        assert_eq!(
+            up.may_serve(&MetadataMap::new(), false).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert!(up.may_serve(&MetadataMap::new(), true).is_ok());
+        assert!(up.may_serve(&down, false).is_ok());
+        let without_token = Upstream::new(UpstreamConfig {
+            address: "http://127.0.0.1:15010".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(without_token.may_serve(&MetadataMap::new(), false).is_ok());
         std::fs::remove_file(dir).ok();
         assert!(
             Upstream::new(UpstreamConfig {
