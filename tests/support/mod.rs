@@ -3,6 +3,7 @@
 
 pub mod als_client;
 pub mod als_sink;
+pub mod bounds;
 pub mod certs;
 pub mod envoy;
 pub mod envoyfilter;
