@@ -215,13 +215,8 @@ async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
     let dir = support::TempDir::new("serve-tolerant");
     let snapshot = dir.path("cluster.yaml");
     std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
-    let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
-    let serve = Serve::offline(
-        &snapshot,
-        &dir.path("manifests"),
-        &["--als-listen", &als.to_string(), "--als-trust", "any"],
-    )
-    .await;
+    let (serve, als) = Serve::learning(&snapshot, &dir.path("manifests")).await;
+    let als: std::net::SocketAddr = als.parse().unwrap();
     assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
     let metrics = http::get(serve.admin, "/metrics", &[]).await.unwrap().body;
     assert!(
@@ -465,13 +460,8 @@ async fn readiness_reflects_manifest_write_failures() {
     let snapshot = dir.path("cluster.yaml");
     std::fs::write(&snapshot, PRODUCTPAGE_SNAPSHOT).unwrap();
     let manifests = dir.path("new/manifests");
-    let als: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port()).parse().unwrap();
-    let serve = Serve::offline(
-        &snapshot,
-        &manifests,
-        &["--als-listen", &als.to_string(), "--als-trust", "any"],
-    )
-    .await;
+    let (serve, als) = Serve::learning(&snapshot, &manifests).await;
+    let als: std::net::SocketAddr = als.parse().unwrap();
     assert!(manifests.is_dir(), "--manifests-dir is created");
     assert_eq!(http::get(serve.admin, "/readyz", &[]).await.unwrap().status, 200);
 

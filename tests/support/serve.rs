@@ -55,17 +55,8 @@ impl Serve {
     /// port (returned) taking streams from anyone (the tests send from loopback).
     pub async fn learning(snapshot: &Path, manifests: &Path) -> (Self, String) {
         let als = format!("127.0.0.1:{}", super::free_port());
-        let args: [&OsStr; 8] = [
-            "--cluster-snapshot".as_ref(),
-            snapshot.as_ref(),
-            "--manifests-dir".as_ref(),
-            manifests.as_ref(),
-            "--als-listen".as_ref(),
-            als.as_ref(),
-            "--als-trust".as_ref(),
-            "any".as_ref(),
-        ];
-        (Self::start(args, Stdio::null()).await, als)
+        let args = ["--als-listen", als.as_str(), "--als-trust", "any"];
+        (Self::offline(snapshot, manifests, &args).await, als)
     }
 
     /// Sends SIGTERM and waits up to `within` for the process to exit; its status and how long
