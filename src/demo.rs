@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use clap::{Args as _, FromArgMatches as _};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
 use jiff::Timestamp;
@@ -34,7 +33,7 @@ pub use self::global_sidecar::Received;
 use self::mesh::Mesh;
 use crate::config::Config;
 use crate::report::{self, Report, ReportArgs};
-use crate::serve::{self, ServeArgs};
+use crate::serve::{self, AlsTrust, Options, RelayOptions};
 use crate::telemetry::{self, LogFormat};
 use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
@@ -77,19 +76,8 @@ struct Serve {
 }
 
 impl Serve {
-    /// Starts `lazyload serve` with `flags`, on the cluster in `snapshot`, writing to `manifests`
-    /// (never to a cluster) and logging JSON to `log`.
-    fn start(flags: &[&str], snapshot: &Path, manifests: &Path, log: &Path) -> anyhow::Result<Serve> {
-        // The demo decides every flag: `LAZYLOAD_*` variables of the shell must not reach it.
-        let command = ServeArgs::augment_args(clap::Command::new("serve")).mut_args(|a| a.env(None));
-        let matches = command
-            .try_get_matches_from(std::iter::once("serve").chain(flags.iter().copied()))
-            .context("the demo's serve flags")?;
-        let mut args = ServeArgs::from_arg_matches(&matches).context("the demo's serve flags")?;
-        args.config = None;
-        args.kubeconfig = None;
-        args.cluster_snapshot = Some(snapshot.to_path_buf());
-        args.manifests_dir = Some(manifests.to_path_buf());
+    /// Starts `lazyload serve` with `options` (never writing to a cluster), logging JSON to `log`.
+    fn start(options: Options, log: &Path) -> anyhow::Result<Serve> {
         let mut config = Config::parse("")?.config;
         config.global.log.log_rotate = true;
         config.global.log.log_rotate_config.file_path = log.display().to_string();
@@ -101,7 +89,7 @@ impl Serve {
         }
         let stop = CancellationToken::new();
         let until = stop.clone();
-        let task = tokio::spawn(serve::run_until(args, config, async move {
+        let task = tokio::spawn(serve::run_until(options, config, async move {
             until.cancelled().await;
             "demo finished"
         }));
@@ -142,6 +130,35 @@ impl Drop for Serve {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// What the demo runs `serve` with: the sample cluster from `snapshot` (learned fences and
+/// Sidecars written under `manifests`, no cluster contacted), the relay to the built-in `istiod`
+/// on `xds`, the collector on `als`, the admin endpoint on `admin`.
+fn demo_serve(
+    snapshot: &Path,
+    manifests: &Path,
+    istiod: SocketAddr,
+    xds: SocketAddr,
+    als: SocketAddr,
+    admin: SocketAddr,
+) -> Options {
+    let mut options = Options::offline(snapshot.to_path_buf(), manifests.to_path_buf());
+    options.admin_listen = Some(admin);
+    options.als_listen = Some(als);
+    // The demo's Envoy is a process on this machine, not a pod of the snapshot; the collector
+    // listens on loopback only.
+    options.als_trust = AlsTrust::Any;
+    options.relay = RelayOptions {
+        upstream: Some(format!("http://{istiod}")),
+        xds_listen: xds,
+        als_address: Some(als.to_string()),
+        // The global-sidecar's listeners stay on loopback: its PassthroughCluster goes wherever
+        // a request's Slime-Orig-Dest says.
+        rebind_address: "127.0.0.1".into(),
+        ..RelayOptions::default()
+    };
+    options
 }
 
 /// `N` distinct loopback ports nothing listens on right now (all probed at once, so none is
@@ -309,31 +326,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
 
     let [xds, als, admin] = free_ports()?.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     let log = dir.join("serve.log");
-    let mut serve = Serve::start(
-        &[
-            "--upstream",
-            &format!("http://{istiod}"),
-            "--xds-listen",
-            &xds.to_string(),
-            "--als-listen",
-            &als.to_string(),
-            "--als-address",
-            &als.to_string(),
-            // The demo's Envoy is a process on this machine, not a pod of the snapshot; the
-            // collector listens on loopback only.
-            "--als-trust",
-            "any",
-            "--admin-listen",
-            &admin.to_string(),
-            // The global-sidecar's listeners stay on loopback: its PassthroughCluster goes
-            // wherever a request's Slime-Orig-Dest says.
-            "--rebind-address",
-            "127.0.0.1",
-        ],
-        &cluster,
-        &manifests,
-        &log,
-    )?;
+    let mut serve = Serve::start(demo_serve(&cluster, &manifests, istiod, xds, als, admin), &log)?;
     say(&format!(
         "[2/5] lazyload serve: relay on {xds} (upstream: the built-in istiod stand-in on {istiod}), \
          collector on {als}, admin on http://{admin} (log: {})",

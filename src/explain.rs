@@ -18,7 +18,6 @@ use serde::Serialize;
 
 use crate::config::{Config, MetricSourceType};
 use crate::index::ClusterIndex;
-use crate::index::snapshot::Snapshot;
 use crate::model::alias::with_aliases;
 use crate::model::dependencies::{dependencies, is_global_sidecar};
 use crate::model::fence::{DomainStatus, ServiceFence, ServiceFenceStatus, metric_key_host};
@@ -166,17 +165,8 @@ const MAX_FALLBACK_CALLS: usize = 10;
 
 /// Loads the snapshot (and the manifests' learned state) and explains `args.workload`.
 pub fn run(args: &ExplainArgs, now: Timestamp) -> anyhow::Result<Explanation> {
-    let config = match &args.config {
-        Some(p) => Config::load(p)?.config,
-        None => Config::parse("")?.config,
-    };
-    let text = std::fs::read_to_string(&args.cluster_snapshot)
-        .with_context(|| format!("reading {}", args.cluster_snapshot.display()))?;
-    let mut snapshot = Snapshot::parse(&text, &config.general.cluster_domain)
-        .with_context(|| format!("loading {}", args.cluster_snapshot.display()))?;
-    snapshot
-        .index
-        .set_workload_label(config.general.fence_label_key_alias.clone());
+    let (config, mut snapshot) =
+        crate::inputs::config_and_snapshot(args.config.as_deref(), &args.cluster_snapshot)?;
     if let Some(dir) = &args.manifests_dir {
         crate::manifests::restore_fence_status(dir, &mut snapshot.fences)
             .with_context(|| format!("reading {}", dir.display()))?;

@@ -9,25 +9,27 @@
 //! Istio's request metrics) is the other input: one dependency per series.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use crate::als::attribute::{Attributor, Hosts};
 use crate::als::entry::{Entry, Kind, parse_ip};
+use crate::cluster::ClusterState;
 use crate::config::Config;
-use crate::index::ObjectKey;
-use crate::index::snapshot::Snapshot;
+use crate::index::{ClusterIndex, ObjectKey};
+use crate::inputs;
 use crate::learn::Edge;
+use crate::learn::sink::{FenceSink, Target};
 use crate::learn::status::apply_edges;
 use crate::manifests;
 use crate::model::autofence::{Action, decide};
-use crate::model::evaluate;
 use crate::model::fence::ServiceFence;
 use crate::model::host::host_name;
-use crate::model::istio::IstioVersion;
 use crate::model::scope::{Scoped, scoped_global_sidecars};
 use crate::model::sidecar::is_fence_controlled;
 
@@ -83,34 +85,7 @@ pub struct Summary {
 
 /// Runs `generate`.
 pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
-    let config = match &args.config {
-        Some(p) => Config::load(p)?.config,
-        None => Config::default(),
-    };
-    let text = std::fs::read_to_string(&args.cluster_snapshot)
-        .with_context(|| format!("reading {}", args.cluster_snapshot.display()))?;
-    let mut snap = Snapshot::parse(&text, &config.general.cluster_domain)
-        .with_context(|| format!("loading {}", args.cluster_snapshot.display()))?;
-    snap.index
-        .set_workload_label(config.general.fence_label_key_alias.clone());
-
-    let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
-    for f in snap.fences.drain(..) {
-        if let (Some(ns), Some(name)) = (f.metadata.namespace.clone(), f.metadata.name.clone()) {
-            fences.insert(ObjectKey::new(ns, name), f);
-        }
-    }
-    let mut services: Vec<ObjectKey> = snap.index.services().map(|s| s.key.clone()).collect();
-    services.extend(crate::model::autofence::wanted_workload_fences(
-        &snap.index,
-        &config,
-    ));
-    for key in services {
-        if let Action::Create(f) = decide(&key, fences.get(&key), &snap.index, &config) {
-            fences.insert(key, *f);
-        }
-    }
-
+    let (config, snap) = inputs::config_and_snapshot(args.config.as_deref(), &args.cluster_snapshot)?;
     let mut summary = Summary {
         scoped: scoped_global_sidecars(
             &config,
@@ -120,47 +95,18 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
         rejected: snap.rejected.iter().map(ToString::to_string).collect(),
         ..Default::default()
     };
-    let mut edges: Vec<Edge> = Vec::new();
+    let fences = wanted_fences(snap.fences, &snap.index, &config);
     let attributor = Attributor::new(&config);
-    let mut hosts = Hosts::default();
+    let mut edges: Vec<Edge> = Vec::new();
     for path in &args.access_log {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        // Line by line as bytes: one line that is not UTF-8 (or not a JSON object) is counted and
-        // skipped, not the whole file.
-        for line in bytes
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.trim_ascii().is_empty())
-        {
-            let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
-                *summary.skipped.entry("not_json".into()).or_default() += 1;
-                continue;
-            };
-            let field = |k: &str| v.get(k).and_then(Value::as_str);
-            let entry = Entry {
-                kind: Kind::Http,
-                source: field("downstream_remote_address").and_then(parse_ip),
-                peer_identity: None,
-                upstream_cluster: field("upstream_cluster").unwrap_or_default(),
-                authority: field("authority").unwrap_or_default(),
-                orig_dest: field("slime_orig_dest"),
-                source_ns: field("slime_source_ns"),
-                user_agent: field("user_agent").unwrap_or_default(),
-                path: field("path").unwrap_or_default(),
-            };
-            match attributor.attribute(&snap.index, &entry, &mut hosts) {
-                Ok(sources) => {
-                    summary.attributed += 1;
-                    for fence in sources {
-                        edges.extend(hosts.iter().map(|h| Edge {
-                            fence: fence.clone(),
-                            host: h.to_string(),
-                            seen: now,
-                        }));
-                    }
-                }
-                Err(why) => *summary.skipped.entry(why.as_str().into()).or_default() += 1,
-            }
-        }
+        edges.extend(access_log_edges(
+            &bytes,
+            &attributor,
+            &snap.index,
+            now,
+            &mut summary,
+        ));
     }
     for path in &args.prometheus_export {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -171,45 +117,127 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
     edges.sort_by(|a, b| (&a.fence, &a.host).cmp(&(&b.fence, &b.host)));
     edges.dedup_by(|a, b| a.fence == b.fence && a.host == b.host);
     summary.edges = edges.len();
-    for (key, fence) in &mut fences {
-        let status = fence.status.get_or_insert_with(Default::default);
-        apply_edges(status, edges.iter().filter(|e| &e.fence == key), now);
-    }
 
-    for (key, fence) in &fences {
-        let eval = evaluate(fence, &snap.index, &config, now, IstioVersion::default());
-        let mut fence = fence.clone();
-        fence.status = Some(eval.status);
-        manifests::write(&args.out, key, "servicefence", &fence)?;
-        summary.fences += 1;
-        if let Ok(sidecar) = eval.sidecar {
-            manifests::write(&args.out, key, "sidecar", &sidecar)?;
-            summary.sidecars += 1;
+    let keys: Vec<ObjectKey> = fences.keys().cloned().collect();
+    let state = ClusterState::new(snap.index, fences.into_values());
+    let sink = FenceSink::new(
+        state,
+        Arc::new(config),
+        Target::Directory {
+            dir: args.out.clone(),
+            ready: None,
+        },
+    );
+    for key in &keys {
+        let learned = edges.iter().filter(|e| &e.fence == key);
+        if let Some(written) = sink.apply(key, |status| apply_edges(status, learned, now), now)? {
+            summary.fences += 1;
+            summary.sidecars += usize::from(written.sidecar.is_ok());
         }
     }
+    write_fallback(&args.out, sink.config(), &sink.state().index(), &mut summary)?;
+    Ok(summary)
+}
 
-    // The fallback: what the fallback controller applies to a cluster with no EnvoyFilter yet.
-    let ports = crate::model::fallback::wormhole_ports(&config, &snap.index, &Default::default());
-    let desired = crate::reconcile::fallback::desired(&config, &ports);
+/// The snapshot's fences and those `general.autoFence` and `defaultFence` give its Services and
+/// workloads, by key.
+fn wanted_fences(
+    snapshot: Vec<ServiceFence>,
+    index: &ClusterIndex,
+    config: &Config,
+) -> BTreeMap<ObjectKey, ServiceFence> {
+    let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
+    for f in snapshot {
+        if let (Some(ns), Some(name)) = (f.metadata.namespace.clone(), f.metadata.name.clone()) {
+            fences.insert(ObjectKey::new(ns, name), f);
+        }
+    }
+    let mut services: Vec<ObjectKey> = index.services().map(|s| s.key.clone()).collect();
+    services.extend(crate::model::autofence::wanted_workload_fences(index, config));
+    for key in services {
+        if let Action::Create(f) = decide(&key, fences.get(&key), index, config) {
+            fences.insert(key, *f);
+        }
+    }
+    fences
+}
+
+/// The dependencies in Envoy JSON access logs `bytes`; lines that are not such objects or name
+/// no dependency are counted as skipped.
+fn access_log_edges(
+    bytes: &[u8],
+    attributor: &Attributor,
+    index: &ClusterIndex,
+    now: Timestamp,
+    summary: &mut Summary,
+) -> Vec<Edge> {
+    let mut edges = Vec::new();
+    let mut hosts = Hosts::default();
+    // Line by line as bytes: one line that is not UTF-8 (or not a JSON object) is counted and
+    // skipped, not the whole file.
+    for line in bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.trim_ascii().is_empty())
+    {
+        let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
+            *summary.skipped.entry("not_json".into()).or_default() += 1;
+            continue;
+        };
+        let field = |k: &str| v.get(k).and_then(Value::as_str);
+        let entry = Entry {
+            kind: Kind::Http,
+            source: field("downstream_remote_address").and_then(parse_ip),
+            peer_identity: None,
+            upstream_cluster: field("upstream_cluster").unwrap_or_default(),
+            authority: field("authority").unwrap_or_default(),
+            orig_dest: field("slime_orig_dest"),
+            source_ns: field("slime_source_ns"),
+            user_agent: field("user_agent").unwrap_or_default(),
+            path: field("path").unwrap_or_default(),
+        };
+        match attributor.attribute(index, &entry, &mut hosts) {
+            Ok(sources) => {
+                summary.attributed += 1;
+                for fence in sources {
+                    edges.extend(hosts.iter().map(|h| Edge {
+                        fence: fence.clone(),
+                        host: h.to_string(),
+                        seen: now,
+                    }));
+                }
+            }
+            Err(why) => *summary.skipped.entry(why.as_str().into()).or_default() += 1,
+        }
+    }
+    edges
+}
+
+/// The fallback: what the fallback controller applies to a cluster with no EnvoyFilter yet.
+fn write_fallback(
+    out: &Path,
+    config: &Config,
+    index: &ClusterIndex,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    let ports = crate::model::fallback::wormhole_ports(config, index, &Default::default());
+    let desired = crate::reconcile::fallback::desired(config, &ports);
+    let key_of = |meta: &ObjectMeta| {
+        ObjectKey::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    };
     for ef in &desired.envoyfilters {
-        let key = ObjectKey::new(
-            ef.metadata.namespace.clone().unwrap_or_default(),
-            ef.metadata.name.clone().unwrap_or_default(),
-        );
-        manifests::write(&args.out, &key, "envoyfilter", ef)?;
+        manifests::write(out, &key_of(&ef.metadata), "envoyfilter", ef)?;
         summary.envoyfilters += 1;
     }
     for dr in &desired.destination_rules {
-        let key = ObjectKey::new(
-            dr.metadata.namespace.clone().unwrap_or_default(),
-            dr.metadata.name.clone().unwrap_or_default(),
-        );
-        manifests::write(&args.out, &key, "destinationrule", dr)?;
+        manifests::write(out, &key_of(&dr.metadata), "destinationrule", dr)?;
     }
     for svc in &desired.services {
         let field = |k: &str| svc["metadata"][k].as_str().unwrap_or_default().to_string();
         manifests::write(
-            &args.out,
+            out,
             &ObjectKey::new(field("namespace"), field("name")),
             "service",
             svc,
@@ -217,7 +245,7 @@ pub fn run(args: &GenerateArgs, now: Timestamp) -> anyhow::Result<Summary> {
         summary.services += 1;
     }
     summary.wormhole_ports = ports.into_iter().collect();
-    Ok(summary)
+    Ok(())
 }
 
 /// The dependencies in a Prometheus `/api/v1/query` result (a vector); series that name no

@@ -14,6 +14,8 @@ pub mod learner;
 pub mod persist;
 pub mod prometheus;
 pub mod pump;
+pub mod schedule;
+pub mod sink;
 pub mod status;
 
 use jiff::Timestamp;

@@ -15,6 +15,7 @@
 //! - [`cluster`]: the kube watchers and per-object conversion that keep the index up to date.
 //! - [`reconcile`]: the lease-gated controllers that write fences, Sidecars and fallback objects.
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`), atomic and read back.
+//! - [`inputs`]: the configuration file and cluster snapshot, read the same way by every command.
 //! - [`readiness`]: the tasks `/readyz` waits for.
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/debug/...`).
 //! - [`metrics`]: the catalog of every metric family (`lazyload metrics`).
@@ -36,6 +37,7 @@ pub mod explain;
 pub mod generate;
 pub mod hash;
 pub mod index;
+pub mod inputs;
 pub mod learn;
 pub mod manifests;
 pub mod metrics;

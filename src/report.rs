@@ -17,8 +17,6 @@ use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::Config;
-use crate::index::snapshot::Snapshot;
 use crate::model::evaluate;
 use crate::model::istio::IstioVersion;
 
@@ -234,18 +232,11 @@ fn size(dump: &Dump, hosts: Option<&[String]>) -> Size {
 
 /// Builds the report.
 pub fn run(args: &ReportArgs, now: Timestamp) -> anyhow::Result<Report> {
-    let config = match &args.config {
-        Some(p) => Config::load(p)?.config,
-        None => Config::default(),
-    };
     let snapshot = args
         .cluster_snapshot
         .as_ref()
         .context("--cluster-snapshot is required without --istiod")?;
-    let text =
-        std::fs::read_to_string(snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
-    let snap = Snapshot::parse(&text, &config.general.cluster_domain)
-        .with_context(|| format!("loading {}", snapshot.display()))?;
+    let (config, snap) = crate::inputs::config_and_snapshot(args.config.as_deref(), snapshot)?;
     let dump = load(&args.config_dump)?;
     let full = size(&dump, None);
     let mut workloads = Vec::new();
