@@ -280,24 +280,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let mut mesh = Mesh::sample(args.services);
-    let mut envoy_binary = envoy::find(&args.envoy);
-    if envoy_binary.is_none() && args.envoy == "auto" {
-        say(&format!(
-            "      no Envoy found: the traffic is replayed as access-log entries ({})",
-            envoy::HOW_TO_GET_ENVOY
-        ));
-    }
-    let first_pod = mesh::loopback_pod_ip(0);
-    if envoy_binary.is_some() && !envoy::can_bind(first_pod.into()) {
-        let why = format!("this machine cannot send from {first_pod} (a pod's address on loopback)");
-        if args.envoy != "auto" {
-            bail!("--envoy {}: {why}", args.envoy);
-        }
-        say(&format!(
-            "      {why}: the traffic is replayed as access-log entries instead of through Envoy"
-        ));
-        envoy_binary = None;
-    }
+    let envoy_binary = usable_envoy(&args.envoy, say)?;
     if envoy_binary.is_some() {
         let backend = envoy::backend(stop.clone())
             .await
@@ -305,34 +288,20 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         mesh = mesh.on_loopback(free_ports()?, backend);
     }
     let dir = &args.out;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    say(&format!(
-        "[1/5] sample mesh: {} services, {} calls between them, written to {}",
-        mesh.services.len(),
-        mesh.calls.len(),
-        dir.display()
-    ));
-    let cluster = dir.join("cluster.yaml");
-    write(&cluster, &mesh.cluster_yaml(true))?;
-    let dump = dir.join("full-config-dump.json");
-    write(&dump, &mesh.config_dump().to_string())?;
-    let manifests = dir.join("manifests");
-    if manifests.exists() {
-        std::fs::remove_dir_all(&manifests).with_context(|| format!("clearing {}", manifests.display()))?;
-    }
+    let files = Files::write(&mesh, dir, say)?;
     let istiod = upstream::start(mesh.xds(), stop.clone())
         .await
         .context("starting the built-in upstream")?;
 
     let [xds, als, admin] = free_ports()?.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     let log = dir.join("serve.log");
-    let mut serve = Serve::start(demo_serve(&cluster, &manifests, istiod, xds, als, admin), &log)?;
+    let options = demo_serve(&files.cluster, &files.manifests, istiod, xds, als, admin);
+    let mut serve = Serve::start(options, &log)?;
     say(&format!(
         "[2/5] lazyload serve: relay on {xds} (upstream: the built-in istiod stand-in on {istiod}), \
          collector on {als}, admin on http://{admin} (log: {})",
         log.display()
     ));
-
     let relayed = match global_sidecar::subscribe(xds, Duration::from_secs(30)).await {
         Ok(r) => r,
         Err(e) => {
@@ -343,6 +312,95 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
                 .context(format!("see {}", log.display())));
         }
     };
+    show_relayed(&relayed, &log, say)?;
+    let traffic = Traffic {
+        mesh: &mesh,
+        relayed: &relayed,
+        dir,
+        xds,
+        als,
+        log: &log,
+    };
+    // Kept running until everything is learned: its access logs are still being flushed.
+    let envoy = traffic.send(envoy_binary, &args.envoy, say).await?;
+    let learned = wait_until_learned(&mesh, &files.manifests, &mut serve, &log, say).await?;
+    drop(envoy);
+    serve.shutdown().await?;
+    let productpage_sidecar = read(&files.manifests.join("bookinfo/productpage.sidecar.yaml"))?;
+    say("[5/5] comparing each workload's scoped config with the full config");
+    let report = compare(&mesh, &files, dir, now)?;
+    Ok(Outcome {
+        learned,
+        report,
+        productpage_sidecar,
+        relayed,
+    })
+}
+
+/// The Envoy `--envoy` names if it can carry the demo's traffic here, else `None` (said why);
+/// an error when one was asked for by path and cannot.
+fn usable_envoy(wanted: &str, say: &mut dyn FnMut(&str)) -> anyhow::Result<Option<PathBuf>> {
+    let binary = envoy::find(wanted);
+    if binary.is_none() && wanted == "auto" {
+        say(&format!(
+            "      no Envoy found: the traffic is replayed as access-log entries ({})",
+            envoy::HOW_TO_GET_ENVOY
+        ));
+    }
+    let first_pod = mesh::loopback_pod_ip(0);
+    if binary.is_some() && !envoy::can_bind(first_pod.into()) {
+        let why = format!("this machine cannot send from {first_pod} (a pod's address on loopback)");
+        if wanted != "auto" {
+            bail!("--envoy {wanted}: {why}");
+        }
+        say(&format!(
+            "      {why}: the traffic is replayed as access-log entries instead of through Envoy"
+        ));
+        return Ok(None);
+    }
+    Ok(binary)
+}
+
+/// The files of a demo run in its working directory.
+struct Files {
+    /// The sample cluster, as `kubectl get -o yaml` prints it.
+    cluster: PathBuf,
+    /// The full config every proxy of the mesh receives, as an Envoy config dump.
+    dump: PathBuf,
+    /// Where `serve` writes the learned fences and Sidecars (emptied first).
+    manifests: PathBuf,
+}
+
+impl Files {
+    /// Step 1: writes the sample mesh's cluster and full config under `dir`.
+    fn write(mesh: &Mesh, dir: &Path, say: &mut dyn FnMut(&str)) -> anyhow::Result<Files> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        say(&format!(
+            "[1/5] sample mesh: {} services, {} calls between them, written to {}",
+            mesh.services.len(),
+            mesh.calls.len(),
+            dir.display()
+        ));
+        let cluster = dir.join("cluster.yaml");
+        write(&cluster, &mesh.cluster_yaml(true))?;
+        let dump = dir.join("full-config-dump.json");
+        write(&dump, &mesh.config_dump().to_string())?;
+        let manifests = dir.join("manifests");
+        if manifests.exists() {
+            std::fs::remove_dir_all(&manifests)
+                .with_context(|| format!("clearing {}", manifests.display()))?;
+        }
+        Ok(Files {
+            cluster,
+            dump,
+            manifests,
+        })
+    }
+}
+
+/// Step 3: what the global-sidecar received through the relay; an error unless the relay
+/// adjusted it (access logs to the collector, unknown hosts to PassthroughCluster).
+fn show_relayed(relayed: &Received, log: &Path, say: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     say(&format!(
         "[3/5] global-sidecar through the relay: {} clusters, {} endpoint assignments, {} listeners, \
          {} route configurations ({} virtual hosts), {:.2} MiB",
@@ -382,31 +440,67 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             log.display()
         );
     }
+    Ok(())
+}
 
-    let started = match &envoy_binary {
-        Some(binary) => match envoy::Envoy::start(binary, xds, dir).await {
-            Ok(envoy) => Some((envoy, binary)),
-            // `envoy` found on PATH may still not run (a stale shim): the demo goes on without.
-            Err(e) if args.envoy == "auto" => {
-                say(&format!(
-                    "      {e:#}: replaying the traffic as access-log entries instead"
-                ));
-                None
+/// What step 4 sends the mesh's traffic with.
+struct Traffic<'a> {
+    mesh: &'a Mesh,
+    relayed: &'a Received,
+    dir: &'a Path,
+    xds: SocketAddr,
+    als: SocketAddr,
+    log: &'a Path,
+}
+
+impl Traffic<'_> {
+    /// Step 4: through a real Envoy global-sidecar when `binary` starts (returned: it keeps
+    /// flushing access logs), else replayed to the collector.
+    async fn send(
+        &self,
+        binary: Option<PathBuf>,
+        wanted: &str,
+        say: &mut dyn FnMut(&str),
+    ) -> anyhow::Result<Option<envoy::Envoy>> {
+        let started = match &binary {
+            Some(binary) => match envoy::Envoy::start(binary, self.xds, self.dir).await {
+                Ok(envoy) => Some((envoy, binary)),
+                // `envoy` found on PATH may still not run (a stale shim): the demo goes on without.
+                Err(e) if wanted == "auto" => {
+                    say(&format!(
+                        "      {e:#}: replaying the traffic as access-log entries instead"
+                    ));
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        match started {
+            Some((envoy, binary)) => {
+                send_through_envoy(envoy, self.mesh, self.relayed, binary, self.dir, say)
+                    .await
+                    .map(Some)
             }
-            Err(e) => return Err(e),
-        },
-        None => None,
-    };
-    // Kept running until everything is learned: its access logs are still being flushed.
-    let envoy = match started {
-        Some((envoy, binary)) => Some(send_through_envoy(envoy, &mesh, &relayed, binary, dir, say).await?),
-        None => {
-            replay_access_logs(&mesh, als, say)
-                .await
-                .with_context(|| format!("see {}", log.display()))?;
-            None
+            None => {
+                replay_access_logs(self.mesh, self.als, say)
+                    .await
+                    .with_context(|| format!("see {}", self.log.display()))?;
+                Ok(None)
+            }
         }
-    };
+    }
+}
+
+/// Waits (up to a minute) until `serve` wrote every call of the mesh into its caller's fence;
+/// how many it learned.
+async fn wait_until_learned(
+    mesh: &Mesh,
+    manifests: &Path,
+    serve: &mut Serve,
+    log: &Path,
+    say: &mut dyn FnMut(&str),
+) -> anyhow::Result<usize> {
     let bookinfo = format!("{}/", mesh::BOOKINFO);
     let expected: Vec<(String, String)> = mesh
         .calls
@@ -418,8 +512,8 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut shown = None;
-    let learned = loop {
-        let by_fence = learned_so_far(&manifests, &mesh);
+    loop {
+        let by_fence = learned_so_far(manifests, mesh);
         let learned = expected
             .iter()
             .filter(|(fence, host)| by_fence.get(fence).is_some_and(|hosts| hosts.contains(host)))
@@ -439,7 +533,7 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
                 "      ... and {} more workloads",
                 by_fence.keys().filter(|f| !f.starts_with(&bookinfo)).count()
             ));
-            break learned;
+            return Ok(learned);
         }
         if let Some(e) = serve.failure().await {
             return Err(e.context(format!("see {}", log.display())));
@@ -452,15 +546,16 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    drop(envoy);
-    serve.shutdown().await?;
-    let productpage_sidecar = read(&manifests.join("bookinfo/productpage.sidecar.yaml"))?;
+    }
+}
 
-    say("[5/5] comparing each workload's scoped config with the full config");
+/// Step 5: `report` on the sample cluster with the fences `serve` wrote (the sample's own for
+/// workloads that learned nothing).
+fn compare(mesh: &Mesh, files: &Files, dir: &Path, now: Timestamp) -> anyhow::Result<Report> {
     let mut fenced = mesh.cluster_yaml(false);
     for m in &mesh.services {
-        let fence = manifests
+        let fence = files
+            .manifests
             .join(&m.namespace)
             .join(format!("{}.servicefence.yaml", m.name));
         fenced.push_str("\n---\n");
@@ -472,22 +567,16 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     }
     let fenced_path = dir.join("cluster-with-fences.yaml");
     write(&fenced_path, &fenced)?;
-    let report = report::run(
+    report::run(
         &ReportArgs {
             config: None,
             cluster_snapshot: Some(fenced_path),
-            config_dump: vec![dump],
+            config_dump: vec![files.dump.clone()],
             json: false,
             live: Default::default(),
         },
         now,
-    )?;
-    Ok(Outcome {
-        learned,
-        report,
-        productpage_sidecar,
-        relayed,
-    })
+    )
 }
 
 /// The end-of-run summary: the productpage Sidecar, the bookinfo rows and the mesh total.

@@ -199,55 +199,7 @@ pub fn explain(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config, now: Ti
         Err(_) => crate::model::sidecar::egress_hosts(&namespace, &eval.status.domains, cfg, index.domain()),
     };
 
-    let mut reasons: BTreeMap<String, BTreeSet<Reason>> = BTreeMap::new();
-    reasons
-        .entry(format!("{}/*", cfg.global.istio_namespace))
-        .or_default()
-        .insert(Reason::IstioNamespace);
-    reasons
-        .entry(format!("{}/*", cfg.global.slime_namespace))
-        .or_default()
-        .insert(Reason::LazyloadNamespace);
-    for h in &cfg.general.stable_host {
-        reasons.entry(h.clone()).or_default().insert(Reason::StableHost);
-    }
-    let aliases = &cfg.general.domain_aliases;
-    for (source, single) in sources(fence, cfg) {
-        let deps = dependencies(&single, index, cfg, now);
-        for (key, dest) in &deps.domains {
-            // A domain that is an alias of another domain of the same source is there for it.
-            let alias_of = deps.domains.keys().find(|other| {
-                *other != key && !other.contains('/') && with_aliases(other, aliases).contains(key)
-            });
-            let why = match alias_of {
-                Some(of) => Reason::Alias {
-                    of: of.clone(),
-                    because: Box::new(source.clone()),
-                },
-                None => source.clone(),
-            };
-            if let Some(ns) = key.strip_suffix("/*") {
-                reasons.entry(key.clone()).or_default().insert(why.clone());
-                for h in &dest.hosts {
-                    let r = namespace_host_reason(index, cfg, ns, &namespace, h, &why);
-                    reasons.entry(format!("*/{h}")).or_default().insert(r);
-                }
-                continue;
-            }
-            for h in &dest.hosts {
-                let r = if h == key {
-                    why.clone()
-                } else {
-                    Reason::VirtualService {
-                        of: key.clone(),
-                        because: Box::new(why.clone()),
-                    }
-                };
-                reasons.entry(format!("*/{h}")).or_default().insert(r);
-            }
-        }
-    }
-
+    let reasons = host_reasons(fence, &namespace, index, cfg, now);
     let status_of = |entry: &str| -> Option<String> {
         let host = entry.strip_prefix("*/").unwrap_or(entry);
         eval.status
@@ -294,6 +246,66 @@ pub fn explain(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config, now: Ti
         refused: refused(fence, index, cfg, now),
         fallback_calls: fallback_calls(&old),
     }
+}
+
+/// Why each Sidecar entry (`ns/*`, `*/host`) would be there: the namespaces every Sidecar
+/// imports, the stable hosts, and each source of the fence's dependencies.
+fn host_reasons(
+    fence: &ServiceFence,
+    namespace: &str,
+    index: &ClusterIndex,
+    cfg: &Config,
+    now: Timestamp,
+) -> BTreeMap<String, BTreeSet<Reason>> {
+    let mut reasons: BTreeMap<String, BTreeSet<Reason>> = BTreeMap::new();
+    reasons
+        .entry(format!("{}/*", cfg.global.istio_namespace))
+        .or_default()
+        .insert(Reason::IstioNamespace);
+    reasons
+        .entry(format!("{}/*", cfg.global.slime_namespace))
+        .or_default()
+        .insert(Reason::LazyloadNamespace);
+    for h in &cfg.general.stable_host {
+        reasons.entry(h.clone()).or_default().insert(Reason::StableHost);
+    }
+    let aliases = &cfg.general.domain_aliases;
+    for (source, single) in sources(fence, cfg) {
+        let deps = dependencies(&single, index, cfg, now);
+        for (key, dest) in &deps.domains {
+            // A domain that is an alias of another domain of the same source is there for it.
+            let alias_of = deps.domains.keys().find(|other| {
+                *other != key && !other.contains('/') && with_aliases(other, aliases).contains(key)
+            });
+            let why = match alias_of {
+                Some(of) => Reason::Alias {
+                    of: of.clone(),
+                    because: Box::new(source.clone()),
+                },
+                None => source.clone(),
+            };
+            if let Some(ns) = key.strip_suffix("/*") {
+                reasons.entry(key.clone()).or_default().insert(why.clone());
+                for h in &dest.hosts {
+                    let r = namespace_host_reason(index, cfg, ns, namespace, h, &why);
+                    reasons.entry(format!("*/{h}")).or_default().insert(r);
+                }
+                continue;
+            }
+            for h in &dest.hosts {
+                let r = if h == key {
+                    why.clone()
+                } else {
+                    Reason::VirtualService {
+                        of: key.clone(),
+                        because: Box::new(why.clone()),
+                    }
+                };
+                reasons.entry(format!("*/{h}")).or_default().insert(r);
+            }
+        }
+    }
+    reasons
 }
 
 /// The sources of a fence's hosts: why, and the fence cut down to that source alone.

@@ -1,6 +1,6 @@
 //! The `lazyload` command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -61,105 +61,127 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(lazyload::serve::run(*args))?;
-        }
-        Command::Generate(args) => {
-            let summary = lazyload::generate::run(&args, jiff::Timestamp::now())?;
-            eprintln!(
-                "wrote {} fences and {} Sidecars to {} ({} dependencies from {} log lines and series; skipped: {:?})",
-                summary.fences,
-                summary.sidecars,
-                args.out.display(),
-                summary.edges,
-                summary.attributed,
-                summary.skipped
-            );
-            eprintln!(
-                "wrote {} to-global-sidecar EnvoyFilters and {} global-sidecar Service port lists (wormhole ports {:?})",
-                summary.envoyfilters, summary.services, summary.wormhole_ports
-            );
-            for rejected in &summary.rejected {
-                eprintln!("warning: {rejected}");
-            }
-            for scoped in &summary.scoped {
-                eprintln!("warning: {scoped}");
-            }
-        }
-        Command::Report(args) if args.live.istiod.is_some() => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let now = jiff::Timestamp::now();
-            print!(
-                "{}",
-                runtime.block_on(lazyload::report::istiod::run(&args.live, args.json, now))?
-            );
-        }
-        Command::Report(args) => {
-            let report = lazyload::report::run(&args, jiff::Timestamp::now())?;
-            for rejected in &report.rejected {
-                eprintln!("warning: {rejected}");
-            }
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).context("printing the report")?
-                );
-            } else {
-                print!("{}", lazyload::report::table(&report));
-            }
-        }
-        Command::Explain(args) => {
-            let explanation = lazyload::explain::run(&args, jiff::Timestamp::now())?;
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&explanation).context("printing the explanation")?
-                );
-            } else {
-                print!("{}", lazyload::explain::text(&explanation));
-            }
-        }
-        Command::Demo(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            // On a signal the demo is dropped, which stops what it started (Envoy included).
-            let mut say = |line: &str| eprintln!("{line}");
-            let outcome = runtime.block_on(async {
-                tokio::select! {
-                    outcome = lazyload::demo::run(&args, jiff::Timestamp::now(), &mut say) => outcome,
-                    signal = lazyload::serve::shutdown_signal() => Err(anyhow::anyhow!("{signal}: demo stopped")),
-                }
-            })?;
-            print!("{}", lazyload::demo::summary(&outcome));
-        }
-        Command::Metrics { json, check } => {
-            let catalog = lazyload::metrics::catalog()?;
-            if !check.is_empty() {
-                return check_metric_names(&check, &catalog);
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&catalog).context("printing the catalog")?
-                );
-            } else {
-                print!("{}", lazyload::metrics::table(&catalog));
-            }
-        }
+        Command::Serve(args) => runtime()?.block_on(lazyload::serve::run(*args)),
+        Command::Generate(args) => generate(&args),
+        Command::Report(args) => report(&args),
+        Command::Explain(args) => explain(&args),
+        Command::Demo(args) => demo(&args),
+        Command::Metrics { json, check } => metrics(json, &check),
         Command::Crd => {
             print!("{}", crd_yaml()?);
+            Ok(())
         }
-        Command::CheckConfig { config } => {
-            let loaded = Config::load(&config)?;
-            for w in &loaded.warnings {
-                eprintln!("warning: {w}");
-            }
-            print!(
-                "{}",
-                serde_yaml::to_string(&loaded.config).context("printing the config")?
-            );
-        }
+        Command::CheckConfig { config } => check_config(&config),
     }
+}
+
+/// The async runtime of the commands that need one.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+/// `lazyload generate`: writes the manifests and says what it wrote.
+fn generate(args: &lazyload::generate::GenerateArgs) -> anyhow::Result<()> {
+    let summary = lazyload::generate::run(args, jiff::Timestamp::now())?;
+    eprintln!(
+        "wrote {} fences and {} Sidecars to {} ({} dependencies from {} log lines and series; skipped: {:?})",
+        summary.fences,
+        summary.sidecars,
+        args.out.display(),
+        summary.edges,
+        summary.attributed,
+        summary.skipped
+    );
+    eprintln!(
+        "wrote {} to-global-sidecar EnvoyFilters and {} global-sidecar Service port lists (wormhole ports {:?})",
+        summary.envoyfilters, summary.services, summary.wormhole_ports
+    );
+    for rejected in &summary.rejected {
+        eprintln!("warning: {rejected}");
+    }
+    for scoped in &summary.scoped {
+        eprintln!("warning: {scoped}");
+    }
+    Ok(())
+}
+
+/// `lazyload report`: from a live istiod, or from a snapshot and config dumps.
+fn report(args: &lazyload::report::ReportArgs) -> anyhow::Result<()> {
+    let now = jiff::Timestamp::now();
+    if args.live.istiod.is_some() {
+        let text = runtime()?.block_on(lazyload::report::istiod::run(&args.live, args.json, now))?;
+        print!("{text}");
+        return Ok(());
+    }
+    let report = lazyload::report::run(args, now)?;
+    for rejected in &report.rejected {
+        eprintln!("warning: {rejected}");
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("printing the report")?
+        );
+    } else {
+        print!("{}", lazyload::report::table(&report));
+    }
+    Ok(())
+}
+
+/// `lazyload explain`.
+fn explain(args: &lazyload::explain::ExplainArgs) -> anyhow::Result<()> {
+    let explanation = lazyload::explain::run(args, jiff::Timestamp::now())?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&explanation).context("printing the explanation")?
+        );
+    } else {
+        print!("{}", lazyload::explain::text(&explanation));
+    }
+    Ok(())
+}
+
+/// `lazyload demo`: on a signal the demo is dropped, which stops what it started (Envoy included).
+fn demo(args: &lazyload::demo::DemoArgs) -> anyhow::Result<()> {
+    let mut say = |line: &str| eprintln!("{line}");
+    let outcome = runtime()?.block_on(async {
+        tokio::select! {
+            outcome = lazyload::demo::run(args, jiff::Timestamp::now(), &mut say) => outcome,
+            signal = lazyload::serve::shutdown_signal() => Err(anyhow::anyhow!("{signal}: demo stopped")),
+        }
+    })?;
+    print!("{}", lazyload::demo::summary(&outcome));
+    Ok(())
+}
+
+/// `lazyload metrics`: the catalog, or `--check` of dashboards and rules.
+fn metrics(json: bool, check: &[PathBuf]) -> anyhow::Result<()> {
+    let catalog = lazyload::metrics::catalog()?;
+    if !check.is_empty() {
+        return check_metric_names(check, &catalog);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&catalog).context("printing the catalog")?
+        );
+    } else {
+        print!("{}", lazyload::metrics::table(&catalog));
+    }
+    Ok(())
+}
+
+/// `lazyload check-config`: the warnings, then the effective settings.
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let loaded = Config::load(path)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    print!(
+        "{}",
+        serde_yaml::to_string(&loaded.config).context("printing the config")?
+    );
     Ok(())
 }
 
