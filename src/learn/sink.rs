@@ -212,3 +212,87 @@ pub fn fences_view(state: &ClusterState, config: &Config, now: Timestamp) -> ser
         .collect();
     serde_json::Value::Object(fences)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fence::ServiceFenceSpec;
+
+    const HOST: &str = "reviews.default.svc.cluster.local";
+
+    /// A sink to `target` over one enabled fence, `default/productpage`, in an empty cluster.
+    fn sink(target: Target) -> (FenceSink, ObjectKey) {
+        let mut fence = ServiceFence::new(
+            "productpage",
+            ServiceFenceSpec {
+                enable: true,
+                ..Default::default()
+            },
+        );
+        fence.metadata.namespace = Some("default".into());
+        let state = ClusterState::new(ClusterIndex::new("cluster.local"), [fence]);
+        let sink = FenceSink::new(state, Arc::new(Config::default()), target);
+        (sink, ObjectKey::new("default", "productpage"))
+    }
+
+    fn learned(key: &ObjectKey) -> BTreeMap<ObjectKey, Vec<Edge>> {
+        let edge = Edge {
+            fence: key.clone(),
+            host: HOST.into(),
+            seen: Timestamp::UNIX_EPOCH,
+        };
+        BTreeMap::from([(key.clone(), vec![edge])])
+    }
+
+    fn knows_host(sink: &FenceSink, key: &ObjectKey) -> bool {
+        let fence = sink.state().fence(key).expect("the fence");
+        fence.status.is_some_and(|s| s.last_seen.contains_key(HOST))
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_what_a_fence_learned_in_its_copy() {
+        let (mut sink, key) = sink(Target::Memory);
+        sink.write(learned(&key), Timestamp::UNIX_EPOCH).await;
+        assert!(knows_host(&sink, &key));
+        let view = fences_view(sink.state(), sink.config(), Timestamp::UNIX_EPOCH);
+        let hosts = view["default/productpage"]["sidecar"]["hosts"].to_string();
+        assert!(hosts.contains(HOST), "{view}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_gets_the_fence_and_its_sidecar_and_is_ready() {
+        let dir = std::env::temp_dir().join(format!("lazyload-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let readiness = readiness::Readiness::default();
+        let ready = readiness.register("manifests-dir");
+        let (mut sink, key) = sink(Target::Directory {
+            dir: dir.clone(),
+            ready: Some(ready),
+        });
+        sink.write(learned(&key), Timestamp::UNIX_EPOCH).await;
+        assert!(knows_host(&sink, &key));
+        let fence =
+            std::fs::read_to_string(crate::manifests::path(&dir, &key, "servicefence")).expect("written");
+        assert!(fence.contains(HOST), "{fence}");
+        let sidecar =
+            std::fs::read_to_string(crate::manifests::path(&dir, &key, "sidecar")).expect("written");
+        assert!(sidecar.contains(HOST), "{sidecar}");
+        assert!(readiness.pending().is_empty(), "{:?}", readiness.pending());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_fence_the_state_does_not_hold_is_not_written() {
+        let dir = std::env::temp_dir().join(format!("lazyload-sink-unknown-{}", std::process::id()));
+        let (sink, _) = sink(Target::Directory {
+            dir: dir.clone(),
+            ready: None,
+        });
+        let unknown = ObjectKey::new("default", "gone");
+        let applied = sink
+            .apply(&unknown, |_| true, Timestamp::UNIX_EPOCH)
+            .expect("no error");
+        assert!(applied.is_none());
+        assert!(!dir.exists(), "nothing written");
+    }
+}
