@@ -40,3 +40,29 @@ pub fn config_and_snapshot(config: Option<&Path>, snapshot: &Path) -> anyhow::Re
     let snapshot = self::snapshot(Some(snapshot), &config)?;
     Ok((config, snapshot))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_config_file_is_the_defaults_and_no_snapshot_an_empty_cluster() {
+        let loaded = config(None).expect("the defaults");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(format!("{:?}", loaded.config), format!("{:?}", Config::default()));
+        let snapshot = snapshot(None, &loaded.config).expect("an empty cluster");
+        assert!(snapshot.fences.is_empty() && snapshot.rejected.is_empty());
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let missing = Path::new("/nonexistent/lazyload/cluster.yaml");
+        let err = config_and_snapshot(None, missing).expect_err("no such file");
+        assert!(
+            format!("{err:#}").contains("/nonexistent/lazyload/cluster.yaml"),
+            "{err:#}"
+        );
+        let err = config(Some(Path::new("/nonexistent/lazyload/config.yaml"))).expect_err("no such file");
+        assert!(format!("{err:#}").contains("config.yaml"), "{err:#}");
+    }
+}
