@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::Regex;
 use serde::Serialize;
 
-use crate::model::host;
+use crate::vocab::host;
 
 /// `Result` alias for configuration loading.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -765,7 +765,7 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
 
     let management_selectors = f.management_selectors.unwrap_or_default();
     for (i, s) in management_selectors.iter().enumerate() {
-        crate::model::labels::check_selector(s).map_err(|reason| {
+        crate::vocab::labels::check_selector(s).map_err(|reason| {
             invalid(
                 format!("general.managementSelectors[{i}]"),
                 format!("{s:?}"),

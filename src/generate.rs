@@ -18,18 +18,18 @@ use serde_json::Value;
 use crate::als::attribute::{Attributor, Hosts};
 use crate::als::entry::{Entry, Kind, parse_ip};
 use crate::config::Config;
-use crate::index::ObjectKey;
 use crate::index::snapshot::Snapshot;
 use crate::learn::Edge;
 use crate::learn::status::apply_edges;
 use crate::manifests;
 use crate::model::autofence::{Action, decide};
 use crate::model::evaluate;
-use crate::model::fence::ServiceFence;
-use crate::model::host::host_name;
-use crate::model::istio::IstioVersion;
 use crate::model::scope::{Scoped, scoped_global_sidecars};
 use crate::model::sidecar::is_fence_controlled;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::host::host_name;
+use crate::vocab::istio::IstioVersion;
 
 /// Flags of `lazyload generate`.
 #[derive(Clone, Debug, clap::Args)]

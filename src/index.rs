@@ -14,17 +14,18 @@
 pub mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::config::FenceLabelKey;
 use crate::hash::FastMap;
+use crate::vocab::{MissingField, ObjectKey};
 
-use crate::model::host;
-use crate::model::istio::{HttpRoute, ServiceEntry, VirtualService};
-use crate::model::labels::{Labels, subset_matches};
+use crate::vocab::host;
+use crate::vocab::istio::{HttpRoute, ServiceEntry, VirtualService};
+use crate::vocab::labels::{Labels, subset_matches};
 
 /// `Result` alias for index conversions.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -53,6 +54,11 @@ pub enum Error {
     },
 }
 
+/// The key of a `kind` object, or which metadata field it lacks.
+fn key_of(kind: &'static str, meta: &ObjectMeta) -> Result<ObjectKey> {
+    ObjectKey::of(meta).map_err(|MissingField(field)| Error::Missing { kind, field })
+}
+
 /// `port` if it is a port number (1..=65535), else an error naming `field`.
 fn port_number(field: impl FnOnce() -> String, port: impl Into<i64>) -> Result<u16> {
     let port = port.into();
@@ -73,50 +79,6 @@ fn ip_address(field: impl FnOnce() -> String, ip: &str) -> Result<IpAddr> {
         value: ip.to_string(),
         why: "not an IP address",
     })
-}
-
-/// Namespace and name of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl ObjectKey {
-    /// A key.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-
-    fn of(
-        kind: &'static str,
-        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    ) -> Result<Self> {
-        let name = meta.name.clone().ok_or(Error::Missing { kind, field: "name" })?;
-        let namespace = meta.namespace.clone().ok_or(Error::Missing {
-            kind,
-            field: "namespace",
-        })?;
-        Ok(Self { namespace, name })
-    }
-}
-
-/// Serialised as `namespace/name`.
-impl serde::Serialize for ObjectKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
 }
 
 /// A Service port.
@@ -151,7 +113,7 @@ impl TryFrom<&Service> for ServiceInfo {
     type Error = Error;
 
     fn try_from(svc: &Service) -> Result<Self> {
-        let key = ObjectKey::of("Service", &svc.metadata)?;
+        let key = key_of("Service", &svc.metadata)?;
         let spec = svc.spec.clone().unwrap_or_default();
         let ports = spec
             .ports
@@ -233,7 +195,7 @@ impl TryFrom<&Pod> for PodInfo {
     type Error = Error;
 
     fn try_from(pod: &Pod) -> Result<Self> {
-        let key = ObjectKey::of("Pod", &pod.metadata)?;
+        let key = key_of("Pod", &pod.metadata)?;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
         let finished = status
@@ -374,7 +336,7 @@ pub struct VirtualServiceInfo {
 impl VirtualServiceInfo {
     /// Converts a VirtualService; destinations that are not valid hosts are dropped.
     pub fn from_object(vs: &VirtualService, domain: &str) -> Result<Self> {
-        let key = ObjectKey::of("VirtualService", &vs.metadata)?;
+        let key = key_of("VirtualService", &vs.metadata)?;
         let ns = key.namespace.clone();
         let qualify = |h: &str| host::host_name(&host::qualify(h, &ns, domain)).ok();
         let spec = &vs.spec;
@@ -437,7 +399,7 @@ impl TryFrom<&ServiceEntry> for ServiceEntryInfo {
     type Error = Error;
 
     fn try_from(se: &ServiceEntry) -> Result<Self> {
-        let key = ObjectKey::of("ServiceEntry", &se.metadata)?;
+        let key = key_of("ServiceEntry", &se.metadata)?;
         for (i, p) in se.spec.ports.iter().enumerate() {
             port_number(|| format!("spec.ports[{i}].number"), p.number)?;
         }

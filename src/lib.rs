@@ -46,4 +46,5 @@ pub mod reconcile;
 pub mod report;
 pub mod serve;
 pub mod telemetry;
+pub mod vocab;
 pub mod xds;

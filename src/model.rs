@@ -1,5 +1,5 @@
-//! The pure domain: ServiceFence and Istio types, host rules, and the decisions lazyload makes
-//! (a fence's dependencies and Sidecar, auto-fencing). No I/O: every function here is a function
+//! The decisions lazyload makes (a fence's dependencies and Sidecar, auto-fencing, the fallback
+//! objects), over the types of [`crate::vocab`]. No I/O: every function here is a function
 //! of its arguments, the current time included, so the controllers stay thin and the decisions
 //! are table-tested.
 
@@ -7,10 +7,6 @@ pub mod alias;
 pub mod autofence;
 pub mod dependencies;
 pub mod fallback;
-pub mod fence;
-pub mod host;
-pub mod istio;
-pub mod labels;
 pub mod scope;
 pub mod sidecar;
 
@@ -18,13 +14,14 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
-use dependencies::{Dependencies, InvalidHost};
-use fence::{
+use crate::index::ClusterIndex;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{
     CONDITION_HOST_CAP, CONDITION_HOSTS_VALID, CONDITION_SIDECAR, ServiceFence, ServiceFenceStatus,
     metric_key_host,
 };
-use istio::{IstioVersion, Sidecar};
+use crate::vocab::istio::{IstioVersion, Sidecar};
+use dependencies::{Dependencies, InvalidHost};
 use sidecar::NoSidecar;
 
 /// Everything the model decides about one fence.
@@ -56,8 +53,8 @@ pub fn evaluate(
         invalid,
         next_change,
     } = dependencies::dependencies(fence, index, cfg, now);
-    let namespace = fence.metadata.namespace.clone().unwrap_or_default();
-    let key = ObjectKey::new(namespace.clone(), fence.metadata.name.clone().unwrap_or_default());
+    let key = ObjectKey::of_or_empty(&fence.metadata);
+    let namespace = key.namespace.clone();
 
     let sidecar = if !fence.spec.enable {
         Err(NoSidecar::Disabled)
@@ -195,7 +192,7 @@ fn describe_invalid(invalid: &[InvalidHost]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fence::{ServiceFenceSpec, metric_key};
+    use crate::vocab::fence::{ServiceFenceSpec, metric_key};
 
     #[test]
     fn a_fence_at_the_learned_host_cap_says_so() {

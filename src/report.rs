@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::index::snapshot::Snapshot;
 use crate::model::evaluate;
-use crate::model::istio::IstioVersion;
+use crate::vocab::istio::IstioVersion;
 
 pub mod istiod;
 

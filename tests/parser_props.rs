@@ -4,8 +4,8 @@
 use lazyload::cluster::convert::{Kind, convert};
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
-use lazyload::model::fence::{ServiceFence, metric_key_host};
-use lazyload::model::host::{FenceHost, host_name, sidecar_host};
+use lazyload::vocab::fence::{ServiceFence, metric_key_host};
+use lazyload::vocab::host::{FenceHost, host_name, sidecar_host};
 use proptest::prelude::*;
 use serde_json::Value;
 

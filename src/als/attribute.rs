@@ -26,7 +26,8 @@ use regex::Regex;
 
 use super::entry::{Entry, Kind, parse_ip, spiffe_ns_sa};
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::ClusterIndex;
+use crate::vocab::ObjectKey;
 
 /// Name of the global-sidecar Service and of its fence, in any namespace.
 const GLOBAL_SIDECAR: &str = "global-sidecar";
@@ -380,7 +381,7 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// A DNS name (any case), at most 253 characters; no wildcard, no IP (checked without
-/// allocating, unlike [`crate::model::host::host_name`], because bogus hosts are the common
+/// allocating, unlike [`crate::vocab::host::host_name`], because bogus hosts are the common
 /// bad input).
 fn is_host(host: &str) -> bool {
     !host.is_empty() && host.len() <= 253 && host.split('.').all(is_dns_label_any_case)
@@ -518,7 +519,7 @@ pub(crate) mod tests {
         hostnet.host_network = true;
         idx.apply_pod(hostnet);
         let se = ServiceEntryInfo::try_from(
-            &serde_yaml::from_str::<crate::model::istio::ServiceEntry>(
+            &serde_yaml::from_str::<crate::vocab::istio::ServiceEntry>(
                 "metadata: {name: ext, namespace: default}\nspec: {hosts: [api.example.com, '*.wild.com']}",
             )
             .unwrap(),

@@ -19,9 +19,10 @@ use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::index::{NamespaceInfo, ObjectKey, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::{IstioKind, IstioVersion, ServiceEntry, Sidecar, VirtualService};
+use crate::index::{NamespaceInfo, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::istio::{IstioKind, IstioVersion, ServiceEntry, Sidecar, VirtualService};
 
 /// A kind lazyload reads from the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::convert::{Converted, Kind, Rejection, convert, key_of};
 use super::{Change, ClusterState};
-use crate::index::ObjectKey;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Task;
+use crate::vocab::ObjectKey;
 
 #[cfg(test)]
 mod tests;

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::ClusterIndex;
 use crate::cluster::convert::{Converted, Kind, Rejection, convert};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::Sidecar;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::istio::Sidecar;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,7 @@ fn shape(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::ObjectKey;
+    use crate::vocab::ObjectKey;
 
     #[test]
     fn reads_kubectl_lists_and_multi_documents() {

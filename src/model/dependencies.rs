@@ -14,10 +14,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::alias::with_aliases;
-use super::fence::{Destinations, DomainStatus, RecyclingStrategy, ServiceFence, metric_key_host};
-use super::host::{self, FenceHost, HostError};
 use crate::config::Config;
 use crate::index::ClusterIndex;
+use crate::vocab::fence::{Destinations, DomainStatus, RecyclingStrategy, ServiceFence, metric_key_host};
+use crate::vocab::host::{self, FenceHost, HostError};
 
 /// A host that was rejected, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +162,7 @@ pub fn dependencies(
 }
 
 /// Keeps Slime's deprecated `RecentlyCalled` of a domain across rewrites.
-fn status_recently_called(fence: &ServiceFence, key: &str) -> Option<super::fence::ProtoTimestamp> {
+fn status_recently_called(fence: &ServiceFence, key: &str) -> Option<crate::vocab::fence::ProtoTimestamp> {
     fence.status.as_ref()?.domains.get(key)?.recently_called
 }
 

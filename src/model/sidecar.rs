@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use super::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
-use super::host;
-use super::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
 use crate::config::{Config, GlobalSidecarMode};
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::ClusterIndex;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
+use crate::vocab::host;
+use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
 
 /// Name of the global-sidecar Service and Deployment.
 pub const GLOBAL_SIDECAR: &str = "global-sidecar";

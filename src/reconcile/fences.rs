@@ -27,9 +27,9 @@ use super::queue::Queue;
 use crate::cluster::convert::Kind;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
-use crate::index::ObjectKey;
 use crate::model::evaluate;
-use crate::model::fence::ServiceFence;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
 
 /// How long a fence waits after a change to it before it is reconciled.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);

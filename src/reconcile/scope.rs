@@ -112,8 +112,9 @@ impl ScopeCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{ClusterIndex, ObjectKey};
-    use crate::model::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
+    use crate::index::ClusterIndex;
+    use crate::vocab::ObjectKey;
+    use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
 
     fn mesh_default(hosts: &[&str]) -> Sidecar {
         let mut s = Sidecar::new(
