@@ -5,7 +5,6 @@
 //! It is filled by the kube watchers (or once from a snapshot file); readers take short read
 //! locks and never hold them across an await.
 
-pub mod convert;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,8 +12,8 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::broadcast;
 
-use self::convert::{Kind, Rejections};
 use crate::index::ClusterIndex;
+use crate::index::convert::{Kind, Rejections};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::ServiceFence;
 use crate::vocab::istio::Sidecar;

@@ -11,6 +11,7 @@
 //! The index is a plain struct: a caller sharing it between tasks wraps it (the learner reads it
 //! under an `RwLock` read guard; writers are rare).
 
+pub mod convert;
 pub mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

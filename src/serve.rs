@@ -683,7 +683,7 @@ pub async fn start_watching(
 ) -> anyhow::Result<()> {
     let ready = ctx.readiness.register("cluster-index");
     // Before any controller starts: nothing is computed from a kind not listed yet.
-    state.await_sync(crate::cluster::convert::Kind::ALL);
+    state.await_sync(crate::index::convert::Kind::ALL);
     // The index's own domain, so converted VirtualService hosts match its Service FQDNs.
     let domain = state.index().domain().to_string();
     let shutdown = ctx.shutdown.clone();

@@ -27,8 +27,8 @@ use kube::{Api, Client};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::convert::{Converted, Kind, Rejection, convert, key_of};
 use super::{Change, ClusterState};
+use crate::index::convert::{Converted, Kind, Rejection, convert, key_of};
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Task;
 use crate::vocab::ObjectKey;

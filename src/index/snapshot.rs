@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ClusterIndex;
-use crate::cluster::convert::{Converted, Kind, Rejection, convert};
+use crate::index::convert::{Converted, Kind, Rejection, convert};
 use crate::vocab::fence::ServiceFence;
 use crate::vocab::istio::Sidecar;
 

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
-use crate::cluster::convert::{Kind, Rejection, service_fence};
+use crate::index::convert::{Kind, Rejection, service_fence};
 use crate::reconcile::fence::{FenceWriter, Write};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};

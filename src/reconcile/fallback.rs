@@ -280,7 +280,7 @@ mod tests {
             .unwrap()
             .config;
         let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
-        state.await_sync([crate::cluster::convert::Kind::Service]);
+        state.await_sync([crate::index::convert::Kind::Service]);
         // Nobody answers: a request would hang.
         let (service, _handle) = mock::pair::<Request<Body>, Response<Body>>();
         let mut ctl = FallbackController::new(state.clone(), Arc::new(cfg), Client::new(service, "default"));

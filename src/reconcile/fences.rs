@@ -24,9 +24,9 @@ use kube::Resource;
 
 use super::fence::{FenceWriter, REASON_UNREADABLE, Write};
 use super::queue::Queue;
-use crate::cluster::convert::Kind;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
+use crate::index::convert::Kind;
 use crate::model::evaluate;
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::ServiceFence;

@@ -14,8 +14,8 @@ use tower_test::mock;
 
 use self::mock_api::MockApi;
 use super::*;
-use crate::cluster::convert::Reason;
 use crate::index::ClusterIndex;
+use crate::index::convert::Reason;
 use crate::readiness::Readiness;
 use crate::vocab::fence::ServiceFence;
 
