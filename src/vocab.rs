@@ -19,6 +19,9 @@ pub const ORIG_DEST_HEADER: &str = "Slime-Orig-Dest";
 /// so short host names can be completed (Slime's name). HTTP header names are case-insensitive.
 pub const SOURCE_NS_HEADER: &str = "Slime-Source-Ns";
 
+/// Name of the global-sidecar Service, Deployment and fence, in whichever namespace (Slime's).
+pub const GLOBAL_SIDECAR: &str = "global-sidecar";
+
 /// Namespace and name of an object (the namespace is empty for a cluster-scoped kind).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {

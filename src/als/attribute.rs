@@ -27,10 +27,8 @@ use regex::Regex;
 use super::entry::{Entry, Kind, parse_ip, spiffe_ns_sa};
 use crate::config::Config;
 use crate::index::ClusterIndex;
-use crate::vocab::ObjectKey;
+use crate::vocab::{GLOBAL_SIDECAR, ObjectKey};
 
-/// Name of the global-sidecar Service and of its fence, in any namespace.
-const GLOBAL_SIDECAR: &str = "global-sidecar";
 /// At most this many destination hosts are taken from one entry.
 const MAX_HOSTS_PER_ENTRY: usize = 4;
 

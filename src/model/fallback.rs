@@ -15,7 +15,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
 use super::autofence::{in_scope, is_own_service};
-use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, Dispatch, GlobalSidecarMode};
 use crate::index::{ClusterIndex, ServicePort};
 use crate::vocab::fence::LABEL_ISTIO_REV;
@@ -24,7 +23,7 @@ use crate::vocab::istio::{
     ConfigPatch, ConnectionPool, DestinationRule, DestinationRuleSpec, EnvoyFilter, EnvoyFilterSpec,
     HttpPool, IstioKind, IstioVersion, Patch, TrafficPolicy,
 };
-use crate::vocab::{ORIG_DEST_HEADER, SOURCE_NS_HEADER};
+use crate::vocab::{GLOBAL_SIDECAR, ORIG_DEST_HEADER, SOURCE_NS_HEADER};
 
 /// Name of the generated EnvoyFilter (Slime's).
 pub const ENVOYFILTER_NAME: &str = "to-global-sidecar";

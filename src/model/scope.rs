@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, GlobalSidecarMode};
 use crate::index::ClusterIndex;
+use crate::vocab::GLOBAL_SIDECAR;
 use crate::vocab::ObjectKey;
 use crate::vocab::istio::Sidecar;
 use crate::vocab::labels::Labels;

@@ -9,11 +9,8 @@ use crate::config::{Config, GlobalSidecarMode};
 use crate::index::ClusterIndex;
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
-use crate::vocab::host;
 use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
-
-/// Name of the global-sidecar Service and Deployment.
-pub const GLOBAL_SIDECAR: &str = "global-sidecar";
+use crate::vocab::{GLOBAL_SIDECAR, host};
 
 /// Whether a ServiceFence controls `sidecar` (the owner reference lazyload writes): such a
 /// Sidecar is lazyload's; every other one is the users'.

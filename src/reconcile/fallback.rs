@@ -25,7 +25,7 @@ use crate::model::fallback::{
     wormhole_ports,
 };
 use crate::model::scope::global_sidecar_namespaces;
-use crate::model::sidecar::GLOBAL_SIDECAR;
+use crate::vocab::GLOBAL_SIDECAR;
 use crate::vocab::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
 
 /// Annotation holding the wormhole ports the EnvoyFilter covers (`80,9080`).
