@@ -75,3 +75,43 @@ impl fmt::Display for ObjectKey {
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_metadata_name_what_is_missing() {
+        let meta = |namespace: Option<&str>, name: Option<&str>| ObjectMeta {
+            namespace: namespace.map(String::from),
+            name: name.map(String::from),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                meta(Some("a"), Some("b")),
+                Ok(ObjectKey::new("a", "b")),
+                ObjectKey::new("a", "b"),
+            ),
+            (
+                meta(Some("a"), None),
+                Err(MissingField("name")),
+                ObjectKey::new("a", ""),
+            ),
+            (
+                meta(None, Some("b")),
+                Err(MissingField("namespace")),
+                ObjectKey::new("", "b"),
+            ),
+        ];
+        let failures: Vec<String> = cases
+            .into_iter()
+            .filter(|(m, strict, lenient)| {
+                ObjectKey::of(m) != *strict || ObjectKey::of_or_empty(m) != *lenient
+            })
+            .map(|(m, strict, lenient)| format!("{m:?}: expected {strict:?} and {lenient}"))
+            .collect();
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(ObjectKey::new("a", "b").to_string(), "a/b");
+    }
+}
