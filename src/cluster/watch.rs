@@ -2,7 +2,7 @@
 //! ServiceEntries, ServiceFences, Sidecars) keeps the [`ClusterState`] up to date and announces
 //! each [`Change`].
 //!
-//! Every kind is read as raw objects and converted one at a time ([`super::convert`]): an object
+//! Every kind is read as raw objects and converted one at a time ([`crate::index::convert`]): an object
 //! lazyload cannot read is skipped, logged once, counted and (a ServiceFence) kept aside so that
 //! the fence controller can say why on the object itself, while the rest of its kind is used and
 //! the kind syncs.
