@@ -40,8 +40,9 @@ use lazyload::als::attribute::{Attributor, Hosts};
 use lazyload::als::collector::{Tally, process};
 use lazyload::als::entry::Entry;
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, ObjectKey, PodInfo, ServiceInfo};
+use lazyload::index::{ClusterIndex, PodInfo, ServiceInfo};
 use lazyload::learn::{Learner, Limits, Observed};
+use lazyload::vocab::ObjectKey;
 use prost::Message;
 
 const SERVICES: usize = 10_000;

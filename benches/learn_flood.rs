@@ -31,8 +31,8 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
     HttpAccessLogEntries, Identifier, LogEntries,
 };
 use jiff::Timestamp;
-use lazyload::index::ObjectKey;
 use lazyload::learn::{Learner, Limits};
+use lazyload::vocab::ObjectKey;
 use tokio_stream::wrappers::ReceiverStream;
 
 const FLOOD_IP: &str = "10.1.0.1";

@@ -17,13 +17,14 @@ use kube::Client;
 use kube::client::Body;
 use lazyload::cluster::{Change, ClusterState};
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, ObjectKey, ServiceInfo};
-use lazyload::model::fence::{
-    ServiceFence, ServiceFenceSpec, ServiceFenceStatus, WorkloadSelector, metric_key,
-};
-use lazyload::model::istio::IstioVersion;
+use lazyload::index::{ClusterIndex, ServiceInfo};
 use lazyload::reconcile::fence::FenceWriter;
 use lazyload::reconcile::fences::{FenceController, Metrics};
+use lazyload::vocab::ObjectKey;
+use lazyload::vocab::fence::{
+    ServiceFence, ServiceFenceSpec, ServiceFenceStatus, WorkloadSelector, metric_key,
+};
+use lazyload::vocab::istio::IstioVersion;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tower_test::mock;

@@ -5,7 +5,6 @@
 //! It is filled by the kube watchers (or once from a snapshot file); readers take short read
 //! locks and never hold them across an await.
 
-pub mod convert;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,10 +12,11 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::broadcast;
 
-use self::convert::{Kind, Rejections};
-use crate::index::{ClusterIndex, ObjectKey};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::Sidecar;
+use crate::index::ClusterIndex;
+use crate::index::convert::{Kind, Rejections};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::istio::Sidecar;
 
 /// One change the controllers may care about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,12 +63,7 @@ impl ClusterState {
     pub fn new(index: ClusterIndex, fences: impl IntoIterator<Item = ServiceFence>) -> Self {
         let fences = fences
             .into_iter()
-            .filter_map(|f| {
-                Some((
-                    ObjectKey::new(f.metadata.namespace.clone()?, f.metadata.name.clone()?),
-                    f,
-                ))
-            })
+            .filter_map(|f| Some((ObjectKey::of(&f.metadata).ok()?, f)))
             .collect();
         Self {
             index: Arc::new(RwLock::new(index)),

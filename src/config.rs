@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::Regex;
 use serde::Serialize;
 
-use crate::model::host;
+use crate::vocab::{host, labels};
 
 /// `Result` alias for configuration loading.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -575,13 +575,29 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
     if !is_label_key(&service) {
         return Err(invalid("global.service", &service, "not a valid label key"));
     }
-    let mut misc: BTreeMap<String, String> = MISC_DEFAULTS
+    let istio_rev = g.istio_rev.unwrap_or_default();
+    let self_resource_rev = revisions(&istio_rev, g.self_resource_rev)?;
+    Ok(Global {
+        service,
+        istio_namespace,
+        slime_namespace,
+        istio_rev,
+        strict_rev: g.strict_rev.unwrap_or(false),
+        self_resource_rev,
+        log: validate_log(g.log.unwrap_or_default())?,
+        misc: validate_misc(g.misc.unwrap_or_default())?,
+    })
+}
+
+/// `global.misc` over its defaults, its listen addresses checked.
+fn validate_misc(misc: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let mut all: BTreeMap<String, String> = MISC_DEFAULTS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    misc.extend(g.misc.unwrap_or_default());
+    all.extend(misc);
     for key in MISC_ADDRESSES {
-        let value = &misc[*key];
+        let value = &all[*key];
         if parse_listen(value).is_none() {
             return Err(invalid(
                 format!("global.misc.{key}"),
@@ -590,26 +606,23 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
             ));
         }
     }
-    let istio_rev = g.istio_rev.unwrap_or_default();
-    for rev in istio_rev.split(',').map(str::trim).filter(|r| !r.is_empty()) {
-        if !is_label_value(rev) {
-            return Err(invalid(
-                "global.istioRev",
-                &istio_rev,
-                "each revision must be a label value",
-            ));
-        }
+    Ok(all)
+}
+
+/// Checks `global.istioRev` (comma-separated revisions) and returns `global.selfResourceRev`,
+/// which defaults to the first of them.
+fn revisions(istio_rev: &str, self_resource_rev: Option<String>) -> Result<String> {
+    let mut revs = istio_rev.split(',').map(str::trim).filter(|r| !r.is_empty());
+    if revs.clone().any(|rev| !is_label_value(rev)) {
+        return Err(invalid(
+            "global.istioRev",
+            istio_rev,
+            "each revision must be a label value",
+        ));
     }
-    let self_resource_rev = g
-        .self_resource_rev
+    let self_resource_rev = self_resource_rev
         .filter(|r| !r.is_empty())
-        .or_else(|| {
-            istio_rev
-                .split(',')
-                .map(str::trim)
-                .find(|r| !r.is_empty())
-                .map(String::from)
-        })
+        .or_else(|| revs.next().map(String::from))
         .unwrap_or_default();
     if !is_label_value(&self_resource_rev) {
         return Err(invalid(
@@ -618,7 +631,11 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
             "not a label value",
         ));
     }
-    let log = g.log.unwrap_or_default();
+    Ok(self_resource_rev)
+}
+
+/// `global.log`, with Slime's defaults.
+fn validate_log(log: raw::Log) -> Result<Log> {
     let level = log
         .log_level
         .filter(|l| !l.is_empty())
@@ -631,7 +648,7 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
         ));
     }
     let rotate = log.log_rotate_config.unwrap_or_default();
-    let log = Log {
+    Ok(Log {
         log_level: level,
         log_rotate: log.log_rotate.unwrap_or(false),
         log_rotate_config: LogRotateConfig {
@@ -644,128 +661,217 @@ fn validate_global(g: Option<raw::Global>) -> Result<Global> {
             max_age_day: non_negative("global.log.logRotateConfig.maxAgeDay", rotate.max_age_day, 10)?,
             compress: rotate.compress.unwrap_or(false),
         },
-    };
-    Ok(Global {
-        service,
-        istio_namespace,
-        slime_namespace,
-        istio_rev,
-        strict_rev: g.strict_rev.unwrap_or(false),
-        self_resource_rev,
-        log,
-        misc,
     })
 }
 
+/// Checks each item of an optional list with `check`, which gets the item's path
+/// (`{path}[i]`), its position and the item.
+fn each<T, U>(
+    path: &str,
+    items: Option<Vec<T>>,
+    mut check: impl FnMut(&str, usize, T) -> Result<U>,
+) -> Result<Vec<U>> {
+    let items = items.unwrap_or_default().into_iter().enumerate();
+    items
+        .map(|(i, item)| check(&format!("{path}[{i}]"), i, item))
+        .collect()
+}
+
+/// The values of `general.globalSidecarMode`, the default first.
+const GLOBAL_SIDECAR_MODES: &[(&str, GlobalSidecarMode)] = &[
+    ("cluster", GlobalSidecarMode::Cluster),
+    ("namespace", GlobalSidecarMode::Namespace),
+];
+
+/// The values of `general.metricSourceType`, the default first.
+const METRIC_SOURCE_TYPES: &[(&str, MetricSourceType)] = &[
+    ("accesslog", MetricSourceType::Accesslog),
+    ("prometheus", MetricSourceType::Prometheus),
+];
+
+/// The value `value` names in `choices`; absent or empty is the first choice.
+fn one_of<T: Copy>(path: &str, value: Option<String>, choices: &[(&str, T)]) -> Result<T> {
+    match value.as_deref().filter(|v| !v.is_empty()) {
+        None => Ok(choices[0].1),
+        Some(v) => choices
+            .iter()
+            .find(|(name, _)| *name == v)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let names: Vec<String> = choices.iter().map(|(name, _)| format!("`{name}`")).collect();
+                invalid(path, v, format!("expected {}", names.join(" or ")))
+            }),
+    }
+}
+
+fn validate_dispatch(path: &str, i: usize, d: raw::Dispatch) -> Result<Dispatch> {
+    // Slime's `Dispatch.name` may be empty, but it names an Envoy virtual host, which must
+    // have a name: an unnamed dispatch gets its position (and a warning, see `parse`).
+    let name = d
+        .name
+        .map(|n| n.to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| unnamed_dispatch(i));
+    let cluster = d.cluster.unwrap_or_default();
+    if cluster.is_empty() {
+        return Err(invalid(
+            format!("{path}.cluster"),
+            "",
+            "every dispatch needs a cluster",
+        ));
+    }
+    let domain_regex = match d.domain_regex.filter(|r| !r.is_empty()) {
+        Some(r) => Some(compile(&format!("{path}.domainRegex"), &r)?),
+        None => None,
+    };
+    let domains = d.domains.unwrap_or_default();
+    if domains.is_empty() && domain_regex.is_none() {
+        return Err(invalid(
+            format!("{path}.domains"),
+            "[]",
+            "a dispatch needs domains or a domainRegex",
+        ));
+    }
+    Ok(Dispatch {
+        name,
+        domains,
+        cluster,
+        domain_regex,
+    })
+}
+
+fn validate_domain_alias(path: &str, a: raw::DomainAlias) -> Result<DomainAlias> {
+    let pattern = compile(&format!("{path}.pattern"), &a.pattern.unwrap_or_default())?;
+    let templates = a.templates.unwrap_or_default();
+    if templates.is_empty() {
+        return Err(invalid(
+            format!("{path}.templates"),
+            "[]",
+            "at least one template is needed",
+        ));
+    }
+    Ok(DomainAlias { pattern, templates })
+}
+
+fn validate_namespace_list(black: Option<String>, white: Option<String>) -> Result<Option<NamespaceList>> {
+    match (black.filter(|l| !l.is_empty()), white.filter(|l| !l.is_empty())) {
+        (Some(b), Some(_)) => Err(invalid(
+            "general.whiteNamespaceList",
+            b,
+            "set blackNamespaceList or whiteNamespaceList, not both",
+        )),
+        (Some(b), None) => Ok(Some(NamespaceList::Black(split_list(&b)))),
+        (None, Some(w)) => Ok(Some(NamespaceList::White(split_list(&w)))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `general.fenceLabelKeyAlias`: `labelKey` or `labelKey:alias`, the alias `app` by default.
+fn validate_fence_label_key_alias(value: Option<String>) -> Result<Option<FenceLabelKey>> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let (key, alias) = v.split_once(':').unwrap_or((&v, ""));
+    if !is_label_key(key) {
+        return Err(invalid(
+            "general.fenceLabelKeyAlias",
+            &v,
+            "expected `labelKey` or `labelKey:alias`",
+        ));
+    }
+    let alias = if alias.is_empty() { "app" } else { alias };
+    if host::dns_label(alias).is_err() {
+        return Err(invalid(
+            "general.fenceLabelKeyAlias",
+            &v,
+            "the alias must be a DNS label",
+        ));
+    }
+    Ok(Some(FenceLabelKey {
+        key: key.to_string(),
+        alias: alias.to_string(),
+    }))
+}
+
 fn validate_general(f: raw::General, global: &Global) -> Result<General> {
-    let mut wormhole_port = BTreeSet::new();
-    for (i, p) in f.wormhole_port.unwrap_or_default().iter().enumerate() {
-        wormhole_port.insert(parse_port(&format!("general.wormholePort[{i}]"), p)?);
-    }
-
-    let mut namespace = Vec::new();
-    for (i, ns) in f.namespace.unwrap_or_default().into_iter().enumerate() {
-        namespace.push(namespace_name(&format!("general.namespace[{i}]"), ns)?);
-    }
-
-    let mut dispatches = Vec::new();
-    for (i, d) in f.dispatches.unwrap_or_default().into_iter().enumerate() {
-        let path = format!("general.dispatches[{i}]");
-        // Slime's `Dispatch.name` may be empty, but it names an Envoy virtual host, which must
-        // have a name: an unnamed dispatch gets its position (and a warning, see `parse`).
-        let name = d
-            .name
-            .map(|n| n.to_string())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| unnamed_dispatch(i));
-        let cluster = d.cluster.unwrap_or_default();
-        if cluster.is_empty() {
-            return Err(invalid(
-                format!("{path}.cluster"),
-                "",
-                "every dispatch needs a cluster",
-            ));
-        }
-        let domain_regex = match d.domain_regex.filter(|r| !r.is_empty()) {
-            Some(r) => Some(compile(&format!("{path}.domainRegex"), &r)?),
-            None => None,
-        };
-        let domains = d.domains.unwrap_or_default();
-        if domains.is_empty() && domain_regex.is_none() {
-            return Err(invalid(
-                format!("{path}.domains"),
-                "[]",
-                "a dispatch needs domains or a domainRegex",
-            ));
-        }
-        dispatches.push(Dispatch {
-            name,
-            domains,
-            cluster,
-            domain_regex,
-        });
-    }
-
-    let mut domain_aliases = Vec::new();
-    for (i, a) in f.domain_aliases.unwrap_or_default().into_iter().enumerate() {
-        let path = format!("general.domainAliases[{i}]");
-        let pattern = compile(&format!("{path}.pattern"), &a.pattern.unwrap_or_default())?;
-        let templates = a.templates.unwrap_or_default();
-        if templates.is_empty() {
-            return Err(invalid(
-                format!("{path}.templates"),
-                "[]",
-                "at least one template is needed",
-            ));
-        }
-        domain_aliases.push(DomainAlias { pattern, templates });
-    }
-
     // Older Slime releases read these two from `global.misc`; `general` wins when both are set.
     let misc_fallback = |key: &str| global.misc.get(key).cloned();
-    let global_sidecar_mode = f
-        .global_sidecar_mode
-        .or_else(|| misc_fallback("globalSidecarMode"));
-    let global_sidecar_mode = match global_sidecar_mode.as_deref() {
-        None | Some("") | Some("cluster") => GlobalSidecarMode::Cluster,
-        Some("namespace") => GlobalSidecarMode::Namespace,
-        Some(other) => {
-            return Err(invalid(
-                "general.globalSidecarMode",
-                other,
-                "expected `cluster` or `namespace`",
-            ));
-        }
-    };
-    let metric_source_type = f.metric_source_type.or_else(|| misc_fallback("metricSourceType"));
-    let metric_source_type = match metric_source_type.as_deref() {
-        None | Some("") | Some("accesslog") => MetricSourceType::Accesslog,
-        Some("prometheus") => MetricSourceType::Prometheus,
-        Some(other) => {
-            return Err(invalid(
-                "general.metricSourceType",
-                other,
-                "expected `accesslog` or `prometheus`",
-            ));
-        }
-    };
+    // Fields are checked in this order, so the first error reported is the first in the schema.
+    Ok(General {
+        wormhole_port: each("general.wormholePort", f.wormhole_port, |path, _, p| {
+            parse_port(path, &p)
+        })?
+        .into_iter()
+        .collect(),
+        auto_fence: f.auto_fence.unwrap_or(false),
+        default_fence: f.default_fence.unwrap_or(false),
+        auto_port: f.auto_port.unwrap_or(false),
+        namespace: each("general.namespace", f.namespace, |path, _, ns| {
+            namespace_name(path, ns)
+        })?,
+        dispatches: each("general.dispatches", f.dispatches, validate_dispatch)?,
+        domain_aliases: each("general.domainAliases", f.domain_aliases, |path, _, a| {
+            validate_domain_alias(path, a)
+        })?,
+        global_sidecar_mode: one_of(
+            "general.globalSidecarMode",
+            f.global_sidecar_mode
+                .or_else(|| misc_fallback("globalSidecarMode")),
+            GLOBAL_SIDECAR_MODES,
+        )?,
+        metric_source_type: one_of(
+            "general.metricSourceType",
+            f.metric_source_type.or_else(|| misc_fallback("metricSourceType")),
+            METRIC_SOURCE_TYPES,
+        )?,
+        cluster_gs_namespace: namespace_or(
+            "general.clusterGsNamespace",
+            f.cluster_gs_namespace,
+            &global.slime_namespace,
+        )?,
+        stable_host: each("general.stableHost", f.stable_host, |path, _, h| {
+            host::stable_host_entry(&h).map_err(|e| invalid(path, &h, e.to_string()))
+        })?,
+        management_selectors: validate_selectors(f.management_selectors.unwrap_or_default())?,
+        namespace_list: validate_namespace_list(f.black_namespace_list, f.white_namespace_list)?,
+        support_h2: f.support_h2.unwrap_or(false),
+        passthrough_by_default: f.passthrough_by_default.unwrap_or(false),
+        add_env_header_via_lua: f.add_env_header_via_lua.unwrap_or(false),
+        proxy_version: match f.proxy_version.filter(|v| !v.is_empty()) {
+            Some(v) => Some(compile("general.proxyVersion", &v)?),
+            None => None,
+        },
+        cleanup_wormhole_port: f.cleanup_wormhole_port.unwrap_or(false),
+        cleanup_auto_fences: f.cleanup_auto_fences.unwrap_or(false),
+        enable_short_domain: f.enable_short_domain.unwrap_or(false),
+        fence_label_key_alias: validate_fence_label_key_alias(f.fence_label_key_alias)?,
+        cluster_domain: validate_cluster_domain(f.cluster_domain)?,
+        dependency_ttl: match f.dependency_ttl.as_deref() {
+            None => Some(Duration::from_secs(30 * 24 * 3600)),
+            Some(s) => Some(parse_duration("general.dependencyTtl", s)?).filter(|d| !d.is_zero()),
+        },
+        dependency_expire_wait: match f.dependency_expire_wait.as_deref() {
+            None => Duration::from_secs(3600),
+            Some(s) => parse_duration("general.dependencyExpireWait", s)?,
+        },
+        max_learned_hosts_per_fence: match f.max_learned_hosts_per_fence {
+            None => DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE,
+            Some(0) => {
+                return Err(invalid(
+                    "general.maxLearnedHostsPerFence",
+                    "0",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n as usize,
+        },
+    })
+}
 
-    let cluster_gs_namespace = namespace_or(
-        "general.clusterGsNamespace",
-        f.cluster_gs_namespace,
-        &global.slime_namespace,
-    )?;
-
-    let mut stable_host = Vec::new();
-    for (i, h) in f.stable_host.unwrap_or_default().into_iter().enumerate() {
-        let entry = host::stable_host_entry(&h)
-            .map_err(|e| invalid(format!("general.stableHost[{i}]"), &h, e.to_string()))?;
-        stable_host.push(entry);
-    }
-
-    let management_selectors = f.management_selectors.unwrap_or_default();
-    for (i, s) in management_selectors.iter().enumerate() {
-        crate::model::labels::check_selector(s).map_err(|reason| {
+/// `general.managementSelectors`, each checked.
+fn validate_selectors(selectors: Vec<LabelSelector>) -> Result<Vec<LabelSelector>> {
+    for (i, s) in selectors.iter().enumerate() {
+        labels::check_selector(s).map_err(|reason| {
             invalid(
                 format!("general.managementSelectors[{i}]"),
                 format!("{s:?}"),
@@ -773,109 +879,14 @@ fn validate_general(f: raw::General, global: &Global) -> Result<General> {
             )
         })?;
     }
+    Ok(selectors)
+}
 
-    let namespace_list = match (
-        f.black_namespace_list.filter(|l| !l.is_empty()),
-        f.white_namespace_list.filter(|l| !l.is_empty()),
-    ) {
-        (Some(b), Some(_)) => {
-            return Err(invalid(
-                "general.whiteNamespaceList",
-                b,
-                "set blackNamespaceList or whiteNamespaceList, not both",
-            ));
-        }
-        (Some(b), None) => Some(NamespaceList::Black(split_list(&b))),
-        (None, Some(w)) => Some(NamespaceList::White(split_list(&w))),
-        (None, None) => None,
-    };
-
-    let proxy_version = match f.proxy_version.filter(|v| !v.is_empty()) {
-        Some(v) => Some(compile("general.proxyVersion", &v)?),
-        None => None,
-    };
-
-    let fence_label_key_alias = match f.fence_label_key_alias.filter(|v| !v.is_empty()) {
-        Some(v) => {
-            let (key, alias) = v.split_once(':').unwrap_or((&v, ""));
-            if !is_label_key(key) {
-                return Err(invalid(
-                    "general.fenceLabelKeyAlias",
-                    &v,
-                    "expected `labelKey` or `labelKey:alias`",
-                ));
-            }
-            let alias = if alias.is_empty() { "app" } else { alias };
-            if host::dns_label(alias).is_err() {
-                return Err(invalid(
-                    "general.fenceLabelKeyAlias",
-                    &v,
-                    "the alias must be a DNS label",
-                ));
-            }
-            Some(FenceLabelKey {
-                key: key.to_string(),
-                alias: alias.to_string(),
-            })
-        }
-        None => None,
-    };
-
-    let cluster_domain = f.cluster_domain.unwrap_or_else(|| "cluster.local".into());
-    host::dns_name(&cluster_domain)
-        .map_err(|e| invalid("general.clusterDomain", &cluster_domain, e.to_string()))?;
-
-    let dependency_ttl = match f.dependency_ttl.as_deref() {
-        None => Some(Duration::from_secs(30 * 24 * 3600)),
-        Some(s) => {
-            let d = parse_duration("general.dependencyTtl", s)?;
-            (!d.is_zero()).then_some(d)
-        }
-    };
-    let dependency_expire_wait = match f.dependency_expire_wait.as_deref() {
-        None => Duration::from_secs(3600),
-        Some(s) => parse_duration("general.dependencyExpireWait", s)?,
-    };
-
-    let max_learned_hosts_per_fence = match f.max_learned_hosts_per_fence {
-        None => DEFAULT_MAX_LEARNED_HOSTS_PER_FENCE,
-        Some(0) => {
-            return Err(invalid(
-                "general.maxLearnedHostsPerFence",
-                "0",
-                "must be at least 1",
-            ));
-        }
-        Some(n) => n as usize,
-    };
-
-    Ok(General {
-        wormhole_port,
-        auto_fence: f.auto_fence.unwrap_or(false),
-        default_fence: f.default_fence.unwrap_or(false),
-        auto_port: f.auto_port.unwrap_or(false),
-        namespace,
-        dispatches,
-        domain_aliases,
-        global_sidecar_mode,
-        metric_source_type,
-        cluster_gs_namespace,
-        stable_host,
-        management_selectors,
-        namespace_list,
-        support_h2: f.support_h2.unwrap_or(false),
-        passthrough_by_default: f.passthrough_by_default.unwrap_or(false),
-        add_env_header_via_lua: f.add_env_header_via_lua.unwrap_or(false),
-        proxy_version,
-        cleanup_wormhole_port: f.cleanup_wormhole_port.unwrap_or(false),
-        cleanup_auto_fences: f.cleanup_auto_fences.unwrap_or(false),
-        enable_short_domain: f.enable_short_domain.unwrap_or(false),
-        fence_label_key_alias,
-        cluster_domain: cluster_domain.to_ascii_lowercase(),
-        dependency_ttl,
-        dependency_expire_wait,
-        max_learned_hosts_per_fence,
-    })
+/// `general.clusterDomain` (`cluster.local` by default), lower-cased.
+fn validate_cluster_domain(domain: Option<String>) -> Result<String> {
+    let domain = domain.unwrap_or_else(|| "cluster.local".into());
+    host::dns_name(&domain).map_err(|e| invalid("general.clusterDomain", &domain, e.to_string()))?;
+    Ok(domain.to_ascii_lowercase())
 }
 
 /// The name an unnamed dispatch gets.

@@ -235,8 +235,8 @@ async fn send_through_envoy(
         let orig_dest = format!("{}:{}", b.cluster_ip, b.port);
         let headers = [
             ("host", mesh::authority(a, b)),
-            ("slime-source-ns", a.namespace.clone()),
-            (crate::als::HEADER_ORIG_DEST, orig_dest),
+            (crate::vocab::SOURCE_NS_HEADER, a.namespace.clone()),
+            (crate::vocab::ORIG_DEST_HEADER, orig_dest),
         ];
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let to = SocketAddr::from(([127, 0, 0, 1], b.port));

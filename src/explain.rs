@@ -20,8 +20,8 @@ use crate::config::{Config, MetricSourceType};
 use crate::index::ClusterIndex;
 use crate::model::alias::with_aliases;
 use crate::model::dependencies::{dependencies, is_global_sidecar};
-use crate::model::fence::{DomainStatus, ServiceFence, ServiceFenceStatus, metric_key_host};
-use crate::model::istio::IstioVersion;
+use crate::vocab::fence::{DomainStatus, ServiceFence, ServiceFenceStatus, metric_key_host};
+use crate::vocab::istio::IstioVersion;
 
 /// Flags of `lazyload explain`.
 #[derive(Clone, Debug, clap::Args)]

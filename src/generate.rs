@@ -21,17 +21,18 @@ use crate::als::attribute::{Attributor, Hosts};
 use crate::als::entry::{Entry, Kind, parse_ip};
 use crate::cluster::ClusterState;
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::ClusterIndex;
 use crate::inputs;
 use crate::learn::Edge;
 use crate::learn::sink::{FenceSink, Target};
 use crate::learn::status::apply_edges;
 use crate::manifests;
 use crate::model::autofence::{Action, decide};
-use crate::model::fence::ServiceFence;
-use crate::model::host::host_name;
 use crate::model::scope::{Scoped, scoped_global_sidecars};
 use crate::model::sidecar::is_fence_controlled;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::host::host_name;
 
 /// Flags of `lazyload generate`.
 #[derive(Clone, Debug, clap::Args)]

@@ -21,7 +21,7 @@ pub mod status;
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::index::ObjectKey;
+use crate::vocab::ObjectKey;
 
 pub use learner::{Learner, Limits, Observed};
 

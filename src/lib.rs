@@ -1,26 +1,28 @@
 //! lazyload gives every Istio sidecar only the configuration it needs, learned from live traffic.
 //!
 //! It is a Rust re-implementation of the Slime lazyload module, compatible with its
-//! `ServiceFence` API and module configuration; the design is in `docs/design.md`. Modules, from
-//! the vocabulary up to the I/O and the commands:
+//! `ServiceFence` API and module configuration; the design is in `docs/design.md`. The modules
+//! form layers that read one way (a module uses only lower layers or its own; `tests/layers.rs`
+//! checks it), listed here lowest first:
 //!
+//! - [`vocab`]: the shared vocabulary: object keys, hosts, labels, Istio and fence types, headers.
 //! - [`hash`]: a fast hasher for the access-log hot path.
 //! - [`duration`]: Go-style durations with checked arithmetic (config and flags).
+//! - [`net`]: socket helpers shared by the gRPC servers.
+//! - [`readiness`]: the tasks `/readyz` waits for.
 //! - [`config`]: the Slime-compatible module configuration (SlimeBoot forms, defaults, checks).
-//! - [`index`]: the cluster state the model reads (Services, Pods by IP, VirtualServices, ...).
+//! - [`telemetry`]: logging, to standard error or a rotated file.
+//! - [`index`]: the cluster state the model reads, and the one object -> index conversion.
 //! - [`model`]: pure decisions: fence -> status and Sidecar, auto-fencing, the fallback objects.
-//! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
 //! - [`learn`]: fair per-fence learning queues, the merge into fence status, the Prometheus source.
-//! - [`xds`]: the ADS relay between istiod and the global-sidecar, with its adjustments.
-//! - [`cluster`]: the kube watchers and per-object conversion that keep the index up to date.
+//! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
 //! - [`reconcile`]: the lease-gated controllers that write fences, Sidecars and fallback objects.
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`), atomic and read back.
+//! - [`cluster`]: the run-time cluster state and the kube watchers that keep it up to date.
 //! - [`inputs`]: the configuration file and cluster snapshot, read the same way by every command.
-//! - [`readiness`]: the tasks `/readyz` waits for.
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/debug/...`).
+//! - [`xds`]: the ADS relay between istiod and the global-sidecar, with its adjustments.
 //! - [`metrics`]: the catalog of every metric family (`lazyload metrics`).
-//! - [`telemetry`]: logging, to standard error or a rotated file.
-//! - [`net`]: socket helpers shared by the gRPC servers.
 //! - [`serve`]: `lazyload serve`, wiring the components.
 //! - [`generate`]: `lazyload generate`, manifests from a snapshot and access logs.
 //! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
@@ -48,4 +50,5 @@ pub mod reconcile;
 pub mod report;
 pub mod serve;
 pub mod telemetry;
+pub mod vocab;
 pub mod xds;

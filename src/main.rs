@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lazyload::config::Config;
-use lazyload::model::fence::ServiceFence;
 use lazyload::serve::ServeArgs;
+use lazyload::vocab::fence::ServiceFence;
 
 /// lazyload: Istio Sidecars learned from live traffic (Slime lazyload, in Rust).
 #[derive(Parser)]

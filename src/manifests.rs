@@ -11,8 +11,8 @@ use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::index::ObjectKey;
-use crate::model::fence::ServiceFence;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
 
 /// What went wrong with one manifest file.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +166,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fence::ServiceFenceSpec;
+    use crate::vocab::fence::ServiceFenceSpec;
 
     fn fence(ns: &str, name: &str) -> ServiceFence {
         let mut f = ServiceFence::new(name, ServiceFenceSpec::default());

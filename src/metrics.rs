@@ -36,7 +36,7 @@ pub struct MetricFamily {
 /// function `serve` calls for it, and gives each labelled family one placeholder series: the
 /// text format leaves out a family with no series, and the catalog must show them all.
 pub fn register_all(registry: &mut Registry) -> Result<(), crate::config::Error> {
-    use crate::cluster::convert::{Kind, Reason, Rejection};
+    use crate::index::convert::{Kind, Reason, Rejection};
     use crate::xds::metrics::{AdjustLabels, Metrics, StreamLabels};
 
     let relay = Metrics::default();

@@ -1,5 +1,5 @@
-//! The pure domain: ServiceFence and Istio types, host rules, and the decisions lazyload makes
-//! (a fence's dependencies and Sidecar, auto-fencing). No I/O: every function here is a function
+//! The decisions lazyload makes (a fence's dependencies and Sidecar, auto-fencing, the fallback
+//! objects), over the types of [`crate::vocab`]. No I/O: every function here is a function
 //! of its arguments, the current time included, so the controllers stay thin and the decisions
 //! are table-tested.
 
@@ -7,10 +7,6 @@ pub mod alias;
 pub mod autofence;
 pub mod dependencies;
 pub mod fallback;
-pub mod fence;
-pub mod host;
-pub mod istio;
-pub mod labels;
 pub mod scope;
 pub mod sidecar;
 
@@ -18,13 +14,16 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
-use dependencies::{Dependencies, InvalidHost};
-use fence::{
-    CONDITION_HOST_CAP, CONDITION_HOSTS_VALID, CONDITION_SIDECAR, ServiceFence, ServiceFenceStatus,
-    metric_key_host,
+use crate::index::ClusterIndex;
+use crate::vocab::ObjectKey;
+use std::collections::BTreeMap;
+
+use crate::vocab::fence::{
+    CONDITION_HOST_CAP, CONDITION_HOSTS_VALID, CONDITION_SIDECAR, Destinations, ServiceFence,
+    ServiceFenceStatus, metric_key_host,
 };
-use istio::{IstioVersion, Sidecar};
+use crate::vocab::istio::{IstioVersion, Sidecar};
+use dependencies::{Dependencies, InvalidHost};
 use sidecar::NoSidecar;
 
 /// Everything the model decides about one fence.
@@ -56,41 +55,81 @@ pub fn evaluate(
         invalid,
         next_change,
     } = dependencies::dependencies(fence, index, cfg, now);
-    let namespace = fence.metadata.namespace.clone().unwrap_or_default();
-    let key = ObjectKey::new(namespace.clone(), fence.metadata.name.clone().unwrap_or_default());
+    let sidecar = desired_sidecar(fence, &domains, index, cfg, version);
+    let old = fence.status.clone().unwrap_or_default();
+    let conditions = [
+        Some(hosts_valid(&invalid)),
+        Some(generated(&sidecar)),
+        managed(fence, index, cfg),
+        capped(&metric_status, cfg),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|c| keep_transition_time(c, &old.conditions, now, fence.metadata.generation))
+    .collect();
 
-    let sidecar = if !fence.spec.enable {
+    Evaluation {
+        status: ServiceFenceStatus {
+            domains,
+            metric_status,
+            visitor: old.visitor,
+            last_seen,
+            conditions,
+        },
+        sidecar,
+        requeue_at: next_change,
+    }
+}
+
+/// The Sidecar `fence` should have for `domains`, or why none.
+fn desired_sidecar(
+    fence: &ServiceFence,
+    domains: &BTreeMap<String, Destinations>,
+    index: &ClusterIndex,
+    cfg: &Config,
+    version: IstioVersion,
+) -> Result<Sidecar, NoSidecar> {
+    let key = ObjectKey::of_or_empty(&fence.metadata);
+    if !fence.spec.enable {
         Err(NoSidecar::Disabled)
     } else if sidecar::is_global_sidecar_fence(&key, cfg) {
         Err(NoSidecar::GlobalSidecar)
     } else {
         sidecar::workload_labels(fence, index, cfg).map(|labels| {
-            let hosts = sidecar::egress_hosts(&namespace, &domains, cfg, index.domain());
+            let hosts = sidecar::egress_hosts(&key.namespace, domains, cfg, index.domain());
             sidecar::build(fence, labels, hosts, version)
         })
-    };
+    }
+}
 
-    let old = fence.status.clone().unwrap_or_default();
-    let generation = fence.metadata.generation;
-    let hosts_valid = if invalid.is_empty() {
+/// `HostsValid`: whether every host of the fence could be used.
+fn hosts_valid(invalid: &[InvalidHost]) -> NewCondition {
+    if invalid.is_empty() {
         condition(CONDITION_HOSTS_VALID, true, "Valid", String::new())
     } else {
         condition(
             CONDITION_HOSTS_VALID,
             false,
             "InvalidHosts",
-            describe_invalid(&invalid),
+            describe_invalid(invalid),
         )
-    };
-    let generated = match &sidecar {
+    }
+}
+
+/// `SidecarGenerated`: the Sidecar's size, or why there is none.
+fn generated(sidecar: &Result<Sidecar, NoSidecar>) -> NewCondition {
+    match sidecar {
         Ok(s) => {
             let n = s.spec.egress.first().map_or(0, |e| e.hosts.len());
             condition(CONDITION_SIDECAR, true, "Generated", format!("{n} egress hosts"))
         }
         Err(why) => condition(CONDITION_SIDECAR, false, why.reason(), why.message().to_string()),
-    };
-    // Only on fences lazyload created: whether auto-fencing still wants them (kept either way).
-    let managed = fence
+    }
+}
+
+/// Only on fences lazyload created: whether auto-fencing still wants them (kept either way).
+fn managed(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Option<NewCondition> {
+    fence
         .is_auto_created()
         .then(|| match autofence::unmanaged(fence, index, cfg) {
             None => condition(
@@ -105,13 +144,17 @@ pub fn evaluate(
                 why.reason(),
                 format!("no longer managed by auto-fencing, kept: {}", why.message()),
             ),
-        });
+        })
+}
+
+/// `LearnedHostCapReached`, when the fence has learned as many hosts as it may.
+fn capped(metric_status: &BTreeMap<String, String>, cfg: &Config) -> Option<NewCondition> {
     let learned = metric_status
         .keys()
         .filter(|k| metric_key_host(k).is_some())
         .count();
     let cap = cfg.general.max_learned_hosts_per_fence;
-    let capped = (learned >= cap).then(|| {
+    (learned >= cap).then(|| {
         condition(
             CONDITION_HOST_CAP,
             true,
@@ -121,24 +164,7 @@ pub fn evaluate(
                  are not learned"
             ),
         )
-    });
-    let conditions = [Some(hosts_valid), Some(generated), managed, capped]
-        .into_iter()
-        .flatten()
-        .map(|c| keep_transition_time(c, &old.conditions, now, generation))
-        .collect();
-
-    Evaluation {
-        status: ServiceFenceStatus {
-            domains,
-            metric_status,
-            visitor: old.visitor,
-            last_seen,
-            conditions,
-        },
-        sidecar,
-        requeue_at: next_change,
-    }
+    })
 }
 
 /// A condition without its times.
@@ -195,7 +221,7 @@ fn describe_invalid(invalid: &[InvalidHost]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fence::{ServiceFenceSpec, metric_key};
+    use crate::vocab::fence::{ServiceFenceSpec, metric_key};
 
     #[test]
     fn a_fence_at_the_learned_host_cap_says_so() {

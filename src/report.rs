@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::model::evaluate;
-use crate::model::istio::IstioVersion;
+use crate::vocab::istio::IstioVersion;
 
 pub mod istiod;
 

@@ -19,9 +19,10 @@ use lazyload::als::attribute::{Attributor, Hosts};
 use lazyload::als::collector::{Tally, process};
 use lazyload::als::entry::Entry;
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, ObjectKey, PodInfo, ServiceInfo};
+use lazyload::index::{ClusterIndex, PodInfo, ServiceInfo};
 use lazyload::learn::{Learner, Limits};
-use lazyload::model::host::host_name;
+use lazyload::vocab::ObjectKey;
+use lazyload::vocab::host::host_name;
 use proptest::prelude::*;
 use prost::Message;
 

@@ -200,12 +200,12 @@ fn what_serve_learned_since_is_read_from_the_manifests_dir() {
     let host = "details-v2.default.svc.cluster.local";
     status
         .metric_status
-        .insert(lazyload::model::fence::metric_key(host), "1".into());
+        .insert(lazyload::vocab::fence::metric_key(host), "1".into());
     status.last_seen.insert(
         host.into(),
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at("2026-06-01T11:50:00Z")),
     );
-    let key = lazyload::index::ObjectKey::new("default", "productpage");
+    let key = lazyload::vocab::ObjectKey::new("default", "productpage");
     lazyload::manifests::write(&dir.0, &key, "servicefence", &fence).unwrap();
 
     let e = run(

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use lazyload::config::Config;
-use lazyload::index::ObjectKey;
 use lazyload::index::snapshot::Snapshot;
 use lazyload::model::autofence::{self, Action};
 use lazyload::model::evaluate;
-use lazyload::model::fence::ServiceFence;
-use lazyload::model::istio::IstioVersion;
+use lazyload::vocab::ObjectKey;
+use lazyload::vocab::fence::ServiceFence;
+use lazyload::vocab::istio::IstioVersion;
 use serde::Deserialize;
 use serde_json::Value;
 

@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, ObjectKey, ServiceInfo, VirtualServiceInfo};
+use lazyload::index::{ClusterIndex, ServiceInfo, VirtualServiceInfo};
 use lazyload::model::evaluate;
-use lazyload::model::fence::{
+use lazyload::vocab::ObjectKey;
+use lazyload::vocab::fence::{
     Auto, Deadline, ProtoTimestamp, RecyclingStrategy, Selector, ServiceFence, ServiceFenceSpec,
     ServiceFenceStatus, Stable, WorkloadSelector, metric_key,
 };
-use lazyload::model::host::sidecar_host;
-use lazyload::model::istio::{IstioVersion, VirtualService};
+use lazyload::vocab::host::sidecar_host;
+use lazyload::vocab::istio::{IstioVersion, VirtualService};
 use proptest::prelude::*;
 
 const NAMESPACES: &[&str] = &["default", "test", "istio-system", "prod"];

@@ -1,11 +1,11 @@
 //! Property tests of the parsers that take user or wire input: configuration text, snapshots,
 //! host names and `metricStatus` keys never panic, and what validates stays valid.
 
-use lazyload::cluster::convert::{Kind, convert};
 use lazyload::config::Config;
+use lazyload::index::convert::{Kind, convert};
 use lazyload::index::snapshot::Snapshot;
-use lazyload::model::fence::{ServiceFence, metric_key_host};
-use lazyload::model::host::{FenceHost, host_name, sidecar_host};
+use lazyload::vocab::fence::{ServiceFence, metric_key_host};
+use lazyload::vocab::host::{FenceHost, host_name, sidecar_host};
 use proptest::prelude::*;
 use serde_json::Value;
 

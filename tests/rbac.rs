@@ -2,7 +2,7 @@
 //! lazyload lists it at (issue 15: ServiceEntries were listed at `serviceentrys`, which the RBAC,
 //! granting `serviceentries`, refused with 403, so `/readyz` never became ready).
 
-use lazyload::cluster::convert::Kind;
+use lazyload::index::convert::Kind;
 use serde::Deserialize;
 use serde_json::Value;
 

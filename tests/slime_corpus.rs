@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lazyload::model::fence::{DomainStatus, ServiceFence};
+use lazyload::vocab::fence::{DomainStatus, ServiceFence};
 use serde_json::Value;
 
 fn corpus(prefix: &str) -> Vec<PathBuf> {

@@ -26,16 +26,15 @@ use regex::Regex;
 
 use super::entry::{Entry, Kind, parse_ip, spiffe_ns_sa};
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::ClusterIndex;
+use crate::vocab::{GLOBAL_SIDECAR, ObjectKey};
 
-/// Name of the global-sidecar Service and of its fence, in any namespace.
-const GLOBAL_SIDECAR: &str = "global-sidecar";
 /// At most this many destination hosts are taken from one entry.
 const MAX_HOSTS_PER_ENTRY: usize = 4;
 
 /// Why an entry yields no dependency. Each is a label value of the dropped-entries counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Drop {
+pub enum DropReason {
     /// No source address, or no pod / fence for it.
     UnknownSource,
     /// Several pods share the source IP, with different fences, and no identity tells them apart.
@@ -52,28 +51,28 @@ pub enum Drop {
     ExternalNotAllowed,
 }
 
-impl Drop {
+impl DropReason {
     /// Every reason, for pre-registering counters.
-    pub const ALL: [Drop; 7] = [
-        Drop::UnknownSource,
-        Drop::AmbiguousSource,
-        Drop::IdentityMismatch,
-        Drop::InvalidHost,
-        Drop::OwnTraffic,
-        Drop::HealthCheck,
-        Drop::ExternalNotAllowed,
+    pub const ALL: [DropReason; 7] = [
+        DropReason::UnknownSource,
+        DropReason::AmbiguousSource,
+        DropReason::IdentityMismatch,
+        DropReason::InvalidHost,
+        DropReason::OwnTraffic,
+        DropReason::HealthCheck,
+        DropReason::ExternalNotAllowed,
     ];
 
     /// Metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::UnknownSource => "unknown_source",
-            Drop::AmbiguousSource => "ambiguous_source",
-            Drop::IdentityMismatch => "identity_mismatch",
-            Drop::InvalidHost => "invalid_host",
-            Drop::OwnTraffic => "own_traffic",
-            Drop::HealthCheck => "health_check",
-            Drop::ExternalNotAllowed => "external_not_allowed",
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::AmbiguousSource => "ambiguous_source",
+            DropReason::IdentityMismatch => "identity_mismatch",
+            DropReason::InvalidHost => "invalid_host",
+            DropReason::OwnTraffic => "own_traffic",
+            DropReason::HealthCheck => "health_check",
+            DropReason::ExternalNotAllowed => "external_not_allowed",
         }
     }
 }
@@ -169,17 +168,17 @@ impl Attributor {
         index: &'i ClusterIndex,
         entry: &Entry<'_>,
         hosts: &mut Hosts,
-    ) -> Result<&'i [ObjectKey], Drop> {
+    ) -> Result<&'i [ObjectKey], DropReason> {
         hosts.clear();
         if entry.kind == Kind::Http && is_health_check(entry) {
-            return Err(Drop::HealthCheck);
+            return Err(DropReason::HealthCheck);
         }
         let (pod, fences) = source(index, entry)?;
         if fences.iter().any(|f| f.name == GLOBAL_SIDECAR) {
-            return Err(Drop::OwnTraffic);
+            return Err(DropReason::OwnTraffic);
         }
-        let mut why = Drop::InvalidHost;
-        let mut note = |d: Drop| {
+        let mut why = DropReason::InvalidHost;
+        let mut note = |d: DropReason| {
             if d > why {
                 why = d;
             }
@@ -187,7 +186,7 @@ impl Attributor {
         match cluster_host(entry.upstream_cluster) {
             Some(fqdn) => self.service_host(fqdn, hosts, &mut note),
             // Passthrough: what was called is only known from the request, if at all.
-            None if entry.upstream_cluster == "PassthroughCluster" => note(Drop::ExternalNotAllowed),
+            None if entry.upstream_cluster == "PassthroughCluster" => note(DropReason::ExternalNotAllowed),
             None => {}
         }
         if entry.kind == Kind::Http {
@@ -213,22 +212,28 @@ impl Attributor {
     }
 
     /// An in-mesh host (`*.svc.<domain>`), unless it is the global-sidecar.
-    fn service_host(&self, host: &str, hosts: &mut Hosts, note: &mut impl FnMut(Drop)) {
+    fn service_host(&self, host: &str, hosts: &mut Hosts, note: &mut impl FnMut(DropReason)) {
         if !is_host(host) {
-            return note(Drop::InvalidHost);
+            return note(DropReason::InvalidHost);
         }
         if self.is_global_sidecar(host) {
-            return note(Drop::OwnTraffic);
+            return note(DropReason::OwnTraffic);
         }
         hosts.push(&[host]);
     }
 
-    fn vip_host(&self, index: &ClusterIndex, ip: IpAddr, hosts: &mut Hosts, note: &mut impl FnMut(Drop)) {
+    fn vip_host(
+        &self,
+        index: &ClusterIndex,
+        ip: IpAddr,
+        hosts: &mut Hosts,
+        note: &mut impl FnMut(DropReason),
+    ) {
         match index.service_by_vip(ip) {
-            Some((key, _)) if key.name == GLOBAL_SIDECAR => note(Drop::OwnTraffic),
+            Some((key, _)) if key.name == GLOBAL_SIDECAR => note(DropReason::OwnTraffic),
             Some((_, fqdn)) => hosts.push(&[fqdn]),
             // Passthrough to an address no Service owns: not a host anyone can import.
-            None => note(Drop::ExternalNotAllowed),
+            None => note(DropReason::ExternalNotAllowed),
         }
     }
 
@@ -239,11 +244,11 @@ impl Attributor {
         host: &str,
         source_ns: &str,
         hosts: &mut Hosts,
-        note: &mut impl FnMut(Drop),
+        note: &mut impl FnMut(DropReason),
     ) {
         let host = host.trim_end_matches('.');
         if !is_host(host) {
-            return note(Drop::InvalidHost);
+            return note(DropReason::InvalidHost);
         }
         let labels = host.split('.').count();
         let svc_suffix = host
@@ -254,16 +259,16 @@ impl Attributor {
             if name_ns.split('.').count() == 2 {
                 self.service_host(host, hosts, note);
             } else {
-                note(Drop::InvalidHost);
+                note(DropReason::InvalidHost);
             }
             return;
         }
         if labels == 1 {
             if source_ns.is_empty() {
-                return note(Drop::InvalidHost);
+                return note(DropReason::InvalidHost);
             }
             if host == GLOBAL_SIDECAR {
-                return note(Drop::OwnTraffic);
+                return note(DropReason::OwnTraffic);
             }
             hosts.push(&[host, ".", source_ns, ".svc.", &self.domain]);
             if self.enable_short_domain {
@@ -291,13 +296,13 @@ impl Attributor {
         if index.is_service_entry_host(host) || self.is_dispatch_host(host) {
             hosts.push(&[host]);
         } else {
-            note(Drop::ExternalNotAllowed);
+            note(DropReason::ExternalNotAllowed);
         }
     }
 
-    fn service_host_parts(&self, name: &str, ns: &str, hosts: &mut Hosts, note: &mut impl FnMut(Drop)) {
+    fn service_host_parts(&self, name: &str, ns: &str, hosts: &mut Hosts, note: &mut impl FnMut(DropReason)) {
         if name.eq_ignore_ascii_case(GLOBAL_SIDECAR) {
-            return note(Drop::OwnTraffic);
+            return note(DropReason::OwnTraffic);
         }
         hosts.push(&[name, ".", ns, ".svc.", &self.domain]);
     }
@@ -329,8 +334,11 @@ fn ascii_lower_cow(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The caller pod and its fences.
-fn source<'i>(index: &'i ClusterIndex, entry: &Entry<'_>) -> Result<(&'i ObjectKey, &'i [ObjectKey]), Drop> {
-    let ip = entry.source.ok_or(Drop::UnknownSource)?;
+fn source<'i>(
+    index: &'i ClusterIndex,
+    entry: &Entry<'_>,
+) -> Result<(&'i ObjectKey, &'i [ObjectKey]), DropReason> {
+    let ip = entry.source.ok_or(DropReason::UnknownSource)?;
     let identity = entry.peer_identity.and_then(spiffe_ns_sa);
     let mut found: Option<(&ObjectKey, &[ObjectKey])> = None;
     let mut any = false;
@@ -344,14 +352,14 @@ fn source<'i>(index: &'i ClusterIndex, entry: &Entry<'_>) -> Result<(&'i ObjectK
         match found {
             None => found = Some((&pod.key, fences)),
             Some((_, seen)) if seen == fences => {}
-            Some(_) => return Err(Drop::AmbiguousSource),
+            Some(_) => return Err(DropReason::AmbiguousSource),
         }
     }
     match found {
-        Some((_, [])) => Err(Drop::UnknownSource),
+        Some((_, [])) => Err(DropReason::UnknownSource),
         Some(found) => Ok(found),
-        None if any => Err(Drop::IdentityMismatch),
-        None => Err(Drop::UnknownSource),
+        None if any => Err(DropReason::IdentityMismatch),
+        None => Err(DropReason::UnknownSource),
     }
 }
 
@@ -380,7 +388,7 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// A DNS name (any case), at most 253 characters; no wildcard, no IP (checked without
-/// allocating, unlike [`crate::model::host::host_name`], because bogus hosts are the common
+/// allocating, unlike [`crate::vocab::host::host_name`], because bogus hosts are the common
 /// bad input).
 fn is_host(host: &str) -> bool {
     !host.is_empty() && host.len() <= 253 && host.split('.').all(is_dns_label_any_case)
@@ -418,7 +426,7 @@ pub(crate) mod tests {
     /// reasons in declaration order.
     #[test]
     fn every_drop_reason_is_listed_in_order() {
-        for (i, why) in Drop::ALL.iter().enumerate() {
+        for (i, why) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*why as usize, i, "{}", why.as_str());
         }
     }
@@ -518,7 +526,7 @@ pub(crate) mod tests {
         hostnet.host_network = true;
         idx.apply_pod(hostnet);
         let se = ServiceEntryInfo::try_from(
-            &serde_yaml::from_str::<crate::model::istio::ServiceEntry>(
+            &serde_yaml::from_str::<crate::vocab::istio::ServiceEntry>(
                 "metadata: {name: ext, namespace: default}\nspec: {hosts: [api.example.com, '*.wild.com']}",
             )
             .unwrap(),
@@ -594,7 +602,7 @@ pub(crate) mod tests {
     }
 
     /// Fences and hosts, as strings.
-    type Outcome = Result<(Vec<String>, Vec<String>), Drop>;
+    type Outcome = Result<(Vec<String>, Vec<String>), DropReason>;
 
     fn run(a: &Attributor, idx: &ClusterIndex, entry: Entry<'_>) -> Outcome {
         let mut hosts = Hosts::default();
@@ -712,7 +720,7 @@ pub(crate) mod tests {
                     "unknown.example.net",
                     &[("slime-orig-dest", "93.184.216.34:80")],
                 ),
-                Err(Drop::ExternalNotAllowed),
+                Err(DropReason::ExternalNotAllowed),
             ),
             (
                 "passthrough, ServiceEntry host",
@@ -736,31 +744,31 @@ pub(crate) mod tests {
                 "a one-dot external host is not name.ns",
                 &a,
                 http(PP, "", "example.com", &[]),
-                Err(Drop::ExternalNotAllowed),
+                Err(DropReason::ExternalNotAllowed),
             ),
             (
                 "unknown source",
                 &a,
                 http("10.9.9.9", "", "details", &[]),
-                Err(Drop::UnknownSource),
+                Err(DropReason::UnknownSource),
             ),
             (
                 "no source address",
                 &a,
                 http("", "", "details", &[]),
-                Err(Drop::UnknownSource),
+                Err(DropReason::UnknownSource),
             ),
             (
                 "hostNetwork pod IP",
                 &a,
                 http("10.0.0.100", "", "details", &[]),
-                Err(Drop::UnknownSource),
+                Err(DropReason::UnknownSource),
             ),
             (
                 "pod selected by no Service",
                 &a,
                 http("10.0.0.3", "", "details", &[]),
-                Err(Drop::UnknownSource),
+                Err(DropReason::UnknownSource),
             ),
             (
                 "pod in several Services",
@@ -783,7 +791,7 @@ pub(crate) mod tests {
                     "details",
                     &[],
                 ),
-                Err(Drop::OwnTraffic),
+                Err(DropReason::OwnTraffic),
             ),
             (
                 "calls to the global-sidecar",
@@ -794,31 +802,31 @@ pub(crate) mod tests {
                     "global-sidecar.mesh-operator.svc.cluster.local",
                     &[],
                 ),
-                Err(Drop::OwnTraffic),
+                Err(DropReason::OwnTraffic),
             ),
             (
                 "global-sidecar VIP",
                 &a,
                 http(PP, "", "10.96.0.9", &[]),
-                Err(Drop::OwnTraffic),
+                Err(DropReason::OwnTraffic),
             ),
             (
                 "invalid host",
                 &a,
                 http(PP, "", "bad_host!", &[]),
-                Err(Drop::InvalidHost),
+                Err(DropReason::InvalidHost),
             ),
             (
                 "invalid cluster host",
                 &a,
                 http(PP, "outbound|80||a..b", "", &[]),
-                Err(Drop::InvalidHost),
+                Err(DropReason::InvalidHost),
             ),
             (
                 "no destination",
                 &a,
                 http(PP, "", "", &[]),
-                Err(Drop::InvalidHost),
+                Err(DropReason::InvalidHost),
             ),
             (
                 "bad Slime-Source-Ns falls back to the caller's ns",
@@ -842,7 +850,7 @@ pub(crate) mod tests {
                 "overlapping IPs, no identity",
                 &a,
                 http("10.0.0.50", "", "details.default", &[]),
-                Err(Drop::AmbiguousSource),
+                Err(DropReason::AmbiguousSource),
             ),
             (
                 "overlapping IPs, identity picks",
@@ -860,7 +868,7 @@ pub(crate) mod tests {
                     http(PP, "", "details", &[]),
                     "spiffe://cluster.local/ns/default/sa/other",
                 ),
-                Err(Drop::IdentityMismatch),
+                Err(DropReason::IdentityMismatch),
             ),
             (
                 "identity confirms",
@@ -885,7 +893,7 @@ pub(crate) mod tests {
         if let Some(r) = probe.request.as_mut() {
             r.user_agent = "kube-probe/1.33".into();
         }
-        assert_eq!(run(&a, &idx, Entry::http(&probe)), Err(Drop::HealthCheck));
+        assert_eq!(run(&a, &idx, Entry::http(&probe)), Err(DropReason::HealthCheck));
         let tcp = TcpAccessLogEntry {
             common_properties: Some(common(PP, "outbound|3306||mysql.db.svc.cluster.local")),
             ..Default::default()
@@ -903,7 +911,7 @@ pub(crate) mod tests {
         };
         assert_eq!(
             run(&a, &idx, Entry::tcp(&passthrough)),
-            Err(Drop::ExternalNotAllowed)
+            Err(DropReason::ExternalNotAllowed)
         );
     }
 

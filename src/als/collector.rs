@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::attribute::{Attributor, Drop, Hosts};
+use super::attribute::{Attributor, DropReason, Hosts};
 use super::entry::{Entry, Kind};
 use super::{LOG_NAME, MAX_MESSAGE_BYTES, SLIME_LOG_NAME};
 use crate::index::ClusterIndex;
@@ -52,8 +52,8 @@ pub struct Tally {
     pub http: u64,
     /// TCP entries.
     pub tcp: u64,
-    /// Dropped entries, by [`Drop`] reason (indexed like [`Drop::ALL`]).
-    pub dropped: [u64; Drop::ALL.len()],
+    /// Dropped entries, by [`DropReason`] reason (indexed like [`DropReason::ALL`]).
+    pub dropped: [u64; DropReason::ALL.len()],
     /// Edges not learned because the learner's queue was full.
     pub queue_full: u64,
     /// Edges not learned because the learner's tables were full.
@@ -128,7 +128,7 @@ pub fn process(
 pub struct Metrics {
     http: Counter,
     tcp: Counter,
-    /// Indexed like [`Drop::ALL`].
+    /// Indexed like [`DropReason::ALL`].
     dropped: Vec<Counter>,
     queue_full: Counter,
     table_full: Counter,
@@ -207,7 +207,7 @@ impl Metrics {
         let m = Self {
             http: series(&entries, "kind", Kind::Http.as_str()),
             tcp: series(&entries, "kind", Kind::Tcp.as_str()),
-            dropped: Drop::ALL
+            dropped: DropReason::ALL
                 .iter()
                 .map(|d| series(&dropped, "reason", d.as_str()))
                 .collect(),

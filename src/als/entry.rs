@@ -64,9 +64,9 @@ impl<'a> Entry<'a> {
             entry.path = &req.path;
             // Envoy logs header names lower-cased; accept other spellings from other loggers.
             for (k, v) in &req.request_headers {
-                if k.eq_ignore_ascii_case(super::HEADER_ORIG_DEST) {
+                if k.eq_ignore_ascii_case(crate::vocab::ORIG_DEST_HEADER) {
                     entry.orig_dest = Some(v);
-                } else if k.eq_ignore_ascii_case(super::HEADER_SOURCE_NS) {
+                } else if k.eq_ignore_ascii_case(crate::vocab::SOURCE_NS_HEADER) {
                     entry.source_ns = Some(v);
                 }
             }

@@ -2,7 +2,7 @@
 //! ServiceEntries, ServiceFences, Sidecars) keeps the [`ClusterState`] up to date and announces
 //! each [`Change`].
 //!
-//! Every kind is read as raw objects and converted one at a time ([`super::convert`]): an object
+//! Every kind is read as raw objects and converted one at a time ([`crate::index::convert`]): an object
 //! lazyload cannot read is skipped, logged once, counted and (a ServiceFence) kept aside so that
 //! the fence controller can say why on the object itself, while the rest of its kind is used and
 //! the kind syncs.
@@ -27,11 +27,11 @@ use kube::{Api, Client};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::convert::{Converted, Kind, Rejection, convert, key_of};
 use super::{Change, ClusterState};
-use crate::index::ObjectKey;
+use crate::index::convert::{Converted, Kind, Rejection, convert, key_of};
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Task;
+use crate::vocab::ObjectKey;
 
 #[cfg(test)]
 mod tests;
@@ -245,17 +245,7 @@ impl Default for Backoff {
 /// Stores a converted object under `key`.
 fn store(state: &ClusterState, key: ObjectKey, converted: Converted) {
     match converted {
-        Converted::Service(s) => state.index_mut().apply_service(s),
-        Converted::Namespace(n) => state.index_mut().apply_namespace(n),
-        Converted::Pod(pod) => {
-            // Most Pod events change nothing lazyload keeps (conditions, container statuses);
-            // re-applying would invalidate every attribution cache for nothing.
-            if state.index().pod(&key) != Some(&pod) {
-                state.index_mut().apply_pod(pod);
-            }
-        }
-        Converted::VirtualService(v) => state.index_mut().apply_virtual_service(v),
-        Converted::ServiceEntry(e) => state.index_mut().apply_service_entry(e),
+        Converted::Indexed(object) => state.index_mut().apply(object),
         // Fences are kept as they are: the controllers read spec and status.
         Converted::ServiceFence(f) => {
             state.set_rejected_fence(key.clone(), None);
@@ -287,11 +277,9 @@ fn remove(state: &ClusterState, kind: Kind, key: &ObjectKey) -> bool {
 /// Removes the object of `kind` stored under `key`; whether one was.
 fn remove_stored(state: &ClusterState, kind: Kind, key: &ObjectKey) -> bool {
     match kind {
-        Kind::Service => state.index_mut().remove_service(key).is_some(),
-        Kind::Namespace => state.index_mut().remove_namespace(&key.name).is_some(),
-        Kind::Pod => state.index_mut().remove_pod(key).is_some(),
-        Kind::VirtualService => state.index_mut().remove_virtual_service(key).is_some(),
-        Kind::ServiceEntry => state.index_mut().remove_service_entry(key).is_some(),
+        Kind::Service | Kind::Namespace | Kind::Pod | Kind::VirtualService | Kind::ServiceEntry => {
+            state.index_mut().remove(kind, key)
+        }
         Kind::ServiceFence => {
             let had = state.fence(key).is_some() || state.rejected_fence(key).is_some();
             state.set_fence(key.clone(), None);

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::als::{ACCESS_LOG_CLUSTER, HEADER_ORIG_DEST};
+use crate::als::ACCESS_LOG_CLUSTER;
+use crate::vocab::ORIG_DEST_HEADER;
 use crate::xds::adjust::PASSTHROUGH_CLUSTER;
 use crate::xds::{CLUSTER, ENDPOINT, GLOBAL_SIDECAR_METADATA, LISTENER, ROUTE};
 
@@ -190,7 +191,7 @@ async fn converge(stream: &mut Stream) -> anyhow::Result<Received> {
         collector_cluster |= c.name == ACCESS_LOG_CLUSTER;
         if c.name == PASSTHROUGH_CLUSTER {
             passthrough_by_header = matches!(&c.lb_config,
-                Some(LbConfig::OriginalDstLbConfig(o)) if o.use_http_header && o.http_header_name == HEADER_ORIG_DEST);
+                Some(LbConfig::OriginalDstLbConfig(o)) if o.use_http_header && o.http_header_name == ORIG_DEST_HEADER);
         }
         if c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
             let service = c.eds_cluster_config.map(|e| e.service_name).unwrap_or_default();

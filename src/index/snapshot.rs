@@ -6,9 +6,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ClusterIndex;
-use crate::cluster::convert::{Converted, Kind, Rejection, convert};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::Sidecar;
+use crate::index::convert::{Converted, Kind, Rejection, convert};
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::istio::Sidecar;
 
 /// Why a snapshot could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -132,11 +132,7 @@ impl Snapshot {
         };
         let domain = self.index.domain().to_string();
         match convert(known, object, &domain) {
-            Ok((_, Converted::Namespace(n))) => self.index.apply_namespace(n),
-            Ok((_, Converted::Service(s))) => self.index.apply_service(s),
-            Ok((_, Converted::Pod(p))) => self.index.apply_pod(p),
-            Ok((_, Converted::VirtualService(v))) => self.index.apply_virtual_service(v),
-            Ok((_, Converted::ServiceEntry(e))) => self.index.apply_service_entry(e),
+            Ok((_, Converted::Indexed(object))) => self.index.apply(object),
             Ok((_, Converted::ServiceFence(f))) => self.fences.push(*f),
             Ok((_, Converted::Sidecar(s))) => self.sidecars.push(*s),
             Err(rejection) => self.rejected.push(rejection),
@@ -159,7 +155,7 @@ fn shape(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::ObjectKey;
+    use crate::vocab::ObjectKey;
 
     #[test]
     fn reads_kubectl_lists_and_multi_documents() {

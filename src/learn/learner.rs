@@ -29,7 +29,7 @@ use jiff::Timestamp;
 
 use super::Edge;
 use crate::hash::FastMap;
-use crate::index::ObjectKey;
+use crate::vocab::ObjectKey;
 
 /// Caps and timing of a [`Learner`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,11 +14,11 @@ use kube::{Api, Client};
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
-use crate::cluster::convert::{Kind, Rejection, service_fence};
-use crate::index::ObjectKey;
-use crate::model::fence::{ServiceFence, ServiceFenceStatus};
-use crate::model::istio::IstioVersion;
+use crate::index::convert::{Kind, Rejection, service_fence};
 use crate::reconcile::fence::{FenceWriter, Write};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
+use crate::vocab::istio::IstioVersion;
 
 /// Writes learned edges and Prometheus results into fence statuses.
 pub struct StatusWriter {

@@ -31,8 +31,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HandlerType, Prometheus};
-use crate::index::ObjectKey;
-use crate::model::fence::{ServiceFenceStatus, metric_key_host};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFenceStatus, metric_key_host};
 
 /// How long one query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);

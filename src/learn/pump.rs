@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use super::prometheus::apply_metrics;
 use super::status::{apply_edges, by_fence, seed};
 use super::{Edge, Learner};
-use crate::index::ObjectKey;
-use crate::model::fence::{ServiceFence, ServiceFenceStatus};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
 
 /// A [`Learner`] shared by the collector's streams and the consumer. The lock is a plain mutex held
 /// for one message at a time, never across an await.

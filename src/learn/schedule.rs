@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Edge;
-use crate::index::ObjectKey;
+use crate::vocab::ObjectKey;
 
 /// How often queued edges are taken when no batch is full. A first call through the
 /// global-sidecar waits on this (after the access logger's 50 ms flush, before the reconciler's

@@ -19,11 +19,12 @@ use super::Edge;
 use super::persist::StatusWriter;
 use crate::cluster::ClusterState;
 use crate::config::Config;
-use crate::index::{ClusterIndex, ObjectKey};
-use crate::model::fence::{ServiceFence, ServiceFenceStatus};
-use crate::model::istio::IstioVersion;
-use crate::model::istio::Sidecar;
+use crate::index::ClusterIndex;
 use crate::model::sidecar::NoSidecar;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
+use crate::vocab::istio::IstioVersion;
+use crate::vocab::istio::Sidecar;
 
 use crate::readiness;
 
@@ -216,7 +217,7 @@ pub fn fences_view(state: &ClusterState, config: &Config, now: Timestamp) -> ser
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fence::ServiceFenceSpec;
+    use crate::vocab::fence::ServiceFenceSpec;
 
     const HOST: &str = "reviews.default.svc.cluster.local";
 

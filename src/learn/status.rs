@@ -7,8 +7,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{Edge, Learner};
-use crate::index::ObjectKey;
-use crate::model::fence::{ServiceFence, ServiceFenceStatus, metric_key, metric_key_host};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFence, ServiceFenceStatus, metric_key, metric_key_host};
 
 /// Merges `edges` (all of one fence) into its status: each host gets a `metricStatus` entry in
 /// Slime's format, `{destination_service="<host>"}` -> count as a string (`"1"` when new; an

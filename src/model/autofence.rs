@@ -14,14 +14,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::fence::{
+use super::sidecar::is_global_sidecar_fence;
+use crate::config::{Config, FenceLabelKey, NamespaceList};
+use crate::index::{ClusterIndex, ServiceInfo, workload_fence_name};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{
     CREATED_BY_FENCE_CONTROLLER, LABEL_CREATED_BY, LABEL_ISTIO_REV, LABEL_SERVICE_FENCED, ServiceFence,
     ServiceFenceSpec, WorkloadSelector,
 };
-use super::labels::selector_matches;
-use super::sidecar::is_global_sidecar_fence;
-use crate::config::{Config, FenceLabelKey, NamespaceList};
-use crate::index::{ClusterIndex, ObjectKey, ServiceInfo, workload_fence_name};
+use crate::vocab::labels::selector_matches;
 
 /// The label lazyload's own Services carry (relay, collector, admin), wherever it is installed.
 pub const LABEL_LAZYLOAD_NAME: (&str, &str) = ("app.kubernetes.io/name", "lazyload");
@@ -134,11 +135,7 @@ pub fn decide(
 
 /// For a fence lazyload created: `None` while auto-fencing wants it, else why not.
 pub fn unmanaged(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Option<Unmanaged> {
-    let key = ObjectKey::new(
-        fence.metadata.namespace.clone().unwrap_or_default(),
-        fence.metadata.name.clone().unwrap_or_default(),
-    );
-    unwanted(&key, index, cfg)
+    unwanted(&ObjectKey::of_or_empty(&fence.metadata), index, cfg)
 }
 
 /// A fence's `istio.io/rev` label (`""` when unlabelled).
@@ -236,7 +233,7 @@ pub fn wanted_workload_fences(index: &ClusterIndex, cfg: &Config) -> std::collec
         .filter_map(|p| {
             let value = p.labels.get(&label.key)?;
             let name = workload_fence_name(label, value);
-            crate::model::host::dns_name(&name).ok()?;
+            crate::vocab::host::dns_name(&name).ok()?;
             Some(ObjectKey::new(p.key.namespace.clone(), name))
         })
         .filter(|key| unwanted(key, index, cfg).is_none())
@@ -339,7 +336,7 @@ pub fn new_fence(key: &ObjectKey, cfg: &Config) -> ServiceFence {
 mod tests {
     use super::*;
     use crate::index::ServiceInfo;
-    use crate::model::istio::IstioVersion;
+    use crate::vocab::istio::IstioVersion;
 
     fn condition(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config) -> Option<(String, String)> {
         let eval = crate::model::evaluate(

@@ -14,10 +14,12 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::alias::with_aliases;
-use super::fence::{Destinations, DomainStatus, RecyclingStrategy, ServiceFence, metric_key_host};
-use super::host::{self, FenceHost, HostError};
 use crate::config::Config;
 use crate::index::ClusterIndex;
+use crate::vocab::fence::{
+    Destinations, DomainStatus, RecyclingStrategy, ServiceFence, ServiceFenceStatus, metric_key_host,
+};
+use crate::vocab::host::{self, FenceHost, HostError};
 
 /// A host that was rejected, and where it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,110 +61,132 @@ pub fn dependencies(
         domains: BTreeMap::new(),
         out: Dependencies::default(),
     };
-    let status = fence.status.clone().unwrap_or_default();
-
     // Learned first: `auto` strategies read the learned last-seen times.
-    let mut learned_since = BTreeMap::new();
-    for (key, count) in &status.metric_status {
-        let Some(raw) = metric_key_host(key) else {
-            // Not a host (another Prometheus handler's result): kept, not interpreted.
-            b.out.metric_status.insert(key.clone(), count.clone());
-            continue;
-        };
-        if raw == "unknown" {
-            b.out.metric_status.insert(key.clone(), count.clone());
-            continue;
-        }
-        let host = match host::host_name(raw) {
-            Ok(h) => h,
-            Err(error) => {
-                b.invalid(format!("status.metricStatus[{key:?}]"), error);
-                b.out.metric_status.insert(key.clone(), count.clone());
+    let learned_since = b.learned(&fence.status.clone().unwrap_or_default());
+    b.declared(fence, &learned_since);
+    b.selected(fence);
+    b.finish(fence)
+}
+
+impl Builder<'_> {
+    /// Adds the learned hosts of `status.metricStatus` that have not expired; returns when each
+    /// was last seen.
+    fn learned(&mut self, status: &ServiceFenceStatus) -> BTreeMap<String, Timestamp> {
+        let mut learned_since = BTreeMap::new();
+        for (key, count) in &status.metric_status {
+            let Some(raw) = metric_key_host(key) else {
+                // Not a host (another Prometheus handler's result): kept, not interpreted.
+                self.out.metric_status.insert(key.clone(), count.clone());
+                continue;
+            };
+            if raw == "unknown" {
+                self.out.metric_status.insert(key.clone(), count.clone());
                 continue;
             }
-        };
-        if is_global_sidecar(&host, index.domain()) {
-            continue;
+            let host = match host::host_name(raw) {
+                Ok(h) => h,
+                Err(error) => {
+                    self.invalid(format!("status.metricStatus[{key:?}]"), error);
+                    self.out.metric_status.insert(key.clone(), count.clone());
+                    continue;
+                }
+            };
+            if is_global_sidecar(&host, self.index.domain()) {
+                continue;
+            }
+            // Dependencies learned by Slime carry no last-seen time: they start their TTL now.
+            let since = status.last_seen.get(&host).map_or(self.now, |t| t.0);
+            let general = &self.cfg.general;
+            let (st, next) = match general.dependency_ttl {
+                None => (DomainStatus::Active, None),
+                Some(ttl) => age(since, ttl, general.dependency_expire_wait, self.now),
+            };
+            self.requeue(next);
+            if st == DomainStatus::Expire {
+                continue;
+            }
+            self.out.metric_status.insert(key.clone(), count.clone());
+            self.out.last_seen.insert(host.clone(), Time(since));
+            learned_since.insert(host.clone(), since);
+            self.add_host(&host, st, &format!("status.metricStatus[{key:?}]"));
         }
-        // Dependencies learned by Slime carry no last-seen time: they start their TTL now.
-        let since = status.last_seen.get(&host).map_or(now, |t| t.0);
-        let (st, next) = match cfg.general.dependency_ttl {
-            None => (DomainStatus::Active, None),
-            Some(ttl) => age(since, ttl, cfg.general.dependency_expire_wait, now),
-        };
-        b.requeue(next);
-        if st == DomainStatus::Expire {
-            continue;
-        }
-        b.out.metric_status.insert(key.clone(), count.clone());
-        b.out.last_seen.insert(host.clone(), Time(since));
-        learned_since.insert(host.clone(), since);
-        b.add_host(&host, st, &format!("status.metricStatus[{key:?}]"));
+        learned_since
     }
 
-    let created = fence.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    for (key, strategy) in &fence.spec.host {
-        let source = format!("spec.host[{key:?}]");
-        match FenceHost::parse(key, namespace, index.domain()) {
-            Err(error) => b.invalid(source, error),
-            Ok(parsed) => {
-                let last = match &parsed {
-                    FenceHost::Host(h) => learned_since.get(h).copied(),
-                    _ => None,
-                };
-                let (st, next) = b.strategy_status(strategy, last, created);
-                b.requeue(next);
-                match parsed {
-                    FenceHost::Host(h) => b.add_host(&h, st, &source),
-                    FenceHost::Namespace(ns) => b.add_namespace(&ns, st, &source),
-                    FenceHost::Scoped(entry) => {
-                        let target = entry.split_once('/').map_or("", |(_, h)| h).to_string();
-                        let dests = index.destinations(&target, namespace);
-                        b.merge(entry, st, dests);
-                    }
+    /// Adds the hosts `spec.host` declares, each aged by its recycling strategy.
+    fn declared(&mut self, fence: &ServiceFence, learned_since: &BTreeMap<String, Timestamp>) {
+        let created = fence.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        for (key, strategy) in &fence.spec.host {
+            let source = format!("spec.host[{key:?}]");
+            let parsed = match FenceHost::parse(key, self.namespace, self.index.domain()) {
+                Err(error) => {
+                    self.invalid(source, error);
+                    continue;
+                }
+                Ok(parsed) => parsed,
+            };
+            let last = match &parsed {
+                FenceHost::Host(h) => learned_since.get(h).copied(),
+                _ => None,
+            };
+            let (st, next) = self.strategy_status(strategy, last, created);
+            self.requeue(next);
+            match parsed {
+                FenceHost::Host(h) => self.add_host(&h, st, &source),
+                FenceHost::Namespace(ns) => self.add_namespace(&ns, st, &source),
+                FenceHost::Scoped(entry) => {
+                    let target = entry.split_once('/').map_or("", |(_, h)| h).to_string();
+                    let dests = self.index.destinations(&target, self.namespace);
+                    self.merge(entry, st, dests);
                 }
             }
         }
     }
 
-    for (i, ns) in fence.spec.namespace_selector.iter().enumerate() {
-        let source = format!("spec.namespaceSelector[{i}]");
-        match host::dns_label(ns) {
-            Ok(()) => b.add_namespace(ns, DomainStatus::Active, &source),
-            Err(_) => b.invalid(source, HostError::Namespace(ns.clone())),
+    /// Adds what `spec.namespaceSelector` and `spec.labelSelector` select.
+    fn selected(&mut self, fence: &ServiceFence) {
+        for (i, ns) in fence.spec.namespace_selector.iter().enumerate() {
+            let source = format!("spec.namespaceSelector[{i}]");
+            match host::dns_label(ns) {
+                Ok(()) => self.add_namespace(ns, DomainStatus::Active, &source),
+                Err(_) => self.invalid(source, HostError::Namespace(ns.clone())),
+            }
+        }
+        let index = self.index;
+        for (i, selector) in fence.spec.label_selector.iter().enumerate() {
+            let source = format!("spec.labelSelector[{i}]");
+            for key in index.services_with_labels(&selector.selector) {
+                self.add_host(&index.fqdn(&key), DomainStatus::Active, &source);
+            }
         }
     }
 
-    for (i, selector) in fence.spec.label_selector.iter().enumerate() {
-        let source = format!("spec.labelSelector[{i}]");
-        for key in index.services_with_labels(&selector.selector) {
-            b.add_host(&index.fqdn(&key), DomainStatus::Active, &source);
-        }
+    /// The dependencies, each domain in Slime's shape.
+    fn finish(self, fence: &ServiceFence) -> Dependencies {
+        let Builder { domains, mut out, .. } = self;
+        out.domains = domains
+            .into_iter()
+            .map(|(key, (status, hosts))| {
+                // Slime's shape: the domain itself first, then what it routes to.
+                let mut list: Vec<String> = hosts.iter().filter(|h| **h == key).cloned().collect();
+                list.extend(hosts.into_iter().filter(|h| *h != key));
+                let recently_called = status_recently_called(fence, &key);
+                (
+                    key,
+                    Destinations {
+                        recently_called,
+                        hosts: list,
+                        status,
+                    },
+                )
+            })
+            .collect();
+        out
     }
-
-    let Builder { domains, mut out, .. } = b;
-    out.domains = domains
-        .into_iter()
-        .map(|(key, (status, hosts))| {
-            // Slime's shape: the domain itself first, then what it routes to.
-            let mut list: Vec<String> = hosts.iter().filter(|h| **h == key).cloned().collect();
-            list.extend(hosts.into_iter().filter(|h| *h != key));
-            let recently_called = status_recently_called(fence, &key);
-            (
-                key,
-                Destinations {
-                    recently_called,
-                    hosts: list,
-                    status,
-                },
-            )
-        })
-        .collect();
-    out
 }
 
 /// Keeps Slime's deprecated `RecentlyCalled` of a domain across rewrites.
-fn status_recently_called(fence: &ServiceFence, key: &str) -> Option<super::fence::ProtoTimestamp> {
+fn status_recently_called(fence: &ServiceFence, key: &str) -> Option<crate::vocab::fence::ProtoTimestamp> {
     fence.status.as_ref()?.domains.get(key)?.recently_called
 }
 

@@ -15,15 +15,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
 
 use super::autofence::{in_scope, is_own_service};
-use super::fence::LABEL_ISTIO_REV;
-use super::host::service_fqdn;
-use super::istio::{
+use crate::config::{Config, Dispatch, GlobalSidecarMode};
+use crate::index::{ClusterIndex, ServicePort};
+use crate::vocab::fence::LABEL_ISTIO_REV;
+use crate::vocab::host::service_fqdn;
+use crate::vocab::istio::{
     ConfigPatch, ConnectionPool, DestinationRule, DestinationRuleSpec, EnvoyFilter, EnvoyFilterSpec,
     HttpPool, IstioKind, IstioVersion, Patch, TrafficPolicy,
 };
-use super::sidecar::GLOBAL_SIDECAR;
-use crate::config::{Config, Dispatch, GlobalSidecarMode};
-use crate::index::{ClusterIndex, ServicePort};
+use crate::vocab::{GLOBAL_SIDECAR, ORIG_DEST_HEADER, SOURCE_NS_HEADER};
 
 /// Name of the generated EnvoyFilter (Slime's).
 pub const ENVOYFILTER_NAME: &str = "to-global-sidecar";
@@ -241,10 +241,10 @@ fn route_to(cfg: &Config, cluster: &str, gs_cluster: &str, matcher: Value) -> Va
     });
     if to_gs {
         let mut headers = vec![
-            json!({"header": {"key": "Slime-Orig-Dest", "value": "%DOWNSTREAM_LOCAL_ADDRESS%"}, "append": false}),
+            json!({"header": {"key": ORIG_DEST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"}, "append": false}),
         ];
         if !cfg.general.add_env_header_via_lua {
-            headers.push(json!({"header": {"key": "Slime-Source-Ns", "value": "%ENVIRONMENT(POD_NAMESPACE)%"}, "append": false}));
+            headers.push(json!({"header": {"key": SOURCE_NS_HEADER, "value": "%ENVIRONMENT(POD_NAMESPACE)%"}, "append": false}));
         }
         r["request_headers_to_add"] = Value::Array(headers);
     }
@@ -335,8 +335,8 @@ fn lua_patches(cfg: &Config, port: u16) -> Vec<ConfigPatch> {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
             "default_source_code": {"inline_string": "function envoy_on_request(h) end"},
-            "source_codes": {"add.lua": {"inline_string":
-                "function envoy_on_request(request_handle)\n  request_handle:headers():replace(\"Slime-Source-Ns\", os.getenv(\"POD_NAMESPACE\"))\nend\n"}},
+            "source_codes": {"add.lua": {"inline_string": format!(
+                "function envoy_on_request(request_handle)\n  request_handle:headers():replace(\"{SOURCE_NS_HEADER}\", os.getenv(\"POD_NAMESPACE\"))\nend\n")}},
         },
     });
     let per_route = json!({"typed_per_filter_config": {"envoy.filters.http.lua": {
@@ -360,7 +360,8 @@ fn lua_patches(cfg: &Config, port: u16) -> Vec<ConfigPatch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{ObjectKey, ServiceEntryInfo, ServiceInfo};
+    use crate::index::{ServiceEntryInfo, ServiceInfo};
+    use crate::vocab::ObjectKey;
 
     fn port(name: &str, port: u16, app: Option<&str>) -> ServicePort {
         ServicePort {

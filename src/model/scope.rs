@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::istio::Sidecar;
-use super::labels::Labels;
-use super::sidecar::GLOBAL_SIDECAR;
 use crate::config::{Config, GlobalSidecarMode};
-use crate::index::{ClusterIndex, ObjectKey};
+use crate::index::ClusterIndex;
+use crate::vocab::GLOBAL_SIDECAR;
+use crate::vocab::ObjectKey;
+use crate::vocab::istio::Sidecar;
+use crate::vocab::labels::Labels;
 
 /// A Sidecar that scopes a global-sidecar.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,11 +100,11 @@ pub fn scoped_global_sidecars<'a>(
         };
         if let Some((s, how)) = applies
             && !imports_everything(s)
-            && let (Some(namespace), Some(name)) = (&s.metadata.namespace, &s.metadata.name)
+            && let Ok(sidecar) = ObjectKey::of(&s.metadata)
         {
             found.push(Scoped {
                 global_sidecar_namespace: ns.clone(),
-                sidecar: ObjectKey::new(namespace, name),
+                sidecar,
                 how,
             });
         }
@@ -165,7 +166,7 @@ fn imports_everything(s: &Sidecar) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::istio::{EgressListener, IstioKind, IstioVersion, SidecarSpec, WorkloadSelector};
+    use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, SidecarSpec, WorkloadSelector};
 
     fn sidecar(ns: &str, name: &str, selector: &[(&str, &str)], hosts: &[&str]) -> Sidecar {
         let mut s = Sidecar::new(

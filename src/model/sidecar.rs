@@ -5,14 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use super::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
-use super::host;
-use super::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
 use crate::config::{Config, GlobalSidecarMode};
-use crate::index::{ClusterIndex, ObjectKey};
-
-/// Name of the global-sidecar Service and Deployment.
-pub const GLOBAL_SIDECAR: &str = "global-sidecar";
+use crate::index::ClusterIndex;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{Destinations, LABEL_ISTIO_REV, ServiceFence};
+use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec, WorkloadSelector};
+use crate::vocab::{GLOBAL_SIDECAR, host};
 
 /// Whether a ServiceFence controls `sidecar` (the owner reference lazyload writes): such a
 /// Sidecar is lazyload's; every other one is the users'.

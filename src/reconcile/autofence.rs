@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use super::{FIELD_MANAGER, with_retries};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
-use crate::index::ObjectKey;
 use crate::model::autofence::{Action, decide, wanted_workload_fences};
-use crate::model::fence::ServiceFence;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
 
 /// The auto-fence controller.
 pub struct AutoFenceController {
@@ -228,9 +228,9 @@ mod tests {
     /// An auto fence for `name` whose status holds a learned dependency.
     fn learned_fence(cfg: &Config, name: &str) -> ServiceFence {
         let mut f = new_fence(&ObjectKey::new("default", name), cfg);
-        f.status = Some(crate::model::fence::ServiceFenceStatus {
+        f.status = Some(crate::vocab::fence::ServiceFenceStatus {
             metric_status: [(
-                crate::model::fence::metric_key("b.default.svc.cluster.local"),
+                crate::vocab::fence::metric_key("b.default.svc.cluster.local"),
                 "1".to_string(),
             )]
             .into(),

@@ -24,9 +24,9 @@ use crate::model::fallback::{
     envoyfilter_name, envoyfilters, global_sidecar_destination_rules, global_sidecar_service_ports,
     wormhole_ports,
 };
-use crate::model::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
 use crate::model::scope::global_sidecar_namespaces;
-use crate::model::sidecar::GLOBAL_SIDECAR;
+use crate::vocab::GLOBAL_SIDECAR;
+use crate::vocab::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
 
 /// Annotation holding the wormhole ports the EnvoyFilter covers (`80,9080`).
 pub const PORTS_ANNOTATION: &str = "lazyload.io/wormhole-ports";
@@ -271,7 +271,8 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::index::{ClusterIndex, ObjectKey, ServiceInfo, ServicePort};
+    use crate::index::{ClusterIndex, ServiceInfo, ServicePort};
+    use crate::vocab::ObjectKey;
 
     #[tokio::test]
     async fn nothing_is_written_before_every_kind_synced() {
@@ -279,7 +280,7 @@ mod tests {
             .unwrap()
             .config;
         let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
-        state.await_sync([crate::cluster::convert::Kind::Service]);
+        state.await_sync([crate::index::convert::Kind::Service]);
         // Nobody answers: a request would hang.
         let (service, _handle) = mock::pair::<Request<Body>, Response<Body>>();
         let mut ctl = FallbackController::new(state.clone(), Arc::new(cfg), Client::new(service, "default"));

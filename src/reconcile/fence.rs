@@ -14,10 +14,10 @@ use kube::core::ApiResource;
 use serde_json::{Map, Value, json};
 
 use super::{Error, FIELD_MANAGER, Result, with_retries};
-use crate::index::ObjectKey;
-use crate::model::fence::{ServiceFence, ServiceFenceStatus};
-use crate::model::istio::{IstioKind, IstioVersion, Sidecar};
 use crate::model::sidecar::NoSidecar;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
+use crate::vocab::istio::{IstioKind, IstioVersion, Sidecar};
 
 /// What a sync did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,12 +24,12 @@ use kube::Resource;
 
 use super::fence::{FenceWriter, REASON_UNREADABLE, Write};
 use super::queue::Queue;
-use crate::cluster::convert::Kind;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
-use crate::index::ObjectKey;
+use crate::index::convert::Kind;
 use crate::model::evaluate;
-use crate::model::fence::ServiceFence;
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
 
 /// How long a fence waits after a change to it before it is reconciled.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::model::scope::{Scoped, global_sidecar_namespaces, scoped_global_sidecars};
-use crate::model::sidecar::GLOBAL_SIDECAR;
+use crate::vocab::GLOBAL_SIDECAR;
 
 /// How long after a change the check runs (pods change often; one check covers a burst).
 const DEBOUNCE: Duration = Duration::from_secs(1);
@@ -112,8 +112,9 @@ impl ScopeCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{ClusterIndex, ObjectKey};
-    use crate::model::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
+    use crate::index::ClusterIndex;
+    use crate::vocab::ObjectKey;
+    use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
 
     fn mesh_default(hosts: &[&str]) -> Sidecar {
         let mut s = Sidecar::new(

@@ -7,12 +7,12 @@ use anyhow::Context as _;
 
 use super::Components;
 use crate::cluster::{ClusterState, watch};
-use crate::model::istio::IstioVersion;
 use crate::reconcile::autofence::AutoFenceController;
 use crate::reconcile::config_sync::ConfigSync;
 use crate::reconcile::fallback::FallbackController;
 use crate::reconcile::fence::FenceWriter;
 use crate::reconcile::fences::{self, FenceController};
+use crate::vocab::istio::IstioVersion;
 
 /// Lease duration: how long a follower waits before taking over from a silent leader.
 const LEASE_SECONDS: u64 = 15;
@@ -55,7 +55,7 @@ async fn start_watching(
 ) -> anyhow::Result<()> {
     let ready = ctx.readiness.register("cluster-index");
     // Before any controller starts: nothing is computed from a kind not listed yet.
-    state.await_sync(crate::cluster::convert::Kind::ALL);
+    state.await_sync(crate::index::convert::Kind::ALL);
     // The index's own domain, so converted VirtualService hosts match its Service FQDNs.
     let domain = state.index().domain().to_string();
     let shutdown = ctx.shutdown.clone();

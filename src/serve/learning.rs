@@ -19,8 +19,8 @@ use crate::als::attribute::Attributor;
 use crate::als::collector::{self, Collector, Peers};
 use crate::cluster::ClusterState;
 use crate::config::{Config, MetricSourceType};
+use crate::index::ClusterIndex;
 use crate::index::snapshot::Snapshot;
-use crate::index::{ClusterIndex, ObjectKey};
 use crate::learn::persist::{self, StatusWriter};
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::schedule::{EDGE_FLUSH, WriteSchedule};
@@ -29,6 +29,7 @@ use crate::learn::{Edge, Learner, Limits, prometheus};
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::is_fence_controlled;
 use crate::reconcile::scope::ScopeCheck;
+use crate::vocab::ObjectKey;
 
 /// Most edges in one batch the consumer takes from the learner.
 const EDGE_BATCH: usize = 500;

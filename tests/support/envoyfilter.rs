@@ -2,7 +2,7 @@
 //! does for `SIDECAR_OUTBOUND` (docs/protocol.md: ROUTE_CONFIGURATION MERGE, then VIRTUAL_HOST
 //! REMOVE/MERGE): enough to check what a sidecar ends up with.
 
-use lazyload::model::istio::EnvoyFilter;
+use lazyload::vocab::istio::EnvoyFilter;
 use serde_json::Value;
 
 /// Applies the patches of `ef` that match route configuration `rc["name"]`.

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use lazyload::model::fence::ServiceFence;
+use lazyload::vocab::fence::ServiceFence;
 
 /// Every learned (fence, host) in the fence files under `dir`; panics on a file that is not a
 /// whole ServiceFence.

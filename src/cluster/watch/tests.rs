@@ -14,10 +14,10 @@ use tower_test::mock;
 
 use self::mock_api::MockApi;
 use super::*;
-use crate::cluster::convert::Reason;
 use crate::index::ClusterIndex;
-use crate::model::fence::ServiceFence;
+use crate::index::convert::Reason;
 use crate::readiness::Readiness;
+use crate::vocab::fence::ServiceFence;
 
 const DOMAIN: &str = "cluster.local";
 
@@ -535,7 +535,7 @@ fn controller(client: Client, s: &ClusterState, shutdown: &CancellationToken) {
     let ctl = FenceController::new(
         s.clone(),
         std::sync::Arc::new(crate::config::Config::default()),
-        FenceWriter::new(client, crate::model::istio::IstioVersion::default()),
+        FenceWriter::new(client, crate::vocab::istio::IstioVersion::default()),
         Some(recorder),
         Metrics::register(&mut prometheus_client::registry::Registry::default()),
     );

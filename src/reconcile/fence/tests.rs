@@ -14,7 +14,7 @@ use super::*;
 use crate::config::Config;
 use crate::index::ClusterIndex;
 use crate::model::evaluate;
-use crate::model::fence::ServiceFenceSpec;
+use crate::vocab::fence::ServiceFenceSpec;
 
 type Handle = mock::Handle<Request<Body>, Response<Body>>;
 

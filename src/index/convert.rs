@@ -19,9 +19,10 @@ use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::index::{NamespaceInfo, ObjectKey, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
-use crate::model::fence::ServiceFence;
-use crate::model::istio::{IstioKind, IstioVersion, ServiceEntry, Sidecar, VirtualService};
+use super::{Indexed, NamespaceInfo, PodInfo, ServiceEntryInfo, ServiceInfo, VirtualServiceInfo};
+use crate::vocab::ObjectKey;
+use crate::vocab::fence::ServiceFence;
+use crate::vocab::istio::{IstioKind, IstioVersion, ServiceEntry, Sidecar, VirtualService};
 
 /// A kind lazyload reads from the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -128,20 +129,18 @@ pub struct Rejection {
 /// An object converted to what lazyload keeps of it.
 #[derive(Clone, Debug)]
 pub enum Converted {
-    /// A Namespace.
-    Namespace(NamespaceInfo),
-    /// A Service.
-    Service(ServiceInfo),
-    /// A Pod.
-    Pod(PodInfo),
-    /// A VirtualService.
-    VirtualService(VirtualServiceInfo),
-    /// A ServiceEntry.
-    ServiceEntry(ServiceEntryInfo),
+    /// An object the cluster index keeps ([`super::ClusterIndex::apply`]).
+    Indexed(Indexed),
     /// A ServiceFence, whole (controllers read spec and status).
     ServiceFence(Box<ServiceFence>),
     /// A Sidecar, whole.
     Sidecar(Box<Sidecar>),
+}
+
+impl From<Indexed> for Converted {
+    fn from(object: Indexed) -> Self {
+        Converted::Indexed(object)
+    }
 }
 
 /// The key of a raw object: its namespace (empty for a cluster-scoped kind) and name.
@@ -180,26 +179,28 @@ pub fn convert(kind: Kind, object: Value, domain: &str) -> Result<(ObjectKey, Co
         reason: Reason::Invalid,
         message,
     };
+    let entry = |e: super::Error| invalid(e.to_string());
     let converted = match kind {
-        Kind::Namespace => Converted::Namespace(
-            NamespaceInfo::try_from(&typed::<Namespace>(object).map_err(invalid)?)
-                .map_err(|e| invalid(e.to_string()))?,
-        ),
-        Kind::Service => Converted::Service(
-            ServiceInfo::try_from(&typed::<Service>(object).map_err(invalid)?)
-                .map_err(|e| invalid(e.to_string()))?,
-        ),
-        Kind::Pod => Converted::Pod(
-            PodInfo::try_from(&typed::<Pod>(object).map_err(invalid)?).map_err(|e| invalid(e.to_string()))?,
-        ),
-        Kind::VirtualService => Converted::VirtualService(
+        Kind::Namespace => Indexed::Namespace(
+            NamespaceInfo::try_from(&typed::<Namespace>(object).map_err(invalid)?).map_err(entry)?,
+        )
+        .into(),
+        Kind::Service => Indexed::Service(
+            ServiceInfo::try_from(&typed::<Service>(object).map_err(invalid)?).map_err(entry)?,
+        )
+        .into(),
+        Kind::Pod => {
+            Indexed::Pod(PodInfo::try_from(&typed::<Pod>(object).map_err(invalid)?).map_err(entry)?).into()
+        }
+        Kind::VirtualService => Indexed::VirtualService(
             VirtualServiceInfo::from_object(&typed::<VirtualService>(object).map_err(invalid)?, domain)
-                .map_err(|e| invalid(e.to_string()))?,
-        ),
-        Kind::ServiceEntry => Converted::ServiceEntry(
-            ServiceEntryInfo::try_from(&typed::<ServiceEntry>(object).map_err(invalid)?)
-                .map_err(|e| invalid(e.to_string()))?,
-        ),
+                .map_err(entry)?,
+        )
+        .into(),
+        Kind::ServiceEntry => Indexed::ServiceEntry(
+            ServiceEntryInfo::try_from(&typed::<ServiceEntry>(object).map_err(invalid)?).map_err(entry)?,
+        )
+        .into(),
         Kind::ServiceFence => Converted::ServiceFence(Box::new(service_fence(object)?)),
         Kind::Sidecar => Converted::Sidecar(Box::new(typed(object).map_err(invalid)?)),
     };
