@@ -15,6 +15,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Client;
 use kube::client::Body;
+use lazyload::cluster::writer::FenceWriter;
 use lazyload::cluster::{Change, ClusterState};
 use lazyload::config::Config;
 use lazyload::index::{ClusterIndex, ObjectKey, ServiceInfo};
@@ -22,7 +23,6 @@ use lazyload::model::fence::{
     ServiceFence, ServiceFenceSpec, ServiceFenceStatus, WorkloadSelector, metric_key,
 };
 use lazyload::model::istio::IstioVersion;
-use lazyload::reconcile::fence::FenceWriter;
 use lazyload::reconcile::fences::{FenceController, Metrics};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;

@@ -7,6 +7,7 @@
 
 pub mod convert;
 pub mod watch;
+pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -31,21 +31,11 @@ use crate::model::istio::IstioVersion;
 use crate::model::scope::global_sidecar_namespaces;
 use crate::model::sidecar::is_fence_controlled;
 use crate::readiness::Readiness;
-use crate::reconcile::autofence::AutoFenceController;
-use crate::reconcile::config_sync::ConfigSync;
-use crate::reconcile::fallback::FallbackController;
-use crate::reconcile::fence::FenceWriter;
-use crate::reconcile::fences::{self, FenceController};
 use crate::reconcile::scope::ScopeCheck;
 use crate::telemetry::{self, LogFormat};
 use crate::xds::adjust::{RESERVED_PORTS, Settings};
 use crate::xds::server::{Relay, RelayConfig};
 use crate::xds::upstream::{Upstream, UpstreamConfig};
-
-/// Lease duration: how long a follower waits before taking over from a silent leader.
-const LEASE_SECONDS: u64 = 15;
-/// How long before the lease ends its holder renews it.
-const LEASE_GRACE_SECONDS: u64 = 5;
 
 /// How long components get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -694,13 +684,7 @@ pub async fn start_watching(
     Ok(())
 }
 
-/// The reconciler: a Lease elects the one replica that writes (kube-lease-manager; followers
-/// keep their state warm and take over within the lease duration), so only the leader's
-/// configuration is applied; replicas publish their configuration's digest on the Lease and
-/// report one that differs ([`ConfigSync`]). While it leads, the
-/// auto-fence controller creates and deletes fences, the fallback controller keeps the
-/// `to-global-sidecar` EnvoyFilter and wormhole ports, and the fence controller writes Sidecars
-/// and statuses. The lease is released on shutdown.
+/// The controllers that write, under the leader Lease ([`crate::reconcile::controllers`]).
 async fn start_reconciling(
     ctx: &mut Components,
     client: kube::Client,
@@ -709,71 +693,13 @@ async fn start_reconciling(
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("lazyload-{}", std::process::id()));
-    // Two lazyloads for two Istio revisions hold one Lease each.
-    let lease_name = ctx.config.global.per_revision("lazyload");
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
-        .with_namespace(ctx.config.global.slime_namespace.clone())
-        .with_identity(identity.clone())
-        .with_duration(LEASE_SECONDS)
-        .with_grace(LEASE_GRACE_SECONDS)
-        .build()
-        .await
-        .context("setting up the leader lease")?;
-    let (leader, lease_task) = lease.watch().await;
-    let config_sync = ConfigSync::new(
-        client.clone(),
-        &ctx.config.global.slime_namespace,
-        &lease_name,
-        &identity,
-        &ctx.config,
-        &mut ctx.registry,
-    );
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("configuration comparison", async move {
-        config_sync.run(lead, shutdown).await;
-        Ok(())
-    });
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: "lazyload".into(),
-            instance: Some(identity),
-        },
-    );
-    let autofence = AutoFenceController::new(
-        state.clone(),
-        ctx.config.clone(),
-        client.clone(),
-        &mut ctx.registry,
-    );
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("auto-fence controller", async move {
-        autofence.run(lead, shutdown).await;
-        Ok(())
-    });
-    let fallback = FallbackController::new(state.clone(), ctx.config.clone(), client.clone());
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("fallback controller", async move {
-        fallback.run(lead, shutdown).await;
-        Ok(())
-    });
-    let controller = FenceController::new(
-        state,
-        ctx.config.clone(),
-        FenceWriter::new(client, IstioVersion::default()),
-        Some(recorder),
-        fences::Metrics::register(&mut ctx.registry),
-    );
-    let shutdown = ctx.shutdown.clone();
-    ctx.spawn("fence controller", async move {
-        controller.run(leader, shutdown).await;
-        Ok(())
-    });
-    // The controller dropped its receiver: the lease task releases the lease and ends.
-    ctx.spawn("leader lease", async move {
-        lease_task.await?.context("the leader lease")?;
-        Ok(())
-    });
+    let (config, shutdown) = (ctx.config.clone(), ctx.shutdown.clone());
+    let tasks =
+        crate::reconcile::controllers(client, &state, &config, &identity, &mut ctx.registry, &shutdown)
+            .await?;
+    for (name, task) in tasks {
+        ctx.spawn(name, async move { Ok(task.await?) });
+    }
     Ok(())
 }
 

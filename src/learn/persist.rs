@@ -15,15 +15,14 @@ use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
 use crate::cluster::convert::{Kind, Rejection, service_fence};
+use crate::cluster::writer::{FenceStatusWriter, Write};
 use crate::index::ObjectKey;
 use crate::model::fence::{ServiceFence, ServiceFenceStatus};
-use crate::model::istio::IstioVersion;
-use crate::reconcile::fence::{FenceWriter, Write};
 
 /// Writes learned edges and Prometheus results into fence statuses.
 pub struct StatusWriter {
     client: Client,
-    writer: FenceWriter,
+    writer: FenceStatusWriter,
     retry: BTreeMap<ObjectKey, Vec<Edge>>,
 }
 
@@ -44,7 +43,7 @@ impl StatusWriter {
     /// A writer using `client`.
     pub fn new(client: Client) -> Self {
         Self {
-            writer: FenceWriter::new(client.clone(), IstioVersion::default()),
+            writer: FenceStatusWriter::new(client.clone()),
             client,
             retry: BTreeMap::new(),
         }

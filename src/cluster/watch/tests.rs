@@ -523,7 +523,7 @@ async fn a_kind_served_at_another_path_never_counts_as_synced() {
 
 /// A leading fence controller over `client` and `s`, with Events.
 fn controller(client: Client, s: &ClusterState, shutdown: &CancellationToken) {
-    use crate::reconcile::fence::FenceWriter;
+    use crate::cluster::writer::FenceWriter;
     use crate::reconcile::fences::{FenceController, Metrics};
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
