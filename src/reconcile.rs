@@ -20,6 +20,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use self::autofence::AutoFenceController;
@@ -51,8 +52,11 @@ pub enum Error {
     LeaseTask(String),
 }
 
+/// A task that runs until shutdown (or until it fails).
+pub type Run = BoxFuture<'static, std::result::Result<(), Error>>;
+
 /// A named task for the caller to run (and report by name if it fails).
-pub type Task = (&'static str, BoxFuture<'static, std::result::Result<(), Error>>);
+pub type Task = (&'static str, Run);
 
 /// Everything that writes to the cluster, under one Lease: a Lease (named per Istio revision, in
 /// the slime namespace) elects the one replica that writes (followers keep their state warm and
@@ -70,16 +74,7 @@ pub async fn controllers(
     registry: &mut Registry,
     shutdown: &CancellationToken,
 ) -> std::result::Result<Vec<Task>, Error> {
-    // Two lazyloads for two Istio revisions hold one Lease each.
-    let lease_name = config.global.per_revision("lazyload");
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
-        .with_namespace(config.global.slime_namespace.clone())
-        .with_identity(identity)
-        .with_duration(LEASE_SECONDS)
-        .with_grace(LEASE_GRACE_SECONDS)
-        .build()
-        .await?;
-    let (leader, lease_task) = lease.watch().await;
+    let (lease_name, leader, lease_task) = lease(client.clone(), config, identity).await?;
     let config_sync = ConfigSync::new(
         client.clone(),
         &config.global.slime_namespace,
@@ -119,31 +114,48 @@ pub async fn controllers(
         ),
         (
             "auto-fence controller",
-            unfailing(Runner::new(autofence, gate(), &metrics).run(shutdown.clone())),
+            unfailing(Runner::new(autofence, state.clone(), gate(), &metrics).run(shutdown.clone())),
         ),
         (
             "fallback controller",
-            unfailing(Runner::new(fallback, gate(), &metrics).run(shutdown.clone())),
+            unfailing(Runner::new(fallback, state.clone(), gate(), &metrics).run(shutdown.clone())),
         ),
         (
             "fence controller",
-            unfailing(Runner::new(fences, gate(), &metrics).run(shutdown.clone())),
+            unfailing(Runner::new(fences, state.clone(), gate(), &metrics).run(shutdown.clone())),
         ),
         // Once every controller dropped its receiver, the lease task releases the lease and
         // ends.
-        (
-            "leader lease",
-            async move {
-                match lease_task.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(Error::LeaseTask(e.to_string())),
-                    Err(e) => Err(Error::LeaseTask(e.to_string())),
-                }
-            }
-            .boxed(),
-        ),
+        ("leader lease", lease_task),
     ];
     Ok(tasks)
+}
+
+/// Takes part in the leader election: the Lease's name (one per Istio revision: two
+/// lazyloads for two revisions hold one Lease each), whether this replica leads, and the task
+/// that keeps the Lease and releases it once every receiver is dropped.
+async fn lease(
+    client: kube::Client,
+    config: &Config,
+    identity: &str,
+) -> std::result::Result<(String, watch::Receiver<bool>, Run), Error> {
+    let lease_name = config.global.per_revision("lazyload");
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client, &lease_name)
+        .with_namespace(config.global.slime_namespace.clone())
+        .with_identity(identity)
+        .with_duration(LEASE_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await?;
+    let (leader, task) = lease.watch().await;
+    let task = async move {
+        match task.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Error::LeaseTask(e.to_string())),
+            Err(e) => Err(Error::LeaseTask(e.to_string())),
+        }
+    };
+    Ok((lease_name, leader, task.boxed()))
 }
 
 /// A task that cannot fail.

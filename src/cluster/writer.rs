@@ -100,6 +100,26 @@ where
     }
 }
 
+/// What a create or delete did: `done` when it succeeded, [`Write::Unchanged`] when the API
+/// server answered `nothing_to_do` (409 for a create: it exists; 404 for a delete: it is gone).
+fn outcome<T>(
+    result: Result<T, kube::Error>,
+    done: Write,
+    nothing_to_do: u16,
+    action: &'static str,
+    object: impl FnOnce() -> String,
+) -> Result<Write> {
+    match result {
+        Ok(_) => Ok(done),
+        Err(kube::Error::Api(s)) if s.code == nothing_to_do => Ok(Write::Unchanged),
+        Err(source) => Err(Error::Kube {
+            action,
+            object: object(),
+            source,
+        }),
+    }
+}
+
 /// Patches `name` through `api` with retries; `action` and `object` name it in the error.
 async fn patch<K>(
     api: &Api<K>,

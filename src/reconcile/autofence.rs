@@ -116,10 +116,6 @@ impl Reconciler for AutoFenceController {
     type Key = ObjectKey;
     const NAME: &'static str = "autofence";
 
-    fn state(&self) -> &ClusterState {
-        &self.state
-    }
-
     /// Every Service, every fence (a fence whose Service is gone may have to go too) and every
     /// workload fence pods call for.
     fn all_keys(&self) -> Vec<ObjectKey> {

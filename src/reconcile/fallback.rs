@@ -6,7 +6,7 @@
 //! The computed port set is written into an annotation of the EnvoyFilter and read back when a
 //! replica starts leading, so ports that only grow keep growing across restarts. Writes are
 //! server-side applies (field manager `lazyload`), issued only when the port set changed. The
-//! controller has one key ([`WormholePorts`]); a Service, routing change or re-list triggers it
+//! controller has one key ([`WORMHOLE_PORTS`]); a Service, routing change or re-list triggers it
 //! after [`DEBOUNCE`].
 
 use std::collections::BTreeSet;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::Result;
-use super::runner::{Action, Reconciler, Trigger};
+use super::runner::{Action, Reconciler, Singleton, Trigger};
 use crate::cluster::writer::FallbackWriter;
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
@@ -97,14 +97,7 @@ pub fn desired(cfg: &Config, ports: &BTreeSet<u16>) -> Desired {
 }
 
 /// The fallback controller's one key: the wormhole port set and what follows from it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WormholePorts;
-
-impl std::fmt::Display for WormholePorts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("wormhole ports")
-    }
-}
+pub const WORMHOLE_PORTS: Singleton = Singleton("wormhole ports");
 
 /// The fallback controller.
 pub struct FallbackController {
@@ -173,21 +166,17 @@ impl FallbackController {
 }
 
 impl Reconciler for FallbackController {
-    type Key = WormholePorts;
+    type Key = Singleton;
     const NAME: &'static str = "fallback";
 
-    fn state(&self) -> &ClusterState {
-        &self.state
+    fn all_keys(&self) -> Vec<Singleton> {
+        vec![WORMHOLE_PORTS]
     }
 
-    fn all_keys(&self) -> Vec<WormholePorts> {
-        vec![WormholePorts]
-    }
-
-    fn triggers(&self, change: &Change) -> Trigger<WormholePorts> {
+    fn triggers(&self, change: &Change) -> Trigger<Singleton> {
         match change {
             Change::Service(_) | Change::Routing | Change::Resync => {
-                Trigger::Keys(vec![WormholePorts], DEBOUNCE)
+                Trigger::Keys(vec![WORMHOLE_PORTS], DEBOUNCE)
             }
             Change::Namespace(_) | Change::Pods | Change::Fence(_) | Change::Sidecar(_) => Trigger::Nothing,
         }
@@ -198,7 +187,7 @@ impl Reconciler for FallbackController {
         self.ports = None;
     }
 
-    async fn reconcile(&mut self, _: &WormholePorts) -> Result<Action> {
+    async fn reconcile(&mut self, _: &Singleton) -> Result<Action> {
         self.sync().await?;
         Ok(Action::done())
     }
@@ -234,7 +223,7 @@ mod tests {
         let (_lead, leader) = watch::channel(true);
         let stop = CancellationToken::new();
         let metrics = runner::Metrics::default();
-        tokio::spawn(Runner::new(ctl, Gate::Leader(leader), &metrics).run(stop.clone()));
+        tokio::spawn(Runner::new(ctl, state.clone(), Gate::Leader(leader), &metrics).run(stop.clone()));
         state.changed(Change::Service(ObjectKey::new("default", "web")));
         let early = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
         assert!(early.is_err(), "wrote from an unsynced kind");

@@ -109,7 +109,8 @@ impl FenceController {
     /// [`Runner`](super::runner::Runner) with its metrics unregistered (tests and benches;
     /// `serve` starts it through [`super::spawn_controllers`]).
     pub async fn run(self, leader: watch::Receiver<bool>, shutdown: CancellationToken) {
-        Runner::new(self, Gate::Leader(leader), &runner::Metrics::default())
+        let state = self.state.clone();
+        Runner::new(self, state, Gate::Leader(leader), &runner::Metrics::default())
             .run(shutdown)
             .await;
     }
@@ -216,10 +217,6 @@ impl FenceController {
 impl Reconciler for FenceController {
     type Key = ObjectKey;
     const NAME: &'static str = "fences";
-
-    fn state(&self) -> &ClusterState {
-        &self.state
-    }
 
     /// Every fence, and every fence lazyload cannot read (it says why on the fence).
     fn all_keys(&self) -> Vec<ObjectKey> {

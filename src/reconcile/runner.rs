@@ -67,6 +67,16 @@ impl Action {
     }
 }
 
+/// The key of a controller that reconciles one thing, named for the logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Singleton(pub &'static str);
+
+impl Display for Singleton {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// Which keys a change enqueues.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Trigger<K> {
@@ -114,9 +124,6 @@ pub trait Reconciler: Send + 'static {
     type Key: Clone + Eq + Hash + Ord + Display + Send + Sync + 'static;
     /// The controller's name in logs and in the `controller` label of the runner's metrics.
     const NAME: &'static str;
-
-    /// The cluster state it reads (its change stream drives the runner).
-    fn state(&self) -> &ClusterState;
 
     /// Every key: reconciled on start, on taking the lease and after missed changes.
     fn all_keys(&self) -> Vec<Self::Key>;
@@ -191,6 +198,8 @@ impl<K: Eq + Hash> Backoff<K> {
 /// Runs one [`Reconciler`] (see the module documentation for the policy).
 pub struct Runner<R: Reconciler> {
     reconciler: R,
+    /// The state the reconciler reads: its change stream drives the runner.
+    state: ClusterState,
     gate: Gate,
     queue: Queue<R::Key>,
     backoff: Backoff<R::Key>,
@@ -199,11 +208,13 @@ pub struct Runner<R: Reconciler> {
 }
 
 impl<R: Reconciler> Runner<R> {
-    /// A runner for `reconciler`, gated by `gate`, counting in `metrics`.
-    pub fn new(reconciler: R, gate: Gate, metrics: &Metrics) -> Self {
+    /// A runner for `reconciler` over `state` (the state it reads), gated by `gate`, counting
+    /// in `metrics`.
+    pub fn new(reconciler: R, state: ClusterState, gate: Gate, metrics: &Metrics) -> Self {
         let label = ControllerLabel { controller: R::NAME };
         Self {
             reconciler,
+            state,
             gate,
             queue: Queue::default(),
             backoff: Backoff {
@@ -216,7 +227,7 @@ impl<R: Reconciler> Runner<R> {
 
     /// Runs until `shutdown`, or until the Lease task or the change stream ends.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut changes = self.reconciler.state().subscribe();
+        let mut changes = self.state.subscribe();
         self.schedule_all(Duration::ZERO);
         loop {
             let due = self.queue.next_due().filter(|_| self.gate.leading());
@@ -272,7 +283,7 @@ impl<R: Reconciler> Runner<R> {
                 continue;
             }
             if matches!(self.gate, Gate::Leader(_)) {
-                let unsynced = self.reconciler.state().unsynced();
+                let unsynced = self.state.unsynced();
                 if !unsynced.is_empty() {
                     tracing::debug!(controller = R::NAME, %key, ?unsynced, "not reconciled: waiting for the cluster index");
                     continue;

@@ -2,7 +2,7 @@
 //! global-sidecar ([`crate::model::scope`]). It writes nothing: the Sidecar is the user's, and
 //! the fix (import `*/*`, or give the global-sidecar's namespace its own open default) is theirs
 //! to choose. Runs on every replica (the runner's [`Gate::EveryReplica`]), so each one's
-//! `/metrics` shows it. Its one key ([`GlobalSidecars`]) is checked at the start and
+//! `/metrics` shows it. Its one key ([`GLOBAL_SIDECARS`]) is checked at the start and
 //! [`DEBOUNCE`] after a change that may matter.
 
 use std::collections::BTreeSet;
@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::runner::{self, Action, Gate, Reconciler, Runner, Trigger};
+use super::runner::{self, Action, Gate, Reconciler, Runner, Singleton, Trigger};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::model::scope::{Scoped, global_sidecar_namespaces, scoped_global_sidecars};
@@ -56,7 +56,8 @@ impl ScopeCheck {
     /// Checks now and after changes that may matter (at most once per [`DEBOUNCE`]), until
     /// `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        Runner::new(self, Gate::EveryReplica, &runner::Metrics::default())
+        let state = self.state.clone();
+        Runner::new(self, state, Gate::EveryReplica, &runner::Metrics::default())
             .run(shutdown)
             .await;
     }
@@ -82,28 +83,17 @@ impl ScopeCheck {
 }
 
 /// The scope check's one key: every global-sidecar.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct GlobalSidecars;
-
-impl std::fmt::Display for GlobalSidecars {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("global-sidecars")
-    }
-}
+pub const GLOBAL_SIDECARS: Singleton = Singleton("global-sidecars");
 
 impl Reconciler for ScopeCheck {
-    type Key = GlobalSidecars;
+    type Key = Singleton;
     const NAME: &'static str = "scope";
 
-    fn state(&self) -> &ClusterState {
-        &self.state
+    fn all_keys(&self) -> Vec<Singleton> {
+        vec![GLOBAL_SIDECARS]
     }
 
-    fn all_keys(&self) -> Vec<GlobalSidecars> {
-        vec![GlobalSidecars]
-    }
-
-    fn triggers(&self, change: &Change) -> Trigger<GlobalSidecars> {
+    fn triggers(&self, change: &Change) -> Trigger<Singleton> {
         let matters = match change {
             // Sidecars where one can apply to a global-sidecar, or which pods are the
             // global-sidecar's (its Service, its pods).
@@ -113,13 +103,13 @@ impl Reconciler for ScopeCheck {
             Change::Namespace(_) | Change::Routing | Change::Fence(_) => false,
         };
         if matters {
-            Trigger::Keys(vec![GlobalSidecars], DEBOUNCE)
+            Trigger::Keys(vec![GLOBAL_SIDECARS], DEBOUNCE)
         } else {
             Trigger::Nothing
         }
     }
 
-    async fn reconcile(&mut self, _: &GlobalSidecars) -> super::Result<Action> {
+    async fn reconcile(&mut self, _: &Singleton) -> super::Result<Action> {
         self.check();
         Ok(Action::done())
     }

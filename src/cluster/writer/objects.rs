@@ -6,7 +6,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::Value;
 
-use super::{Error, FIELD_MANAGER, Result, Write, apply, patch, with_retries};
+use super::{Error, FIELD_MANAGER, Result, Write, apply, outcome, patch, with_retries};
 use crate::index::ObjectKey;
 use crate::model::fence::ServiceFence;
 use crate::model::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
@@ -36,29 +36,19 @@ impl AutoFenceWriter {
             ..Default::default()
         };
         let api = self.api(&key.namespace);
-        match with_retries(|| api.create(&pp, fence)).await {
-            Ok(_) => Ok(Write::Written),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Write::Unchanged),
-            Err(source) => Err(Error::Kube {
-                action: "create auto ServiceFence",
-                object: key.to_string(),
-                source,
-            }),
-        }
+        let created = with_retries(|| api.create(&pp, fence)).await;
+        outcome(created, Write::Written, 409, "create auto ServiceFence", || {
+            key.to_string()
+        })
     }
 
     /// Deletes the fence `key`; one already gone (404) is [`Write::Unchanged`].
     pub async fn delete(&self, key: &ObjectKey) -> Result<Write> {
         let (api, params) = (self.api(&key.namespace), DeleteParams::default());
-        match with_retries(|| api.delete(&key.name, &params)).await {
-            Ok(_) => Ok(Write::Deleted),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Write::Unchanged),
-            Err(source) => Err(Error::Kube {
-                action: "delete auto ServiceFence",
-                object: key.to_string(),
-                source,
-            }),
-        }
+        let deleted = with_retries(|| api.delete(&key.name, &params)).await;
+        outcome(deleted, Write::Deleted, 404, "delete auto ServiceFence", || {
+            key.to_string()
+        })
     }
 }
 

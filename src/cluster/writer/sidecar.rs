@@ -5,7 +5,7 @@
 use kube::api::DeleteParams;
 use kube::{Api, Client};
 
-use super::{Error, FenceStatusWriter, Result, Write, apply, with_retries};
+use super::{FenceStatusWriter, Result, Write, apply, outcome, with_retries};
 use crate::model::fence::ServiceFence;
 use crate::model::istio::{IstioKind, IstioVersion, Sidecar};
 use crate::model::sidecar::NoSidecar;
@@ -91,15 +91,10 @@ impl FenceWriter {
             }
             (Err(_), Some(l)) if owned_by(l, fence) => {
                 let params = DeleteParams::default();
-                match with_retries(|| api.delete(&name, &params)).await {
-                    Ok(_) => Ok(Write::Deleted),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(Write::Unchanged),
-                    Err(source) => Err(Error::Kube {
-                        action: "delete Sidecar",
-                        object: format!("{namespace}/{name}"),
-                        source,
-                    }),
-                }
+                let deleted = with_retries(|| api.delete(&name, &params)).await;
+                outcome(deleted, Write::Deleted, 404, "delete Sidecar", || {
+                    format!("{namespace}/{name}")
+                })
             }
             (Err(_), _) => Ok(Write::Unchanged),
         }

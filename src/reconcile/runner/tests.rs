@@ -33,10 +33,6 @@ impl Reconciler for Scripted {
     type Key = ObjectKey;
     const NAME: &'static str = "scripted";
 
-    fn state(&self) -> &ClusterState {
-        &self.state
-    }
-
     fn all_keys(&self) -> Vec<ObjectKey> {
         self.state.fence_keys()
     }
@@ -124,7 +120,9 @@ async fn run(case: &Case) -> (Vec<(String, u64)>, u64) {
     let metrics = Metrics::default();
     let (lead, leader) = watch::channel(case.leading);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(Runner::new(reconciler, Gate::Leader(leader), &metrics).run(stop.clone()));
+    let task = tokio::spawn(
+        Runner::new(reconciler, state.clone(), Gate::Leader(leader), &metrics).run(stop.clone()),
+    );
     for (at, step) in case.steps {
         tokio::time::sleep_until(started + Duration::from_millis(*at)).await;
         match step {
@@ -287,8 +285,9 @@ async fn a_reading_controller_runs_on_every_replica() {
         started: Instant::now(),
     };
     let stop = CancellationToken::new();
-    let task =
-        tokio::spawn(Runner::new(reconciler, Gate::EveryReplica, &Metrics::default()).run(stop.clone()));
+    let task = tokio::spawn(
+        Runner::new(reconciler, state.clone(), Gate::EveryReplica, &Metrics::default()).run(stop.clone()),
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     state.changed(Change::Fence(ObjectKey::new("default", "a")));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -301,15 +300,17 @@ async fn a_reading_controller_runs_on_every_replica() {
 /// Dropping the Lease's sender (the lease task ended) ends the runner.
 #[tokio::test(start_paused = true)]
 async fn the_runner_ends_with_the_lease_task() {
+    let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
     let reconciler = Scripted {
-        state: ClusterState::new(ClusterIndex::new("cluster.local"), []),
+        state: state.clone(),
         answers: HashMap::new(),
         calls: Arc::default(),
         started: Instant::now(),
     };
     let (lead, leader) = watch::channel(true);
     let task = tokio::spawn(
-        Runner::new(reconciler, Gate::Leader(leader), &Metrics::default()).run(CancellationToken::new()),
+        Runner::new(reconciler, state, Gate::Leader(leader), &Metrics::default())
+            .run(CancellationToken::new()),
     );
     drop(lead);
     tokio::time::timeout(Duration::from_secs(1), task)
