@@ -1,8 +1,8 @@
 //! Every write lazyload makes to the API server, beside the watchers that read it: fence
 //! statuses ([`FenceStatusWriter`], the one writer of `ServiceFence.status`, used by the fence
 //! controller and by the learner's persistence alike), the fences' Sidecars ([`FenceWriter`]),
-//! auto fences ([`AutoFenceWriter`]), the fallback objects ([`FallbackWriter`]) and Events
-//! ([`EventPublisher`]).
+//! auto fences ([`AutoFenceWriter`]), the fallback objects ([`FallbackWriter`]), Events
+//! ([`EventPublisher`]) and the configuration digests on the leader Lease ([`LeaseAnnotations`]).
 //!
 //! The controllers in [`crate::reconcile`] decide; these types only compare with what is live
 //! and issue as few writes as possible (istiod recomputes scopes on every Sidecar change). Every
@@ -10,6 +10,7 @@
 //! errors ([`with_retries`]).
 
 mod events;
+mod lease;
 mod objects;
 mod sidecar;
 mod status;
@@ -20,6 +21,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 
 pub use self::events::EventPublisher;
+pub use self::lease::LeaseAnnotations;
 pub use self::objects::{AutoFenceWriter, FallbackWriter};
 pub use self::sidecar::{FenceWriter, owned_by, sidecar_up_to_date};
 pub use self::status::{
