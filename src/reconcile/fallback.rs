@@ -7,7 +7,7 @@
 //! replica starts leading, so ports that only grow keep growing across restarts. Writes are
 //! server-side applies (field manager `lazyload`), issued only when the port set changed. The
 //! controller has one key ([`WORMHOLE_PORTS`]); a Service, routing change or re-list triggers it
-//! after [`DEBOUNCE`].
+//! after a one-second debounce.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -106,8 +106,8 @@ impl FenceController {
     }
 
     /// Runs until `shutdown`, reconciling only while `leader` is true, under the
-    /// [`Runner`](super::runner::Runner) with its metrics unregistered (tests and benches;
-    /// `serve` starts it through [`super::spawn_controllers`]).
+    /// [`Runner`] with its metrics unregistered (tests and benches;
+    /// `serve` starts it through [`super::controllers`]).
     pub async fn run(self, leader: watch::Receiver<bool>, shutdown: CancellationToken) {
         let state = self.state.clone();
         Runner::new(self, state, Gate::Leader(leader), &runner::Metrics::default())

@@ -21,8 +21,8 @@
 //! [`ClusterState`] fed by seven watchers and its [`Change`] stream, their keys are not always
 //! objects (the fallback controller and the scope check have a single key), and the rules above
 //! (the Lease, the whole-index gate) are not kube-runtime's. A second set of watches per
-//! controller would cost memory and API load for nothing, so the runner is lazyload's own, small
-//! and sans-policy-drift.
+//! controller would cost memory and API load for nothing, so the runner is lazyload's own, and
+//! small enough to read in one sitting.
 
 use std::collections::HashMap;
 use std::fmt::Display;
