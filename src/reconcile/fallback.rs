@@ -227,8 +227,8 @@ mod tests {
         state.changed(Change::Service(ObjectKey::new("default", "web")));
         let early = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
         assert!(early.is_err(), "wrote from an unsynced kind");
+        // The last kind to sync announces a resync.
         state.mark_synced(Kind::Service);
-        state.changed(Change::Resync);
         let (req, _) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
             .await
             .expect("a request once synced")
