@@ -15,10 +15,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Client;
 use kube::client::Body;
+use lazyload::cluster::writer::FenceWriter;
 use lazyload::cluster::{Change, ClusterState};
 use lazyload::config::Config;
 use lazyload::index::{ClusterIndex, ServiceInfo};
-use lazyload::reconcile::fence::FenceWriter;
 use lazyload::reconcile::fences::{FenceController, Metrics};
 use lazyload::vocab::ObjectKey;
 use lazyload::vocab::fence::{

@@ -6,6 +6,7 @@
 //! locks and never hold them across an await.
 
 pub mod watch;
+pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -14,11 +14,11 @@
 //! - [`telemetry`]: logging, to standard error or a rotated file.
 //! - [`index`]: the cluster state the model reads, and the one object -> index conversion.
 //! - [`model`]: pure decisions: fence -> status and Sidecar, auto-fencing, the fallback objects.
+//! - [`cluster`]: the kube I/O: the run-time cluster state, its watchers and every API write.
 //! - [`learn`]: fair per-fence learning queues, the merge into fence status, the Prometheus source.
 //! - [`als`]: the access-log collector (gRPC ALS) and the pure entry -> dependency attribution.
 //! - [`reconcile`]: the lease-gated controllers that write fences, Sidecars and fallback objects.
 //! - [`manifests`]: the file sink (`generate`, `serve --manifests-dir`), atomic and read back.
-//! - [`cluster`]: the run-time cluster state and the kube watchers that keep it up to date.
 //! - [`inputs`]: the configuration file and cluster snapshot, read the same way by every command.
 //! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/debug/...`).
 //! - [`xds`]: the ADS relay between istiod and the global-sidecar, with its adjustments.

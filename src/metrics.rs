@@ -59,6 +59,7 @@ pub fn register_all(registry: &mut Registry) -> Result<(), crate::config::Error>
     }));
     crate::als::collector::Metrics::register(registry);
     crate::reconcile::fences::Metrics::register(registry);
+    crate::reconcile::runner::Metrics::register(registry).touch("placeholder");
     crate::reconcile::autofence::AutoFenceController::register_metrics(registry);
     crate::reconcile::config_sync::ConfigSync::register_metrics(registry);
     let config = Config::parse("")?.config;

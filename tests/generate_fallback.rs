@@ -11,6 +11,7 @@ use std::sync::Arc;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use lazyload::cluster::ClusterState;
+use lazyload::cluster::writer::FallbackWriter;
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
 use lazyload::reconcile::fallback::FallbackController;
@@ -28,7 +29,7 @@ async fn controller_applies(config: &Config, snapshot: Snapshot) -> BTreeMap<Str
     let mut ctl = FallbackController::new(
         state,
         Arc::new(config.clone()),
-        kube::Client::new(service, "default"),
+        FallbackWriter::new(kube::Client::new(service, "default")),
     );
     let server = tokio::spawn(async move {
         let mut applied = BTreeMap::new();

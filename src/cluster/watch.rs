@@ -66,16 +66,24 @@ struct Watch {
     shutdown: CancellationToken,
 }
 
+/// Where one kind's watch stands.
+#[derive(Default)]
+struct KindWatch {
+    relist: Relist,
+    backoff: Backoff,
+    /// Listed once (the kind counts as synced).
+    synced: bool,
+    /// Not served (CRD not installed?), already said.
+    missing: bool,
+}
+
 impl Watch {
     async fn kind(&self, kind: Kind) {
         let resource = kind.api_resource();
         let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
         let stream = watcher::watcher(api, watcher::Config::default());
         let mut stream = std::pin::pin!(stream);
-        let mut relist = Relist::default();
-        let mut backoff = Backoff::default();
-        let mut synced = false;
-        let mut missing = false;
+        let mut at = KindWatch::default();
         loop {
             let next = tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -88,56 +96,23 @@ impl Watch {
                     // The watcher emits `Init` before every list attempt, failing ones too:
                     // only what comes after it shows the API server answers.
                     if !matches!(event, Event::Init) {
-                        backoff.reset();
+                        at.backoff.reset();
                     }
-                    let listed = apply_event(&self.state, &self.domain, kind, event, &mut relist);
+                    let listed = apply_event(&self.state, &self.domain, kind, event, &mut at.relist);
                     // Served again: a later outage is worth a warning again.
-                    missing &= !listed;
+                    at.missing &= !listed;
                     (listed, false)
                 }
                 Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(status))))
                     if status.is_not_found() =>
                 {
-                    match served(&self.client, &resource).await {
-                        Ok(None) => {
-                            // Logged once per outage, not every backoff round.
-                            if !missing {
-                                tracing::warn!(
-                                    kind = kind.as_str(),
-                                    "not served (CRD not installed?): treated as empty, retrying"
-                                );
-                            }
-                            missing = true;
-                            absent(&self.state, kind, &mut relist);
-                            (true, true)
-                        }
-                        Ok(Some(plural)) => {
-                            backoff.warn(|| {
-                                tracing::error!(
-                                    kind = kind.as_str(),
-                                    "served as `{plural}` but 404 at `{}`: not synced, retrying",
-                                    resource.plural
-                                )
-                            });
-                            (false, true)
-                        }
-                        Err(e) => {
-                            backoff.warn(|| {
-                                tracing::warn!(
-                                    kind = kind.as_str(),
-                                    "list 404 and discovery failed: {}",
-                                    short(&e)
-                                )
-                            });
-                            (false, true)
-                        }
-                    }
+                    (self.not_found(kind, &resource, &mut at).await, true)
                 }
                 Some(Err(e)) => {
-                    backoff.warn(|| {
+                    at.backoff.warn(|| {
                         tracing::warn!(
                             kind = kind.as_str(),
-                            retry_in = ?backoff.peek(),
+                            retry_in = ?at.backoff.peek(),
                             "watch failed, retrying with backoff: {}",
                             short(&e)
                         )
@@ -145,19 +120,59 @@ impl Watch {
                     (false, true)
                 }
             };
-            if listed && !synced {
-                synced = true;
+            if listed && !at.synced {
+                at.synced = true;
                 if self.state.mark_synced(kind) {
                     tracing::info!("cluster index synced");
                     self.ready.set(true);
                 }
             }
             if failed {
-                let delay = backoff.next_delay();
+                let delay = at.backoff.next_delay();
                 tokio::select! {
                     () = self.shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
+            }
+        }
+    }
+
+    /// A list answered 404: a kind discovery does not list (its CRD is not installed) counts
+    /// as listed and empty; one it lists, or a failed discovery, does not. Returns whether the
+    /// kind counts as listed.
+    async fn not_found(&self, kind: Kind, resource: &ApiResource, at: &mut KindWatch) -> bool {
+        match served(&self.client, resource).await {
+            Ok(None) => {
+                // Logged once per outage, not every backoff round.
+                if !at.missing {
+                    tracing::warn!(
+                        kind = kind.as_str(),
+                        "not served (CRD not installed?): treated as empty, retrying"
+                    );
+                }
+                at.missing = true;
+                absent(&self.state, kind, &mut at.relist);
+                true
+            }
+            Ok(Some(plural)) => {
+                at.backoff.warn(|| {
+                    tracing::error!(
+                        kind = kind.as_str(),
+                        "served as `{plural}` but 404 at `{}`: not synced, retrying",
+                        resource.plural
+                    )
+                });
+                false
+            }
+            Err(e) => {
+                at.backoff.warn(|| {
+                    tracing::warn!(
+                        kind = kind.as_str(),
+                        "list 404 and discovery failed: {}",
+                        short(&e)
+                    )
+                });
+                false
             }
         }
     }

@@ -14,16 +14,15 @@ use kube::{Api, Client};
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
+use crate::cluster::writer::{FenceStatusWriter, Write};
 use crate::index::convert::{Kind, Rejection, service_fence};
-use crate::reconcile::fence::{FenceWriter, Write};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
-use crate::vocab::istio::IstioVersion;
 
 /// Writes learned edges and Prometheus results into fence statuses.
 pub struct StatusWriter {
     client: Client,
-    writer: FenceWriter,
+    writer: FenceStatusWriter,
     retry: BTreeMap<ObjectKey, Vec<Edge>>,
 }
 
@@ -44,7 +43,7 @@ impl StatusWriter {
     /// A writer using `client`.
     pub fn new(client: Client) -> Self {
         Self {
-            writer: FenceWriter::new(client.clone(), IstioVersion::default()),
+            writer: FenceStatusWriter::new(client.clone()),
             client,
             retry: BTreeMap::new(),
         }

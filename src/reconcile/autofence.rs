@@ -3,50 +3,47 @@
 //! Service after a re-list or on taking over leadership. Manual fences are never touched; auto
 //! fences no longer wanted are kept (counted in `lazyload_autofence_unmanaged_fences`, and marked
 //! by the fence controller's `AutoFenceManaged` condition) unless the Service is gone and they
-//! hold nothing learned, or `cleanupAutoFences` is on.
+//! hold nothing learned, or `cleanupAutoFences` is on. A key is a Service's (or a workload
+//! fence's) key, which is also its fence's; changes act at once (no debounce), as before.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use kube::api::{DeleteParams, PostParams};
-use kube::{Api, Client};
-use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
-
-use super::{FIELD_MANAGER, with_retries};
+use super::runner::{Action, Reconciler, Trigger};
+use crate::cluster::writer::{AutoFenceWriter, Write};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
-use crate::model::autofence::{Action, decide, wanted_workload_fences};
+use crate::model::autofence::{self as decision, decide, wanted_workload_fences};
 use crate::vocab::ObjectKey;
-use crate::vocab::fence::ServiceFence;
 
 /// The auto-fence controller.
 pub struct AutoFenceController {
     state: ClusterState,
-    config: std::sync::Arc<Config>,
-    client: Client,
+    config: Arc<Config>,
+    writer: AutoFenceWriter,
     /// Auto fences kept although auto-fencing no longer wants them.
     unmanaged: Mutex<BTreeSet<ObjectKey>>,
     unmanaged_gauge: Gauge,
 }
 
 impl AutoFenceController {
-    /// A controller creating and deleting fences through `client`; its gauge is registered in
+    /// A controller creating and deleting fences through `writer`; its gauge is registered in
     /// `registry` (`autofence_unmanaged_fences`).
     pub fn new(
         state: ClusterState,
-        config: std::sync::Arc<Config>,
-        client: Client,
+        config: Arc<Config>,
+        writer: AutoFenceWriter,
         registry: &mut Registry,
     ) -> Self {
         let unmanaged_gauge = Self::register_metrics(registry);
         Self {
             state,
             config,
-            client,
+            writer,
             unmanaged: Mutex::default(),
             unmanaged_gauge,
         }
@@ -64,12 +61,12 @@ impl AutoFenceController {
     }
 
     /// Records whether the fence `key` is kept unmanaged; logs when that changes.
-    fn track(&self, key: &ObjectKey, action: &Action) {
+    fn track(&self, key: &ObjectKey, action: &decision::Action) {
         let Ok(mut set) = self.unmanaged.lock() else {
             return;
         };
         match action {
-            Action::Unmanaged(why) => {
+            decision::Action::Unmanaged(why) => {
                 if set.insert(key.clone()) {
                     tracing::warn!(
                         fence = %key,
@@ -86,53 +83,6 @@ impl AutoFenceController {
         self.unmanaged_gauge.set(set.len() as i64);
     }
 
-    /// Runs until `shutdown`, acting only while `leader` is true.
-    pub async fn run(self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
-        let mut changes = self.state.subscribe();
-        if *leader.borrow() {
-            self.all(&leader, &shutdown).await;
-        }
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = leader.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    if *leader.borrow() {
-                        self.all(&leader, &shutdown).await;
-                    }
-                }
-                change = changes.recv() => {
-                    if !*leader.borrow() {
-                        continue;
-                    }
-                    match change {
-                        // A fence's own change too: a deleted auto fence comes back.
-                        Ok(Change::Service(key) | Change::Fence(key)) => self.one(&key).await,
-                        Ok(Change::Namespace(ns)) => {
-                            let mut keys: BTreeSet<ObjectKey> =
-                                self.state.index().services_in(&ns).map(|s| s.key.clone()).collect();
-                            keys.extend(self.fences_in(&ns));
-                            for key in &keys {
-                                self.one(key).await;
-                            }
-                        }
-                        // Workload fences follow the pods' label values.
-                        Ok(Change::Pods) if self.config.general.fence_label_key_alias.is_some() => {
-                            for key in self.workload_fence_keys() {
-                                self.one(&key).await;
-                            }
-                        }
-                        Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.all(&leader, &shutdown).await,
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-            }
-        }
-    }
-
     /// The workload fences pods call for, and the auto fences that may be workload fences.
     fn workload_fence_keys(&self) -> BTreeSet<ObjectKey> {
         let mut keys = wanted_workload_fences(&self.state.index(), &self.config);
@@ -144,69 +94,82 @@ impl AutoFenceController {
         keys
     }
 
-    fn fences_in(&self, namespace: &str) -> Vec<ObjectKey> {
-        self.state
-            .fence_keys()
-            .into_iter()
-            .filter(|k| k.namespace == namespace)
-            .collect()
+    /// The Services and fences of `namespace`.
+    fn keys_in(&self, namespace: &str) -> Vec<ObjectKey> {
+        let mut keys: BTreeSet<ObjectKey> = self
+            .state
+            .index()
+            .services_in(namespace)
+            .map(|s| s.key.clone())
+            .collect();
+        keys.extend(
+            self.state
+                .fence_keys()
+                .into_iter()
+                .filter(|k| k.namespace == namespace),
+        );
+        keys.into_iter().collect()
     }
+}
 
-    /// Every Service and every fence (a fence whose Service is gone may have to go too); stops
-    /// as soon as the lease is lost or lazyload stops, so two leaders never write at once.
-    async fn all(&self, leader: &watch::Receiver<bool>, shutdown: &CancellationToken) {
+impl Reconciler for AutoFenceController {
+    type Key = ObjectKey;
+    const NAME: &'static str = "autofence";
+
+    /// Every Service, every fence (a fence whose Service is gone may have to go too) and every
+    /// workload fence pods call for.
+    fn all_keys(&self) -> Vec<ObjectKey> {
         let mut keys: BTreeSet<ObjectKey> = self.state.index().services().map(|s| s.key.clone()).collect();
         keys.extend(self.state.fence_keys());
         keys.extend(wanted_workload_fences(&self.state.index(), &self.config));
-        for key in keys {
-            if !*leader.borrow() || shutdown.is_cancelled() {
-                return;
+        keys.into_iter().collect()
+    }
+
+    fn triggers(&self, change: &Change) -> Trigger<ObjectKey> {
+        let now = Duration::ZERO;
+        match change {
+            // A fence's own change too: a deleted auto fence comes back.
+            Change::Service(key) | Change::Fence(key) => Trigger::Keys(vec![key.clone()], now),
+            Change::Namespace(ns) => Trigger::Keys(self.keys_in(ns), now),
+            // Workload fences follow the pods' label values.
+            Change::Pods if self.config.general.fence_label_key_alias.is_some() => {
+                Trigger::Keys(self.workload_fence_keys().into_iter().collect(), now)
             }
-            self.one(&key).await;
+            Change::Resync => Trigger::All(now),
+            Change::Pods | Change::Routing | Change::Sidecar(_) => Trigger::Nothing,
         }
     }
 
-    /// Applies the decision for one Service. Nothing is decided before every kind is listed
-    /// (a Service not listed yet would look gone); the resync at the end of the sync brings
-    /// every Service back here.
-    pub async fn one(&self, key: &ObjectKey) {
+    /// Applies the decision for one key.
+    async fn reconcile(&mut self, key: &ObjectKey) -> super::Result<Action> {
         // A fence lazyload cannot read is still a fence: not created again, never deleted.
-        if !self.state.unsynced().is_empty() || self.state.rejected_fence(key).is_some() {
-            return;
+        if self.state.rejected_fence(key).is_some() {
+            return Ok(Action::done());
         }
         let existing = self.state.fence(key);
         let action = decide(key, existing.as_ref(), &self.state.index(), &self.config);
         self.track(key, &action);
-        let api: Api<ServiceFence> = Api::namespaced(self.client.clone(), &key.namespace);
         match action {
-            Action::Keep | Action::Unmanaged(_) => {}
-            Action::Create(fence) => {
-                // Named, or the API server records the fields as managed by `unknown`.
-                let pp = PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                };
-                match with_retries(|| api.create(&pp, &fence)).await {
-                    Ok(_) => tracing::info!(fence = %key, "auto fence created"),
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
-                    Err(e) => tracing::warn!(fence = %key, "creating the auto fence failed: {e}"),
+            decision::Action::Keep | decision::Action::Unmanaged(_) => {}
+            decision::Action::Create(fence) => {
+                if self.writer.create(key, &fence).await? == Write::Written {
+                    tracing::info!(fence = %key, "auto fence created");
                 }
             }
-            Action::Delete => {
-                let dp = DeleteParams::default();
-                match with_retries(|| api.delete(&key.name, &dp)).await {
-                    Ok(_) => tracing::info!(fence = %key, "auto fence deleted"),
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => tracing::warn!(fence = %key, "deleting the auto fence failed: {e}"),
+            decision::Action::Delete => {
+                if self.writer.delete(key).await? == Write::Deleted {
+                    tracing::info!(fence = %key, "auto fence deleted");
                 }
             }
         }
+        Ok(Action::done())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use http::{Method, Request, Response};
+    use kube::Client;
     use kube::client::Body;
     use serde_json::{Value, json};
     use tower_test::mock;
@@ -214,6 +177,7 @@ mod tests {
     use super::*;
     use crate::index::{ClusterIndex, PodInfo, ServiceInfo};
     use crate::model::autofence::new_fence;
+    use crate::vocab::fence::ServiceFence;
 
     fn service(ns: &str, name: &str) -> ServiceInfo {
         ServiceInfo {
@@ -272,10 +236,10 @@ mod tests {
         let state = ClusterState::new(index, fences);
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let mut registry = Registry::default();
-        let ctl = AutoFenceController::new(
+        let mut ctl = AutoFenceController::new(
             state,
-            std::sync::Arc::new(cfg),
-            Client::new(service, "default"),
+            Arc::new(cfg),
+            AutoFenceWriter::new(Client::new(service, "default")),
             &mut registry,
         );
         let server = tokio::spawn(async move {
@@ -306,8 +270,9 @@ mod tests {
             }
             seen
         });
-        let (_lead, leader) = watch::channel(true);
-        ctl.all(&leader, &CancellationToken::new()).await;
+        for key in ctl.all_keys() {
+            ctl.reconcile(&key).await.unwrap();
+        }
         let gauge = ctl.unmanaged_gauge.get();
         drop(ctl);
         (server.await.unwrap(), gauge)

@@ -15,15 +15,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hasher;
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
+use kube::Client;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::writer::LeaseAnnotations;
 use crate::config::Config;
 use crate::hash::FxHasher;
 
@@ -153,8 +152,7 @@ pub fn publish_patch(identity: &str, own: &str, leading: bool, now: i64) -> Valu
 
 /// Publishes and compares configurations through the Lease `name` in `namespace`.
 pub struct ConfigSync {
-    leases: Api<Lease>,
-    name: String,
+    lease: LeaseAnnotations,
     identity: String,
     digest: String,
     mismatched: Gauge,
@@ -183,8 +181,7 @@ impl ConfigSync {
     ) -> Self {
         let mismatched = Self::register_metrics(registry);
         Self {
-            leases: Api::namespaced(client, namespace),
-            name: name.to_string(),
+            lease: LeaseAnnotations::new(client, namespace, name),
             identity: identity.to_string(),
             digest: config_digest(config),
             mismatched,
@@ -210,9 +207,8 @@ impl ConfigSync {
     /// One comparison, then one publication.
     pub async fn step(&self, leading: bool, logged: &mut BTreeSet<Mismatch>) {
         let now = jiff::Timestamp::now().as_second();
-        match self.leases.get_opt(&self.name).await {
-            Ok(Some(lease)) => {
-                let annotations = lease.metadata.annotations.unwrap_or_default();
+        match self.lease.get().await {
+            Ok(Some(annotations)) => {
                 let found = mismatches(&self.identity, &self.digest, leading, &annotations, now);
                 self.mismatched.set(found.len() as i64);
                 for m in found.difference(logged) {
@@ -224,11 +220,7 @@ impl ConfigSync {
             Err(e) => tracing::debug!("reading the lease for configuration digests: {e}"),
         }
         let patch = publish_patch(&self.identity, &self.digest, leading, now);
-        if let Err(e) = self
-            .leases
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        if let Err(e) = self.lease.merge(&patch).await {
             tracing::debug!("publishing the configuration digest on the lease: {e}");
         }
     }

@@ -5,19 +5,19 @@
 //!
 //! The computed port set is written into an annotation of the EnvoyFilter and read back when a
 //! replica starts leading, so ports that only grow keep growing across restarts. Writes are
-//! server-side applies (field manager `lazyload`), issued only when the port set changed.
+//! server-side applies (field manager `lazyload`), issued only when the port set changed. The
+//! controller has one key ([`WORMHOLE_PORTS`]); a Service, routing change or re-list triggers it
+//! after a one-second debounce.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
-use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
 
-use super::{Error, FIELD_MANAGER, Result, with_retries};
+use super::Result;
+use super::runner::{Action, Reconciler, Singleton, Trigger};
+use crate::cluster::writer::FallbackWriter;
 use crate::cluster::{Change, ClusterState};
 use crate::config::{Config, GlobalSidecarMode};
 use crate::model::fallback::{
@@ -26,34 +26,12 @@ use crate::model::fallback::{
 };
 use crate::model::scope::global_sidecar_namespaces;
 use crate::vocab::GLOBAL_SIDECAR;
-use crate::vocab::istio::{DestinationRule, EnvoyFilter, IstioKind, IstioVersion};
+use crate::vocab::istio::{DestinationRule, EnvoyFilter};
 
 /// Annotation holding the wormhole ports the EnvoyFilter covers (`80,9080`).
 pub const PORTS_ANNOTATION: &str = "lazyload.io/wormhole-ports";
 /// How long after a Service or ServiceEntry change the ports are recomputed.
 const DEBOUNCE: Duration = Duration::from_secs(1);
-
-/// Server-side applies `object` (an Istio object of `api`'s kind) with retries.
-async fn apply<K>(api: &Api<K>, object: &K, action: &'static str) -> Result<()>
-where
-    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let meta = object.meta();
-    let (ns, name) = (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    );
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let patch = Patch::Apply(object);
-    with_retries(|| api.patch(&name, &params, &patch))
-        .await
-        .map_err(|source| Error::Kube {
-            action,
-            object: format!("{ns}/{name}"),
-            source,
-        })?;
-    Ok(())
-}
 
 /// What the fallback controller applies for a set of wormhole ports (and `generate` writes).
 #[derive(Clone, Debug)]
@@ -118,31 +96,26 @@ pub fn desired(cfg: &Config, ports: &BTreeSet<u16>) -> Desired {
     }
 }
 
+/// The fallback controller's one key: the wormhole port set and what follows from it.
+pub const WORMHOLE_PORTS: Singleton = Singleton("wormhole ports");
+
 /// The fallback controller.
 pub struct FallbackController {
     state: ClusterState,
     config: Arc<Config>,
-    client: Client,
+    writer: FallbackWriter,
     ports: Option<BTreeSet<u16>>,
 }
 
 impl FallbackController {
-    /// A controller writing through `client`.
-    pub fn new(state: ClusterState, config: Arc<Config>, client: Client) -> Self {
+    /// A controller writing through `writer`.
+    pub fn new(state: ClusterState, config: Arc<Config>, writer: FallbackWriter) -> Self {
         Self {
             state,
             config,
-            client,
+            writer,
             ports: None,
         }
-    }
-
-    fn envoyfilters_api(&self, namespace: &str) -> Api<EnvoyFilter> {
-        Api::namespaced_with(
-            self.client.clone(),
-            namespace,
-            &IstioVersion::V1alpha3.resource(IstioKind::EnvoyFilter),
-        )
     }
 
     /// The ports recorded by the previous leader (empty when there is no EnvoyFilter yet). A
@@ -155,16 +128,10 @@ impl FallbackController {
                 None => return Ok(BTreeSet::new()),
             },
         };
-        let name = envoyfilter_name(&self.config);
         let ef = self
-            .envoyfilters_api(&ns)
-            .get_opt(&name)
-            .await
-            .map_err(|source| Error::Kube {
-                action: "read EnvoyFilter",
-                object: format!("{ns}/{name}"),
-                source,
-            })?;
+            .writer
+            .envoyfilter(&ns, &envoyfilter_name(&self.config))
+            .await?;
         Ok(ef
             .and_then(|ef| ef.metadata.annotations)
             .and_then(|a| a.get(PORTS_ANNOTATION).cloned())
@@ -173,12 +140,9 @@ impl FallbackController {
     }
 
     /// Recomputes the ports and writes what changed. Returns whether anything was written.
-    /// Nothing is computed before every kind is listed (with `cleanupWormholePort` the ports of
-    /// Services not listed yet would be removed); the resync at the end of the sync comes back.
+    /// Only called once every kind is listed (the [`Runner`](super::runner::Runner) sees to it):
+    /// with `cleanupWormholePort` the ports of Services not listed yet would be removed.
     pub async fn sync(&mut self) -> Result<bool> {
-        if !self.state.unsynced().is_empty() {
-            return Ok(false);
-        }
         let previous = match &self.ports {
             Some(p) => p.clone(),
             None => self.recorded_ports().await?,
@@ -187,105 +151,91 @@ impl FallbackController {
         if self.ports.as_ref() == Some(&ports) {
             return Ok(false);
         }
-        let annotation = ports_annotation(&ports);
         let desired = desired(&self.config, &ports);
-        for ef in &desired.envoyfilters {
-            let api = self.envoyfilters_api(ef.metadata.namespace.as_deref().unwrap_or_default());
-            apply(&api, ef, "apply EnvoyFilter").await?;
-        }
-        for dr in &desired.destination_rules {
-            let api: Api<DestinationRule> = Api::namespaced_with(
-                self.client.clone(),
-                dr.metadata.namespace.as_deref().unwrap_or_default(),
-                &IstioVersion::V1beta1.resource(IstioKind::DestinationRule),
-            );
-            apply(&api, dr, "apply global-sidecar DestinationRule").await?;
-        }
-        self.apply_service_ports(&desired.services).await?;
-        tracing::info!(ports = %annotation, "wormhole ports applied");
+        self.writer
+            .apply(
+                &desired.envoyfilters,
+                &desired.destination_rules,
+                &desired.services,
+            )
+            .await?;
+        tracing::info!(ports = %ports_annotation(&ports), "wormhole ports applied");
         self.ports = Some(ports);
         Ok(true)
     }
+}
 
-    /// Applies the global-sidecar Service ports of [`desired`].
-    async fn apply_service_ports(&self, services: &[serde_json::Value]) -> Result<()> {
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        for value in services {
-            let ns = value["metadata"]["namespace"].as_str().unwrap_or_default();
-            let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
-            let patch = Patch::Apply(value);
-            with_retries(|| api.patch(GLOBAL_SIDECAR, &params, &patch))
-                .await
-                .map_err(|source| Error::Kube {
-                    action: "apply global-sidecar Service ports",
-                    object: format!("{ns}/{GLOBAL_SIDECAR}"),
-                    source,
-                })?;
-        }
-        Ok(())
+impl Reconciler for FallbackController {
+    type Key = Singleton;
+    const NAME: &'static str = "fallback";
+
+    fn all_keys(&self) -> Vec<Singleton> {
+        vec![WORMHOLE_PORTS]
     }
 
-    /// Runs until `shutdown`, writing only while `leader` is true.
-    pub async fn run(mut self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
-        let mut changes = self.state.subscribe();
-        let mut due = (*leader.borrow()).then(tokio::time::Instant::now);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = leader.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    if *leader.borrow() {
-                        // A new leader reads the recorded ports again.
-                        self.ports = None;
-                        due = Some(tokio::time::Instant::now());
-                    }
-                }
-                change = changes.recv() => match change {
-                    Ok(Change::Service(_) | Change::Routing | Change::Resync)
-                    | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        due = due.or(Some(tokio::time::Instant::now() + DEBOUNCE));
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await },
-                    if due.is_some() && *leader.borrow() => {
-                    due = None;
-                    if let Err(e) = self.sync().await {
-                        tracing::warn!("writing the fallback EnvoyFilter failed, retrying: {e}");
-                        due = Some(tokio::time::Instant::now() + DEBOUNCE * 5);
-                    }
-                }
+    fn triggers(&self, change: &Change) -> Trigger<Singleton> {
+        match change {
+            Change::Service(_) | Change::Routing | Change::Resync => {
+                Trigger::Keys(vec![WORMHOLE_PORTS], DEBOUNCE)
             }
+            Change::Namespace(_) | Change::Pods | Change::Fence(_) | Change::Sidecar(_) => Trigger::Nothing,
         }
+    }
+
+    /// A new leader reads the recorded ports again.
+    fn started_leading(&mut self) {
+        self.ports = None;
+    }
+
+    async fn reconcile(&mut self, _: &Singleton) -> Result<Action> {
+        self.sync().await?;
+        Ok(Action::done())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use http::{Method, Request, Response};
+    use kube::Client;
     use kube::client::Body;
     use serde_json::{Value, json};
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
     use tower_test::mock;
 
     use super::*;
+    use crate::index::convert::Kind;
     use crate::index::{ClusterIndex, ServiceInfo, ServicePort};
+    use crate::reconcile::runner::{self, Gate, Runner};
     use crate::vocab::ObjectKey;
 
-    #[tokio::test]
+    /// Under the runner, nothing is read or written before every kind synced; the resync at
+    /// the end of the sync writes.
+    #[tokio::test(start_paused = true)]
     async fn nothing_is_written_before_every_kind_synced() {
         let cfg = Config::parse("general:\n  autoPort: true\n  cleanupWormholePort: true\n")
             .unwrap()
             .config;
         let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
-        state.await_sync([crate::index::convert::Kind::Service]);
-        // Nobody answers: a request would hang.
-        let (service, _handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut ctl = FallbackController::new(state.clone(), Arc::new(cfg), Client::new(service, "default"));
-        let synced = tokio::time::timeout(std::time::Duration::from_secs(2), ctl.sync()).await;
-        assert!(matches!(synced, Ok(Ok(false))), "wrote from an unsynced kind");
+        state.await_sync([Kind::Service]);
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let writer = FallbackWriter::new(Client::new(service, "default"));
+        let ctl = FallbackController::new(state.clone(), Arc::new(cfg), writer);
+        let (_lead, leader) = watch::channel(true);
+        let stop = CancellationToken::new();
+        let metrics = runner::Metrics::default();
+        tokio::spawn(Runner::new(ctl, state.clone(), Gate::Leader(leader), &metrics).run(stop.clone()));
+        state.changed(Change::Service(ObjectKey::new("default", "web")));
+        let early = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await;
+        assert!(early.is_err(), "wrote from an unsynced kind");
+        // The last kind to sync announces a resync.
+        state.mark_synced(Kind::Service);
+        let (req, _) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .expect("a request once synced")
+            .unwrap();
+        assert_eq!(req.method(), Method::GET, "the recorded ports are read first");
+        stop.cancel();
     }
 
     #[tokio::test]
@@ -308,7 +258,8 @@ mod tests {
         });
         let state = ClusterState::new(index, []);
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut ctl = FallbackController::new(state, Arc::new(cfg), Client::new(service, "default"));
+        let writer = FallbackWriter::new(Client::new(service, "default"));
+        let mut ctl = FallbackController::new(state, Arc::new(cfg), writer);
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
             for _ in 0..4 {

@@ -4,26 +4,26 @@
 //! reconciled after the debounce window (default 100 ms, so a burst of learned edges costs one
 //! write), a change that can move any fence's dependencies (Services, Namespaces, routing, a
 //! re-list) reconciles every fence after a longer window, and each fence is reconciled again when
-//! the model says a dependency expires. A failed write is retried with backoff; nothing learned
-//! is lost meanwhile, because learned edges already live in the fence's status.
+//! the model says a dependency expires. A failed write is retried with the runner's backoff;
+//! nothing learned is lost meanwhile, because learned edges already live in the fence's status.
+//! Leader gating, the queue and the backoff are the [`Runner`]'s.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::runtime::events::{Event, EventType, Recorder};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
-use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
-
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource;
+use kube::runtime::events::{EventType, Recorder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::fence::{FenceWriter, REASON_UNREADABLE, Write};
-use super::queue::Queue;
+use super::runner::{self, Action, Gate, Reconciler, Runner, Trigger};
+use crate::cluster::writer::{EventPublisher, FenceWriter, REASON_UNREADABLE, Write};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::index::convert::Kind;
@@ -35,8 +35,6 @@ use crate::vocab::fence::ServiceFence;
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How long every fence waits after a change that can affect all of them.
 pub const RESYNC_DEBOUNCE: Duration = Duration::from_secs(1);
-/// First retry delay after a failed write (doubles up to a minute).
-const RETRY: Duration = Duration::from_millis(500);
 
 /// Controller metrics.
 #[derive(Clone, Debug)]
@@ -45,8 +43,6 @@ pub struct Metrics {
     sidecar_writes: Counter,
     status_writes: Counter,
     skipped_writes: Counter,
-    errors: Counter,
-    queue_depth: Gauge,
     learn_to_apply: Histogram,
 }
 
@@ -58,8 +54,6 @@ impl Metrics {
             sidecar_writes: Counter::default(),
             status_writes: Counter::default(),
             skipped_writes: Counter::default(),
-            errors: Counter::default(),
-            queue_depth: Gauge::default(),
             learn_to_apply: Histogram::new([0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         };
         let r = registry.sub_registry_with_prefix("reconcile");
@@ -75,12 +69,6 @@ impl Metrics {
             "Writes skipped because the live object was right",
             m.skipped_writes.clone(),
         );
-        r.register("errors", "Failed reconciles (retried)", m.errors.clone());
-        r.register(
-            "queue_depth",
-            "Fences waiting to be reconciled",
-            m.queue_depth.clone(),
-        );
         r.register(
             "learn_to_apply_seconds",
             "From a dependency learned to its Sidecar written",
@@ -95,10 +83,8 @@ pub struct FenceController {
     state: ClusterState,
     config: Arc<Config>,
     writer: FenceWriter,
-    recorder: Option<Recorder>,
+    events: EventPublisher,
     metrics: Metrics,
-    queue: Queue<ObjectKey>,
-    retries: std::collections::HashMap<ObjectKey, Duration>,
 }
 
 impl FenceController {
@@ -114,132 +100,23 @@ impl FenceController {
             state,
             config,
             writer,
-            recorder,
+            events: EventPublisher::new(recorder),
             metrics,
-            queue: Queue::default(),
-            retries: Default::default(),
         }
     }
 
-    /// Runs until `shutdown`, reconciling only while `leader` is true (followers keep their
-    /// state warm and take over with a full resync).
-    pub async fn run(mut self, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
-        let mut changes = self.state.subscribe();
-        self.schedule_all(Instant::now());
-        loop {
-            let wait = self.queue.next_due().filter(|_| *leader.borrow());
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = leader.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    if *leader.borrow() {
-                        tracing::info!("leading: reconciling every fence");
-                        self.schedule_all(Instant::now());
-                    }
-                }
-                change = changes.recv() => self.on_change(change),
-                () = sleep_until(wait) => {
-                    for key in self.queue.pop_due(Instant::now()) {
-                        // Lease lost or stopping mid-batch: the rest waits (a new leader
-                        // resyncs everything anyway), so two leaders never write at once.
-                        if !*leader.borrow() || shutdown.is_cancelled() {
-                            self.queue.schedule(key, Instant::now());
-                            continue;
-                        }
-                        self.reconcile_key(key).await;
-                    }
-                }
-            }
-            self.metrics.queue_depth.set(self.queue.len() as i64);
-        }
-    }
-
-    fn on_change(&mut self, change: Result<Change, broadcast::error::RecvError>) {
-        let now = Instant::now();
-        match change {
-            Ok(Change::Fence(key)) => self.queue.schedule(key, now + DEBOUNCE),
-            // Only a fence's own Sidecar; the users' ones (same change) are not this controller's.
-            Ok(Change::Sidecar(key)) if self.state.fence(&key).is_some() => {
-                self.queue.schedule(key, now + DEBOUNCE)
-            }
-            Ok(Change::Sidecar(_)) => {}
-            Ok(Change::Pods) => {}
-            Ok(Change::Service(_) | Change::Namespace(_) | Change::Routing | Change::Resync) => {
-                self.schedule_all(now + RESYNC_DEBOUNCE - DEBOUNCE);
-            }
-            // Missed changes: look at everything.
-            Err(broadcast::error::RecvError::Lagged(_)) => self.schedule_all(now),
-            Err(broadcast::error::RecvError::Closed) => {}
-        }
-    }
-
-    fn schedule_all(&mut self, at: Instant) {
-        let mut keys = self.state.fence_keys();
-        keys.extend(self.state.rejections().keys(Kind::ServiceFence));
-        for key in keys {
-            self.queue.schedule(key, at + DEBOUNCE);
-        }
-    }
-
-    async fn reconcile_key(&mut self, key: ObjectKey) {
-        // Never write from a kind that has not been listed: a Sidecar computed without the
-        // VirtualServices would drop every host they expand to. The last kind to sync announces
-        // a resync, which brings every fence back here.
-        let unsynced = self.state.unsynced();
-        if !unsynced.is_empty() {
-            tracing::debug!(fence = %key, ?unsynced, "not reconciled: waiting for the cluster index");
-            return;
-        }
-        let Some(fence) = self.state.fence(&key) else {
-            if let (Some(raw), Some(rejection)) = (
-                self.state.rejected_fence(&key),
-                self.state.rejections().get(Kind::ServiceFence, &key),
-            ) {
-                self.report_rejected(&key, &raw, &rejection.message).await;
-            }
-            // Deleted: its Sidecar goes with it (owner reference).
-            return;
-        };
-        // Another Istio revision's fence: the lazyload of that revision writes its Sidecar.
-        if !self
-            .config
-            .global
-            .rev_in_scope(&crate::model::autofence::revision(&fence))
-        {
-            return;
-        }
-        self.metrics.reconciles.inc();
-        match self.reconcile(&fence).await {
-            Ok(requeue) => {
-                self.retries.remove(&key);
-                if let Some(at) = requeue {
-                    self.queue.schedule(key, at);
-                }
-            }
-            Err(e) => {
-                self.metrics.errors.inc();
-                let delay = self
-                    .retries
-                    .get(&key)
-                    .map_or(RETRY, |d| (*d * 2).min(Duration::from_secs(60)));
-                tracing::warn!(fence = %key, retry_in = ?delay, "reconcile failed: {e}");
-                self.publish(
-                    &fence.object_ref(&()),
-                    EventType::Warning,
-                    "ReconcileFailed",
-                    e.to_string(),
-                )
-                .await;
-                self.retries.insert(key.clone(), delay);
-                self.queue.schedule(key, Instant::now() + delay);
-            }
-        }
+    /// Runs until `shutdown`, reconciling only while `leader` is true, under the
+    /// [`Runner`] with its metrics unregistered (tests and benches;
+    /// `serve` starts it through [`super::controllers`]).
+    pub async fn run(self, leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+        let state = self.state.clone();
+        Runner::new(self, state, Gate::Leader(leader), &runner::Metrics::default())
+            .run(shutdown)
+            .await;
     }
 
     /// Evaluates a fence and writes its Sidecar and status; returns when to look again.
-    pub async fn reconcile(&self, fence: &ServiceFence) -> super::Result<Option<Instant>> {
+    pub async fn sync_fence(&self, fence: &ServiceFence) -> super::Result<Option<Instant>> {
         let now = Timestamp::now();
         let eval = {
             let index = self.state.index();
@@ -272,11 +149,12 @@ impl FenceController {
                     ),
                     _ => ("SidecarWritten", String::new()),
                 };
-                self.publish(&fence.object_ref(&()), EventType::Normal, reason, note)
+                self.events
+                    .publish(&fence.object_ref(&()), EventType::Normal, reason, note)
                     .await;
             }
         }
-        let counter = match self.writer.sync_status(fence, &eval.status).await? {
+        let counter = match self.writer.status().sync_status(fence, &eval.status).await? {
             Write::Unchanged => &self.metrics.skipped_writes,
             _ => &self.metrics.status_writes,
         };
@@ -303,12 +181,17 @@ impl FenceController {
 
     /// Reports a fence lazyload cannot read on the fence (a condition) and with an Event, once
     /// per fault: nothing is written when the condition already says it.
-    async fn report_rejected(&self, key: &ObjectKey, raw: &serde_json::Value, message: &str) {
-        match self.writer.report_rejected(key, raw, message).await {
-            Ok(Write::Unchanged) => {
+    async fn report_rejected(
+        &self,
+        key: &ObjectKey,
+        raw: &serde_json::Value,
+        message: &str,
+    ) -> super::Result<()> {
+        match self.writer.status().report_rejected(key, raw, message).await? {
+            Write::Unchanged => {
                 self.metrics.skipped_writes.inc();
             }
-            Ok(_) => {
+            _ => {
                 self.metrics.status_writes.inc();
                 let object = ObjectReference {
                     api_version: Some(ServiceFence::api_version(&()).into_owned()),
@@ -322,35 +205,74 @@ impl FenceController {
                     ..Default::default()
                 };
                 let note = format!("skipped, no Sidecar is written for it: {message}");
-                self.publish(&object, EventType::Warning, REASON_UNREADABLE, note)
+                self.events
+                    .publish(&object, EventType::Warning, REASON_UNREADABLE, note)
                     .await;
             }
-            // Retried at the next change or resync: the fence is skipped either way.
-            Err(e) => {
-                self.metrics.errors.inc();
-                tracing::warn!(fence = %key, "{e}");
-            }
         }
-    }
-
-    async fn publish(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let Some(recorder) = &self.recorder else { return };
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, object).await {
-            tracing::debug!("publishing an event failed: {e}");
-        }
+        Ok(())
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+impl Reconciler for FenceController {
+    type Key = ObjectKey;
+    const NAME: &'static str = "fences";
+
+    /// Every fence, and every fence lazyload cannot read (it says why on the fence).
+    fn all_keys(&self) -> Vec<ObjectKey> {
+        let mut keys = self.state.fence_keys();
+        keys.extend(self.state.rejections().keys(Kind::ServiceFence));
+        keys
+    }
+
+    fn triggers(&self, change: &Change) -> Trigger<ObjectKey> {
+        match change {
+            Change::Fence(key) => Trigger::Keys(vec![key.clone()], DEBOUNCE),
+            // Only a fence's own Sidecar; the users' ones (same change) are not this controller's.
+            Change::Sidecar(key) if self.state.fence(key).is_some() => {
+                Trigger::Keys(vec![key.clone()], DEBOUNCE)
+            }
+            Change::Sidecar(_) | Change::Pods => Trigger::Nothing,
+            Change::Service(_) | Change::Namespace(_) | Change::Routing | Change::Resync => {
+                Trigger::All(RESYNC_DEBOUNCE)
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, key: &ObjectKey) -> super::Result<Action> {
+        let Some(fence) = self.state.fence(key) else {
+            if let (Some(raw), Some(rejection)) = (
+                self.state.rejected_fence(key),
+                self.state.rejections().get(Kind::ServiceFence, key),
+            ) {
+                self.report_rejected(key, &raw, &rejection.message).await?;
+            }
+            // Deleted: its Sidecar goes with it (owner reference).
+            return Ok(Action::done());
+        };
+        // Another Istio revision's fence: the lazyload of that revision writes its Sidecar.
+        if !self
+            .config
+            .global
+            .rev_in_scope(&crate::model::autofence::revision(&fence))
+        {
+            return Ok(Action::done());
+        }
+        self.metrics.reconciles.inc();
+        match self.sync_fence(&fence).await {
+            Ok(requeue) => Ok(requeue.map_or_else(Action::done, Action::requeue_at)),
+            Err(e) => {
+                let note = e.to_string();
+                self.events
+                    .publish(
+                        &fence.object_ref(&()),
+                        EventType::Warning,
+                        "ReconcileFailed",
+                        note,
+                    )
+                    .await;
+                Err(e)
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Keys waiting for their due time.
 #[derive(Debug)]

@@ -1,7 +1,9 @@
 //! The A8 watchdog: tells the operator, loudly, when a Sidecar lazyload does not own scopes a
 //! global-sidecar ([`crate::model::scope`]). It writes nothing: the Sidecar is the user's, and
 //! the fix (import `*/*`, or give the global-sidecar's namespace its own open default) is theirs
-//! to choose. Runs on every replica, so each one's `/metrics` shows it.
+//! to choose. Runs on every replica (the runner's [`Gate::EveryReplica`]), so each one's
+//! `/metrics` shows it. Its one key ([`GLOBAL_SIDECARS`]) is checked at the start and
+//! [`DEBOUNCE`] after a change that may matter.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,10 +11,9 @@ use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::broadcast;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::runner::{self, Action, Gate, Reconciler, Runner, Singleton, Trigger};
 use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::model::scope::{Scoped, global_sidecar_namespaces, scoped_global_sidecars};
@@ -54,39 +55,11 @@ impl ScopeCheck {
 
     /// Checks now and after changes that may matter (at most once per [`DEBOUNCE`]), until
     /// `shutdown`.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut changes = self.state.subscribe();
-        self.check();
-        let mut due: Option<Instant> = None;
-        loop {
-            let wait = async {
-                match due {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = wait => {
-                    due = None;
-                    self.check();
-                }
-                change = changes.recv() => {
-                    let matters = match &change {
-                        // Sidecars where one can apply to a global-sidecar, or which pods are
-                        // the global-sidecar's (its Service, its pods).
-                        Ok(Change::Sidecar(key)) => self.watched.contains(&key.namespace),
-                        Ok(Change::Service(key)) => key.name == GLOBAL_SIDECAR && self.watched.contains(&key.namespace),
-                        Ok(Change::Pods | Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-                        Ok(_) => false,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                    if matters {
-                        due.get_or_insert_with(|| Instant::now() + DEBOUNCE);
-                    }
-                }
-            }
-        }
+    pub async fn run(self, shutdown: CancellationToken) {
+        let state = self.state.clone();
+        Runner::new(self, state, Gate::EveryReplica, &runner::Metrics::default())
+            .run(shutdown)
+            .await;
     }
 
     /// Looks at the Sidecars as they are now; logs what started or stopped scoping a
@@ -106,6 +79,39 @@ impl ScopeCheck {
         }
         self.scoped.set(found.len() as i64);
         self.found = found;
+    }
+}
+
+/// The scope check's one key: every global-sidecar.
+pub const GLOBAL_SIDECARS: Singleton = Singleton("global-sidecars");
+
+impl Reconciler for ScopeCheck {
+    type Key = Singleton;
+    const NAME: &'static str = "scope";
+
+    fn all_keys(&self) -> Vec<Singleton> {
+        vec![GLOBAL_SIDECARS]
+    }
+
+    fn triggers(&self, change: &Change) -> Trigger<Singleton> {
+        let matters = match change {
+            // Sidecars where one can apply to a global-sidecar, or which pods are the
+            // global-sidecar's (its Service, its pods).
+            Change::Sidecar(key) => self.watched.contains(&key.namespace),
+            Change::Service(key) => key.name == GLOBAL_SIDECAR && self.watched.contains(&key.namespace),
+            Change::Pods | Change::Resync => true,
+            Change::Namespace(_) | Change::Routing | Change::Fence(_) => false,
+        };
+        if matters {
+            Trigger::Keys(vec![GLOBAL_SIDECARS], DEBOUNCE)
+        } else {
+            Trigger::Nothing
+        }
+    }
+
+    async fn reconcile(&mut self, _: &Singleton) -> super::Result<Action> {
+        self.check();
+        Ok(Action::done())
     }
 }
 

@@ -7,17 +7,6 @@ use anyhow::Context as _;
 
 use super::Components;
 use crate::cluster::{ClusterState, watch};
-use crate::reconcile::autofence::AutoFenceController;
-use crate::reconcile::config_sync::ConfigSync;
-use crate::reconcile::fallback::FallbackController;
-use crate::reconcile::fence::FenceWriter;
-use crate::reconcile::fences::{self, FenceController};
-use crate::vocab::istio::IstioVersion;
-
-/// Lease duration: how long a follower waits before taking over from a silent leader.
-const LEASE_SECONDS: u64 = 15;
-/// How long before the lease ends its holder renews it.
-const LEASE_GRACE_SECONDS: u64 = 5;
 
 /// Keeps `state` up to date from the cluster and, while this replica leads, reconciles it (the
 /// one call site of the watchers and controllers).
@@ -81,70 +70,12 @@ async fn start_reconciling(
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("lazyload-{}", std::process::id()));
-    // Two lazyloads for two Istio revisions hold one Lease each.
-    let lease_name = ctx.config.global.per_revision("lazyload");
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
-        .with_namespace(ctx.config.global.slime_namespace.clone())
-        .with_identity(identity.clone())
-        .with_duration(LEASE_SECONDS)
-        .with_grace(LEASE_GRACE_SECONDS)
-        .build()
-        .await
-        .context("setting up the leader lease")?;
-    let (leader, lease_task) = lease.watch().await;
-    let config_sync = ConfigSync::new(
-        client.clone(),
-        &ctx.config.global.slime_namespace,
-        &lease_name,
-        &identity,
-        &ctx.config,
-        &mut ctx.registry,
-    );
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("configuration comparison", async move {
-        config_sync.run(lead, shutdown).await;
-        Ok(())
-    });
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: "lazyload".into(),
-            instance: Some(identity),
-        },
-    );
-    let autofence = AutoFenceController::new(
-        state.clone(),
-        ctx.config.clone(),
-        client.clone(),
-        &mut ctx.registry,
-    );
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("auto-fence controller", async move {
-        autofence.run(lead, shutdown).await;
-        Ok(())
-    });
-    let fallback = FallbackController::new(state.clone(), ctx.config.clone(), client.clone());
-    let (lead, shutdown) = (leader.clone(), ctx.shutdown.clone());
-    ctx.spawn("fallback controller", async move {
-        fallback.run(lead, shutdown).await;
-        Ok(())
-    });
-    let controller = FenceController::new(
-        state,
-        ctx.config.clone(),
-        FenceWriter::new(client, IstioVersion::default()),
-        Some(recorder),
-        fences::Metrics::register(&mut ctx.registry),
-    );
-    let shutdown = ctx.shutdown.clone();
-    ctx.spawn("fence controller", async move {
-        controller.run(leader, shutdown).await;
-        Ok(())
-    });
-    // The controller dropped its receiver: the lease task releases the lease and ends.
-    ctx.spawn("leader lease", async move {
-        lease_task.await?.context("the leader lease")?;
-        Ok(())
-    });
+    let (config, shutdown) = (ctx.config.clone(), ctx.shutdown.clone());
+    let tasks =
+        crate::reconcile::controllers(client, &state, &config, &identity, &mut ctx.registry, &shutdown)
+            .await?;
+    for (name, task) in tasks {
+        ctx.spawn(name, async move { Ok(task.await?) });
+    }
     Ok(())
 }

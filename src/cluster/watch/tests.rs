@@ -521,9 +521,19 @@ async fn a_kind_served_at_another_path_never_counts_as_synced() {
     shutdown.cancel();
 }
 
+/// The writes the mock API server received at paths starting with `path`.
+fn written_at(writes: &std::sync::Mutex<Vec<mock_api::Write>>, path: &str) -> Vec<mock_api::Write> {
+    let writes = writes.lock().unwrap_or_else(|e| e.into_inner());
+    writes
+        .iter()
+        .filter(|(_, p, _)| p.starts_with(path))
+        .cloned()
+        .collect()
+}
+
 /// A leading fence controller over `client` and `s`, with Events.
 fn controller(client: Client, s: &ClusterState, shutdown: &CancellationToken) {
-    use crate::reconcile::fence::FenceWriter;
+    use crate::cluster::writer::FenceWriter;
     use crate::reconcile::fences::{FenceController, Metrics};
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
@@ -614,14 +624,7 @@ async fn one_malformed_object_of_each_kind_is_skipped_and_every_kind_syncs() {
     }
 
     let bad_status = "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/bad/status";
-    let written = |path: &str| {
-        let writes = writes.lock().unwrap_or_else(|e| e.into_inner());
-        writes
-            .iter()
-            .filter(|(_, p, _)| p.starts_with(path))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
+    let written = |path: &str| written_at(&writes, path);
     assert!(
         eventually(10, || !written(bad_status).is_empty()).await,
         "no condition on the bad fence"
@@ -760,4 +763,61 @@ async fn an_unreadable_object_is_logged_once_and_no_list_body_ever() {
     );
     assert!(!log.contains("\"items\""), "a list body was logged: {log}");
     assert!(log.lines().all(|l| l.len() < 600), "{log}");
+}
+
+/// `serve`'s controllers as it starts them ([`crate::reconcile::controllers`]): this replica
+/// takes the Lease, the fence controller writes the fence's Sidecar once every kind synced, and
+/// on shutdown every task ends cleanly and the Lease is released.
+#[tokio::test]
+async fn the_controllers_take_the_lease_write_and_release_it() {
+    let api = mesh();
+    let writes = api.writes();
+    let client = api.client();
+    let (_readiness, s, shutdown) = watching(client.clone());
+    let config = std::sync::Arc::new(crate::config::Config::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let tasks = crate::reconcile::controllers(client, &s, &config, "lazyload-0", &mut registry, &shutdown)
+        .await
+        .expect("the controllers start");
+    let names: Vec<&str> = tasks.iter().map(|(name, _)| *name).collect();
+    let running: Vec<_> = tasks
+        .into_iter()
+        .map(|(name, task)| tokio::spawn(async move { (name, task.await) }))
+        .collect();
+    let lease = "/apis/coordination.k8s.io/v1/namespaces/mesh-operator/leases/lazyload";
+    let written = |path: &str| {
+        written_at(&writes, path)
+            .into_iter()
+            .map(|(_, _, body)| body)
+            .collect::<Vec<_>>()
+    };
+    let held = |body: &Value| body.pointer("/spec/holderIdentity") == Some(&json!("lazyload-0"));
+    assert!(
+        eventually(10, || written(lease).iter().any(held)).await,
+        "the lease was not taken: {:?}",
+        written(lease)
+    );
+    let sidecar = "/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/productpage";
+    assert!(
+        eventually(10, || !written(sidecar).is_empty()).await,
+        "no Sidecar written; tasks {names:?}"
+    );
+    shutdown.cancel();
+    for task in running {
+        let (name, outcome) = task.await.expect("the task does not panic");
+        assert!(outcome.is_ok(), "{name}: {outcome:?}");
+    }
+    // The last write of the Lease's holder (not of the configuration digests' annotations).
+    let last = written(lease)
+        .into_iter()
+        .rfind(|body| {
+            body.pointer("/spec")
+                .is_some_and(|s| s.get("holderIdentity").is_some())
+        })
+        .expect("holder writes");
+    assert_eq!(
+        last["spec"]["holderIdentity"],
+        Value::Null,
+        "the lease was not released: {last}"
+    );
 }

@@ -1,8 +1,9 @@
 //! A mock API server faithful to a real one for what lazyload uses: list and watch of each kind
 //! at its real path (group, version, and the plural its CRD declares: hard-coded here, never
 //! taken from the code under test), discovery of every group-version it serves, writes of
-//! namespaced objects and their status, Events; `404 NotFound` for everything else, as a real
-//! API server answers an unknown path.
+//! namespaced objects and their status, Events, and Leases kept as a real server keeps them
+//! (read, created, merge-patched: what the leader election does); `404 NotFound` for everything
+//! else, as a real API server answers an unknown path.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -44,7 +45,11 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
         true,
     ),
     ("/apis/events.k8s.io/v1", "events", "Event", true),
+    ("/apis/coordination.k8s.io/v1", "leases", "Lease", true),
 ];
+
+/// The kinds the mock keeps (the others' writes are answered with what was written).
+const KEPT: &[&str] = &["leases"];
 
 /// One write the server received: method, path with query, body.
 pub type Write = (String, String, Value);
@@ -56,6 +61,9 @@ pub struct MockApi {
     failing: BTreeMap<&'static str, u16>,
     plurals: BTreeMap<&'static str, &'static str>,
     writes: Arc<Mutex<Vec<Write>>>,
+    /// Objects of the [`KEPT`] kinds, by path.
+    kept: BTreeMap<String, Value>,
+    resource_version: u64,
 }
 
 impl MockApi {
@@ -100,7 +108,7 @@ impl MockApi {
         })
     }
 
-    async fn serve(self, mut handle: mock::Handle<Request<Body>, Response<Body>>) {
+    async fn serve(mut self, mut handle: mock::Handle<Request<Body>, Response<Body>>) {
         // Watches stay open (nothing changes): their senders are kept.
         let mut open = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
@@ -111,11 +119,15 @@ impl MockApi {
                 open.push(send);
                 continue;
             }
+            let apply = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|t| t == "application/apply-patch+yaml");
             let body = match req.into_body().collect_bytes().await {
                 Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
                 Err(_) => Value::Null,
             };
-            send.send_response(self.answer(&method, &path, &query, body));
+            send.send_response(self.answer(&method, &path, &query, body, apply));
         }
     }
 
@@ -126,7 +138,10 @@ impl MockApi {
             .map(|(_, _, kind, _)| kind)
     }
 
-    fn answer(&self, method: &str, path: &str, query: &str, body: Value) -> Response<Body> {
+    fn answer(&mut self, method: &str, path: &str, query: &str, body: Value, apply: bool) -> Response<Body> {
+        if let Some(answer) = self.keep(method, path, query, &body, apply) {
+            return answer;
+        }
         if method == "GET" {
             if let Some(kind) = self.list_of(path) {
                 if let Some(&code) = self.failing.get(kind) {
@@ -181,6 +196,58 @@ impl MockApi {
         status(404, "NotFound")
     }
 
+    /// Reads and writes of a [`KEPT`] kind: a GET answers the object or 404, a POST creates (409
+    /// if it exists), a PATCH merges into the object (creating it only for a server-side
+    /// `apply`); every write is recorded and bumps the resource version.
+    fn keep(
+        &mut self,
+        method: &str,
+        path: &str,
+        query: &str,
+        body: &Value,
+        apply: bool,
+    ) -> Option<Response<Body>> {
+        let (namespace, name) = self.namespaced_object(path)?;
+        if !KEPT.iter().any(|k| path.contains(&format!("/{k}"))) {
+            return None;
+        }
+        let (namespace, name) = (namespace.to_string(), name.map(str::to_string));
+        let collection = match &name {
+            Some(n) => path
+                .trim_end_matches(n.as_str())
+                .trim_end_matches('/')
+                .to_string(),
+            None => path.to_string(),
+        };
+        if method == "GET" {
+            return Some(match name.and_then(|_| self.kept.get(path)) {
+                Some(object) => respond(200, object.clone()),
+                None => status(404, "NotFound"),
+            });
+        }
+        self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
+            method.to_string(),
+            format!("{path}?{query}"),
+            body.clone(),
+        ));
+        let name = name.or_else(|| body.pointer("/metadata/name")?.as_str().map(String::from))?;
+        let key = format!("{collection}/{name}");
+        let exists = self.kept.contains_key(&key);
+        match method {
+            "POST" if exists => return Some(status(409, "AlreadyExists")),
+            "PATCH" if !exists && !apply => return Some(status(404, "NotFound")),
+            "POST" | "PATCH" => {}
+            _ => return Some(status(405, "MethodNotAllowed")),
+        }
+        self.resource_version += 1;
+        let object = self.kept.entry(key).or_insert_with(|| json!({}));
+        merge(object, body);
+        object["metadata"]["namespace"] = json!(namespace);
+        object["metadata"]["name"] = json!(name);
+        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        Some(respond(if exists { 200 } else { 201 }, object.clone()))
+    }
+
     /// Namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a
     /// served namespaced kind.
     fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&'p str>)> {
@@ -193,6 +260,26 @@ impl MockApi {
                 && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
             shaped.then(|| (parts[0], parts.get(2).copied()))
         })
+    }
+}
+
+/// JSON merge patch (RFC 7386): objects key by key, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(target) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                target.remove(k);
+            } else {
+                merge(target.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
     }
 }
 

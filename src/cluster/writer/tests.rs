@@ -1,4 +1,4 @@
-//! The fence writer against a mocked API server (kube-rs + tower-test): the exact requests,
+//! The fence writers against a mocked API server (kube-rs + tower-test): the exact requests,
 //! no write when nothing changed, 409 retried.
 
 use std::time::Duration;
@@ -10,11 +10,14 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use tower_test::mock;
 
+use kube::Client;
+
 use super::*;
 use crate::config::Config;
 use crate::index::ClusterIndex;
 use crate::model::evaluate;
-use crate::vocab::fence::ServiceFenceSpec;
+use crate::vocab::fence::{ServiceFence, ServiceFenceSpec, ServiceFenceStatus};
+use crate::vocab::istio::IstioVersion;
 
 type Handle = mock::Handle<Request<Body>, Response<Body>>;
 
@@ -143,7 +146,10 @@ async fn no_write_when_the_live_sidecar_is_right() {
     );
     let mut f2 = f.clone();
     f2.status = Some(eval.status.clone());
-    assert_eq!(w.sync_status(&f2, &eval.status).await.unwrap(), Write::Unchanged);
+    assert_eq!(
+        w.status().sync_status(&f2, &eval.status).await.unwrap(),
+        Write::Unchanged
+    );
     let none = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
     assert!(none.is_err(), "no request was made");
 }
@@ -238,7 +244,10 @@ async fn status_is_a_merge_patch_that_keeps_keys_added_elsewhere() {
             "metadata": {"name": "productpage", "namespace": "default"}, "spec": {}}),
         ));
     });
-    assert_eq!(w.sync_status(&f, &eval.status).await.unwrap(), Write::Written);
+    assert_eq!(
+        w.status().sync_status(&f, &eval.status).await.unwrap(),
+        Write::Written
+    );
     server.await.unwrap();
 }
 
