@@ -966,7 +966,7 @@ mod tests {
     }
 
     fn vs(yaml: &str) -> VirtualServiceInfo {
-        VirtualServiceInfo::from_object(&serde_yaml::from_str(yaml).unwrap(), "cluster.local").unwrap()
+        VirtualServiceInfo::from_object(&crate::yaml::from_str(yaml).unwrap(), "cluster.local").unwrap()
     }
 
     #[test]
@@ -1152,7 +1152,7 @@ spec: {hosts: ["*.example.com"], tls: [{route: [{destination: {host: egress.gw.s
         idx.remove_service(&ObjectKey::new("default", "reviews"));
         assert_eq!(idx.service_by_vip("10.96.0.2".parse().unwrap()), None);
         assert!(!idx.has_service("reviews.default"));
-        let se: ServiceEntry = serde_yaml::from_str(
+        let se: ServiceEntry = crate::yaml::from_str(
             "metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}",
         )
         .unwrap();

@@ -25,6 +25,7 @@
 //! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
 //! - [`explain`]: `lazyload explain`, why each host is in a workload's Sidecar.
 //! - [`demo`]: `lazyload demo`, the whole path on a sample mesh.
+//! - [`yaml`]: YAML in and out (one library, one set of reader options).
 
 pub mod admin;
 pub mod als;
@@ -47,3 +48,4 @@ pub mod report;
 pub mod serve;
 pub mod telemetry;
 pub mod xds;
+pub mod yaml;

@@ -37,9 +37,10 @@ fn index() -> ClusterIndex {
         host_network: false,
         service_account: "default".into(),
     });
-    let se =
-        serde_yaml::from_str("metadata: {name: ext, namespace: default}\nspec: {hosts: ['*.example.org']}")
-            .unwrap();
+    let se = lazyload::yaml::from_str(
+        "metadata: {name: ext, namespace: default}\nspec: {hosts: ['*.example.org']}",
+    )
+    .unwrap();
     idx.apply_service_entry(ServiceEntryInfo::try_from(&se).unwrap());
     idx
 }

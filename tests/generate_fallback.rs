@@ -92,8 +92,9 @@ async fn generate_writes_what_the_fallback_controller_applies() {
     let snapshot = Snapshot::parse(&text, "cluster.local").unwrap();
     let applied = controller_applies(&config, snapshot).await;
 
-    let file =
-        |p: &str| -> Value { serde_yaml::from_str(&std::fs::read_to_string(out.join(p)).unwrap()).unwrap() };
+    let file = |p: &str| -> Value {
+        lazyload::yaml::from_str(&std::fs::read_to_string(out.join(p)).unwrap()).unwrap()
+    };
     let expected = [
         (
             "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/to-global-sidecar",

@@ -518,7 +518,7 @@ pub(crate) mod tests {
         hostnet.host_network = true;
         idx.apply_pod(hostnet);
         let se = ServiceEntryInfo::try_from(
-            &serde_yaml::from_str::<crate::model::istio::ServiceEntry>(
+            &crate::yaml::from_str::<crate::model::istio::ServiceEntry>(
                 "metadata: {name: ext, namespace: default}\nspec: {hosts: [api.example.com, '*.wild.com']}",
             )
             .unwrap(),
