@@ -25,6 +25,7 @@
 //! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
 //! - [`explain`]: `lazyload explain`, why each host is in a workload's Sidecar.
 //! - [`demo`]: `lazyload demo`, the whole path on a sample mesh.
+//! - `testing` (tests and benches only): shared test builders, the mock API server, `eventually`.
 //! - [`yaml`]: YAML in and out (one library, one set of reader options).
 
 pub mod admin;
@@ -47,5 +48,7 @@ pub mod reconcile;
 pub mod report;
 pub mod serve;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod xds;
 pub mod yaml;

@@ -2,8 +2,6 @@
 //! server whose watch fails with `410 Gone` and which does not serve the Istio and fence CRDs,
 //! and [`run`] against a faithful mock API server ([`MockApi`]) that has the CRDs.
 
-mod mock_api;
-
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -12,12 +10,12 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tower_test::mock;
 
-use self::mock_api::MockApi;
 use super::*;
 use crate::cluster::convert::Reason;
 use crate::index::ClusterIndex;
 use crate::model::fence::ServiceFence;
 use crate::readiness::Readiness;
+use crate::testing::MockApi;
 
 const DOMAIN: &str = "cluster.local";
 
