@@ -1,8 +1,9 @@
 //! A mock API server faithful to a real one for what lazyload uses: list and watch of each kind
 //! at its real path (group, version, and the plural its CRD declares: hard-coded here, never
 //! taken from the code under test), discovery of every group-version it serves, writes of
-//! namespaced objects and their status, Events; `404 NotFound` for everything else, as a real
-//! API server answers an unknown path.
+//! namespaced objects and their status (kept, and answered with the whole object as written, as
+//! a real server answers), Events; `404 NotFound` for everything else, as a real API server
+//! answers an unknown path.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -100,7 +101,7 @@ impl MockApi {
         })
     }
 
-    async fn serve(self, mut handle: mock::Handle<Request<Body>, Response<Body>>) {
+    async fn serve(mut self, mut handle: mock::Handle<Request<Body>, Response<Body>>) {
         // Watches stay open (nothing changes): their senders are kept.
         let mut open = Vec::new();
         while let Some((req, send)) = handle.next_request().await {
@@ -126,7 +127,7 @@ impl MockApi {
             .map(|(_, _, kind, _)| kind)
     }
 
-    fn answer(&self, method: &str, path: &str, query: &str, body: Value) -> Response<Body> {
+    fn answer(&mut self, method: &str, path: &str, query: &str, body: Value) -> Response<Body> {
         if method == "GET" {
             if let Some(kind) = self.list_of(path) {
                 if let Some(&code) = self.failing.get(kind) {
@@ -162,37 +163,83 @@ impl MockApi {
             }
         }
         if method != "GET"
-            && let Some((namespace, name)) = self.namespaced_object(path)
+            && let Some((kind, namespace, name)) = self.namespaced_object(path)
         {
             self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
                 method.to_string(),
                 format!("{path}?{query}"),
                 body.clone(),
             ));
-            // The object as written (a real server returns all of it; what lazyload reads of
-            // the answer is its metadata).
-            let mut object = if body.is_object() { body } else { json!({}) };
-            object["metadata"]["namespace"] = json!(namespace);
-            if let Some(name) = name {
-                object["metadata"]["name"] = json!(name);
-            }
+            let status = path.ends_with("/status");
+            let object = self.store(kind, namespace, name, status, body);
             return respond(200, object);
         }
         status(404, "NotFound")
     }
 
-    /// Namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a
-    /// served namespaced kind.
-    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&'p str>)> {
-        self.resources().filter(|r| r.3).find_map(|(gv, plural, ..)| {
-            let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
-            let parts: Vec<&str> = rest.split('/').collect();
-            let shaped = parts.len() >= 2
-                && parts[1] == plural
-                && !parts[0].is_empty()
-                && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
-            shaped.then(|| (parts[0], parts.get(2).copied()))
-        })
+    /// Kind, namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]`
+    /// of a served namespaced kind.
+    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'static str, &'p str, Option<&'p str>)> {
+        self.resources()
+            .filter(|r| r.3)
+            .find_map(|(gv, plural, kind, _)| {
+                let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
+                let parts: Vec<&str> = rest.split('/').collect();
+                let shaped = parts.len() >= 2
+                    && parts[1] == plural
+                    && !parts[0].is_empty()
+                    && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
+                shaped.then(|| (kind, parts[0], parts.get(2).copied()))
+            })
+    }
+
+    /// Keeps a write of `kind` `namespace/name` and returns the object as it now is: a status
+    /// write replaces only the status of the kept object, any other write merges into it (what
+    /// lazyload writes are server-side applies and merge patches); a write to the collection
+    /// (an Event) adds one.
+    fn store(
+        &mut self,
+        kind: &'static str,
+        namespace: &str,
+        name: Option<&str>,
+        status: bool,
+        body: Value,
+    ) -> Value {
+        let mut written = if body.is_object() { body } else { json!({}) };
+        written["metadata"]["namespace"] = json!(namespace);
+        if let Some(name) = name {
+            written["metadata"]["name"] = json!(name);
+        }
+        let items = self.items.entry(kind).or_default();
+        let same = |o: &&mut Value| {
+            name.is_some() && o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == json!(name)
+        };
+        let Some(kept) = items.iter_mut().find(same) else {
+            items.push(written.clone());
+            return written;
+        };
+        if status {
+            kept["status"] = written["status"].take();
+        } else {
+            merge(kept, written);
+        }
+        kept.clone()
+    }
+}
+
+/// JSON merge patch (RFC 7386): `patch`'s fields replace `target`'s, `null` removes one.
+fn merge(target: &mut Value, patch: Value) {
+    match (target.as_object_mut(), patch) {
+        (Some(fields), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    fields.remove(&key);
+                } else {
+                    merge(fields.entry(key).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (_, patch) => *target = patch,
     }
 }
 
