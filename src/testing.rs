@@ -6,6 +6,7 @@
 //! Built for unit tests and, through the `testing` feature, for the integration tests and
 //! benches; never part of the binary.
 
+pub mod als;
 mod mock_api;
 
 use std::fmt::{Debug, Display};
@@ -117,19 +118,14 @@ pub async fn eventually_true(what: &str, within: Duration, mut check: impl FnMut
 /// If any case fails.
 #[track_caller]
 pub fn assert_table<N: Display, T: PartialEq + Debug>(cases: impl IntoIterator<Item = (N, T, T)>) {
-    let mut total = 0;
-    let failures: Vec<String> = cases
-        .into_iter()
-        .inspect(|_| total += 1)
-        .filter(|(_, got, want)| got != want)
-        .map(|(name, got, want)| format!("{name}:\n     got: {got:?}\n    want: {want:?}"))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {total} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_all(cases.into_iter().map(|(name, got, want)| {
+        let outcome = if got == want {
+            Ok(())
+        } else {
+            Err(format!("\n     got: {got:?}\n    want: {want:?}"))
+        };
+        (name, outcome)
+    }));
 }
 
 /// Checks every case of a table test, `(name, outcome)`, and fails once listing every case whose

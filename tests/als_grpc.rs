@@ -18,8 +18,9 @@ use lazyload::index::ClusterIndex;
 use lazyload::learn::pump::LearnerHandle;
 use lazyload::learn::{Learner, Limits};
 use lazyload::testing;
+use lazyload::testing::als;
 use prometheus_client::registry::Registry;
-use support::als_client::{self, client};
+use support::als_client::client;
 use tokio_util::sync::CancellationToken;
 
 fn index() -> ClusterIndex {
@@ -29,10 +30,7 @@ fn index() -> ClusterIndex {
 }
 
 fn message(first: bool, authorities: impl IntoIterator<Item = String>) -> StreamAccessLogsMessage {
-    als_client::message(
-        first,
-        authorities.into_iter().map(|a| als_client::entry("10.0.0.1", a)),
-    )
+    als::message(first, authorities.into_iter().map(|a| als::entry("10.0.0.1", a)))
 }
 
 struct Running {

@@ -229,7 +229,8 @@ async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
         "{metrics}"
     );
 
-    use support::als_client::{client, entry, message};
+    use lazyload::testing::als::{entry, message};
+    use support::als_client::client;
     let mut c = client(als).await;
     let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
     c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
@@ -472,7 +473,8 @@ async fn readiness_reflects_manifest_write_failures() {
 
     // The namespace directory becomes a file: the next write of the fence fails.
     std::fs::write(manifests.join("default"), "").unwrap();
-    use support::als_client::{client, entry, message};
+    use lazyload::testing::als::{entry, message};
+    use support::als_client::client;
     let mut c = client(als).await;
     let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
     c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
