@@ -166,13 +166,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fence::ServiceFenceSpec;
-
-    fn fence(ns: &str, name: &str) -> ServiceFence {
-        let mut f = ServiceFence::new(name, ServiceFenceSpec::default());
-        f.metadata.namespace = Some(ns.into());
-        f
-    }
+    use crate::testing::fence;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("lazyload-manifests-{name}-{}", std::process::id()));
