@@ -14,6 +14,7 @@ use lazyload::cluster::ClusterState;
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
 use lazyload::reconcile::fallback::FallbackController;
+use lazyload::testing;
 use serde_json::{Value, json};
 use tower_test::mock;
 
@@ -106,13 +107,13 @@ async fn generate_writes_what_the_fallback_controller_applies() {
         ),
     ];
     assert_eq!(applied.len(), expected.len(), "{:?}", applied.keys());
-    for (path, written) in expected {
-        assert_eq!(
+    testing::assert_table(expected.into_iter().map(|(path, written)| {
+        (
+            format!("{written} (what the controller applies at {path})"),
             file(written),
-            applied[path],
-            "{written} differs from what the controller applies at {path}"
-        );
-    }
+            applied[path].clone(),
+        )
+    }));
     // The EnvoyFilter covers both ports (7070, 9080: the configured ones; the fixture's Services
     // name their ports http and listen on 9080).
     let ef = file("istio-system/to-global-sidecar.envoyfilter.yaml");

@@ -452,10 +452,15 @@ fn every_flag_and_config_value_is_checked_at_start() {
             "--manifests-dir",
         ),
     ];
-    for (args, names) in cases {
+    testing::assert_all(cases.into_iter().map(|(args, names)| {
         let err = fails_at_start(args);
-        assert!(err.contains(names), "{args:?}: {err}");
-    }
+        let outcome = if err.contains(names) {
+            Ok(())
+        } else {
+            Err(format!("does not name {names}: {err}"))
+        };
+        (format!("{args:?}"), outcome)
+    }));
 }
 
 /// A missing `--manifests-dir` is created; when writes to it fail later, `/readyz` says so with
