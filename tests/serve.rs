@@ -452,7 +452,7 @@ fn every_flag_and_config_value_is_checked_at_start() {
             "--manifests-dir",
         ),
     ];
-    testing::assert_all(cases.into_iter().map(|(args, names)| {
+    testing::assert_all(cases.iter().map(|(args, names)| {
         let err = fails_at_start(args);
         let outcome = if err.contains(names) {
             Ok(())
