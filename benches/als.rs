@@ -40,9 +40,9 @@ use lazyload::als::attribute::{Attributor, Hosts};
 use lazyload::als::collector::{Tally, process};
 use lazyload::als::entry::Entry;
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, PodInfo, ServiceInfo};
+use lazyload::index::ClusterIndex;
 use lazyload::learn::{Learner, Limits, Observed};
-use lazyload::vocab::ObjectKey;
+use lazyload::testing;
 use prost::Message;
 
 const SERVICES: usize = 10_000;
@@ -70,23 +70,21 @@ fn fqdn(svc: usize) -> String {
 fn index() -> ClusterIndex {
     let mut idx = ClusterIndex::new("cluster.local");
     for s in 0..SERVICES {
-        idx.apply_service(ServiceInfo {
-            key: ObjectKey::new(ns(s), format!("svc{s}")),
-            labels: [("app".to_string(), format!("svc{s}"))].into(),
-            selector: Some([("app".to_string(), format!("svc{s}"))].into()),
-            ports: vec![],
-            cluster_ips: vec![vip(s)],
-        });
+        let app = format!("svc{s}");
+        let mut service = testing::service(&ns(s), &app, &app, &[&vip(s)]);
+        service.labels = [("app".to_string(), app)].into();
+        idx.apply_service(service);
     }
     for p in 0..PODS {
         let s = p * SERVICES / PODS;
-        idx.apply_pod(PodInfo {
-            key: ObjectKey::new(ns(s), format!("svc{s}-{p}")),
-            labels: [("app".to_string(), format!("svc{s}"))].into(),
-            ips: vec![pod_ip(p).parse().unwrap()],
-            host_network: false,
-            service_account: "default".into(),
-        });
+        let app = format!("svc{s}");
+        idx.apply_pod(testing::pod(
+            &ns(s),
+            &format!("{app}-{p}"),
+            &[("app", &app)],
+            &pod_ip(p),
+            "default",
+        ));
     }
     idx
 }

@@ -20,18 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput};
-use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
-use envoy_types::pb::envoy::config::core::v3::{Address, Node, SocketAddress};
-use envoy_types::pb::envoy::data::accesslog::v3::{
-    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties,
-};
-use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, Identifier, LogEntries,
-};
 use jiff::Timestamp;
 use lazyload::learn::{Learner, Limits};
+use lazyload::testing::als::{entry, message};
 use lazyload::vocab::ObjectKey;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -96,38 +88,6 @@ items:
 
 /// The flood needs more hosts than the default cap per fence (older versions warn and go on).
 const CONFIG: &str = "general:\n  maxLearnedHostsPerFence: 1000000\n";
-
-fn entry(from: &str, authority: String) -> HttpAccessLogEntry {
-    HttpAccessLogEntry {
-        common_properties: Some(AccessLogCommon {
-            downstream_remote_address: Some(Address {
-                address: Some(AddressKind::SocketAddress(SocketAddress {
-                    address: from.into(),
-                    ..Default::default()
-                })),
-            }),
-            ..Default::default()
-        }),
-        request: Some(HttpRequestProperties {
-            authority,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn message(first: bool, entries: Vec<HttpAccessLogEntry>) -> StreamAccessLogsMessage {
-    StreamAccessLogsMessage {
-        identifier: first.then(|| Identifier {
-            node: Some(Node {
-                id: "global-sidecar-0".into(),
-                ..Default::default()
-            }),
-            log_name: "lazyload".into(),
-        }),
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: entries })),
-    }
-}
 
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -233,7 +193,7 @@ async fn run(bin: &Path, n: usize) {
     let (mut flood_client, other_client) = (connect().await, connect().await);
     // Another fence's one call, on a stream of its own; when it was sent.
     let send_one = |from: &'static str| {
-        let one = message(true, vec![entry(from, OTHER_HOST.into())]);
+        let one = message(true, [entry(from, OTHER_HOST.into())]);
         let mut client = other_client.clone();
         async move {
             client
@@ -249,10 +209,7 @@ async fn run(bin: &Path, n: usize) {
     let start = Instant::now();
     let mut quiet_sent = None;
     for (m, chunk) in (0..n).collect::<Vec<_>>().chunks(100).enumerate() {
-        let entries = chunk
-            .iter()
-            .map(|i| entry(FLOOD_IP, format!("h{i}.example.org")))
-            .collect();
+        let entries = chunk.iter().map(|i| entry(FLOOD_IP, format!("h{i}.example.org")));
         tx.send(message(m == 0, entries)).await.expect("the flood stream");
         if quiet_sent.is_none() && (m + 1) * 100 >= n / 2 {
             quiet_sent = Some(send_one(QUIET_IP).await);

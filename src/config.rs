@@ -15,6 +15,7 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::vocab::{host, labels};
+use crate::yaml;
 
 /// `Result` alias for configuration loading.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -361,7 +362,7 @@ impl Config {
 
     /// Parses and validates configuration text: a module entry, or a whole SlimeBoot.
     pub fn parse(text: &str) -> Result<Loaded> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let doc: yaml::Node = yaml::from_str(text).map_err(|e| {
             let hint = if text.contains("{{") {
                 " (the file holds `{{`: an unrendered Helm template? render it with `helm template`)"
             } else {
@@ -488,12 +489,12 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
 }
 
 /// Picks the lazyload module out of a SlimeBoot, or takes the document as a module entry.
-fn select_module(doc: serde_yaml::Value) -> Result<(String, serde_yaml::Value)> {
-    if doc.is_null() {
-        return Ok((String::new(), serde_yaml::Value::Mapping(Default::default())));
+fn select_module(doc: yaml::Node) -> Result<(String, yaml::Node)> {
+    if doc == yaml::Node::Null {
+        return Ok((String::new(), yaml::Node::Mapping(Vec::new())));
     }
-    let lazyload = |modules: &[serde_yaml::Value], path: &str| {
-        let is_lazyload = |m: &serde_yaml::Value| m.get("kind").and_then(|k| k.as_str()) == Some("lazyload");
+    let lazyload = |modules: &[yaml::Node], path: &str| {
+        let is_lazyload = |m: &yaml::Node| m.get("kind").and_then(|k| k.as_str()) == Some("lazyload");
         match modules.iter().position(is_lazyload) {
             Some(i) => Ok(i),
             None if modules.len() == 1 => Ok(0),
@@ -525,7 +526,7 @@ fn select_module(doc: serde_yaml::Value) -> Result<(String, serde_yaml::Value)> 
 
 /// The first string value holding a Helm template (`{{ .Values.x }}`), with its path: such a value
 /// was meant to be rendered, and read literally it would silently mean something else.
-fn helm_template(value: &serde_yaml::Value, path: &str) -> Option<(String, String)> {
+fn helm_template(value: &yaml::Node, path: &str) -> Option<(String, String)> {
     let join = |key: &str| {
         if path.is_empty() {
             key.to_string()
@@ -534,32 +535,20 @@ fn helm_template(value: &serde_yaml::Value, path: &str) -> Option<(String, Strin
         }
     };
     match value {
-        serde_yaml::Value::String(s) if s.contains("{{") && s.contains("}}") => {
-            Some((path.to_string(), s.clone()))
-        }
-        serde_yaml::Value::Sequence(items) => items
+        yaml::Node::String(s) if s.contains("{{") && s.contains("}}") => Some((path.to_string(), s.clone())),
+        yaml::Node::Sequence(items) => items
             .iter()
             .enumerate()
             .find_map(|(i, v)| helm_template(v, &format!("{path}[{i}]"))),
-        serde_yaml::Value::Mapping(map) => map.iter().find_map(|(k, v)| {
+        yaml::Node::Mapping(map) => map.iter().find_map(|(k, v)| {
             // Unquoted, `{{ .Values.x }}` is YAML for a mapping whose key is a mapping.
-            if let serde_yaml::Value::Mapping(inner) = k {
-                let names: Vec<String> = inner
-                    .keys()
-                    .map(|k| serde_yaml::to_string(k).unwrap_or_default().trim().to_string())
-                    .collect();
+            if let yaml::Node::Mapping(inner) = k {
+                let names: Vec<String> = inner.iter().map(|(k, _)| k.key_text()).collect();
                 return Some((path.to_string(), format!("{{{{ {} }}}}", names.join(" "))));
             }
-            let key = match k {
-                serde_yaml::Value::String(s) => s.clone(),
-                other => serde_yaml::to_string(other)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
-            };
+            let key = k.key_text();
             helm_template(k, &join(&key)).or_else(|| helm_template(v, &join(&key)))
         }),
-        serde_yaml::Value::Tagged(t) => helm_template(&t.value, path),
         _ => None,
     }
 }
@@ -1113,7 +1102,7 @@ pub mod raw {
         /// Slime's older enum. lazyload always runs as one module.
         pub mode: Option<IntOrString>,
         /// Slime's bundle of modules; no effect here.
-        pub bundle: Option<serde_yaml::Value>,
+        pub bundle: Option<crate::yaml::Node>,
     }
 
     impl Module {
@@ -1327,13 +1316,13 @@ pub mod raw {
         /// Slime framework settings accepted for compatibility.
         pub config_rev: Option<String>,
         /// Slime framework settings accepted for compatibility (no effect).
-        pub config_sources: Option<serde_yaml::Value>,
+        pub config_sources: Option<crate::yaml::Node>,
         /// Slime framework settings accepted for compatibility (no effect).
-        pub istio_config_source: Option<serde_yaml::Value>,
+        pub istio_config_source: Option<crate::yaml::Node>,
         /// Slime framework settings accepted for compatibility (no effect).
-        pub client_go_token_bucket: Option<serde_yaml::Value>,
+        pub client_go_token_bucket: Option<crate::yaml::Node>,
         /// Slime framework settings accepted for compatibility (no effect).
-        pub enable_convert_se_to_istio_res: Option<serde_yaml::Value>,
+        pub enable_convert_se_to_istio_res: Option<crate::yaml::Node>,
     }
 
     /// `global.log`.
@@ -1377,7 +1366,7 @@ pub mod raw {
         /// Prometheus source.
         pub prometheus: Option<Prometheus>,
         /// Kubernetes metric source (Slime), unused.
-        pub k8s: Option<serde_yaml::Value>,
+        pub k8s: Option<crate::yaml::Node>,
     }
 
     /// `metric.prometheus`.

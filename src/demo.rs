@@ -264,12 +264,9 @@ fn learned_so_far(manifests: &Path, mesh: &Mesh) -> BTreeMap<String, Vec<String>
             let path = manifests
                 .join(&s.namespace)
                 .join(format!("{}.servicefence.yaml", s.name));
-            let fence: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-            let hosts = fence["status"]["lastSeen"]
-                .as_mapping()?
-                .keys()
-                .filter_map(|k| k.as_str().map(str::to_string))
-                .collect();
+            let fence: serde_json::Value =
+                crate::yaml::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+            let hosts = fence["status"]["lastSeen"].as_object()?.keys().cloned().collect();
             Some((format!("{}/{}", s.namespace, s.name), hosts))
         })
         .collect()
@@ -562,7 +559,7 @@ fn compare(mesh: &Mesh, files: &Files, dir: &Path, now: Timestamp) -> anyhow::Re
         if fence.exists() {
             fenced.push_str(&read(&fence)?);
         } else {
-            fenced.push_str(&serde_yaml::to_string(&m.fence()).context("serialising a fence")?);
+            fenced.push_str(&crate::yaml::to_string(&m.fence()).context("serialising a fence")?);
         }
     }
     let fenced_path = dir.join("cluster-with-fences.yaml");

@@ -10,6 +10,7 @@
 //! - [`duration`]: Go-style durations with checked arithmetic (config and flags).
 //! - [`net`]: socket helpers shared by the gRPC servers.
 //! - [`readiness`]: the tasks `/readyz` waits for.
+//! - [`yaml`]: YAML in and out (one library, one set of reader options).
 //! - [`config`]: the Slime-compatible module configuration (SlimeBoot forms, defaults, checks).
 //! - [`telemetry`]: logging, to standard error or a rotated file.
 //! - [`index`]: the cluster state the model reads, and the one object -> index conversion.
@@ -28,6 +29,7 @@
 //! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
 //! - [`explain`]: `lazyload explain`, why each host is in a workload's Sidecar.
 //! - [`demo`]: `lazyload demo`, the whole path on a sample mesh.
+//! - `testing` (tests and benches only): shared test builders, the mock API server, `eventually`.
 
 pub mod admin;
 pub mod als;
@@ -50,5 +52,8 @@ pub mod reconcile;
 pub mod report;
 pub mod serve;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vocab;
 pub mod xds;
+pub mod yaml;

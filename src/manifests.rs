@@ -31,7 +31,7 @@ pub enum Error {
         /// The manifest it was meant for.
         path: PathBuf,
         /// The failure.
-        source: serde_yaml::Error,
+        source: crate::yaml::WriteError,
     },
 }
 
@@ -50,7 +50,7 @@ pub fn path(out: &Path, key: &ObjectKey, kind: &str) -> PathBuf {
 /// point the file holds either its previous content or the new one, never a part of either.
 pub fn write<T: serde::Serialize>(out: &Path, key: &ObjectKey, kind: &str, object: &T) -> Result<()> {
     let target = path(out, key, kind);
-    let yaml = serde_yaml::to_string(object).map_err(|source| Error::Serialise {
+    let yaml = crate::yaml::to_string(object).map_err(|source| Error::Serialise {
         path: target.clone(),
         source,
     })?;
@@ -128,7 +128,7 @@ pub fn restore_fence_status(dir: &Path, fences: &mut [ServiceFence]) -> Result<R
         }
         let read = std::fs::read_to_string(&file)
             .map_err(|e| e.to_string())
-            .and_then(|text| serde_yaml::from_str::<ServiceFence>(&text).map_err(|e| e.to_string()));
+            .and_then(|text| crate::yaml::from_str::<ServiceFence>(&text).map_err(|e| e.to_string()));
         let on_disk = match read {
             Ok(fence) => fence,
             Err(why) => {
@@ -166,13 +166,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocab::fence::ServiceFenceSpec;
-
-    fn fence(ns: &str, name: &str) -> ServiceFence {
-        let mut f = ServiceFence::new(name, ServiceFenceSpec::default());
-        f.metadata.namespace = Some(ns.into());
-        f
-    }
+    use crate::testing::fence;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("lazyload-manifests-{name}-{}", std::process::id()));

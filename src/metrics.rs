@@ -176,12 +176,7 @@ pub fn used_names(path: &std::path::Path) -> Result<Vec<String>, CheckError> {
     let docs: Vec<serde_json::Value> = if path.extension().is_some_and(|e| e == "json") {
         vec![serde_json::from_str(&text).map_err(|e| syntax("JSON", e.to_string()))?]
     } else {
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|doc| {
-                serde::Deserialize::deserialize(doc)
-                    .map_err(|e: serde_yaml::Error| syntax("YAML", e.to_string()))
-            })
-            .collect::<Result<_, _>>()?
+        crate::yaml::documents(&text).map_err(|e| syntax("YAML", e.to_string()))?
     };
     let mut exprs = Vec::new();
     for doc in &docs {

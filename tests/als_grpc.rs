@@ -7,49 +7,30 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use lazyload::als::MAX_MESSAGE_BYTES;
 use lazyload::als::attribute::Attributor;
 use lazyload::als::collector::{self, Collector, Metrics, Peers};
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, PodInfo, ServiceEntryInfo, ServiceInfo};
+use lazyload::index::ClusterIndex;
 use lazyload::learn::pump::LearnerHandle;
 use lazyload::learn::{Learner, Limits};
-use lazyload::vocab::ObjectKey;
+use lazyload::testing;
+use lazyload::testing::als;
 use prometheus_client::registry::Registry;
-use support::als_client::{self, client};
+use support::als_client::client;
 use tokio_util::sync::CancellationToken;
 
 fn index() -> ClusterIndex {
-    let mut idx = ClusterIndex::new("cluster.local");
-    idx.apply_service(ServiceInfo {
-        key: ObjectKey::new("default", "productpage"),
-        labels: Default::default(),
-        selector: Some([("app".to_string(), "productpage".to_string())].into()),
-        ports: vec![],
-        cluster_ips: vec![],
-    });
-    idx.apply_pod(PodInfo {
-        key: ObjectKey::new("default", "productpage-1"),
-        labels: [("app".to_string(), "productpage".to_string())].into(),
-        ips: vec!["10.0.0.1".parse().unwrap()],
-        host_network: false,
-        service_account: "default".into(),
-    });
-    let se =
-        serde_yaml::from_str("metadata: {name: ext, namespace: default}\nspec: {hosts: ['*.example.org']}")
-            .unwrap();
-    idx.apply_service_entry(ServiceEntryInfo::try_from(&se).unwrap());
+    let mut idx = testing::index_of(&[("default", "productpage", "10.0.0.1")]);
+    idx.apply_service_entry(testing::service_entry("default", "ext", &["*.example.org"]));
     idx
 }
 
 fn message(first: bool, authorities: impl IntoIterator<Item = String>) -> StreamAccessLogsMessage {
-    als_client::message(
-        first,
-        authorities.into_iter().map(|a| als_client::entry("10.0.0.1", a)),
-    )
+    als::message(first, authorities.into_iter().map(|a| als::entry("10.0.0.1", a)))
 }
 
 struct Running {
@@ -107,14 +88,6 @@ fn metrics_text(r: &Registry) -> String {
     s
 }
 
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn concurrent_streams_and_oversized_messages() {
     let r = start(Limits::default()).await;
@@ -136,7 +109,10 @@ async fn concurrent_streams_and_oversized_messages() {
     for s in streams {
         s.await.unwrap().unwrap();
     }
-    wait_for("400 edges", || r.learner.lock().len() == 400).await;
+    testing::eventually_true("400 edges", Duration::from_secs(10), || {
+        r.learner.lock().len() == 400
+    })
+    .await;
     let text = metrics_text(&r.registry);
     assert!(text.contains("als_entries_total{kind=\"http\"} 400"), "{text}");
     assert!(text.contains("reason=\"decode_error\"} 1"), "{text}");
@@ -217,13 +193,8 @@ async fn only_global_sidecar_pods_may_stream() {
     // 127.0.0.1 is nobody's address yet, then a pod's that is not a global-sidecar.
     let refused = send().await.expect_err("an unknown peer was trusted");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    let pod = |ns: &str, name: &str, app: &str| PodInfo {
-        key: ObjectKey::new(ns, name),
-        labels: [("app".to_string(), app.to_string())].into(),
-        ips: vec!["127.0.0.1".parse().unwrap()],
-        host_network: false,
-        service_account: "default".into(),
-    };
+    let pod =
+        |ns: &str, name: &str, app: &str| testing::pod(ns, name, &[("app", app)], "127.0.0.1", "default");
     r.index
         .write()
         .unwrap()
@@ -321,7 +292,10 @@ async fn shutdown_ends_open_streams_at_once() {
         c.stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
-    wait_for("the edge", || r.learner.lock().len() == 1).await;
+    testing::eventually_true("the edge", Duration::from_secs(10), || {
+        r.learner.lock().len() == 1
+    })
+    .await;
     r.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(2), r.server)
         .await

@@ -19,8 +19,9 @@ use lazyload::als::attribute::{Attributor, Hosts};
 use lazyload::als::collector::{Tally, process};
 use lazyload::als::entry::Entry;
 use lazyload::config::Config;
-use lazyload::index::{ClusterIndex, PodInfo, ServiceInfo};
+use lazyload::index::ClusterIndex;
 use lazyload::learn::{Learner, Limits};
+use lazyload::testing;
 use lazyload::vocab::ObjectKey;
 use lazyload::vocab::host::host_name;
 use proptest::prelude::*;
@@ -29,23 +30,18 @@ use prost::Message;
 fn index() -> ClusterIndex {
     let mut idx = ClusterIndex::new("cluster.local");
     for (i, name) in ["productpage", "reviews", "details", "global-sidecar"]
-        .iter()
+        .into_iter()
         .enumerate()
     {
-        idx.apply_service(ServiceInfo {
-            key: ObjectKey::new("default", *name),
-            labels: Default::default(),
-            selector: Some([("app".to_string(), name.to_string())].into()),
-            ports: vec![],
-            cluster_ips: vec![format!("10.96.0.{}", i + 1)],
-        });
-        idx.apply_pod(PodInfo {
-            key: ObjectKey::new("default", format!("{name}-1")),
-            labels: [("app".to_string(), name.to_string())].into(),
-            ips: vec![format!("10.0.0.{}", i + 1).parse().unwrap()],
-            host_network: false,
-            service_account: "default".into(),
-        });
+        let (vip, ip) = (format!("10.96.0.{}", i + 1), format!("10.0.0.{}", i + 1));
+        idx.apply_service(testing::service("default", name, name, &[&vip]));
+        idx.apply_pod(testing::pod(
+            "default",
+            &format!("{name}-1"),
+            &[("app", name)],
+            &ip,
+            "default",
+        ));
     }
     idx
 }

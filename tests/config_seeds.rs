@@ -109,7 +109,7 @@ fn check_config_command_reports_the_failing_field() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let printed: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let printed: serde_json::Value = lazyload::yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["general"]["wormholePort"][0], 9080);
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning: fence is the old name"));
     std::fs::remove_dir_all(dir).ok();

@@ -63,7 +63,7 @@ fn check_structural(schema: &Value, path: &str, errors: &mut Vec<String>) {
 
 #[test]
 fn schema_is_structural() {
-    let crd: Value = serde_yaml::from_str(&crd_output()).unwrap();
+    let crd: Value = lazyload::yaml::from_str(&crd_output()).unwrap();
     assert_eq!(crd["spec"]["group"], "microservice.slime.io");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     let version = &crd["spec"]["versions"][0];

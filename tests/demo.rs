@@ -53,8 +53,8 @@ fn demo_with_path(dir: &support::TempDir, envoy: &str, path: std::ffi::OsString)
         "{stderr}"
     );
     for host in [
-        "'*/details.bookinfo.svc.cluster.local'",
-        "'*/reviews.bookinfo.svc.cluster.local'",
+        r#""*/details.bookinfo.svc.cluster.local""#,
+        r#""*/reviews.bookinfo.svc.cluster.local""#,
     ] {
         assert!(stdout.contains(host), "{stdout}");
     }
@@ -158,7 +158,7 @@ fn demo_prints_learned_sidecars_and_push_sizes() {
     assert!(stdout.contains("mesh: 64 fenced workloads"), "{stdout}");
 
     // The manifests it wrote are what the controller would apply.
-    let sidecar: serde_yaml::Value = serde_yaml::from_str(
+    let sidecar: serde_json::Value = lazyload::yaml::from_str(
         &std::fs::read_to_string(dir.path("demo/manifests/bookinfo/reviews.sidecar.yaml")).unwrap(),
     )
     .unwrap();

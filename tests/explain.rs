@@ -8,6 +8,7 @@ use std::process::Command;
 
 use jiff::Timestamp;
 use lazyload::explain::{ExplainArgs, Explanation, Reason, run};
+use lazyload::testing;
 
 fn fixture(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -120,9 +121,11 @@ fn every_host_says_why() {
             }],
         ),
     ];
-    for (host, want) in &cases {
-        assert_eq!(reasons(&e, host), want.as_slice(), "{host}");
-    }
+    testing::assert_table(
+        cases
+            .iter()
+            .map(|(host, want)| (host, reasons(&e, host), want.as_slice())),
+    );
     assert_eq!(e.hosts.len(), cases.len(), "{:#?}", e.hosts);
     assert_eq!(
         status(&e, "*/reviews.default.svc.cluster.local").as_deref(),

@@ -43,12 +43,13 @@ fn writes_learned_sidecars_for_review() {
     assert!(stderr.contains("wrote 3 fences and 3 Sidecars"), "{stderr}");
     assert!(stderr.contains("not_json"), "{stderr}");
 
-    let read = |f: &str| -> serde_yaml::Value {
-        serde_yaml::from_str(&std::fs::read_to_string(out.path(&format!("default/{f}"))).unwrap()).unwrap()
+    let read = |f: &str| -> serde_json::Value {
+        lazyload::yaml::from_str(&std::fs::read_to_string(out.path(&format!("default/{f}"))).unwrap())
+            .unwrap()
     };
     let sidecar = read("productpage.sidecar.yaml");
     let hosts: Vec<&str> = sidecar["spec"]["egress"][0]["hosts"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|h| h.as_str().unwrap())
@@ -77,10 +78,7 @@ fn writes_learned_sidecars_for_review() {
     );
     // reviews called nothing: its Sidecar imports only the defaults.
     let reviews = read("reviews.sidecar.yaml");
-    assert_eq!(
-        reviews["spec"]["egress"][0]["hosts"].as_sequence().unwrap().len(),
-        2
-    );
+    assert_eq!(reviews["spec"]["egress"][0]["hosts"].as_array().unwrap().len(), 2);
 }
 
 #[test]
@@ -91,8 +89,8 @@ fn a_prometheus_export_is_learned_like_access_logs() {
         "{stderr}"
     );
     assert!(stderr.contains("prometheus_invalid_destination"), "{stderr}");
-    let sidecar: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(out.path("default/reviews.sidecar.yaml")).unwrap())
+    let sidecar: serde_json::Value =
+        lazyload::yaml::from_str(&std::fs::read_to_string(out.path("default/reviews.sidecar.yaml")).unwrap())
             .unwrap();
     assert_eq!(
         sidecar["spec"]["egress"][0]["hosts"][0],
@@ -232,7 +230,7 @@ fn writes_workload_fences_for_the_label_values_pods_carry() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(run.status.success(), "{stderr}");
-    let fence: serde_yaml::Value = serde_yaml::from_str(
+    let fence: serde_json::Value = lazyload::yaml::from_str(
         &std::fs::read_to_string(out.path("out/default/wl-productpage.workload.identity.servicefence.yaml"))
             .unwrap_or_else(|e| panic!("no workload fence for app=productpage: {e}\n{stderr}")),
     )

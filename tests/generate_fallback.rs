@@ -15,6 +15,7 @@ use lazyload::cluster::writer::FallbackWriter;
 use lazyload::config::Config;
 use lazyload::index::snapshot::Snapshot;
 use lazyload::reconcile::fallback::FallbackController;
+use lazyload::testing;
 use serde_json::{Value, json};
 use tower_test::mock;
 
@@ -93,8 +94,9 @@ async fn generate_writes_what_the_fallback_controller_applies() {
     let snapshot = Snapshot::parse(&text, "cluster.local").unwrap();
     let applied = controller_applies(&config, snapshot).await;
 
-    let file =
-        |p: &str| -> Value { serde_yaml::from_str(&std::fs::read_to_string(out.join(p)).unwrap()).unwrap() };
+    let file = |p: &str| -> Value {
+        lazyload::yaml::from_str(&std::fs::read_to_string(out.join(p)).unwrap()).unwrap()
+    };
     let expected = [
         (
             "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/to-global-sidecar",
@@ -106,13 +108,13 @@ async fn generate_writes_what_the_fallback_controller_applies() {
         ),
     ];
     assert_eq!(applied.len(), expected.len(), "{:?}", applied.keys());
-    for (path, written) in expected {
-        assert_eq!(
+    testing::assert_table(expected.into_iter().map(|(path, written)| {
+        (
+            format!("{written} (what the controller applies at {path})"),
             file(written),
-            applied[path],
-            "{written} differs from what the controller applies at {path}"
-        );
-    }
+            applied[path].clone(),
+        )
+    }));
     // The EnvoyFilter covers both ports (7070, 9080: the configured ones; the fixture's Services
     // name their ports http and listen on 9080).
     let ef = file("istio-system/to-global-sidecar.envoyfilter.yaml");

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// its own. `src/lib.rs` and `docs/design.md` describe the same order.
 const LAYERS: &[&[&str]] = &[
     // The vocabulary and small leaf utilities: they use nothing in the crate.
-    &["vocab", "hash", "duration", "net", "readiness"],
+    &["vocab", "hash", "duration", "net", "readiness", "yaml"],
     // The module configuration.
     &["config", "telemetry"],
     // What lazyload knows of the cluster.
@@ -30,7 +30,9 @@ const LAYERS: &[&[&str]] = &[
     // The admin endpoint and the relay.
     &["admin", "xds"],
     // The metric catalog and the commands.
-    &["metrics", "serve", "generate", "report", "explain", "demo"],
+    &[
+        "metrics", "serve", "generate", "report", "explain", "demo", "testing",
+    ],
 ];
 
 /// Upward references that exist today and are being removed (issue 13): each names the module
@@ -108,7 +110,12 @@ fn lib_rs_lists_every_module_once_in_layer_order() {
     let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
     let listed: Vec<&str> = lib
         .lines()
-        .filter_map(|l| l.strip_prefix("//! - [`")?.split_once("`]:").map(|(m, _)| m))
+        .filter_map(|l| {
+            // A module that exists only under a feature is listed unlinked: "- `testing` (...)".
+            let item = l.strip_prefix("//! - ")?;
+            let item = item.strip_prefix('[').unwrap_or(item).strip_prefix('`')?;
+            item.split_once('`').map(|(m, _)| m)
+        })
         .collect();
     let declared: BTreeSet<&str> = lib
         .lines()

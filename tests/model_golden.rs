@@ -54,7 +54,9 @@ struct FenceExpect {
 }
 
 fn config(v: Option<Value>) -> Config {
-    let text = v.map(|v| serde_yaml::to_string(&v).unwrap()).unwrap_or_default();
+    let text = v
+        .map(|v| lazyload::yaml::to_string(&v).unwrap())
+        .unwrap_or_default();
     Config::parse(&text).expect("case config loads").config
 }
 
@@ -82,8 +84,8 @@ fn add_cluster(snap: &mut Snapshot, cluster: Value) -> Result<(), String> {
 }
 
 fn run_fence_case(path: &Path) -> Result<(), String> {
-    let case: FenceCase =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let case: FenceCase = lazyload::yaml::from_str(&std::fs::read_to_string(path).unwrap())
+        .map_err(|e| format!("case: {e}"))?;
     let cfg = config(case.config);
     let mut snap = Snapshot::parse("", &cfg.general.cluster_domain).unwrap();
     add_cluster(&mut snap, case.cluster)?;
@@ -94,8 +96,8 @@ fn run_fence_case(path: &Path) -> Result<(), String> {
         if &got != want {
             errors.push(format!(
                 "{what}:\n--- want\n{}--- got\n{}",
-                serde_yaml::to_string(want).unwrap(),
-                serde_yaml::to_string(&got).unwrap()
+                lazyload::yaml::to_string(want).unwrap(),
+                lazyload::yaml::to_string(&got).unwrap()
             ));
         }
     };
@@ -193,8 +195,8 @@ struct Step {
 }
 
 fn run_autofence_case(path: &Path) -> Result<(), String> {
-    let case: AutoFenceCase =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let case: AutoFenceCase = lazyload::yaml::from_str(&std::fs::read_to_string(path).unwrap())
+        .map_err(|e| format!("case: {e}"))?;
     let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
     for (i, step) in case.steps.into_iter().enumerate() {
         let cfg = config(step.config);
@@ -259,8 +261,8 @@ struct EnvoyFilterCase {
 }
 
 fn run_envoyfilter_case(path: &Path) -> Result<(), String> {
-    let case: EnvoyFilterCase =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| format!("case: {e}"))?;
+    let case: EnvoyFilterCase = lazyload::yaml::from_str(&std::fs::read_to_string(path).unwrap())
+        .map_err(|e| format!("case: {e}"))?;
     let cfg = config(case.config);
     let got = serde_json::to_value(lazyload::model::fallback::envoyfilters(
         &cfg,
@@ -272,8 +274,8 @@ fn run_envoyfilter_case(path: &Path) -> Result<(), String> {
     } else {
         Err(format!(
             "--- want\n{}--- got\n{}",
-            serde_yaml::to_string(&case.expect).unwrap(),
-            serde_yaml::to_string(&got).unwrap()
+            lazyload::yaml::to_string(&case.expect).unwrap(),
+            lazyload::yaml::to_string(&got).unwrap()
         ))
     }
 }

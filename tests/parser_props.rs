@@ -124,7 +124,7 @@ proptest! {
 
     #[test]
     fn config_trees_never_panic(tree in tree()) {
-        let _ = Config::parse(&serde_yaml::to_string(&tree).unwrap());
+        let _ = Config::parse(&lazyload::yaml::to_string(&tree).unwrap());
     }
 
     #[test]
@@ -138,7 +138,7 @@ proptest! {
 
     #[test]
     fn fence_text_never_panics(text in "[ -~\n]{0,200}") {
-        let _ = serde_yaml::from_str::<ServiceFence>(&text);
+        let _ = lazyload::yaml::from_str::<ServiceFence>(&text);
     }
 
     #[test]
@@ -147,7 +147,7 @@ proptest! {
         if let Value::Object(map) = &mut object {
             map.insert("kind".into(), Value::from(kind));
         }
-        let _ = Snapshot::parse(&serde_yaml::to_string(&object).unwrap(), "cluster.local");
+        let _ = Snapshot::parse(&lazyload::yaml::to_string(&object).unwrap(), "cluster.local");
     }
 
     /// Each object the watchers receive goes through one converter per kind: whatever it holds,

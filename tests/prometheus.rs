@@ -7,8 +7,9 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use lazyload::testing;
 use support::serve::Serve;
 use support::{TempDir, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,21 +109,24 @@ metric:
     let admin = serve.admin;
 
     let key = r#"{destination_service="details.default.svc.cluster.local"}"#;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let edges = loop {
-        if let Ok(r) = http::get(admin, "/debug/edges", &[]).await
-            && let Ok(json) = serde_json::from_str::<serde_json::Value>(&r.body)
-            && json["default/productpage"]["metricStatus"][key] == "17"
-        {
-            break json;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metricStatus from prometheus; queries: {:?}",
-            seen.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let seen_so_far = &seen;
+    let edges = testing::eventually(
+        "metricStatus from prometheus",
+        Duration::from_secs(20),
+        || async move {
+            let r = http::get(admin, "/debug/edges", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let json: serde_json::Value =
+                serde_json::from_str(&r.body).map_err(|e| format!("{e}: {}", r.body))?;
+            if json["default/productpage"]["metricStatus"][key] == "17" {
+                Ok(json)
+            } else {
+                Err(format!("edges {json}; queries {:?}", seen_so_far.lock().unwrap()))
+            }
+        },
+    )
+    .await;
     // The `unknown` series is skipped, the disabled fence is not queried, and the host got a
     // last-seen time.
     assert_eq!(
@@ -145,17 +149,15 @@ metric:
         );
     }
     // The fence got it, not only the debug view.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let fence = dir.path("manifests/default/productpage.servicefence.yaml");
-    loop {
-        let text = std::fs::read_to_string(&fence).unwrap_or_default();
-        if text.contains("details.default.svc.cluster.local") && text.contains("'17'") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fence not written with the results: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    testing::eventually(
+        "the fence written with the results",
+        Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(&fence).unwrap_or_default();
+            let written = text.contains("details.default.svc.cluster.local") && text.contains(r#""17""#);
+            std::future::ready(if written { Ok(()) } else { Err(text) })
+        },
+    )
+    .await;
 }

@@ -3,15 +3,15 @@
 //! granting `serviceentries`, refused with 403, so `/readyz` never became ready).
 
 use lazyload::index::convert::Kind;
-use serde::Deserialize;
 use serde_json::Value;
 
 /// The ClusterRole rules of deploy/kustomize/base/rbac.yaml.
 fn rules() -> Vec<Value> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kustomize/base/rbac.yaml");
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap())
+    lazyload::yaml::documents::<Value>(&text)
+        .unwrap()
+        .into_iter()
         .filter(|doc| doc["kind"] == "ClusterRole")
         .flat_map(|doc| doc["rules"].as_array().cloned().unwrap_or_default())
         .collect()

@@ -6,40 +6,27 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::client::Body;
 use lazyload::cluster::writer::FenceWriter;
 use lazyload::cluster::{Change, ClusterState};
 use lazyload::config::Config;
 use lazyload::index::ClusterIndex;
 use lazyload::reconcile::fences::{FenceController, Metrics};
+use lazyload::testing::{self, MockApi, Write};
 use lazyload::vocab::ObjectKey;
-use lazyload::vocab::fence::{ServiceFence, ServiceFenceSpec, ServiceFenceStatus, metric_key};
+use lazyload::vocab::fence::{ServiceFence, ServiceFenceStatus, metric_key};
 use lazyload::vocab::istio::{IstioVersion, Sidecar};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_test::mock;
 
-/// What the mock API server received: (method, path, body).
-type Log = Arc<Mutex<Vec<(Method, String, Value)>>>;
+/// What the mock API server received: (method, path?query, body).
+type Log = Arc<Mutex<Vec<Write>>>;
 
 fn fence(learned: &[&str]) -> ServiceFence {
-    let mut f = ServiceFence::new(
-        "productpage",
-        ServiceFenceSpec {
-            enable: true,
-            ..Default::default()
-        },
-    );
-    f.metadata = ObjectMeta {
-        name: Some("productpage".into()),
-        namespace: Some("default".into()),
-        uid: Some("u1".into()),
-        ..Default::default()
-    };
+    let mut f = testing::fence("default", "productpage");
+    f.spec.enable = true;
+    f.metadata.uid = Some("u1".into());
     f.status = Some(ServiceFenceStatus {
         metric_status: learned.iter().map(|h| (metric_key(h), "1".to_string())).collect(),
         ..Default::default()
@@ -47,40 +34,22 @@ fn fence(learned: &[&str]) -> ServiceFence {
     f
 }
 
-/// A mock API server that answers every request with its own body (what a PATCH returns) and logs it.
-fn api() -> (Client, Log) {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let log: Log = Arc::default();
-    let l = log.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let method = req.method().clone();
-            let path = req.uri().path().to_string();
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            l.lock().unwrap().push((method, path.clone(), body.clone()));
-            // An apply returns the object; a status patch returns the whole fence.
-            let reply = if path.ends_with("/status") {
-                serde_json::to_value(fence(&[])).unwrap()
-            } else {
-                body.clone()
-            };
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
+/// The mock API server, holding the fence(s) the controller reads (as a real one would answer a
+/// status write with the whole fence), and the log of what it received.
+fn api(fences: &[ServiceFence]) -> (Client, Log) {
+    let api = fences.iter().fold(MockApi::default(), |api, f| {
+        api.with("ServiceFence", serde_json::to_value(f).unwrap())
     });
-    (Client::new(service, "default"), log)
+    let log = api.writes();
+    (api.client(), log)
 }
 
-fn writes(log: &Log) -> Vec<(Method, String)> {
+/// The writes received: method and path (without the query).
+fn writes(log: &Log) -> Vec<(String, String)> {
     log.lock()
         .unwrap()
         .iter()
-        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .map(|(m, p, _)| (m.clone(), p.split('?').next().unwrap_or_default().to_string()))
         .collect()
 }
 
@@ -89,8 +58,12 @@ const STATUS: &str =
     "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/productpage/status";
 
 /// Starts a leading fence controller over `state` against the mock API server.
-fn start(state: ClusterState, config: Config) -> (Log, watch::Sender<bool>, CancellationToken) {
-    let (client, log) = api();
+fn start(
+    state: ClusterState,
+    fences: &[ServiceFence],
+    config: Config,
+) -> (Log, watch::Sender<bool>, CancellationToken) {
+    let (client, log) = api(fences);
     let mut registry = prometheus_client::registry::Registry::default();
     let controller = FenceController::new(
         state,
@@ -112,19 +85,17 @@ async fn settle() {
 #[tokio::test]
 async fn writes_only_what_changed_once_per_window() {
     let key = ObjectKey::new("default", "productpage");
-    let state = ClusterState::new(
-        ClusterIndex::new("cluster.local"),
-        [fence(&["details.default.svc.cluster.local"])],
-    );
-    let (log, lead_tx, stop) = start(state.clone(), Config::default());
+    let fences = [fence(&["details.default.svc.cluster.local"])];
+    let state = ClusterState::new(ClusterIndex::new("cluster.local"), fences.clone());
+    let (log, lead_tx, stop) = start(state.clone(), &fences, Config::default());
 
     // 1. First reconcile: the Sidecar is applied, then the status written.
     settle().await;
     assert_eq!(
         writes(&log),
         [
-            (Method::PATCH, SIDECAR.to_string()),
-            (Method::PATCH, STATUS.to_string())
+            ("PATCH".to_string(), SIDECAR.to_string()),
+            ("PATCH".to_string(), STATUS.to_string())
         ]
     );
     let applied: Sidecar = serde_json::from_value(log.lock().unwrap()[0].2.clone()).unwrap();
@@ -191,7 +162,7 @@ async fn writes_only_what_changed_once_per_window() {
     stop.cancel();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn only_fences_of_this_lazyloads_istio_revision_are_written() {
     let labelled = |rev: Option<&str>, name: &str| {
         let mut f = fence(&[]);
@@ -204,13 +175,15 @@ async fn only_fences_of_this_lazyloads_istio_revision_are_written() {
         labelled(Some("stable"), "stable"),
         labelled(None, "unlabelled"),
     ];
-    for (config, written) in [
+    let cases = [
         ("global:\n  istioRev: canary\n", vec!["canary", "unlabelled"]),
         ("global:\n  istioRev: canary\n  strictRev: true\n", vec!["canary"]),
         ("", vec!["canary", "stable", "unlabelled"]),
-    ] {
+    ];
+    let mut results = Vec::new();
+    for (config, written) in cases {
         let state = ClusterState::new(ClusterIndex::new("cluster.local"), fences.clone());
-        let (log, _lead, stop) = start(state, Config::parse(config).unwrap().config);
+        let (log, _lead, stop) = start(state, &fences, Config::parse(config).unwrap().config);
         settle().await;
         stop.cancel();
         let mut sidecars: Vec<String> = writes(&log)
@@ -221,12 +194,17 @@ async fn only_fences_of_this_lazyloads_istio_revision_are_written() {
             })
             .collect();
         sidecars.sort();
-        assert_eq!(sidecars, written, "{config:?}");
         // A Sidecar carries its fence's revision.
-        for (_, path, body) in log.lock().unwrap().iter() {
-            if path.ends_with("/sidecars/canary") {
-                assert_eq!(body["metadata"]["labels"]["istio.io/rev"], "canary");
-            }
-        }
+        let revisions: Vec<Value> = (log.lock().unwrap().iter())
+            .filter(|(_, path, _)| path.contains("/sidecars/canary"))
+            .map(|(_, _, body)| body["metadata"]["labels"]["istio.io/rev"].clone())
+            .collect();
+        let want_revisions = vec![Value::from("canary"); revisions.len()];
+        results.push((
+            format!("{config:?}"),
+            (sidecars, revisions),
+            (written.into_iter().map(String::from).collect(), want_revisions),
+        ));
     }
+    testing::assert_table(results);
 }

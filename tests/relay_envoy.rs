@@ -259,18 +259,18 @@ struct GlobalSidecar {
 /// pilot-agent's additions to the shipped bootstrap (`bootstrap`, rendered): its node metadata
 /// `PROXY_CONFIG`, its `sds-grpc` cluster at `sds`, and no static secrets.
 fn as_pilot_agent_writes_it(bootstrap: &str, sds: SocketAddr, relay_port: u16) -> String {
-    let mut b: serde_yaml::Value = serde_yaml::from_str(bootstrap).unwrap();
+    let mut b: serde_json::Value = lazyload::yaml::from_str(bootstrap).unwrap();
     b["node"]["metadata"]["PROXY_CONFIG"] =
-        serde_yaml::from_str(&format!("{{discoveryAddress: '127.0.0.1:{relay_port}'}}")).unwrap();
-    let statics = b["static_resources"].as_mapping_mut().unwrap();
+        lazyload::yaml::from_str(&format!("{{discoveryAddress: '127.0.0.1:{relay_port}'}}")).unwrap();
+    let statics = b["static_resources"].as_object_mut().unwrap();
     statics.remove("secrets");
-    let sds_cluster: serde_yaml::Value = serde_yaml::from_str(&grpc_cluster("sds-grpc", sds)).unwrap();
+    let sds_cluster: serde_json::Value = lazyload::yaml::from_str(&grpc_cluster("sds-grpc", sds)).unwrap();
     statics
         .get_mut("clusters")
-        .and_then(|c| c.as_sequence_mut())
+        .and_then(|c| c.as_array_mut())
         .unwrap()
         .push(sds_cluster);
-    serde_yaml::to_string(&b).unwrap()
+    lazyload::yaml::to_string(&b).unwrap()
 }
 
 /// A stock Envoy global-sidecar (`envoy/global-sidecar-bootstrap.yaml`, or what pilot-agent
@@ -762,15 +762,15 @@ items:
     println!("first call -> Sidecar written: {} ms", learned_in.as_millis());
     // Generous: the goal is 300 ms; Envoy's default 1 s flush alone could take up to 1 s.
     assert!(learned_in < Duration::from_secs(3), "{learned_in:?}");
-    let sidecar: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&sidecar_file).unwrap()).unwrap();
+    let sidecar: serde_json::Value =
+        lazyload::yaml::from_str(&std::fs::read_to_string(&sidecar_file).unwrap()).unwrap();
     assert_eq!(sidecar["kind"], "Sidecar");
     assert_eq!(
         sidecar["spec"]["workloadSelector"]["labels"]["app"],
         "productpage"
     );
     let hosts: Vec<&str> = sidecar["spec"]["egress"][0]["hosts"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .filter_map(|h| h.as_str())
@@ -779,7 +779,7 @@ items:
         hosts.contains(&"*/details.default.svc.cluster.local"),
         "{hosts:?}"
     );
-    let fence: serde_yaml::Value = serde_yaml::from_str(
+    let fence: serde_json::Value = lazyload::yaml::from_str(
         &std::fs::read_to_string(work.path("manifests/default/productpage.servicefence.yaml")).unwrap(),
     )
     .unwrap();

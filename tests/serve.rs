@@ -5,6 +5,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lazyload::testing;
 use support::http;
 use support::serve::Serve;
 
@@ -170,15 +171,19 @@ async fn a_sidecar_scoping_the_global_sidecar_is_reported() {
         Stdio::from(std::fs::File::create(&log).unwrap()),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = http::get(serve.admin, "/metrics", &[]).await.unwrap().body;
-        if metrics.lines().any(|l| l == "lazyload_global_sidecar_scoped 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    testing::eventually(
+        "the scoped global-sidecar counted",
+        Duration::from_secs(10),
+        || async {
+            let metrics = http::get(serve.admin, "/metrics", &[]).await.unwrap().body;
+            if metrics.lines().any(|l| l == "lazyload_global_sidecar_scoped 1") {
+                Ok(())
+            } else {
+                Err(metrics)
+            }
+        },
+    )
+    .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains(
@@ -224,21 +229,22 @@ async fn a_snapshot_with_unreadable_objects_still_serves_and_learns() {
         "{metrics}"
     );
 
-    use support::als_client::{client, entry, message};
+    use lazyload::testing::als::{entry, message};
+    use support::als_client::client;
     let mut c = client(als).await;
     let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
     c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
 
     let sidecar = dir.path("manifests/default/productpage.sidecar.yaml");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    testing::eventually("a Sidecar learned", Duration::from_secs(20), || {
         let text = std::fs::read_to_string(&sidecar).unwrap_or_default();
-        if text.contains("details.default.svc.cluster.local") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no Sidecar learned: {text:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        std::future::ready(if text.contains("details.default.svc.cluster.local") {
+            Ok(())
+        } else {
+            Err(text)
+        })
+    })
+    .await;
 }
 
 /// SIGTERM with an access-log stream open (Envoy never closes its own) and learned edges still
@@ -446,10 +452,15 @@ fn every_flag_and_config_value_is_checked_at_start() {
             "--manifests-dir",
         ),
     ];
-    for (args, names) in cases {
+    testing::assert_all(cases.iter().map(|(args, names)| {
         let err = fails_at_start(args);
-        assert!(err.contains(names), "{args:?}: {err}");
-    }
+        let outcome = if err.contains(names) {
+            Ok(())
+        } else {
+            Err(format!("does not name {names}: {err}"))
+        };
+        (format!("{args:?}"), outcome)
+    }));
 }
 
 /// A missing `--manifests-dir` is created; when writes to it fail later, `/readyz` says so with
@@ -467,22 +478,26 @@ async fn readiness_reflects_manifest_write_failures() {
 
     // The namespace directory becomes a file: the next write of the fence fails.
     std::fs::write(manifests.join("default"), "").unwrap();
-    use support::als_client::{client, entry, message};
+    use lazyload::testing::als::{entry, message};
+    use support::als_client::client;
     let mut c = client(als).await;
     let messages = [message(true, [entry("10.1.0.5", "details:9080".into())])];
     c.stream_access_logs(tokio_stream::iter(messages)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = http::get(serve.admin, "/readyz", &[]).await.unwrap();
-        if ready.status == 503 {
-            assert!(
-                ready.body.contains("manifests-dir (writing default/productpage"),
-                "{}",
-                ready.body
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "still ready after a failed write");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ready = testing::eventually(
+        "not ready after a failed write",
+        Duration::from_secs(20),
+        || async {
+            let ready = http::get(serve.admin, "/readyz", &[]).await.unwrap();
+            if ready.status == 503 {
+                Ok(ready.body)
+            } else {
+                Err(ready.body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        ready.contains("manifests-dir (writing default/productpage"),
+        "{ready}"
+    );
 }

@@ -101,7 +101,7 @@ fn fences() -> Vec<(PathBuf, Value)> {
                 "{}: no comment saying what it reproduces",
                 f.display()
             );
-            let value: Value = serde_yaml::from_str(&text).unwrap();
+            let value: Value = lazyload::yaml::from_str(&text).unwrap();
             (f, value)
         })
         .collect()
@@ -209,7 +209,7 @@ fn fence_forms_go_through_generate() {
         assert!(!out.join(format!("shop/{name}.sidecar.yaml")).exists(), "{name}");
     }
     for name in ["cart", "jsonpb", "numbers", "stable"] {
-        let sidecar: Value = serde_yaml::from_str(
+        let sidecar: Value = lazyload::yaml::from_str(
             &std::fs::read_to_string(out.join(format!("shop/{name}.sidecar.yaml"))).unwrap(),
         )
         .unwrap();

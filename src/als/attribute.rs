@@ -420,7 +420,6 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::{Dispatch, FenceLabelKey};
-    use crate::index::{PodInfo, ServiceEntryInfo, ServiceInfo};
 
     /// The collector indexes its drop counters by `reason as usize`: `ALL` must list the
     /// reasons in declaration order.
@@ -431,28 +430,11 @@ pub(crate) mod tests {
         }
     }
 
-    fn svc(ns: &str, name: &str, app: &str, vip: &str) -> ServiceInfo {
-        ServiceInfo {
-            key: ObjectKey::new(ns, name),
-            labels: Default::default(),
-            selector: Some([("app".to_string(), app.to_string())].into()),
-            ports: vec![],
-            cluster_ips: vec![vip.to_string()],
-        }
-    }
+    /// Kept for the reconcile tests that still reach it here.
+    pub(crate) use crate::testing::pod;
 
-    /// A running pod (shared test builder).
-    pub(crate) fn pod(ns: &str, name: &str, labels: &[(&str, &str)], ip: &str, sa: &str) -> PodInfo {
-        PodInfo {
-            key: ObjectKey::new(ns, name),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ips: vec![ip.parse().unwrap()],
-            host_network: false,
-            service_account: sa.into(),
-        }
+    fn svc(ns: &str, name: &str, app: &str, vip: &str) -> crate::index::ServiceInfo {
+        crate::testing::service(ns, name, app, &[vip])
     }
 
     /// The test cluster: bookinfo in `default`, the global-sidecar, overlapping IPs, external
@@ -525,13 +507,7 @@ pub(crate) mod tests {
         );
         hostnet.host_network = true;
         idx.apply_pod(hostnet);
-        let se = ServiceEntryInfo::try_from(
-            &serde_yaml::from_str::<crate::vocab::istio::ServiceEntry>(
-                "metadata: {name: ext, namespace: default}\nspec: {hosts: [api.example.com, '*.wild.com']}",
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let se = crate::testing::service_entry("default", "ext", &["api.example.com", "*.wild.com"]);
         idx.apply_service_entry(se);
         idx
     }
@@ -880,9 +856,11 @@ pub(crate) mod tests {
                 ok(&pp, &[FQDN]),
             ),
         ];
-        for (name, attributor, entry, want) in cases {
-            assert_eq!(run(attributor, &idx, Entry::http(&entry)), want, "{name}");
-        }
+        crate::testing::assert_table(
+            cases.into_iter().map(|(name, attributor, entry, want)| {
+                (name, run(attributor, &idx, Entry::http(&entry)), want)
+            }),
+        );
     }
 
     #[test]

@@ -299,7 +299,7 @@ mod tests {
             config.iter().all(|l| !l.contains("secrets:")),
             "no certificate files needed: {b}"
         );
-        let parsed: serde_yaml::Value = serde_yaml::from_str(&b).unwrap();
+        let parsed: serde_json::Value = crate::yaml::from_str(&b).unwrap();
         assert_eq!(parsed["node"]["metadata"]["SLIME_APP"], "LAZYLOAD_GLOBAL_SIDECAR");
         assert_eq!(parsed["admin"]["address"]["socket_address"]["port_value"], 0);
     }

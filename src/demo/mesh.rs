@@ -181,7 +181,7 @@ impl Mesh {
                 items.push(s.fence());
             }
         }
-        serde_yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+        crate::yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
             .unwrap_or_default()
     }
 

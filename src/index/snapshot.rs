@@ -2,7 +2,6 @@
 //! `kubectl get ns,svc,pods,virtualservices,serviceentries,servicefences,sidecars -A -o yaml` (a `List`),
 //! multi-document YAML, or any mix of both.
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::ClusterIndex;
@@ -14,12 +13,10 @@ use crate::vocab::istio::Sidecar;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Not YAML.
-    #[error("document {document}: {source}")]
+    #[error("not YAML: {source}")]
     Yaml {
-        /// 1-based document number.
-        document: usize,
-        /// Parser error.
-        source: serde_yaml::Error,
+        /// Parser error (it names the line and column).
+        source: crate::yaml::Error,
     },
     /// The file holds something, but not one Kubernetes object (a mapping with a `kind`).
     #[error(
@@ -71,11 +68,8 @@ impl Snapshot {
             ..Default::default()
         };
         let mut content = false;
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = Value::deserialize(doc).map_err(|source| Error::Yaml {
-                document: i + 1,
-                source,
-            })?;
+        let documents: Vec<Value> = crate::yaml::documents(text).map_err(|source| Error::Yaml { source })?;
+        for (i, value) in documents.into_iter().enumerate() {
             content |= !value.is_null();
             snap.add(value).map_err(|ShapeError(what)| Error::Shape {
                 document: i + 1,
@@ -275,7 +269,7 @@ spec: {enable: true}
     #[test]
     fn a_file_that_is_not_kubernetes_objects_is_an_error() {
         let e = Snapshot::parse("a: [", "cluster.local").unwrap_err().to_string();
-        assert!(e.starts_with("document 1"), "{e}");
+        assert!(e.starts_with("not YAML: ") && e.contains("line 1"), "{e}");
         // An access log, a config file, a bare list of strings: not an empty cluster.
         for text in ["{\"authority\": \"a\"}\n", "general: {autoFence: true}\n"] {
             let e = Snapshot::parse(text, "cluster.local").unwrap_err();

@@ -14,7 +14,7 @@ fn svc(ns: &str, name: &str, labels: &[(&str, &str)]) -> ServiceInfo {
 }
 
 fn vs(yaml: &str) -> VirtualServiceInfo {
-    VirtualServiceInfo::from_object(&serde_yaml::from_str(yaml).unwrap(), "cluster.local").unwrap()
+    VirtualServiceInfo::from_object(&crate::yaml::from_str(yaml).unwrap(), "cluster.local").unwrap()
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn vips_and_service_entry_hosts() {
     assert_eq!(idx.service_by_vip("10.96.0.2".parse().unwrap()), None);
     assert!(!idx.has_service("reviews.default"));
     let se: crate::vocab::istio::ServiceEntry =
-        serde_yaml::from_str("metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}")
+        crate::yaml::from_str("metadata: {name: e, namespace: n}\nspec: {hosts: [a.example.com, '*.w.io']}")
             .unwrap();
     idx.apply_service_entry(ServiceEntryInfo::try_from(&se).unwrap());
     assert!(idx.is_service_entry_host("a.example.com"));

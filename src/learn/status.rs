@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn seed_restores_what_status_holds() {
-        let fence: ServiceFence = serde_yaml::from_str(
+        let fence: ServiceFence = crate::yaml::from_str(
             r#"
 metadata: {name: productpage, namespace: default}
 spec: {enable: true}

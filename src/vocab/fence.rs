@@ -449,7 +449,7 @@ mod tests {
     #[test]
     fn stable_null_reads_as_empty_strategy() {
         let spec: ServiceFenceSpec =
-            serde_yaml::from_str("enable: true\nhost:\n  reviews.default.svc.cluster.local:\n    stable:\n")
+            crate::yaml::from_str("enable: true\nhost:\n  reviews.default.svc.cluster.local:\n    stable:\n")
                 .unwrap();
         assert_eq!(
             spec.host["reviews.default.svc.cluster.local"],
@@ -465,7 +465,7 @@ mod tests {
             "apiVersion: microservice.slime.io/v1alpha1\nkind: ServiceFence\nmetadata: {name: a}\nspec: {host: null, enable: null, namespaceSelector: null, labelSelector: [{selector: null}], workloadSelector: {labels: null, fromService: null}}\nstatus: {domains: null, metricStatus: null, visitor: null, lastSeen: null, conditions: null}\n",
         ];
         for text in cases {
-            let fence: ServiceFence = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let fence: ServiceFence = crate::yaml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert!(!fence.spec.enable && fence.spec.host.is_empty(), "{text}");
             assert!(fence.status.unwrap_or_default().domains.is_empty(), "{text}");
         }

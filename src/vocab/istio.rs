@@ -356,7 +356,7 @@ mod tests {
 
     /// Decoding into the typed struct and encoding again gives back the same object.
     fn round_trip<T: serde::de::DeserializeOwned + Serialize>(yaml: &str) {
-        let original: Value = serde_yaml::from_str(yaml).unwrap();
+        let original: Value = crate::yaml::from_str(yaml).unwrap();
         let typed: T = serde_json::from_value(original.clone()).unwrap();
         assert_eq!(serde_json::to_value(&typed).unwrap(), original);
     }

@@ -22,11 +22,11 @@ pub fn edges_on_disk(dir: &Path) -> BTreeSet<(String, String)> {
             let text = std::fs::read_to_string(&path).unwrap();
             assert!(!text.is_empty(), "{name} is empty");
             if !name.ends_with(".servicefence.yaml") {
-                let _: serde_yaml::Value = serde_yaml::from_str(&text)
+                let _: serde_json::Value = lazyload::yaml::from_str(&text)
                     .unwrap_or_else(|e| panic!("{name} is not whole: {e}\n{text}"));
                 continue;
             }
-            let fence: ServiceFence = serde_yaml::from_str(&text)
+            let fence: ServiceFence = lazyload::yaml::from_str(&text)
                 .unwrap_or_else(|e| panic!("{name} is not a whole ServiceFence: {e}\n{text}"));
             let id = format!(
                 "{}/{}",

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 /// The `openAPIV3Schema` of the first version of the CRD in `crd_yaml`.
 pub fn crd_schema(crd_yaml: &str) -> Value {
-    let crd: Value = serde_yaml::from_str(crd_yaml).unwrap();
+    let crd: Value = lazyload::yaml::from_str(crd_yaml).unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 

@@ -2,8 +2,6 @@
 //! server whose watch fails with `410 Gone` and which does not serve the Istio and fence CRDs,
 //! and [`run`] against a faithful mock API server ([`MockApi`]) that has the CRDs.
 
-mod mock_api;
-
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -12,11 +10,11 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tower_test::mock;
 
-use self::mock_api::MockApi;
 use super::*;
 use crate::index::ClusterIndex;
 use crate::index::convert::Reason;
 use crate::readiness::Readiness;
+use crate::testing::MockApi;
 use crate::vocab::fence::ServiceFence;
 
 const DOMAIN: &str = "cluster.local";
@@ -522,7 +520,10 @@ async fn a_kind_served_at_another_path_never_counts_as_synced() {
 }
 
 /// The writes the mock API server received at paths starting with `path`.
-fn written_at(writes: &std::sync::Mutex<Vec<mock_api::Write>>, path: &str) -> Vec<mock_api::Write> {
+fn written_at(
+    writes: &std::sync::Mutex<Vec<crate::testing::Write>>,
+    path: &str,
+) -> Vec<crate::testing::Write> {
     let writes = writes.lock().unwrap_or_else(|e| e.into_inner());
     writes
         .iter()

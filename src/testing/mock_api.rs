@@ -1,9 +1,10 @@
 //! A mock API server faithful to a real one for what lazyload uses: list and watch of each kind
 //! at its real path (group, version, and the plural its CRD declares: hard-coded here, never
 //! taken from the code under test), discovery of every group-version it serves, writes of
-//! namespaced objects and their status, Events, and Leases kept as a real server keeps them
-//! (read, created, merge-patched: what the leader election does); `404 NotFound` for everything
-//! else, as a real API server answers an unknown path.
+//! namespaced objects and their status (kept, and answered with the whole object as written, as
+//! a real server answers), Events, and Leases read, created and patched with a real server's
+//! rules (what the leader election does); `404 NotFound` for everything else, as a real API
+//! server answers an unknown path.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,8 +49,10 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("/apis/coordination.k8s.io/v1", "leases", "Lease", true),
 ];
 
-/// The kinds the mock keeps (the others' writes are answered with what was written).
-const KEPT: &[&str] = &["leases"];
+/// Kinds whose single objects are read, created and patched with a real server's rules: a GET
+/// answers the object or 404, a POST of an existing object is 409, a merge patch of a missing one
+/// is 404 (a server-side apply creates it), and every write bumps the resource version.
+const STRICT: &[&str] = &["Lease"];
 
 /// One write the server received: method, path with query, body.
 pub type Write = (String, String, Value);
@@ -61,8 +64,6 @@ pub struct MockApi {
     failing: BTreeMap<&'static str, u16>,
     plurals: BTreeMap<&'static str, &'static str>,
     writes: Arc<Mutex<Vec<Write>>>,
-    /// Objects of the [`KEPT`] kinds, by path.
-    kept: BTreeMap<String, Value>,
     resource_version: u64,
 }
 
@@ -139,8 +140,13 @@ impl MockApi {
     }
 
     fn answer(&mut self, method: &str, path: &str, query: &str, body: Value, apply: bool) -> Response<Body> {
-        if let Some(answer) = self.keep(method, path, query, &body, apply) {
-            return answer;
+        if let Some((kind, namespace, name)) = self.namespaced_object(path)
+            && STRICT.contains(&kind)
+        {
+            let name = name
+                .map(str::to_string)
+                .or_else(|| body.pointer("/metadata/name")?.as_str().map(String::from));
+            return self.strict(method, (path, query), (kind, namespace, name), body, apply);
         }
         if method == "GET" {
             if let Some(kind) = self.list_of(path) {
@@ -177,109 +183,126 @@ impl MockApi {
             }
         }
         if method != "GET"
-            && let Some((namespace, name)) = self.namespaced_object(path)
+            && let Some((kind, namespace, name)) = self.namespaced_object(path)
         {
             self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
                 method.to_string(),
                 format!("{path}?{query}"),
                 body.clone(),
             ));
-            // The object as written (a real server returns all of it; what lazyload reads of
-            // the answer is its metadata).
-            let mut object = if body.is_object() { body } else { json!({}) };
-            object["metadata"]["namespace"] = json!(namespace);
-            if let Some(name) = name {
-                object["metadata"]["name"] = json!(name);
-            }
+            let status = path.ends_with("/status");
+            let object = self.store(kind, namespace, name, status, body);
             return respond(200, object);
         }
         status(404, "NotFound")
     }
 
-    /// Reads and writes of a [`KEPT`] kind: a GET answers the object or 404, a POST creates (409
-    /// if it exists), a PATCH merges into the object (creating it only for a server-side
-    /// `apply`); every write is recorded and bumps the resource version.
-    fn keep(
+    /// Kind, namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]`
+    /// of a served namespaced kind.
+    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'static str, &'p str, Option<&'p str>)> {
+        self.resources()
+            .filter(|r| r.3)
+            .find_map(|(gv, plural, kind, _)| {
+                let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
+                let parts: Vec<&str> = rest.split('/').collect();
+                let shaped = parts.len() >= 2
+                    && parts[1] == plural
+                    && !parts[0].is_empty()
+                    && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
+                shaped.then(|| (kind, parts[0], parts.get(2).copied()))
+            })
+    }
+
+    /// A request for one object of a [`STRICT`] kind.
+    fn strict(
         &mut self,
         method: &str,
-        path: &str,
-        query: &str,
-        body: &Value,
+        (path, query): (&str, &str),
+        (kind, namespace, name): (&'static str, &str, Option<String>),
+        mut body: Value,
         apply: bool,
-    ) -> Option<Response<Body>> {
-        let (namespace, name) = self.namespaced_object(path)?;
-        if !KEPT.iter().any(|k| path.contains(&format!("/{k}"))) {
-            return None;
-        }
-        let (namespace, name) = (namespace.to_string(), name.map(str::to_string));
-        let collection = match &name {
-            Some(n) => path
-                .trim_end_matches(n.as_str())
-                .trim_end_matches('/')
-                .to_string(),
-            None => path.to_string(),
-        };
-        if method == "GET" {
-            return Some(match name.and_then(|_| self.kept.get(path)) {
-                Some(object) => respond(200, object.clone()),
-                None => status(404, "NotFound"),
-            });
+    ) -> Response<Body> {
+        let kept = name
+            .as_deref()
+            .and_then(|n| self.find(kind, namespace, n))
+            .cloned();
+        match (method, &kept) {
+            ("GET", Some(object)) => return respond(200, object.clone()),
+            ("GET", None) => return status(404, "NotFound"),
+            ("POST", Some(_)) => return status(409, "AlreadyExists"),
+            ("PATCH", None) if !apply => return status(404, "NotFound"),
+            ("POST" | "PATCH", _) => {}
+            _ => return status(405, "MethodNotAllowed"),
         }
         self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((
             method.to_string(),
             format!("{path}?{query}"),
             body.clone(),
         ));
-        let name = name.or_else(|| body.pointer("/metadata/name")?.as_str().map(String::from))?;
-        let key = format!("{collection}/{name}");
-        let exists = self.kept.contains_key(&key);
-        match method {
-            "POST" if exists => return Some(status(409, "AlreadyExists")),
-            "PATCH" if !exists && !apply => return Some(status(404, "NotFound")),
-            "POST" | "PATCH" => {}
-            _ => return Some(status(405, "MethodNotAllowed")),
-        }
         self.resource_version += 1;
-        let object = self.kept.entry(key).or_insert_with(|| json!({}));
-        merge(object, body);
-        object["metadata"]["namespace"] = json!(namespace);
-        object["metadata"]["name"] = json!(name);
-        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
-        Some(respond(if exists { 200 } else { 201 }, object.clone()))
+        if !body.is_object() {
+            body = json!({});
+        }
+        body["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        let object = self.store(kind, namespace, name.as_deref(), false, body);
+        respond(if kept.is_some() { 200 } else { 201 }, object)
     }
 
-    /// Namespace and name (if any) of `{gv}/namespaces/{ns}/{plural}[/{name}[/status]]` of a
-    /// served namespaced kind.
-    fn namespaced_object<'p>(&self, path: &'p str) -> Option<(&'p str, Option<&'p str>)> {
-        self.resources().filter(|r| r.3).find_map(|(gv, plural, ..)| {
-            let rest = path.strip_prefix(gv)?.strip_prefix("/namespaces/")?;
-            let parts: Vec<&str> = rest.split('/').collect();
-            let shaped = parts.len() >= 2
-                && parts[1] == plural
-                && !parts[0].is_empty()
-                && (parts.len() <= 3 || (parts.len() == 4 && parts[3] == "status"));
-            shaped.then(|| (parts[0], parts.get(2).copied()))
-        })
+    /// The kept object `kind` `namespace/name`, if any.
+    fn find(&self, kind: &str, namespace: &str, name: &str) -> Option<&Value> {
+        self.items
+            .get(kind)?
+            .iter()
+            .find(|o| o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == name)
+    }
+
+    /// Keeps a write of `kind` `namespace/name` and returns the object as it now is: a status
+    /// write replaces only the status of the kept object, any other write merges into it (what
+    /// lazyload writes are server-side applies and merge patches); a write to the collection
+    /// (an Event) adds one.
+    fn store(
+        &mut self,
+        kind: &'static str,
+        namespace: &str,
+        name: Option<&str>,
+        status: bool,
+        body: Value,
+    ) -> Value {
+        let mut written = if body.is_object() { body } else { json!({}) };
+        written["metadata"]["namespace"] = json!(namespace);
+        if let Some(name) = name {
+            written["metadata"]["name"] = json!(name);
+        }
+        let items = self.items.entry(kind).or_default();
+        let same = |o: &&mut Value| {
+            name.is_some() && o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == json!(name)
+        };
+        let Some(kept) = items.iter_mut().find(same) else {
+            items.push(written.clone());
+            return written;
+        };
+        if status {
+            kept["status"] = written["status"].take();
+        } else {
+            merge(kept, written);
+        }
+        kept.clone()
     }
 }
 
-/// JSON merge patch (RFC 7386): objects key by key, `null` removes, anything else replaces.
-fn merge(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    if let Value::Object(target) = target {
-        for (k, v) in patch {
-            if v.is_null() {
-                target.remove(k);
-            } else {
-                merge(target.entry(k.clone()).or_insert(Value::Null), v);
+/// JSON merge patch (RFC 7386): `patch`'s fields replace `target`'s, `null` removes one.
+fn merge(target: &mut Value, patch: Value) {
+    match (target.as_object_mut(), patch) {
+        (Some(fields), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    fields.remove(&key);
+                } else {
+                    merge(fields.entry(key).or_insert(Value::Null), value);
+                }
             }
         }
+        (_, patch) => *target = patch,
     }
 }
 
