@@ -674,11 +674,7 @@ async fn couple<P: Protocol>(
                         requested.insert(P::requested_type(&req).to_string());
                     }
                     let req = match &mut state {
-                        Some(s) => {
-                            let (req, reply) = s.downstream_request(req);
-                            on_reply::<P>(shared, s, &node.class, generation, reply);
-                            req
-                        }
+                        Some(s) => relay_request::<P>(shared, s, &node.class, generation, req),
                         None => req,
                     };
                     if up_tx.send(req).is_err() {
@@ -686,59 +682,103 @@ async fn couple<P: Protocol>(
                     }
                 }
                 Ok(None) => return Ok(()),
-                Err(status) => {
-                    if let Some(status) = invalid_request(&status) {
-                        shared.metrics.invalid_requests.inc();
-                        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
-                        return Err(status);
-                    }
-                    tracing::debug!("downstream stream failed: {status}");
-                    return Ok(());
-                }
+                Err(status) => return downstream_failed(shared, &status),
             },
             msg = upstream.message(), if pending.is_empty() => match msg {
                 Ok(Some(resp)) if let Some(why) = invalid_response::<P>(&resp, &requested) => {
-                    let (type_url, _, _) = P::describe(&resp);
-                    shared.metrics.upstream_invalid.get_or_create(&Metrics::type_labels(type_url)).inc();
-                    tracing::warn!("istiod sent {why}: not relayed");
+                    not_relayed::<P>(shared, &resp, &why);
                 }
                 Ok(Some(resp)) => {
                     let resp = match &mut state {
-                        Some(s) => {
-                            let mut counts = Counts::default();
-                            let resp = s.upstream_response(resp, &adjuster, &shared.interner, &mut counts);
-                            for (what, n) in counts.0 {
-                                shared.metrics.adjustments.get_or_create(&AdjustLabels { adjustment: what }).inc_by(n);
-                            }
-                            resp
-                        }
+                        Some(s) => adjust_response::<P>(shared, s, &adjuster, resp),
                         None => resp,
                     };
-                    let (type_url, version, bytes) = P::describe(&resp);
-                    let labels = Metrics::type_labels(type_url);
-                    shared.metrics.pushes.get_or_create(&labels).inc();
-                    shared.metrics.push_bytes.get_or_create(&labels).inc_by(bytes as u64);
-                    tracing::debug!(type_url, version, bytes, "push");
-                    let (t, v) = (short_type(type_url).to_string(), version.to_string());
-                    set_view(shared, generation, |view| {
-                        if let Some(view) = view {
-                            view.versions.insert(t, v);
-                        }
-                    });
+                    record_push::<P>(shared, generation, &resp);
                     pending.push_back(resp);
                 }
                 Ok(None) => return Err(Status::unavailable("istiod closed the stream")),
-                Err(status) => {
-                    if routine_close(&status) {
-                        tracing::info!("upstream stream ended: {}", status.message());
-                    } else {
-                        tracing::warn!("upstream stream failed: {status}");
-                    }
-                    return Err(Status::unavailable(format!("upstream: {}", status.message())));
-                }
+                Err(status) => return Err(upstream_failed(&status)),
             },
         }
     }
+}
+
+/// How a failed read of the downstream stream ends it: with the reason when the client sent
+/// something invalid, quietly when it went away.
+fn downstream_failed(shared: &Shared, status: &Status) -> Result<(), Status> {
+    if let Some(status) = invalid_request(status) {
+        shared.metrics.invalid_requests.inc();
+        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
+        return Err(status);
+    }
+    tracing::debug!("downstream stream failed: {status}");
+    Ok(())
+}
+
+/// The status a downstream stream ends with when its upstream stream failed.
+fn upstream_failed(status: &Status) -> Status {
+    if routine_close(status) {
+        tracing::info!("upstream stream ended: {}", status.message());
+    } else {
+        tracing::warn!("upstream stream failed: {status}");
+    }
+    Status::unavailable(format!("upstream: {}", status.message()))
+}
+
+/// Counts and logs an invalid upstream response (it is dropped).
+fn not_relayed<P: Protocol>(shared: &Shared, resp: &P::Response, why: &str) {
+    let (type_url, _, _) = P::describe(resp);
+    let labels = Metrics::type_labels(type_url);
+    shared.metrics.upstream_invalid.get_or_create(&labels).inc();
+    tracing::warn!("istiod sent {why}: not relayed");
+}
+
+/// A downstream request translated for istiod, its meaning recorded.
+fn relay_request<P: Protocol>(
+    shared: &Shared,
+    state: &mut P::State,
+    class: &str,
+    generation: u64,
+    req: P::Request,
+) -> P::Request {
+    let (req, reply) = state.downstream_request(req);
+    on_reply::<P>(shared, state, class, generation, reply);
+    req
+}
+
+/// An upstream response adjusted for the downstream, the adjustments counted.
+fn adjust_response<P: Protocol>(
+    shared: &Shared,
+    state: &mut P::State,
+    adjuster: &Adjuster<'_>,
+    resp: P::Response,
+) -> P::Response {
+    let mut counts = Counts::default();
+    let resp = state.upstream_response(resp, adjuster, &shared.interner, &mut counts);
+    for (what, n) in counts.0 {
+        let labels = AdjustLabels { adjustment: what };
+        shared.metrics.adjustments.get_or_create(&labels).inc_by(n);
+    }
+    resp
+}
+
+/// Counts a push and shows its version in `/debug/relay`.
+fn record_push<P: Protocol>(shared: &Shared, generation: u64, resp: &P::Response) {
+    let (type_url, version, bytes) = P::describe(resp);
+    let labels = Metrics::type_labels(type_url);
+    shared.metrics.pushes.get_or_create(&labels).inc();
+    shared
+        .metrics
+        .push_bytes
+        .get_or_create(&labels)
+        .inc_by(bytes as u64);
+    tracing::debug!(type_url, version, bytes, "push");
+    let (t, v) = (short_type(type_url).to_string(), version.to_string());
+    set_view(shared, generation, |view| {
+        if let Some(view) = view {
+            view.versions.insert(t, v);
+        }
+    });
 }
 
 fn on_reply<P: Protocol>(shared: &Shared, state: &P::State, class: &str, generation: u64, reply: Reply) {
