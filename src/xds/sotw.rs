@@ -101,6 +101,7 @@ impl StreamState for SotwStream {
             interner.remember(set, &als.name, &any);
             resources.push(any);
         }
+        interner.share(set);
         state.sent.push(Sent {
             nonce: nonce.clone(),
             version: version.clone(),
