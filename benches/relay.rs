@@ -3,7 +3,8 @@
 //! directly, through a null relay (a TCP proxy forwarding bytes without decoding them: the
 //! floor), and through `lazyload serve` (a separate process, so its memory can be read), all in
 //! the same run. Prints, per N: convergence time via each path vs direct, the added latency of an
-//! incremental EDS push (p50/p99), the relay's RSS for the first and each further replica, and
+//! incremental EDS push (p50/p99), the relay's CPU time per converge (not inflated by other
+//! load on the machine), the relay's RSS for the first and each further replica, and
 //! the relay's state machine per response, including the whole RDS response when one service
 //! changed (the incremental route path) against adjusting it from scratch.
 //!
@@ -232,6 +233,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the process `pid` has used (all its threads), from the scheduler's per-thread
+/// nanosecond counters: a figure of the relay's own cost that other load on the machine does
+/// not inflate, unlike wall-clock converge times.
+fn cpu_time(pid: u32) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 struct RelayProcess(Child);
 
 impl Drop for RelayProcess {
@@ -456,6 +472,8 @@ fn adjust_costs(config: &Config) -> (String, String) {
 /// What one relay did in the run.
 struct RelayFigures {
     converge: Duration,
+    /// The relay's CPU time for one global-sidecar converge (least of three).
+    cpu: Duration,
     plain: Duration,
     eds: Vec<Duration>,
     /// RSS (KiB) idle, then after each global-sidecar replica converged.
@@ -475,12 +493,15 @@ async fn measure_relay(
 ) -> RelayFigures {
     let _ = Client::converge(addr, 80, clusters, routes).await;
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let mut rss = vec![rss_kib(pid)];
     let mut replicas = Vec::new();
     for replica in 0..3 {
         let (_, d) = Client::converge(istiod.addr, 100 + replica, clusters, routes).await;
         direct_times.push(d);
+        let before = cpu_time(pid);
         let (c, r) = Client::converge(addr, replica, clusters, routes).await;
+        cpu.push(cpu_time(pid).saturating_sub(before));
         times.push(r);
         replicas.push(c);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -496,6 +517,7 @@ async fn measure_relay(
     let eds = eds_latencies(istiod, &mut client, clusters, 300).await;
     RelayFigures {
         converge: times.into_iter().min().unwrap(),
+        cpu: cpu.into_iter().min().unwrap(),
         plain: plain.into_iter().min().unwrap(),
         eds,
         rss,
@@ -512,6 +534,10 @@ fn print_relay(name: &str, f: &RelayFigures, direct: Duration, direct_eds: &[Dur
         ms(f.converge) / ms(direct),
         ms(f.plain),
         ms(f.plain) / ms(direct)
+    );
+    println!(
+        "    relay CPU time per global-sidecar converge: {:.1} ms",
+        ms(f.cpu)
     );
     let added = |p: f64| ms(percentile(&f.eds, p)) - ms(percentile(direct_eds, p));
     println!(
@@ -604,8 +630,9 @@ async fn run(n: usize, baseline: Option<&str>) {
     if let [(_, now), (_, base)] = figures.as_slice() {
         let further = |f: &RelayFigures| f.rss[3].saturating_sub(f.rss[1]) as f64;
         println!(
-            "  this build / baseline: converge {:.2}x, EDS push p99 {:.2}x, RSS per further replica {:.2}x",
+            "  this build / baseline: converge {:.2}x, relay CPU per converge {:.2}x, EDS push p99 {:.2}x, RSS per further replica {:.2}x",
             ms(now.converge) / ms(base.converge),
+            ms(now.cpu) / ms(base.cpu),
             ms(percentile(&now.eds, 0.99)) / ms(percentile(&base.eds, 0.99)),
             further(now) / further(base).max(1.0)
         );
