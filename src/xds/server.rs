@@ -662,12 +662,10 @@ async fn couple<P: Protocol>(
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
             () = tx.closed() => return Ok(()),
-            permit = tx.reserve(), if !pending.is_empty() => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(resp) = pending.pop_front() {
-                    permit.send(Ok(resp));
-                }
-            }
+            permit = tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => send_oldest(permit, &mut pending),
+                Err(_) => return Ok(()),
+            },
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if !requested.contains(P::requested_type(&req)) {
@@ -700,6 +698,13 @@ async fn couple<P: Protocol>(
                 Err(status) => return Err(upstream_failed(&status)),
             },
         }
+    }
+}
+
+/// Sends the oldest response waiting for the downstream, into the slot reserved for it.
+fn send_oldest<R>(permit: mpsc::Permit<'_, Result<R, Status>>, pending: &mut VecDeque<R>) {
+    if let Some(resp) = pending.pop_front() {
+        permit.send(Ok(resp));
     }
 }
 
@@ -904,12 +909,10 @@ async fn serve_last_good<P: Protocol>(
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
-            permit = tx.reserve(), if !pending.is_empty() => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(resp) = pending.pop_front() {
-                    permit.send(Ok(resp));
-                }
-            }
+            permit = tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => send_oldest(permit, &mut pending),
+                Err(_) => return Ok(()),
+            },
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     seq += 1;
