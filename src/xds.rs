@@ -14,6 +14,7 @@ pub mod adjust;
 pub mod cache;
 pub mod delta;
 pub mod metrics;
+pub mod request;
 pub mod routes;
 pub mod server;
 pub mod sotw;

@@ -49,13 +49,17 @@ impl Resource {
 /// Shards of a [`ResourceSet`]: a change copies 1/64 of the set.
 const SHARDS: usize = 64;
 
+/// One shard of a [`ResourceSet`].
+type Shard = BTreeMap<Arc<str>, Resource>;
+
 /// The resources of one type, by name. Its shards are shared copy-on-write: handing the set to
 /// the last-good record copies 64 pointers, and the stream's next change copies the one shard
-/// it touches, not the 10,000 entries of a large EDS set.
+/// it touches, not the 10,000 entries of a large EDS set. Streams holding the same resources
+/// (replicas of the global-sidecar) share equal shards too ([`Interner::share`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResourceSet {
     /// Empty until the first insert.
-    shards: Vec<Arc<BTreeMap<Arc<str>, Resource>>>,
+    shards: Vec<Arc<Shard>>,
 }
 
 impl ResourceSet {
@@ -141,13 +145,15 @@ impl FromIterator<(Arc<str>, Resource)> for ResourceSet {
 }
 
 /// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
-/// plus the type URLs and resource names streams share, and the adjusted virtual hosts.
+/// plus the type URLs and resource names streams share, the shards of their resource sets, and
+/// the adjusted virtual hosts.
 #[derive(Debug, Default)]
 pub struct Interner {
     /// Adjusted virtual hosts by content (A1, A2, A4 done incrementally).
     pub routes: RouteCache,
     table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
     strings: Mutex<std::collections::HashSet<Arc<str>>>,
+    shards: Mutex<HashMap<u64, Vec<Weak<Shard>>>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -192,6 +198,45 @@ impl Interner {
     pub fn remember(&self, set: &mut ResourceSet, name: &str, any: &Any) {
         set.insert(self.name(name), self.intern(&any.type_url, &any.value));
     }
+
+    /// Makes `set` share each shard it alone holds with an equal shard another set holds (the
+    /// same resources of another replica's stream), so N replicas hold one map, not N. Shards
+    /// already shared were shared when they were made; only those a change copied are looked
+    /// up. Names and buffers are interned, so equal shards hold the same pointers: the key is a
+    /// hash of pointers, and equality a comparison that usually stops at the pointers.
+    pub fn share(&self, set: &mut ResourceSet) {
+        let mut table = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        for shard in set
+            .shards
+            .iter_mut()
+            .filter(|s| Arc::strong_count(s) == 1 && !s.is_empty())
+        {
+            let bucket = table.entry(shard_key(shard)).or_default();
+            bucket.retain(|w| w.strong_count() > 0);
+            match bucket
+                .iter()
+                .filter_map(Weak::upgrade)
+                .find(|other| **other == **shard)
+            {
+                Some(other) => *shard = other,
+                None => bucket.push(Arc::downgrade(shard)),
+            }
+        }
+        if table.len() > 4096 && table.len().is_power_of_two() {
+            table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+        }
+    }
+}
+
+/// A hash of the pointers a shard holds (see [`Interner::share`]).
+fn shard_key(shard: &Shard) -> u64 {
+    use std::hash::Hasher;
+    let mut h = crate::hash::FxHasher::default();
+    for (name, resource) in shard {
+        h.write_usize(name.as_ptr() as usize);
+        h.write_usize(resource.value.as_ptr() as usize);
+    }
+    h.finish()
 }
 
 /// Config of one node class as last ACKed.
@@ -295,6 +340,42 @@ mod tests {
         assert!(Arc::ptr_eq(&a.value, &b.value));
         let c = i.intern("t", b"other");
         assert!(!Arc::ptr_eq(&a.value, &c.value));
+    }
+
+    #[test]
+    fn equal_sets_of_two_streams_share_their_shards() {
+        let i = Interner::default();
+        let items: Vec<(String, Vec<u8>)> = (0..500).map(|n| (format!("c{n}"), vec![n as u8; 40])).collect();
+        let build = |skip: Option<usize>| {
+            let mut set = ResourceSet::default();
+            for (n, (name, bytes)) in items.iter().enumerate() {
+                if Some(n) != skip {
+                    set.insert(i.name(name), i.intern("t", bytes));
+                }
+            }
+            i.share(&mut set);
+            set
+        };
+        let a = build(None);
+        let b = build(None);
+        assert!(
+            a.shares_with(&b),
+            "a second stream with the same resources holds no map of its own"
+        );
+        let c = build(Some(7));
+        assert!(!c.shares_with(&a) && c.len() == a.len() - 1);
+        let shared = a
+            .shards
+            .iter()
+            .zip(&c.shards)
+            .filter(|(x, y)| Arc::ptr_eq(x, y))
+            .count();
+        assert_eq!(shared, SHARDS - 1, "only the shard that differs is a copy");
+        // A change copies the one shard it touches, and the sets still read as before.
+        let mut d = b.clone();
+        d.insert(i.name("new"), i.intern("t", b"new"));
+        i.share(&mut d);
+        assert!(d.contains_key("new") && !b.contains_key("new") && a == b);
     }
 
     #[test]

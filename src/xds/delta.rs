@@ -126,6 +126,7 @@ impl StreamState for DeltaStream {
             });
             state.own_cluster_sent = true;
         }
+        interner.share(set);
         state.sent.push(Sent {
             nonce: nonce.clone(),
             upstream_nonce: resp.nonce,

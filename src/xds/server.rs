@@ -13,13 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as DeltaResource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use regex::Regex;
@@ -28,15 +23,20 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
+use tonic::client::Grpc;
+use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
 use tonic::transport::{Channel, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::ProstCodec;
 use tracing::Instrument;
 
 use super::adjust::{Adjuster, Counts, Settings};
 use super::cache::{Interner, LastGood, ResourceSet, Snapshot};
 use super::delta::DeltaStream;
 use super::metrics::{AdjustLabels, Metrics, StreamLabels, short_type};
+use super::request::SotwRequest;
 use super::sotw::SotwStream;
 use super::stream::{Reply, StreamState};
 use super::upstream::{Backoff, MAX_MESSAGE, Upstream, retryable, routine_close};
@@ -87,6 +87,11 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent streams per connection: Envoy opens one ADS stream per connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// An HTTP/2 receive window of `bytes`, within what HTTP/2 allows (2^31 - 1; h2 panics above).
+fn receive_window(bytes: usize) -> u32 {
+    u32::try_from(bytes).map_or(i32::MAX as u32, |b| b.clamp(65_535, i32::MAX as u32))
+}
 
 /// The relay service (cheap to clone).
 #[derive(Clone, Debug)]
@@ -197,13 +202,18 @@ impl Relay {
         let shutdown = self.shared.shutdown.clone();
         let limits = self.shared.config.limits;
         let refused = self.shared.metrics.refused_connections.clone();
-        let service = AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(limits.max_request_bytes)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let service = AdsService {
+            relay: self,
+            max_request_bytes: limits.max_request_bytes,
+        };
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            // A SotW EDS request names every cluster (hundreds of KiB at 10,000 services): a
+            // window as large as the largest request accepted takes it without a round trip.
+            .initial_stream_window_size(receive_window(limits.max_request_bytes))
+            .initial_connection_window_size(receive_window(limits.max_request_bytes));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
@@ -241,30 +251,78 @@ impl Relay {
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Relay {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+/// The ADS gRPC service. Written out rather than generated so that SotW requests can be read
+/// as [`SotwRequest`] (kept encoded) instead of decoded whole.
+#[derive(Clone)]
+struct AdsService {
+    relay: Relay,
+    max_request_bytes: usize,
+}
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start::<Sotw>(request)))
+impl NamedService for AdsService {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+impl<B> Service<http::Request<B>> for AdsService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.start::<Delta>(request)))
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let (relay, limit) = (self.relay.clone(), self.max_request_bytes);
+        match req.uri().path() {
+            SOTW_PATH => Box::pin(async move { Ok(serve_protocol::<Sotw, B>(relay, limit, req).await) }),
+            DELTA_PATH => Box::pin(async move { Ok(serve_protocol::<Delta, B>(relay, limit, req).await) }),
+            _ => Box::pin(async { Ok(Status::unimplemented("not an ADS method").into_http()) }),
+        }
+    }
+}
+
+/// One ADS call of protocol `P`: requests of at most `limit` bytes.
+async fn serve_protocol<P: Protocol, B>(
+    relay: Relay,
+    limit: usize,
+    req: http::Request<B>,
+) -> http::Response<tonic::body::Body>
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    let codec = ProstCodec::<P::Response, P::Request>::default();
+    let mut grpc =
+        tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), Some(MAX_MESSAGE));
+    grpc.streaming(Call::<P>(relay, std::marker::PhantomData), req)
+        .await
+}
+
+/// A relay stream of protocol `P`, as tonic's server calls it.
+struct Call<P>(Relay, std::marker::PhantomData<P>);
+
+impl<P: Protocol> tonic::server::StreamingService<P::Request> for Call<P> {
+    type Response = P::Response;
+    type ResponseStream = ReceiverStream<Result<P::Response, Status>>;
+    type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<P::Request>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(self.0.start::<P>(request))))
     }
 }
 
 /// What differs between SotW and Delta.
 trait Protocol: Send + 'static {
-    type Request: Send + Sync + Clone + std::fmt::Debug + 'static;
-    type Response: Send + Sync + 'static;
+    type Request: prost::Message + Default + Clone + 'static;
+    type Response: prost::Message + Default + 'static;
     type State: StreamState<Request = Self::Request, Response = Self::Response>;
     const NAME: &'static str;
 
@@ -273,10 +331,8 @@ trait Protocol: Send + 'static {
     fn requested_type(req: &Self::Request) -> &str;
     /// The type URLs of a response's resources.
     fn resource_types(resp: &Self::Response) -> impl Iterator<Item = &str>;
-    fn open(
-        client: AggregatedDiscoveryServiceClient<Channel>,
-        request: Request<UnboundedReceiverStream<Self::Request>>,
-    ) -> impl Future<Output = Result<Streaming<Self::Response>, Status>> + Send;
+    /// The gRPC method's path.
+    const PATH: &'static str;
     fn new_state(generation: u64) -> Self::State;
     /// Type URL, version and resource bytes of a response (for metrics and debug).
     fn describe(resp: &Self::Response) -> (&str, &str, usize);
@@ -294,31 +350,22 @@ struct Sotw;
 struct Delta;
 
 impl Protocol for Sotw {
-    type Request = DiscoveryRequest;
+    type Request = SotwRequest;
     type Response = DiscoveryResponse;
     type State = SotwStream;
     const NAME: &'static str = "sotw";
+    const PATH: &'static str = SOTW_PATH;
 
-    fn node(req: &DiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
+    fn node(req: &SotwRequest) -> Option<&Node> {
+        req.head.node.as_ref()
     }
 
-    fn requested_type(req: &DiscoveryRequest) -> &str {
-        &req.type_url
+    fn requested_type(req: &SotwRequest) -> &str {
+        &req.head.type_url
     }
 
     fn resource_types(resp: &DiscoveryResponse) -> impl Iterator<Item = &str> {
         resp.resources.iter().map(|r| r.type_url.as_str())
-    }
-
-    async fn open(
-        mut client: AggregatedDiscoveryServiceClient<Channel>,
-        request: Request<UnboundedReceiverStream<DiscoveryRequest>>,
-    ) -> Result<Streaming<DiscoveryResponse>, Status> {
-        client
-            .stream_aggregated_resources(request)
-            .await
-            .map(Response::into_inner)
     }
 
     fn new_state(generation: u64) -> SotwStream {
@@ -332,30 +379,31 @@ impl Protocol for Sotw {
 
     fn from_snapshot(
         snap: &Snapshot,
-        req: &DiscoveryRequest,
+        req: &SotwRequest,
         answered: &mut HashMap<String, Vec<String>>,
         seq: u64,
     ) -> Option<DiscoveryResponse> {
-        let mut names = req.resource_names.clone();
+        let (head, requested) = (&req.head, req.resource_names());
+        let mut names = requested.clone();
         names.sort();
-        if !req.response_nonce.is_empty() && answered.get(&req.type_url) == Some(&names) {
+        if !head.response_nonce.is_empty() && answered.get(&head.type_url) == Some(&names) {
             return None; // an ACK
         }
-        answered.insert(req.type_url.clone(), names);
-        let set = snap.types.get(&req.type_url);
-        let resources = if is_wildcard_type(&req.type_url) {
+        answered.insert(head.type_url.clone(), names);
+        let set = snap.types.get(&head.type_url);
+        let resources = if is_wildcard_type(&head.type_url) {
             set.map(|s| s.values().map(|r| r.to_any()).collect())
                 .unwrap_or_default()
         } else {
-            req.resource_names
+            requested
                 .iter()
-                .filter_map(|n| named_or_empty(&req.type_url, n, set))
+                .filter_map(|n| named_or_empty(&head.type_url, n, set))
                 .collect()
         };
         Some(DiscoveryResponse {
             version_info: format!("last-good-{}", snap.generation),
             resources,
-            type_url: req.type_url.clone(),
+            type_url: head.type_url.clone(),
             nonce: format!("lg-{seq}"),
             ..Default::default()
         })
@@ -367,6 +415,7 @@ impl Protocol for Delta {
     type Response = DeltaDiscoveryResponse;
     type State = DeltaStream;
     const NAME: &'static str = "delta";
+    const PATH: &'static str = DELTA_PATH;
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
@@ -381,16 +430,6 @@ impl Protocol for Delta {
             .iter()
             .filter_map(|r| r.resource.as_ref())
             .map(|r| r.type_url.as_str())
-    }
-
-    async fn open(
-        mut client: AggregatedDiscoveryServiceClient<Channel>,
-        request: Request<UnboundedReceiverStream<DeltaDiscoveryRequest>>,
-    ) -> Result<Streaming<DeltaDiscoveryResponse>, Status> {
-        client
-            .delta_aggregated_resources(request)
-            .await
-            .map(Response::into_inner)
     }
 
     fn new_state(generation: u64) -> DeltaStream {
@@ -623,23 +662,17 @@ async fn couple<P: Protocol>(
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
             () = tx.closed() => return Ok(()),
-            permit = tx.reserve(), if !pending.is_empty() => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(resp) = pending.pop_front() {
-                    permit.send(Ok(resp));
-                }
-            }
+            permit = tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => send_oldest(permit, &mut pending),
+                Err(_) => return Ok(()),
+            },
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if !requested.contains(P::requested_type(&req)) {
                         requested.insert(P::requested_type(&req).to_string());
                     }
                     let req = match &mut state {
-                        Some(s) => {
-                            let (req, reply) = s.downstream_request(req);
-                            on_reply::<P>(shared, s, &node.class, generation, reply);
-                            req
-                        }
+                        Some(s) => relay_request::<P>(shared, s, &node.class, generation, req),
                         None => req,
                     };
                     if up_tx.send(req).is_err() {
@@ -647,59 +680,110 @@ async fn couple<P: Protocol>(
                     }
                 }
                 Ok(None) => return Ok(()),
-                Err(status) => {
-                    if let Some(status) = invalid_request(&status) {
-                        shared.metrics.invalid_requests.inc();
-                        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
-                        return Err(status);
-                    }
-                    tracing::debug!("downstream stream failed: {status}");
-                    return Ok(());
-                }
+                Err(status) => return downstream_failed(shared, &status),
             },
             msg = upstream.message(), if pending.is_empty() => match msg {
                 Ok(Some(resp)) if let Some(why) = invalid_response::<P>(&resp, &requested) => {
-                    let (type_url, _, _) = P::describe(&resp);
-                    shared.metrics.upstream_invalid.get_or_create(&Metrics::type_labels(type_url)).inc();
-                    tracing::warn!("istiod sent {why}: not relayed");
+                    not_relayed::<P>(shared, &resp, &why);
                 }
                 Ok(Some(resp)) => {
                     let resp = match &mut state {
-                        Some(s) => {
-                            let mut counts = Counts::default();
-                            let resp = s.upstream_response(resp, &adjuster, &shared.interner, &mut counts);
-                            for (what, n) in counts.0 {
-                                shared.metrics.adjustments.get_or_create(&AdjustLabels { adjustment: what }).inc_by(n);
-                            }
-                            resp
-                        }
+                        Some(s) => adjust_response::<P>(shared, s, &adjuster, resp),
                         None => resp,
                     };
-                    let (type_url, version, bytes) = P::describe(&resp);
-                    let labels = Metrics::type_labels(type_url);
-                    shared.metrics.pushes.get_or_create(&labels).inc();
-                    shared.metrics.push_bytes.get_or_create(&labels).inc_by(bytes as u64);
-                    tracing::debug!(type_url, version, bytes, "push");
-                    let (t, v) = (short_type(type_url).to_string(), version.to_string());
-                    set_view(shared, generation, |view| {
-                        if let Some(view) = view {
-                            view.versions.insert(t, v);
-                        }
-                    });
+                    record_push::<P>(shared, generation, &resp);
                     pending.push_back(resp);
                 }
                 Ok(None) => return Err(Status::unavailable("istiod closed the stream")),
-                Err(status) => {
-                    if routine_close(&status) {
-                        tracing::info!("upstream stream ended: {}", status.message());
-                    } else {
-                        tracing::warn!("upstream stream failed: {status}");
-                    }
-                    return Err(Status::unavailable(format!("upstream: {}", status.message())));
-                }
+                Err(status) => return Err(upstream_failed(&status)),
             },
         }
     }
+}
+
+/// Sends the oldest response waiting for the downstream, into the slot reserved for it.
+fn send_oldest<R>(permit: mpsc::Permit<'_, Result<R, Status>>, pending: &mut VecDeque<R>) {
+    if let Some(resp) = pending.pop_front() {
+        permit.send(Ok(resp));
+    }
+}
+
+/// How a failed read of the downstream stream ends it: with the reason when the client sent
+/// something invalid, quietly when it went away.
+fn downstream_failed(shared: &Shared, status: &Status) -> Result<(), Status> {
+    if let Some(status) = invalid_request(status) {
+        shared.metrics.invalid_requests.inc();
+        tracing::warn!(code = ?status.code(), "downstream sent an invalid request");
+        return Err(status);
+    }
+    tracing::debug!("downstream stream failed: {status}");
+    Ok(())
+}
+
+/// The status a downstream stream ends with when its upstream stream failed.
+fn upstream_failed(status: &Status) -> Status {
+    if routine_close(status) {
+        tracing::info!("upstream stream ended: {}", status.message());
+    } else {
+        tracing::warn!("upstream stream failed: {status}");
+    }
+    Status::unavailable(format!("upstream: {}", status.message()))
+}
+
+/// Counts and logs an invalid upstream response (it is dropped).
+fn not_relayed<P: Protocol>(shared: &Shared, resp: &P::Response, why: &str) {
+    let (type_url, _, _) = P::describe(resp);
+    let labels = Metrics::type_labels(type_url);
+    shared.metrics.upstream_invalid.get_or_create(&labels).inc();
+    tracing::warn!("istiod sent {why}: not relayed");
+}
+
+/// A downstream request translated for istiod, its meaning recorded.
+fn relay_request<P: Protocol>(
+    shared: &Shared,
+    state: &mut P::State,
+    class: &str,
+    generation: u64,
+    req: P::Request,
+) -> P::Request {
+    let (req, reply) = state.downstream_request(req);
+    on_reply::<P>(shared, state, class, generation, reply);
+    req
+}
+
+/// An upstream response adjusted for the downstream, the adjustments counted.
+fn adjust_response<P: Protocol>(
+    shared: &Shared,
+    state: &mut P::State,
+    adjuster: &Adjuster<'_>,
+    resp: P::Response,
+) -> P::Response {
+    let mut counts = Counts::default();
+    let resp = state.upstream_response(resp, adjuster, &shared.interner, &mut counts);
+    for (what, n) in counts.0 {
+        let labels = AdjustLabels { adjustment: what };
+        shared.metrics.adjustments.get_or_create(&labels).inc_by(n);
+    }
+    resp
+}
+
+/// Counts a push and shows its version in `/debug/relay`.
+fn record_push<P: Protocol>(shared: &Shared, generation: u64, resp: &P::Response) {
+    let (type_url, version, bytes) = P::describe(resp);
+    let labels = Metrics::type_labels(type_url);
+    shared.metrics.pushes.get_or_create(&labels).inc();
+    shared
+        .metrics
+        .push_bytes
+        .get_or_create(&labels)
+        .inc_by(bytes as u64);
+    tracing::debug!(type_url, version, bytes, "push");
+    let (t, v) = (short_type(type_url).to_string(), version.to_string());
+    set_view(shared, generation, |view| {
+        if let Some(view) = view {
+            view.versions.insert(t, v);
+        }
+    });
 }
 
 fn on_reply<P: Protocol>(shared: &Shared, state: &P::State, class: &str, generation: u64, reply: Reply) {
@@ -753,7 +837,7 @@ async fn open<P: Protocol>(
             let _ = up_tx.send(first.clone());
             let mut request = Request::new(UnboundedReceiverStream::new(up_rx));
             *request.metadata_mut() = upstream.metadata(metadata);
-            let stream = P::open(client, request).await?;
+            let stream = open_stream::<P>(client, request).await?;
             Ok::<_, Status>((up_tx, stream))
         };
         let result = tokio::select! {
@@ -777,6 +861,23 @@ async fn open<P: Protocol>(
             }
         }
     }
+}
+
+/// Opens the ADS call of protocol `P` on a fresh istiod connection.
+async fn open_stream<P: Protocol>(
+    mut client: Grpc<Channel>,
+    request: Request<UnboundedReceiverStream<P::Request>>,
+) -> Result<Streaming<P::Response>, Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::unknown(format!("istiod connection not ready: {e}")))?;
+    let path = http::uri::PathAndQuery::from_static(P::PATH);
+    let codec = ProstCodec::<P::Request, P::Response>::default();
+    client
+        .streaming(request, path, codec)
+        .await
+        .map(Response::into_inner)
 }
 
 /// Serves a stream from the last good config until istiod can be reached again, then ends it
@@ -808,12 +909,10 @@ async fn serve_last_good<P: Protocol>(
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
-            permit = tx.reserve(), if !pending.is_empty() => {
-                let Ok(permit) = permit else { return Ok(()) };
-                if let Some(resp) = pending.pop_front() {
-                    permit.send(Ok(resp));
-                }
-            }
+            permit = tx.reserve(), if !pending.is_empty() => match permit {
+                Ok(permit) => send_oldest(permit, &mut pending),
+                Err(_) => return Ok(()),
+            },
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     seq += 1;

@@ -2,15 +2,16 @@
 //!
 //! Each upstream response becomes one downstream response: resources adjusted (only those that
 //! need it are decoded), a relay nonce and version. Each downstream request becomes one upstream
-//! request, its nonce and version translated back to istiod's. The stream also keeps the merged
+//! request, its nonce and version translated back to istiod's (the rest of it kept encoded). The stream also keeps the merged
 //! view of every type (partial EDS/RDS pushes merged by name) for the last-good cache.
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
 use super::adjust::{Adjuster, Counts, pack};
 use super::cache::{Interner, ResourceSet};
+use super::request::SotwRequest;
 use super::routes::PinsByName;
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process, resource_name};
 use super::{CLUSTER, is_wildcard_type};
@@ -32,22 +33,23 @@ pub struct SotwStream {
 }
 
 impl StreamState for SotwStream {
-    type Request = DiscoveryRequest;
+    type Request = SotwRequest;
     type Response = DiscoveryResponse;
 
-    fn downstream_request(&mut self, mut req: DiscoveryRequest) -> (DiscoveryRequest, Reply) {
-        let state = self.types.entry(req.type_url.clone()).or_default();
-        if req.response_nonce.is_empty() {
+    fn downstream_request(&mut self, mut req: SotwRequest) -> (SotwRequest, Reply) {
+        let head = &mut req.head;
+        let state = self.types.entry(head.type_url.clone()).or_default();
+        if head.response_nonce.is_empty() {
             return (req, Reply::Request);
         }
         // Envoy echoes the version it last accepted; that can be older than the nonce's response.
-        if let Some(v) = state.sent.upstream_version(&req.version_info) {
-            req.version_info = v.to_string();
+        if let Some(v) = state.sent.upstream_version(&head.version_info) {
+            head.version_info = v.to_string();
         }
         let reply = state.sent.translate(
-            &req.type_url,
-            &mut req.response_nonce,
-            req.error_detail.as_ref(),
+            &head.type_url,
+            &mut head.response_nonce,
+            head.error_detail.as_ref(),
             true,
         );
         (req, reply)
@@ -99,6 +101,7 @@ impl StreamState for SotwStream {
             interner.remember(set, &als.name, &any);
             resources.push(any);
         }
+        interner.share(set);
         state.sent.push(Sent {
             nonce: nonce.clone(),
             version: version.clone(),

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use tonic::client::Grpc;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -14,6 +14,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 pub const MAX_MESSAGE: usize = 1 << 30;
 /// Keepalive ping interval: istiod answers pings more often than every 15 s with GOAWAY.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// HTTP/2 receive windows for istiod's responses. A full push at 10,000 services is several
+/// MiB; hyper's default windows (2 MiB per stream) make istiod wait for WINDOW_UPDATEs in the
+/// middle of one. Envoy, the client the relay stands in for, advertises 256 MiB by default; the
+/// relay reads one response at a time, so the window only bounds what istiod may have in flight.
+const RECEIVE_WINDOW: u32 = 64 << 20;
 
 /// Why the upstream could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +84,9 @@ impl Upstream {
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
-            .tcp_keepalive(Some(KEEPALIVE));
+            .tcp_keepalive(Some(KEEPALIVE))
+            .initial_stream_window_size(RECEIVE_WINDOW)
+            .initial_connection_window_size(RECEIVE_WINDOW);
         if config.address.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().domain_name(
                 config
@@ -106,12 +113,11 @@ impl Upstream {
         &self.config.address
     }
 
-    /// Dials a fresh connection.
-    pub async fn connect(
-        &self,
-    ) -> Result<AggregatedDiscoveryServiceClient<Channel>, tonic::transport::Error> {
+    /// Dials a fresh connection: a gRPC client whose calls pick their codec (SotW requests go
+    /// up as [`super::request::SotwRequest`], kept encoded).
+    pub async fn connect(&self) -> Result<Grpc<Channel>, tonic::transport::Error> {
         let channel = self.endpoint.connect().await?;
-        Ok(AggregatedDiscoveryServiceClient::new(channel)
+        Ok(Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
     }

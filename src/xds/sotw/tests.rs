@@ -4,6 +4,7 @@
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use proptest::prelude::*;
@@ -30,8 +31,8 @@ fn response(type_url: &str, resources: Vec<Any>, version: &str, nonce: &str) -> 
     }
 }
 
-fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> DiscoveryRequest {
-    DiscoveryRequest {
+fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> SotwRequest {
+    SotwRequest::from(&DiscoveryRequest {
         type_url: type_url.into(),
         version_info: version.into(),
         response_nonce: nonce.into(),
@@ -40,7 +41,7 @@ fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> D
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 /// Runs `f` with the default adjustments and a fresh interner.
@@ -110,7 +111,11 @@ fn nonces_versions_and_replies() {
         for (req, nonce, version, reply) in cases {
             let (up, got) = s.downstream_request(req);
             assert_eq!(
-                (up.response_nonce.as_str(), up.version_info.as_str(), got),
+                (
+                    up.head.response_nonce.as_str(),
+                    up.head.version_info.as_str(),
+                    got
+                ),
                 (nonce, version, reply)
             );
         }
