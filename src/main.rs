@@ -52,6 +52,8 @@ enum Command {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`lazyload metrics | head`): what it wanted it got.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -68,11 +70,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo(&args),
         Command::Metrics { json, check } => metrics(json, &check),
         Command::Crd => {
-            print!("{}", crd_yaml()?);
+            out(crd_yaml()?)?;
             Ok(())
         }
         Command::CheckConfig { config } => check_config(&config),
     }
+}
+
+/// Writes `text` to standard output. Unlike `print!`, which panics when the reader closed the
+/// pipe, this returns the error, so `main` can end quietly.
+fn out(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .context("writing to standard output")
+}
+
+/// Whether `error` is a write into a pipe whose reader has gone.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The async runtime of the commands that need one.
@@ -110,7 +131,7 @@ fn report(args: &lazyload::report::ReportArgs) -> anyhow::Result<()> {
     let now = jiff::Timestamp::now();
     if args.live.istiod.is_some() {
         let text = runtime()?.block_on(lazyload::report::istiod::run(&args.live, args.json, now))?;
-        print!("{text}");
+        out(text)?;
         return Ok(());
     }
     let report = lazyload::report::run(args, now)?;
@@ -118,12 +139,12 @@ fn report(args: &lazyload::report::ReportArgs) -> anyhow::Result<()> {
         eprintln!("warning: {rejected}");
     }
     if args.json {
-        println!(
-            "{}",
+        out(format_args!(
+            "{}\n",
             serde_json::to_string_pretty(&report).context("printing the report")?
-        );
+        ))?;
     } else {
-        print!("{}", lazyload::report::table(&report));
+        out(lazyload::report::table(&report))?;
     }
     Ok(())
 }
@@ -132,12 +153,12 @@ fn report(args: &lazyload::report::ReportArgs) -> anyhow::Result<()> {
 fn explain(args: &lazyload::explain::ExplainArgs) -> anyhow::Result<()> {
     let explanation = lazyload::explain::run(args, jiff::Timestamp::now())?;
     if args.json {
-        println!(
-            "{}",
+        out(format_args!(
+            "{}\n",
             serde_json::to_string_pretty(&explanation).context("printing the explanation")?
-        );
+        ))?;
     } else {
-        print!("{}", lazyload::explain::text(&explanation));
+        out(lazyload::explain::text(&explanation))?;
     }
     Ok(())
 }
@@ -151,7 +172,7 @@ fn demo(args: &lazyload::demo::DemoArgs) -> anyhow::Result<()> {
             signal = lazyload::serve::shutdown_signal() => Err(anyhow::anyhow!("{signal}: demo stopped")),
         }
     })?;
-    print!("{}", lazyload::demo::summary(&outcome));
+    out(lazyload::demo::summary(&outcome))?;
     Ok(())
 }
 
@@ -162,12 +183,12 @@ fn metrics(json: bool, check: &[PathBuf]) -> anyhow::Result<()> {
         return check_metric_names(check, &catalog);
     }
     if json {
-        println!(
-            "{}",
+        out(format_args!(
+            "{}\n",
             serde_json::to_string_pretty(&catalog).context("printing the catalog")?
-        );
+        ))?;
     } else {
-        print!("{}", lazyload::metrics::table(&catalog));
+        out(lazyload::metrics::table(&catalog))?;
     }
     Ok(())
 }
@@ -178,10 +199,7 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    print!(
-        "{}",
-        lazyload::yaml::to_string(&loaded.config).context("printing the config")?
-    );
+    out(lazyload::yaml::to_string(&loaded.config).context("printing the config")?)?;
     Ok(())
 }
 
@@ -192,7 +210,11 @@ fn check_metric_names(files: &[PathBuf], catalog: &[lazyload::metrics::MetricFam
         let used = lazyload::metrics::used_names(file)?;
         let unknown = lazyload::metrics::unknown_names(&used, catalog);
         if unknown.is_empty() {
-            println!("ok: {}: {} metrics, all exported", file.display(), used.len());
+            out(format_args!(
+                "ok: {}: {} metrics, all exported\n",
+                file.display(),
+                used.len()
+            ))?;
         } else {
             failed = true;
             eprintln!(

@@ -30,6 +30,28 @@ fn the_dashboard_and_the_alerts_use_only_exported_metrics() {
     assert_eq!(stdout.matches(", all exported").count(), 2, "{stdout}");
 }
 
+/// `lazyload metrics | head -1`: the reader closes the pipe; the command ends quietly, as Unix
+/// tools do, instead of panicking on the write.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    for args in [&["metrics"][..], &["crd"], &["metrics", "--json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_lazyload"))
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}
+
 #[test]
 fn an_unknown_metric_or_a_broken_file_fails_the_check() {
     let dir = support::TempDir::new("monitoring-check");
