@@ -13,7 +13,7 @@ use std::fmt::{Debug, Display};
 use std::future::Future;
 use std::time::Duration;
 
-pub use self::mock_api::{MockApi, Write};
+pub use self::mock_api::{MockApi, Write, json_body, json_response};
 use crate::index::{ClusterIndex, PodInfo, ServiceEntryInfo, ServiceInfo};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceSpec};
