@@ -14,7 +14,7 @@ use super::*;
 use crate::index::ClusterIndex;
 use crate::index::convert::Reason;
 use crate::readiness::Readiness;
-use crate::testing::MockApi;
+use crate::testing::{MockApi, eventually_sync, eventually_true};
 use crate::vocab::fence::ServiceFence;
 
 const DOMAIN: &str = "cluster.local";
@@ -368,39 +368,23 @@ async fn a_watch_that_fails_with_gone_relists_and_the_index_recovers() {
     let server = tokio::spawn(api_server(handle));
     let watch = tokio::spawn(run(client, s.clone(), DOMAIN.into(), ready, shutdown.clone()));
 
-    let recovered = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
+    eventually_sync(
+        "the index recovered (its counts seen)",
+        Duration::from_secs(20),
+        || {
             let names: BTreeSet<String> = s.index().namespaces().map(|n| n.name.clone()).collect();
-            if names == BTreeSet::from(["a", "c", "d"].map(String::from)) && readiness.pending().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+            let recovered =
+                names == BTreeSet::from(["a", "c", "d"].map(String::from)) && readiness.pending().is_empty();
+            recovered.then_some(()).ok_or_else(|| s.index().counts())
+        },
+    )
     .await;
-    assert!(
-        recovered.is_ok(),
-        "the index did not recover: {:?}",
-        s.index().counts()
-    );
     // The fences CRD is not served: none, and the stale one from the start is gone.
     assert!(s.fence_keys().is_empty());
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(5), watch).await;
     assert!(matches!(stopped, Ok(Ok(()))), "run did not stop on shutdown");
     server.abort();
-}
-
-/// Waits up to `secs` for `done`.
-async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    done()
 }
 
 /// The watchers of `client` into a fresh state; readiness, the state, and the shutdown.
@@ -487,11 +471,14 @@ fn attribute(s: &ClusterState, authority: &str) -> Result<Vec<String>, &'static 
 #[tokio::test]
 async fn ready_against_the_real_paths_and_a_service_entry_host_is_learned() {
     let (readiness, s, shutdown) = watching(mesh().client());
-    assert!(
-        eventually(10, || readiness.pending().is_empty()).await,
-        "not ready; unsynced: {:?}",
-        s.unsynced()
-    );
+    eventually_sync("ready (unsynced kinds seen)", Duration::from_secs(10), || {
+        readiness
+            .pending()
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| s.unsynced())
+    })
+    .await;
     assert!(s.index().is_service_entry_host("api.example.com"));
     assert_eq!(
         attribute(&s, "api.example.com"),
@@ -506,11 +493,11 @@ async fn ready_against_the_real_paths_and_a_service_entry_host_is_learned() {
 #[tokio::test]
 async fn a_kind_served_at_another_path_never_counts_as_synced() {
     let (readiness, s, shutdown) = watching(mesh().plural("ServiceEntry", "serviceentriez").client());
-    assert!(
-        eventually(10, || s.unsynced() == [Kind::ServiceEntry]).await,
-        "{:?}",
-        s.unsynced()
-    );
+    eventually_sync("only ServiceEntry unsynced", Duration::from_secs(10), || {
+        let unsynced = s.unsynced();
+        (unsynced == [Kind::ServiceEntry]).then_some(()).ok_or(unsynced)
+    })
+    .await;
     // Past two retries (1 s, 2 s): still not synced, still not ready.
     tokio::time::sleep(Duration::from_millis(3200)).await;
     assert_eq!(s.unsynced(), [Kind::ServiceEntry]);
@@ -607,11 +594,14 @@ async fn one_malformed_object_of_each_kind_is_skipped_and_every_kind_syncs() {
     let client = api.client();
     let (readiness, s, shutdown) = watching(client.clone());
     controller(client, &s, &shutdown);
-    assert!(
-        eventually(10, || readiness.pending().is_empty()).await,
-        "not ready; unsynced: {:?}",
-        s.unsynced()
-    );
+    eventually_sync("ready (unsynced kinds seen)", Duration::from_secs(10), || {
+        readiness
+            .pending()
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| s.unsynced())
+    })
+    .await;
     let index = s.index().counts();
     assert!(s.index().namespace("default").is_some());
     assert!(s.index().service(&key("default", "details")).is_some());
@@ -626,10 +616,10 @@ async fn one_malformed_object_of_each_kind_is_skipped_and_every_kind_syncs() {
 
     let bad_status = "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/bad/status";
     let written = |path: &str| written_at(&writes, path);
-    assert!(
-        eventually(10, || !written(bad_status).is_empty()).await,
-        "no condition on the bad fence"
-    );
+    eventually_true("a condition on the bad fence", Duration::from_secs(10), || {
+        !written(bad_status).is_empty()
+    })
+    .await;
     let (method, path, body) = written(bad_status).remove(0);
     assert_eq!(method, "PATCH");
     assert!(path.contains("fieldManager=lazyload"), "{path}");
@@ -660,15 +650,18 @@ async fn one_malformed_object_of_each_kind_is_skipped_and_every_kind_syncs() {
         "{body}"
     );
     let events = "/apis/events.k8s.io/v1/namespaces/default/events";
-    assert!(
-        eventually(5, || written(events)
+    eventually_true("an Unreadable event", Duration::from_secs(5), || {
+        written(events)
             .iter()
-            .any(|(_, _, e)| e["reason"] == "Unreadable"))
-        .await
-    );
+            .any(|(_, _, e)| e["reason"] == "Unreadable")
+    })
+    .await;
     // The good fence got its Sidecar.
     let sidecar = "/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/productpage";
-    assert!(eventually(5, || !written(sidecar).is_empty()).await);
+    eventually_true("the good fence's Sidecar", Duration::from_secs(5), || {
+        !written(sidecar).is_empty()
+    })
+    .await;
     shutdown.cancel();
 }
 
@@ -689,11 +682,11 @@ async fn while_a_kind_has_not_synced_no_sidecar_is_written() {
     let client = api.client();
     let (readiness, s, shutdown) = watching(client.clone());
     controller(client, &s, &shutdown);
-    assert!(
-        eventually(10, || s.unsynced() == [Kind::VirtualService]).await,
-        "{:?}",
-        s.unsynced()
-    );
+    eventually_sync("only VirtualService unsynced", Duration::from_secs(10), || {
+        let unsynced = s.unsynced();
+        (unsynced == [Kind::VirtualService]).then_some(()).ok_or(unsynced)
+    })
+    .await;
     assert!(s.sidecar(&key("default", "productpage")).is_some());
     // Past the debounce windows and two retries of the list.
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -751,7 +744,10 @@ async fn an_unreadable_object_is_logged_once_and_no_list_body_ever() {
                "spec": {"hosts": ["x"], "http": [{"delegate": {"namespace": "default"}}]}}),
     );
     let (readiness, _s, shutdown) = watching(api.client());
-    assert!(eventually(10, || readiness.pending().is_empty()).await);
+    eventually_true("ready", Duration::from_secs(10), || {
+        readiness.pending().is_empty()
+    })
+    .await;
     // Time for retries, had there been any.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     shutdown.cancel();
@@ -793,16 +789,22 @@ async fn the_controllers_take_the_lease_write_and_release_it() {
             .collect::<Vec<_>>()
     };
     let held = |body: &Value| body.pointer("/spec/holderIdentity") == Some(&json!("lazyload-0"));
-    assert!(
-        eventually(10, || written(lease).iter().any(held)).await,
-        "the lease was not taken: {:?}",
-        written(lease)
-    );
+    eventually_sync(
+        "the lease taken (its writes seen)",
+        Duration::from_secs(10),
+        || {
+            let writes = written(lease);
+            writes.iter().any(held).then_some(()).ok_or(writes)
+        },
+    )
+    .await;
     let sidecar = "/apis/networking.istio.io/v1beta1/namespaces/default/sidecars/productpage";
-    assert!(
-        eventually(10, || !written(sidecar).is_empty()).await,
-        "no Sidecar written; tasks {names:?}"
-    );
+    eventually_true(
+        &format!("a Sidecar written (tasks {names:?})"),
+        Duration::from_secs(10),
+        || !written(sidecar).is_empty(),
+    )
+    .await;
     shutdown.cancel();
     for task in running {
         let (name, outcome) = task.await.expect("the task does not panic");
