@@ -138,7 +138,7 @@ async fn applies_the_sidecar_with_field_manager_and_owner() {
     assert_sidecar_written(&w, &f, &eval, server).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_write_when_the_live_sidecar_is_right() {
     let (w, mut handle, f, eval) = writer_for_fence();
     let mut live = eval.sidecar.clone().unwrap();
