@@ -19,8 +19,9 @@ use serde::Serialize;
 use crate::config::{Config, MetricSourceType};
 use crate::index::ClusterIndex;
 use crate::model::alias::with_aliases;
-use crate::model::dependencies::{dependencies, is_global_sidecar};
+use crate::model::dependencies::dependencies;
 use crate::vocab::fence::{DomainStatus, ServiceFence, ServiceFenceStatus, metric_key_host};
+use crate::vocab::host::is_global_sidecar;
 use crate::vocab::istio::IstioVersion;
 
 /// Flags of `lazyload explain`.

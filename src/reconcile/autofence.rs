@@ -206,7 +206,7 @@ mod tests {
     }
 
     fn pod(name: &str, labels: &[(&str, &str)], ip: &str) -> PodInfo {
-        crate::als::attribute::tests::pod("default", name, labels, ip, "default")
+        crate::testing::pod("default", name, labels, ip, "default")
     }
 
     /// Runs the controller over every Service and fence against a mock API server that accepts

@@ -538,7 +538,7 @@ fn passthrough_cluster_takes_its_destination_from_the_header() {
         panic!()
     };
     assert!(o.use_http_header);
-    assert_eq!(o.http_header_name, HEADER_ORIG_DEST);
+    assert_eq!(o.http_header_name, crate::vocab::ORIG_DEST_HEADER);
     assert!(!adj.cluster(&mut c, &mut Counts::default()), "idempotent");
     let other = Cluster {
         name: "outbound|9080||details.default.svc.cluster.local".into(),
