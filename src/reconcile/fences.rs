@@ -132,10 +132,7 @@ impl FenceController {
             let index = self.state.index();
             evaluate(fence, &index, &self.config, now, self.writer.version())
         };
-        let key = ObjectKey::new(
-            fence.metadata.namespace.clone().unwrap_or_default(),
-            fence.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = ObjectKey::of_or_empty(&fence.metadata);
         let live = self.state.sidecar(&key);
         match self
             .writer
@@ -150,12 +147,9 @@ impl FenceController {
                 self.observe_learn_to_apply(fence, now);
                 let (reason, note) = match (write, &eval.sidecar) {
                     (Write::Deleted, Err(why)) => ("SidecarDeleted", why.message().to_string()),
-                    (_, Ok(s)) => (
+                    (_, Ok(_)) => (
                         "SidecarApplied",
-                        format!(
-                            "{} egress hosts",
-                            s.spec.egress.first().map_or(0, |e| e.hosts.len())
-                        ),
+                        format!("{} egress hosts", eval.sidecar_hosts().map_or(0, <[_]>::len)),
                     ),
                     _ => ("SidecarWritten", String::new()),
                 };

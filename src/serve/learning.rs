@@ -134,8 +134,8 @@ fn cluster_state(ctx: &mut Components, snapshot: Snapshot) -> ClusterState {
         state.rejections().reject(None, rejection);
     }
     for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
-        if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
-            state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));
+        if let Ok(key) = ObjectKey::of(&sidecar.metadata) {
+            state.set_other_sidecar(key, Some(sidecar));
         }
     }
     state

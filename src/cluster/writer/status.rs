@@ -108,10 +108,7 @@ impl FenceStatusWriter {
 
     /// Writes `status` on `fence` when it differs from the fence's current status.
     pub async fn sync_status(&self, fence: &ServiceFence, status: &ServiceFenceStatus) -> Result<Write> {
-        let key = ObjectKey::new(
-            fence.metadata.namespace.clone().unwrap_or_default(),
-            fence.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = ObjectKey::of_or_empty(&fence.metadata);
         let current = fence.status.clone().unwrap_or_default();
         let patch = status_patch(&current, status).map_err(|source| Error::Serialize {
             object: key.to_string(),
