@@ -387,6 +387,18 @@ async fn a_watch_that_fails_with_gone_relists_and_the_index_recovers() {
     server.abort();
 }
 
+/// Waits until `readiness` has nothing pending (failing with the kinds still unsynced).
+async fn until_ready(readiness: &Readiness, s: &ClusterState) {
+    eventually_sync("ready (unsynced kinds seen)", Duration::from_secs(10), || {
+        readiness
+            .pending()
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| s.unsynced())
+    })
+    .await;
+}
+
 /// The watchers of `client` into a fresh state; readiness, the state, and the shutdown.
 fn watching(client: Client) -> (Readiness, ClusterState, CancellationToken) {
     let s = state();
@@ -471,14 +483,7 @@ fn attribute(s: &ClusterState, authority: &str) -> Result<Vec<String>, &'static 
 #[tokio::test(start_paused = true)]
 async fn ready_against_the_real_paths_and_a_service_entry_host_is_learned() {
     let (readiness, s, shutdown) = watching(mesh().client());
-    eventually_sync("ready (unsynced kinds seen)", Duration::from_secs(10), || {
-        readiness
-            .pending()
-            .is_empty()
-            .then_some(())
-            .ok_or_else(|| s.unsynced())
-    })
-    .await;
+    until_ready(&readiness, &s).await;
     assert!(s.index().is_service_entry_host("api.example.com"));
     assert_eq!(
         attribute(&s, "api.example.com"),
@@ -596,14 +601,7 @@ async fn one_malformed_object_of_each_kind_is_skipped_and_every_kind_syncs() {
     let client = api.client();
     let (readiness, s, shutdown) = watching(client.clone());
     controller(client, &s, &shutdown);
-    eventually_sync("ready (unsynced kinds seen)", Duration::from_secs(10), || {
-        readiness
-            .pending()
-            .is_empty()
-            .then_some(())
-            .ok_or_else(|| s.unsynced())
-    })
-    .await;
+    until_ready(&readiness, &s).await;
     let index = s.index().counts();
     assert!(s.index().namespace("default").is_some());
     assert!(s.index().service(&key("default", "details")).is_some());
@@ -745,11 +743,8 @@ async fn an_unreadable_object_is_logged_once_and_no_list_body_ever() {
         json!({"metadata": {"name": "delegating", "namespace": "default"},
                "spec": {"hosts": ["x"], "http": [{"delegate": {"namespace": "default"}}]}}),
     );
-    let (readiness, _s, shutdown) = watching(api.client());
-    eventually_true("ready", Duration::from_secs(10), || {
-        readiness.pending().is_empty()
-    })
-    .await;
+    let (readiness, s, shutdown) = watching(api.client());
+    until_ready(&readiness, &s).await;
     // Time for retries, had there been any.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     shutdown.cancel();
