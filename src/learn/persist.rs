@@ -144,6 +144,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::writer::list_fences;
+    use crate::testing::json_response;
 
     fn edge(ns: &str, name: &str, host: &str) -> Edge {
         Edge {
@@ -151,13 +152,6 @@ mod tests {
             host: host.into(),
             seen: "2026-06-01T00:00:00Z".parse().unwrap(),
         }
-    }
-
-    fn json_response(code: u16, v: Value) -> Response<Body> {
-        Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(&v).unwrap()))
-            .unwrap()
     }
 
     fn fence_json() -> Value {
@@ -182,13 +176,13 @@ mod tests {
             );
             send.send_response(json_response(
                 200,
-                json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFenceList",
+                &json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFenceList",
                        "metadata": {"resourceVersion": "1"}, "items": [bad.clone(), fence_json()]}),
             ));
             // The writer reads the bad fence and writes nothing.
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::GET);
-            send.send_response(json_response(200, bad));
+            send.send_response(json_response(200, &bad));
         });
         let fences = list_fences(client.clone()).await.unwrap();
         assert_eq!(fences.len(), 1);
@@ -217,12 +211,12 @@ mod tests {
             );
             send.send_response(json_response(
                 404,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "NotFound", "code": 404, "message": "not found"}),
             ));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::GET);
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::PATCH);
             assert!(req.uri().path().ends_with("/servicefences/productpage/status"));
@@ -237,7 +231,7 @@ mod tests {
                 status["lastSeen"]["reviews.default.svc.cluster.local"],
                 "2026-06-01T00:00:00Z"
             );
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
         });
         let batch = vec![
             edge("default", "productpage", "reviews.default.svc.cluster.local"),
@@ -265,15 +259,15 @@ mod tests {
             let (_, send) = handle.next_request().await.unwrap();
             send.send_response(json_response(
                 403,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "Forbidden", "code": 403, "message": "forbidden"}),
             ));
             // Next batch (empty): the kept edge is written now.
             let (_, send) = handle.next_request().await.unwrap();
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::PATCH);
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
         });
         let now = "2026-06-01T00:00:05Z".parse().unwrap();
         let first = w
