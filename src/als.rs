@@ -12,9 +12,7 @@ pub mod attribute;
 pub mod collector;
 pub mod entry;
 
-/// The original-destination header, under the name the relay (`xds::adjust`) imports it by.
-pub use crate::vocab::ORIG_DEST_HEADER as HEADER_ORIG_DEST;
-use crate::vocab::SOURCE_NS_HEADER;
+use crate::vocab::{ORIG_DEST_HEADER, SOURCE_NS_HEADER};
 
 /// Name of the global-sidecar's cluster that points at the collector (Slime's name).
 pub const ACCESS_LOG_CLUSTER: &str = "lazyload-accesslog-source";
@@ -23,7 +21,7 @@ pub const LOG_NAME: &str = "lazyload";
 /// `log_name` of Slime's own global-sidecar logger (its EnvoyFilter); handled the same way.
 pub const SLIME_LOG_NAME: &str = "http_envoy_accesslog";
 /// `additional_request_headers_to_log` of the logger the relay installs.
-pub const LOGGED_REQUEST_HEADERS: [&str; 2] = [HEADER_ORIG_DEST, SOURCE_NS_HEADER];
+pub const LOGGED_REQUEST_HEADERS: [&str; 2] = [ORIG_DEST_HEADER, SOURCE_NS_HEADER];
 /// Largest gRPC message the collector decodes. Envoy flushes its buffer at 16 KiB by default
 /// (`buffer_size_bytes`); 4 MiB leaves room for large configured buffers and huge headers while
 /// bounding what one bad peer can make us allocate.

@@ -19,8 +19,10 @@ use serde::Serialize;
 use crate::config::{Config, MetricSourceType};
 use crate::index::ClusterIndex;
 use crate::model::alias::with_aliases;
-use crate::model::dependencies::{dependencies, is_global_sidecar};
+use crate::model::dependencies::dependencies;
+use crate::vocab::ObjectKey;
 use crate::vocab::fence::{DomainStatus, ServiceFence, ServiceFenceStatus, metric_key_host};
+use crate::vocab::host::is_global_sidecar;
 use crate::vocab::istio::IstioVersion;
 
 /// Flags of `lazyload explain`.
@@ -194,9 +196,9 @@ pub fn run(args: &ExplainArgs, now: Timestamp) -> anyhow::Result<Explanation> {
 pub fn explain(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config, now: Timestamp) -> Explanation {
     let eval = crate::model::evaluate(fence, index, cfg, now, IstioVersion::default());
     let namespace = fence.metadata.namespace.clone().unwrap_or_default();
-    let egress: Vec<String> = match &eval.sidecar {
-        Ok(s) => s.spec.egress.first().map(|e| e.hosts.clone()).unwrap_or_default(),
-        Err(_) => crate::model::sidecar::egress_hosts(&namespace, &eval.status.domains, cfg, index.domain()),
+    let egress: Vec<String> = match eval.sidecar_hosts() {
+        Some(hosts) => hosts.to_vec(),
+        None => crate::model::sidecar::egress_hosts(&namespace, &eval.status.domains, cfg, index.domain()),
     };
 
     let reasons = host_reasons(fence, &namespace, index, cfg, now);
@@ -230,10 +232,7 @@ pub fn explain(fence: &ServiceFence, index: &ClusterIndex, cfg: &Config, now: Ti
 
     let old = fence.status.clone().unwrap_or_default();
     Explanation {
-        fence: format!(
-            "{namespace}/{}",
-            fence.metadata.name.as_deref().unwrap_or_default()
-        ),
+        fence: ObjectKey::of_or_empty(&fence.metadata).to_string(),
         enabled: fence.spec.enable,
         workload_selector: eval
             .sidecar

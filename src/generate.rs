@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use crate::als::attribute::{Attributor, Hosts};
@@ -149,8 +148,8 @@ fn wanted_fences(
 ) -> BTreeMap<ObjectKey, ServiceFence> {
     let mut fences: BTreeMap<ObjectKey, ServiceFence> = BTreeMap::new();
     for f in snapshot {
-        if let (Some(ns), Some(name)) = (f.metadata.namespace.clone(), f.metadata.name.clone()) {
-            fences.insert(ObjectKey::new(ns, name), f);
+        if let Ok(key) = ObjectKey::of(&f.metadata) {
+            fences.insert(key, f);
         }
     }
     let mut services: Vec<ObjectKey> = index.services().map(|s| s.key.clone()).collect();
@@ -222,18 +221,12 @@ fn write_fallback(
 ) -> anyhow::Result<()> {
     let ports = crate::model::fallback::wormhole_ports(config, index, &Default::default());
     let desired = crate::reconcile::fallback::desired(config, &ports);
-    let key_of = |meta: &ObjectMeta| {
-        ObjectKey::new(
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        )
-    };
     for ef in &desired.envoyfilters {
-        manifests::write(out, &key_of(&ef.metadata), "envoyfilter", ef)?;
+        manifests::write(out, &ObjectKey::of_or_empty(&ef.metadata), "envoyfilter", ef)?;
         summary.envoyfilters += 1;
     }
     for dr in &desired.destination_rules {
-        manifests::write(out, &key_of(&dr.metadata), "destinationrule", dr)?;
+        manifests::write(out, &ObjectKey::of_or_empty(&dr.metadata), "destinationrule", dr)?;
     }
     for svc in &desired.services {
         let field = |k: &str| svc["metadata"][k].as_str().unwrap_or_default().to_string();

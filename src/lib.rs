@@ -12,7 +12,7 @@
 //! - [`readiness`]: the tasks `/readyz` waits for.
 //! - [`yaml`]: YAML in and out (one library, one set of reader options).
 //! - [`config`]: the Slime-compatible module configuration (SlimeBoot forms, defaults, checks).
-//! - [`telemetry`]: logging, to standard error or a rotated file.
+//! - [`telemetry`]: logging, to standard error or a rotated file; metric family registration.
 //! - [`index`]: the cluster state the model reads, and the one object -> index conversion.
 //! - [`model`]: pure decisions: fence -> status and Sidecar, auto-fencing, the fallback objects.
 //! - [`cluster`]: the kube I/O: the run-time cluster state, its watchers and every API write.

@@ -136,10 +136,7 @@ pub fn restore_fence_status(dir: &Path, fences: &mut [ServiceFence]) -> Result<R
                 continue;
             }
         };
-        let key = ObjectKey::new(
-            on_disk.metadata.namespace.as_deref().unwrap_or_default(),
-            on_disk.metadata.name.as_deref().unwrap_or_default(),
-        );
+        let key = ObjectKey::of_or_empty(&on_disk.metadata);
         let known = fences.iter_mut().find(|f| {
             f.metadata.namespace.as_deref() == Some(key.namespace.as_str())
                 && f.metadata.name.as_deref() == Some(key.name.as_str())

@@ -37,6 +37,15 @@ pub struct Evaluation {
     pub requeue_at: Option<Timestamp>,
 }
 
+impl Evaluation {
+    /// The egress hosts of the Sidecar that should exist (its one egress listener), or `None`
+    /// when none should.
+    pub fn sidecar_hosts(&self) -> Option<&[String]> {
+        let sidecar = self.sidecar.as_ref().ok()?;
+        Some(sidecar.spec.egress.first().map_or(&[], |e| &e.hosts))
+    }
+}
+
 /// At most this many invalid hosts are listed in a condition message.
 const MAX_LISTED: usize = 10;
 

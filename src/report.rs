@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::model::evaluate;
+use crate::vocab::ObjectKey;
 use crate::vocab::istio::IstioVersion;
 
 pub mod istiod;
@@ -242,20 +243,12 @@ pub fn run(args: &ReportArgs, now: Timestamp) -> anyhow::Result<Report> {
     let mut workloads = Vec::new();
     for fence in &snap.fences {
         let eval = evaluate(fence, &snap.index, &config, now, IstioVersion::default());
-        let Ok(sidecar) = eval.sidecar else { continue };
-        let hosts = sidecar
-            .spec
-            .egress
-            .first()
-            .map(|e| e.hosts.clone())
-            .unwrap_or_default();
-        let scoped = size(&dump, Some(&hosts));
+        let Some(hosts) = eval.sidecar_hosts() else {
+            continue;
+        };
+        let scoped = size(&dump, Some(hosts));
         workloads.push(Row {
-            fence: format!(
-                "{}/{}",
-                fence.metadata.namespace.as_deref().unwrap_or_default(),
-                fence.metadata.name.as_deref().unwrap_or_default()
-            ),
+            fence: ObjectKey::of_or_empty(&fence.metadata).to_string(),
             saved: 1.0 - scoped.bytes as f64 / full.bytes.max(1) as f64,
             scoped,
         });

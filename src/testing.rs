@@ -13,7 +13,7 @@ use std::fmt::{Debug, Display};
 use std::future::Future;
 use std::time::Duration;
 
-pub use self::mock_api::{MockApi, Write};
+pub use self::mock_api::{MockApi, Write, json_body, json_response};
 use crate::index::{ClusterIndex, PodInfo, ServiceEntryInfo, ServiceInfo};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceSpec};
@@ -104,12 +104,18 @@ pub async fn eventually<T, E: Debug, F: Future<Output = Result<T, E>>>(
     }
 }
 
+/// [`eventually`] for a probe that answers at once (it reads state, it does not wait).
+pub async fn eventually_sync<T, E: Debug>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    eventually(what, within, || std::future::ready(probe())).await
+}
+
 /// [`eventually`] for a plain condition.
 pub async fn eventually_true(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    eventually(what, within, || {
-        std::future::ready(if check() { Ok(()) } else { Err("false") })
-    })
-    .await
+    eventually_sync(what, within, || if check() { Ok(()) } else { Err("false") }).await
 }
 
 /// Checks every case of a table test, `(name, got, want)`, and fails once listing every case

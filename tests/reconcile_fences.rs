@@ -82,7 +82,7 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(400)).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn writes_only_what_changed_once_per_window() {
     let key = ObjectKey::new("default", "productpage");
     let fences = [fence(&["details.default.svc.cluster.local"])];

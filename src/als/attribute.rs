@@ -321,7 +321,7 @@ impl Attributor {
         host.len() > GLOBAL_SIDECAR.len()
             && host[..GLOBAL_SIDECAR.len()].eq_ignore_ascii_case(GLOBAL_SIDECAR)
             && host.as_bytes()[GLOBAL_SIDECAR.len()] == b'.'
-            && crate::model::dependencies::is_global_sidecar(host, &self.domain)
+            && crate::vocab::host::is_global_sidecar(host, &self.domain)
     }
 }
 
@@ -408,7 +408,7 @@ fn is_dns_label_any_case(label: &str) -> bool {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress};
     use envoy_types::pb::envoy::data::accesslog::v3::tls_properties::CertificateProperties;
@@ -420,6 +420,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::{Dispatch, FenceLabelKey};
+    use crate::testing::pod;
 
     /// The collector indexes its drop counters by `reason as usize`: `ALL` must list the
     /// reasons in declaration order.
@@ -429,9 +430,6 @@ pub(crate) mod tests {
             assert_eq!(*why as usize, i, "{}", why.as_str());
         }
     }
-
-    /// Kept for the reconcile tests that still reach it here.
-    pub(crate) use crate::testing::pod;
 
     fn svc(ns: &str, name: &str, app: &str, vip: &str) -> crate::index::ServiceInfo {
         crate::testing::service(ns, name, app, &[vip])

@@ -36,6 +36,7 @@ use crate::index::ClusterIndex;
 use crate::learn::pump::LearnerHandle;
 use crate::learn::{Learner, Observed};
 use crate::model::scope::is_global_sidecar_address;
+use crate::telemetry::register_families;
 
 /// Why the collector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -225,34 +226,51 @@ impl Metrics {
             fences_at_cap: Gauge::default(),
             refused_connections: Counter::default(),
         };
-        let r = registry.sub_registry_with_prefix("als");
-        r.register("entries", "Access-log entries received, by kind", entries);
-        r.register(
-            "dropped_entries",
-            "Entries or edges that taught nothing, by reason",
-            dropped,
-        );
-        r.register("edges_learned", "New dependencies learned", m.learned.clone());
-        r.register(
-            "edges_refreshed",
-            "Known dependencies whose last-seen time was refreshed",
-            m.refreshed.clone(),
-        );
-        r.register("streams_open", "Access-log streams open", m.streams.clone());
-        r.register(
-            "refused_streams",
-            "Access-log streams refused (untrusted peers), by reason",
-            refused,
-        );
-        r.register(
-            "refused_connections",
-            "Connections closed at once because the collector's connection limit was reached",
-            m.refused_connections.clone(),
-        );
-        r.register(
-            "fences_at_host_cap",
-            "Fences that reached general.maxLearnedHostsPerFence (further hosts are not learned)",
-            m.fences_at_cap.clone(),
+        register_families(
+            registry,
+            "als",
+            vec![
+                (
+                    "entries",
+                    "Access-log entries received, by kind",
+                    Box::new(entries),
+                ),
+                (
+                    "dropped_entries",
+                    "Entries or edges that taught nothing, by reason",
+                    Box::new(dropped),
+                ),
+                (
+                    "edges_learned",
+                    "New dependencies learned",
+                    Box::new(m.learned.clone()),
+                ),
+                (
+                    "edges_refreshed",
+                    "Known dependencies whose last-seen time was refreshed",
+                    Box::new(m.refreshed.clone()),
+                ),
+                (
+                    "streams_open",
+                    "Access-log streams open",
+                    Box::new(m.streams.clone()),
+                ),
+                (
+                    "refused_streams",
+                    "Access-log streams refused (untrusted peers), by reason",
+                    Box::new(refused),
+                ),
+                (
+                    "refused_connections",
+                    "Connections closed at once because the collector's connection limit was reached",
+                    Box::new(m.refused_connections.clone()),
+                ),
+                (
+                    "fences_at_host_cap",
+                    "Fences that reached general.maxLearnedHostsPerFence (further hosts are not learned)",
+                    Box::new(m.fences_at_cap.clone()),
+                ),
+            ],
         );
         m
     }

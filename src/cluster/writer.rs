@@ -25,7 +25,7 @@ pub use self::lease::LeaseAnnotations;
 pub use self::objects::{AutoFenceWriter, FallbackWriter};
 pub use self::sidecar::{FenceWriter, owned_by, sidecar_up_to_date};
 pub use self::status::{
-    CONDITION_ACCEPTED, FenceStatusWriter, REASON_UNREADABLE, rejection_patch, status_patch,
+    CONDITION_ACCEPTED, FenceStatusWriter, REASON_UNREADABLE, list_fences, rejection_patch, status_patch,
 };
 
 /// Field manager of every object lazyload writes (server-side apply).

@@ -303,6 +303,9 @@ fn is_stale(seen: Timestamp, now: Timestamp, refresh: Duration) -> bool {
 mod tests {
     use super::*;
 
+    const DETAILS: &str = "details.default.svc.cluster.local";
+    const REVIEWS: &str = "reviews.default.svc.cluster.local";
+
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
     }
@@ -311,36 +314,21 @@ mod tests {
     fn new_known_refreshed() {
         let mut l = Learner::new(Limits::default());
         let a = ObjectKey::new("default", "productpage");
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(0)),
-            Observed::New
-        );
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(1)),
-            Observed::Known
-        );
+        assert_eq!(l.observe(&a, DETAILS, t(0)), Observed::New);
+        assert_eq!(l.observe(&a, DETAILS, t(1)), Observed::Known);
         let batch = l.take_batch(10);
         assert_eq!(
             batch,
             vec![Edge {
                 fence: a.clone(),
-                host: "details.default.svc.cluster.local".into(),
+                host: DETAILS.into(),
                 seen: t(0)
             }]
         );
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(59)),
-            Observed::Known
-        );
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(60)),
-            Observed::Refreshed
-        );
+        assert_eq!(l.observe(&a, DETAILS, t(59)), Observed::Known);
+        assert_eq!(l.observe(&a, DETAILS, t(60)), Observed::Refreshed);
         // Already queued: not queued twice.
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(200)),
-            Observed::Known
-        );
+        assert_eq!(l.observe(&a, DETAILS, t(200)), Observed::Known);
         assert_eq!(l.take_batch(10)[0].seen, t(60));
         assert!(l.take_batch(10).is_empty());
     }
@@ -349,17 +337,11 @@ mod tests {
     fn seeded_edges_are_not_relearned_and_slime_ones_refresh() {
         let mut l = Learner::new(Limits::default());
         let a = ObjectKey::new("default", "productpage");
-        assert!(l.seed(&a, "details.default.svc.cluster.local", Some(t(0))));
-        assert!(l.seed(&a, "reviews.default.svc.cluster.local", None));
+        assert!(l.seed(&a, DETAILS, Some(t(0))));
+        assert!(l.seed(&a, REVIEWS, None));
         assert_eq!(l.pending(), 0);
-        assert_eq!(
-            l.observe(&a, "details.default.svc.cluster.local", t(10)),
-            Observed::Known
-        );
-        assert_eq!(
-            l.observe(&a, "reviews.default.svc.cluster.local", t(10)),
-            Observed::Refreshed
-        );
+        assert_eq!(l.observe(&a, DETAILS, t(10)), Observed::Known);
+        assert_eq!(l.observe(&a, REVIEWS, t(10)), Observed::Refreshed);
         assert_eq!(l.len(), 2);
     }
 

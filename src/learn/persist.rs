@@ -8,20 +8,17 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use kube::api::{DynamicObject, ListParams};
-use kube::{Api, Client};
+use kube::Client;
 
 use super::Edge;
 use super::prometheus::apply_metrics;
 use super::status::apply_edges;
 use crate::cluster::writer::{FenceStatusWriter, Write};
-use crate::index::convert::{Kind, Rejection, service_fence};
 use crate::vocab::ObjectKey;
-use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
+use crate::vocab::fence::ServiceFenceStatus;
 
 /// Writes learned edges and Prometheus results into fence statuses.
 pub struct StatusWriter {
-    client: Client,
     writer: FenceStatusWriter,
     retry: BTreeMap<ObjectKey, Vec<Edge>>,
 }
@@ -43,8 +40,7 @@ impl StatusWriter {
     /// A writer using `client`.
     pub fn new(client: Client) -> Self {
         Self {
-            writer: FenceStatusWriter::new(client.clone()),
-            client,
+            writer: FenceStatusWriter::new(client),
             retry: BTreeMap::new(),
         }
     }
@@ -89,19 +85,12 @@ impl StatusWriter {
         key: &ObjectKey,
         update: impl FnOnce(&mut ServiceFenceStatus) -> bool,
     ) -> Result<Patched, String> {
-        // Read raw and converted here: kube's typed read of an unreadable fence would log the
-        // whole object at every batch.
-        let api: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            &key.namespace,
-            &Kind::ServiceFence.api_resource(),
-        );
-        let object = match api.get_opt(&key.name).await {
-            Ok(Some(object)) => object,
+        let read = match self.writer.read(key).await {
+            Ok(Some(read)) => read,
             Ok(None) => return Ok(Patched::NoFence),
             Err(e) => return Err(format!("reading the fence failed: {e}")),
         };
-        let fence = match fence_of(object) {
+        let fence = match read {
             Ok(fence) => fence,
             // A fence lazyload cannot read is skipped (the watcher reports it on the fence):
             // retrying would fail the same way every batch.
@@ -146,27 +135,6 @@ impl Written {
     }
 }
 
-/// Reads every ServiceFence of the cluster (the learner is then seeded from them with the
-/// snapshot's, by [`super::pump::EdgeStore::seeded`]). Listed raw and converted one at a time: a
-/// fence lazyload cannot read is skipped with a warning (the watcher reports it on the fence),
-/// not a reason to stop.
-pub async fn list_fences(client: Client) -> kube::Result<Vec<ServiceFence>> {
-    let api: Api<DynamicObject> = Api::all_with(client, &Kind::ServiceFence.api_resource());
-    let mut fences = Vec::new();
-    for object in api.list(&ListParams::default()).await?.items {
-        match fence_of(object) {
-            Ok(fence) => fences.push(fence),
-            Err(rejection) => tracing::warn!("{rejection}"),
-        }
-    }
-    Ok(fences)
-}
-
-/// A raw ServiceFence as lazyload's type, or why it cannot be.
-fn fence_of(object: DynamicObject) -> Result<ServiceFence, Rejection> {
-    service_fence(serde_json::to_value(object).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use http::{Request, Response};
@@ -175,6 +143,8 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
+    use crate::cluster::writer::list_fences;
+    use crate::testing::json_response;
 
     fn edge(ns: &str, name: &str, host: &str) -> Edge {
         Edge {
@@ -182,13 +152,6 @@ mod tests {
             host: host.into(),
             seen: "2026-06-01T00:00:00Z".parse().unwrap(),
         }
-    }
-
-    fn json_response(code: u16, v: Value) -> Response<Body> {
-        Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(&v).unwrap()))
-            .unwrap()
     }
 
     fn fence_json() -> Value {
@@ -213,13 +176,13 @@ mod tests {
             );
             send.send_response(json_response(
                 200,
-                json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFenceList",
+                &json!({"apiVersion": "microservice.slime.io/v1alpha1", "kind": "ServiceFenceList",
                        "metadata": {"resourceVersion": "1"}, "items": [bad.clone(), fence_json()]}),
             ));
             // The writer reads the bad fence and writes nothing.
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::GET);
-            send.send_response(json_response(200, bad));
+            send.send_response(json_response(200, &bad));
         });
         let fences = list_fences(client.clone()).await.unwrap();
         assert_eq!(fences.len(), 1);
@@ -248,12 +211,12 @@ mod tests {
             );
             send.send_response(json_response(
                 404,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "NotFound", "code": 404, "message": "not found"}),
             ));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::GET);
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::PATCH);
             assert!(req.uri().path().ends_with("/servicefences/productpage/status"));
@@ -268,7 +231,7 @@ mod tests {
                 status["lastSeen"]["reviews.default.svc.cluster.local"],
                 "2026-06-01T00:00:00Z"
             );
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
         });
         let batch = vec![
             edge("default", "productpage", "reviews.default.svc.cluster.local"),
@@ -296,15 +259,15 @@ mod tests {
             let (_, send) = handle.next_request().await.unwrap();
             send.send_response(json_response(
                 403,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "Forbidden", "code": 403, "message": "forbidden"}),
             ));
             // Next batch (empty): the kept edge is written now.
             let (_, send) = handle.next_request().await.unwrap();
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), http::Method::PATCH);
-            send.send_response(json_response(200, fence_json()));
+            send.send_response(json_response(200, &fence_json()));
         });
         let now = "2026-06-01T00:00:05Z".parse().unwrap();
         let first = w

@@ -202,7 +202,7 @@ pub fn fences_view(state: &ClusterState, config: &Config, now: Timestamp) -> ser
             let fence = state.fence(&key)?;
             let eval = crate::model::evaluate(&fence, &index, config, now, IstioVersion::default());
             let sidecar = match &eval.sidecar {
-                Ok(s) => serde_json::json!({"hosts": s.spec.egress.first().map(|e| e.hosts.clone()).unwrap_or_default()}),
+                Ok(_) => serde_json::json!({ "hosts": eval.sidecar_hosts() }),
                 Err(why) => serde_json::json!({"none": why.reason()}),
             };
             Some((

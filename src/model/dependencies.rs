@@ -91,7 +91,7 @@ impl Builder<'_> {
                     continue;
                 }
             };
-            if is_global_sidecar(&host, self.index.domain()) {
+            if host::is_global_sidecar(&host, self.index.domain()) {
                 continue;
             }
             // Dependencies learned by Slime carry no last-seen time: they start their TTL now.
@@ -188,14 +188,6 @@ impl Builder<'_> {
 /// Keeps Slime's deprecated `RecentlyCalled` of a domain across rewrites.
 fn status_recently_called(fence: &ServiceFence, key: &str) -> Option<crate::vocab::fence::ProtoTimestamp> {
     fence.status.as_ref()?.domains.get(key)?.recently_called
-}
-
-/// Whether `host` is a global-sidecar Service (never a dependency).
-pub fn is_global_sidecar(host: &str, domain: &str) -> bool {
-    host.strip_prefix("global-sidecar.")
-        .and_then(|rest| rest.strip_suffix(domain))
-        .and_then(|rest| rest.strip_suffix(".svc."))
-        .is_some_and(|ns| !ns.is_empty() && !ns.contains('.'))
 }
 
 /// Status of something that lives `life` after `since`, then waits `wait` as EXPIREWAIT;
@@ -357,25 +349,5 @@ mod tests {
             assert_eq!(age(since, hour, hour, ts(now)), (status, next.map(ts)), "{now}");
         }
         assert_eq!(age(since, Duration::MAX, hour, since).0, DomainStatus::Active);
-    }
-
-    #[test]
-    fn global_sidecar_hosts() {
-        assert!(is_global_sidecar(
-            "global-sidecar.mesh-operator.svc.cluster.local",
-            "cluster.local"
-        ));
-        assert!(!is_global_sidecar(
-            "global-sidecar.a.b.svc.cluster.local",
-            "cluster.local"
-        ));
-        assert!(!is_global_sidecar(
-            "global-sidecar-x.ns.svc.cluster.local",
-            "cluster.local"
-        ));
-        assert!(!is_global_sidecar(
-            "reviews.default.svc.cluster.local",
-            "cluster.local"
-        ));
     }
 }

@@ -172,6 +172,8 @@ mod tests {
     use kube::Client;
     use kube::client::Body;
     use serde_json::{Value, json};
+
+    use crate::testing::{json_body, json_response};
     use tower_test::mock;
 
     use super::*;
@@ -204,7 +206,7 @@ mod tests {
     }
 
     fn pod(name: &str, labels: &[(&str, &str)], ip: &str) -> PodInfo {
-        crate::als::attribute::tests::pod("default", name, labels, ip, "default")
+        crate::testing::pod("default", name, labels, ip, "default")
     }
 
     /// Runs the controller over every Service and fence against a mock API server that accepts
@@ -253,20 +255,14 @@ mod tests {
                     method == Method::DELETE || query.split('&').any(|q| q == "fieldManager=lazyload"),
                     "{method} {path} without lazyload's field manager: {query}"
                 );
-                let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
-                    .unwrap_or(Value::Null);
+                let body: Value = json_body(req).await;
                 seen.push((method.clone(), path, body.clone()));
                 let reply = if method == Method::POST {
                     body
                 } else {
                     json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})
                 };
-                send.send_response(
-                    Response::builder()
-                        .status(200)
-                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                        .unwrap(),
-                );
+                send.send_response(json_response(200, &reply));
             }
             seen
         });

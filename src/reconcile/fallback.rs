@@ -199,6 +199,8 @@ mod tests {
     use kube::Client;
     use kube::client::Body;
     use serde_json::{Value, json};
+
+    use crate::testing::{json_body, json_response};
     use tokio::sync::watch;
     use tokio_util::sync::CancellationToken;
     use tower_test::mock;
@@ -265,8 +267,7 @@ mod tests {
             for _ in 0..4 {
                 let (req, send) = handle.next_request().await.unwrap();
                 let (method, path) = (req.method().clone(), req.uri().path().to_string());
-                let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
-                    .unwrap_or(Value::Null);
+                let body: Value = json_body(req).await;
                 let reply = if method == Method::GET {
                     // A previous leader recorded port 7000.
                     json!({"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
@@ -276,12 +277,7 @@ mod tests {
                     body.clone()
                 };
                 seen.push((method, path, body));
-                send.send_response(
-                    Response::builder()
-                        .status(200)
-                        .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                        .unwrap(),
-                );
+                send.send_response(json_response(200, &reply));
             }
             seen
         });

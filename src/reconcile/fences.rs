@@ -28,6 +28,7 @@ use crate::cluster::{Change, ClusterState};
 use crate::config::Config;
 use crate::index::convert::Kind;
 use crate::model::evaluate;
+use crate::telemetry::register_families;
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::ServiceFence;
 
@@ -56,23 +57,32 @@ impl Metrics {
             skipped_writes: Counter::default(),
             learn_to_apply: Histogram::new([0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         };
-        let r = registry.sub_registry_with_prefix("reconcile");
-        r.register("fences", "Fence reconciles", m.reconciles.clone());
-        r.register(
-            "sidecar_writes",
-            "Sidecars applied or deleted",
-            m.sidecar_writes.clone(),
-        );
-        r.register("status_writes", "Fence statuses patched", m.status_writes.clone());
-        r.register(
-            "skipped_writes",
-            "Writes skipped because the live object was right",
-            m.skipped_writes.clone(),
-        );
-        r.register(
-            "learn_to_apply_seconds",
-            "From a dependency learned to its Sidecar written",
-            m.learn_to_apply.clone(),
+        register_families(
+            registry,
+            "reconcile",
+            vec![
+                ("fences", "Fence reconciles", Box::new(m.reconciles.clone())),
+                (
+                    "sidecar_writes",
+                    "Sidecars applied or deleted",
+                    Box::new(m.sidecar_writes.clone()),
+                ),
+                (
+                    "status_writes",
+                    "Fence statuses patched",
+                    Box::new(m.status_writes.clone()),
+                ),
+                (
+                    "skipped_writes",
+                    "Writes skipped because the live object was right",
+                    Box::new(m.skipped_writes.clone()),
+                ),
+                (
+                    "learn_to_apply_seconds",
+                    "From a dependency learned to its Sidecar written",
+                    Box::new(m.learn_to_apply.clone()),
+                ),
+            ],
         );
         m
     }
@@ -122,10 +132,7 @@ impl FenceController {
             let index = self.state.index();
             evaluate(fence, &index, &self.config, now, self.writer.version())
         };
-        let key = ObjectKey::new(
-            fence.metadata.namespace.clone().unwrap_or_default(),
-            fence.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = ObjectKey::of_or_empty(&fence.metadata);
         let live = self.state.sidecar(&key);
         match self
             .writer
@@ -140,12 +147,9 @@ impl FenceController {
                 self.observe_learn_to_apply(fence, now);
                 let (reason, note) = match (write, &eval.sidecar) {
                     (Write::Deleted, Err(why)) => ("SidecarDeleted", why.message().to_string()),
-                    (_, Ok(s)) => (
+                    (_, Ok(_)) => (
                         "SidecarApplied",
-                        format!(
-                            "{} egress hosts",
-                            s.spec.egress.first().map_or(0, |e| e.hosts.len())
-                        ),
+                        format!("{} egress hosts", eval.sidecar_hosts().map_or(0, <[_]>::len)),
                     ),
                     _ => ("SidecarWritten", String::new()),
                 };

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::queue::Queue;
 use crate::cluster::writer::Error;
 use crate::cluster::{Change, ClusterState};
+use crate::telemetry::register_families;
 
 /// First retry delay after a failed reconcile.
 pub const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -155,12 +156,21 @@ impl Metrics {
     /// Registers `reconcile_errors` and `reconcile_queue_depth` in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        let r = registry.sub_registry_with_prefix("reconcile");
-        r.register("errors", "Failed reconciles (retried)", m.errors.clone());
-        r.register(
-            "queue_depth",
-            "Keys waiting to be reconciled",
-            m.queue_depth.clone(),
+        register_families(
+            registry,
+            "reconcile",
+            vec![
+                (
+                    "errors",
+                    "Failed reconciles (retried)",
+                    Box::new(m.errors.clone()),
+                ),
+                (
+                    "queue_depth",
+                    "Keys waiting to be reconciled",
+                    Box::new(m.queue_depth.clone()),
+                ),
+            ],
         );
         m
     }

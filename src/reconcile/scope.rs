@@ -119,6 +119,7 @@ impl Reconciler for ScopeCheck {
 mod tests {
     use super::*;
     use crate::index::ClusterIndex;
+    use crate::testing::eventually_sync;
     use crate::vocab::ObjectKey;
     use crate::vocab::istio::{EgressListener, IstioKind, IstioVersion, Sidecar, SidecarSpec};
 
@@ -144,7 +145,7 @@ mod tests {
         text
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn reports_a_scoping_sidecar_until_it_is_fixed() {
         let state = ClusterState::new(ClusterIndex::new("cluster.local"), []);
         let config = Arc::new(Config::parse("").unwrap().config);
@@ -161,13 +162,11 @@ mod tests {
                 .map(str::to_string)
         };
         let wait_for = async |want: &str| {
-            for _ in 0..250 {
-                if gauge(&registry).as_deref() == Some(want) {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            panic!("gauge never became {want:?}: {:?}", gauge(&registry));
+            eventually_sync(want, std::time::Duration::from_secs(5), || {
+                let seen = gauge(&registry);
+                (seen.as_deref() == Some(want)).then_some(()).ok_or(seen)
+            })
+            .await
         };
         wait_for("lazyload_global_sidecar_scoped 1").await;
 

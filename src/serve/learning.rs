@@ -21,7 +21,7 @@ use crate::cluster::ClusterState;
 use crate::config::{Config, MetricSourceType};
 use crate::index::ClusterIndex;
 use crate::index::snapshot::Snapshot;
-use crate::learn::persist::{self, StatusWriter};
+use crate::learn::persist::StatusWriter;
 use crate::learn::pump::{EdgeStore, LearnerHandle};
 use crate::learn::schedule::{EDGE_FLUSH, WriteSchedule};
 use crate::learn::sink::{FenceSink, Target, fences_view};
@@ -106,7 +106,7 @@ async fn restore_fences(
     manifests: Option<&Path>,
 ) -> anyhow::Result<()> {
     if let Some(client) = client {
-        let fences = persist::list_fences(client.clone())
+        let fences = crate::cluster::writer::list_fences(client.clone())
             .await
             .context("reading the ServiceFences of the cluster")?;
         snapshot.fences.extend(fences);
@@ -134,8 +134,8 @@ fn cluster_state(ctx: &mut Components, snapshot: Snapshot) -> ClusterState {
         state.rejections().reject(None, rejection);
     }
     for sidecar in snapshot.sidecars.into_iter().filter(|s| !is_fence_controlled(s)) {
-        if let (Some(namespace), Some(name)) = (&sidecar.metadata.namespace, &sidecar.metadata.name) {
-            state.set_other_sidecar(ObjectKey::new(namespace, name), Some(sidecar));
+        if let Ok(key) = ObjectKey::of(&sidecar.metadata) {
+            state.set_other_sidecar(key, Some(sidecar));
         }
     }
     state

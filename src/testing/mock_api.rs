@@ -124,10 +124,7 @@ impl MockApi {
                 .headers()
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|t| t == "application/apply-patch+yaml");
-            let body = match req.into_body().collect_bytes().await {
-                Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
-                Err(_) => Value::Null,
-            };
+            let body = json_body(req).await;
             send.send_response(self.answer(&method, &path, &query, body, apply));
         }
     }
@@ -303,6 +300,20 @@ fn merge(target: &mut Value, patch: Value) {
             }
         }
         (_, patch) => *target = patch,
+    }
+}
+
+/// An API server's answer: `code` with `body` as JSON (also for the tests that script their
+/// server request by request).
+pub fn json_response(code: u16, body: &Value) -> Response<Body> {
+    respond(code, body.clone())
+}
+
+/// The JSON body of a request to the API server (`null` when it has none or is not JSON).
+pub async fn json_body(req: Request<Body>) -> Value {
+    match req.into_body().collect_bytes().await {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
     }
 }
 

@@ -188,6 +188,15 @@ pub fn stable_host_entry(entry: &str) -> Result<String, HostError> {
     }
 }
 
+/// Whether `host` is a global-sidecar Service (never a dependency).
+pub fn is_global_sidecar(host: &str, domain: &str) -> bool {
+    host.strip_prefix(crate::vocab::GLOBAL_SIDECAR)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(domain))
+        .and_then(|rest| rest.strip_suffix(".svc."))
+        .is_some_and(|ns| !ns.is_empty() && !ns.contains('.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +278,25 @@ mod tests {
         );
         assert_eq!(qualify("reviews.other", "ns", "cluster.local"), "reviews.other");
         assert_eq!(qualify("*", "ns", "cluster.local"), "*");
+    }
+
+    #[test]
+    fn global_sidecar_hosts() {
+        assert!(is_global_sidecar(
+            "global-sidecar.mesh-operator.svc.cluster.local",
+            "cluster.local"
+        ));
+        assert!(!is_global_sidecar(
+            "global-sidecar.a.b.svc.cluster.local",
+            "cluster.local"
+        ));
+        assert!(!is_global_sidecar(
+            "global-sidecar-x.ns.svc.cluster.local",
+            "cluster.local"
+        ));
+        assert!(!is_global_sidecar(
+            "reviews.default.svc.cluster.local",
+            "cluster.local"
+        ));
     }
 }

@@ -54,13 +54,12 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
 use prost::{Message, Name};
 
 use super::{NodeInfo, SecretSource};
-use crate::als::{ACCESS_LOG_CLUSTER, HEADER_ORIG_DEST, LOG_NAME, LOGGED_REQUEST_HEADERS};
-use crate::model::dependencies::is_global_sidecar;
+use crate::als::{ACCESS_LOG_CLUSTER, LOG_NAME, LOGGED_REQUEST_HEADERS};
+use crate::vocab::host::is_global_sidecar;
+use crate::vocab::{ORIG_DEST_HEADER, SOURCE_NS_HEADER};
 
 /// The cluster istiod uses for unknown destinations.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-/// The header carrying the caller's namespace.
-pub const SOURCE_NS_HEADER: &str = "slime-source-ns";
 /// Ports a sidecar proxy itself binds (pilot-agent, Envoy admin, inbound/outbound capture, ...).
 pub const RESERVED_PORTS: [u32; 10] = [
     15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
@@ -573,7 +572,7 @@ impl Adjuster<'_> {
         if c.name == PASSTHROUGH_CLUSTER {
             let wanted = OriginalDstLbConfig {
                 use_http_header: true,
-                http_header_name: HEADER_ORIG_DEST.into(),
+                http_header_name: ORIG_DEST_HEADER.into(),
                 ..Default::default()
             };
             let current = match &c.lb_config {
@@ -779,7 +778,8 @@ pub(crate) fn guarded_by_source_namespace(r: &Route, ns: &str) -> Route {
         .r#match
         .get_or_insert_with(RouteMatch::default)
         .headers
-        .push(exact_header(SOURCE_NS_HEADER, ns));
+        // In lower case, as Envoy keeps header names (and HTTP/2 sends them).
+        .push(exact_header(&SOURCE_NS_HEADER.to_ascii_lowercase(), ns));
     guarded
 }
 

@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::telemetry::register_families;
+
 /// Labels of per-type metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
@@ -66,63 +68,76 @@ pub struct Metrics {
 impl Metrics {
     /// Registers the metrics under `registry` (prefix `relay_`).
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("relay");
-        r.register("pushes", "xDS responses sent downstream", self.pushes.clone());
-        r.register(
-            "push_bytes",
-            "Bytes of resources sent downstream",
-            self.push_bytes.clone(),
-        );
-        r.register(
-            "nacks",
-            "Responses rejected by the downstream",
-            self.nacks.clone(),
-        );
-        r.register(
-            "adjusted_nacks",
-            "Rejected responses that held adjusted resources",
-            self.adjusted_nacks.clone(),
-        );
-        r.register(
-            "upstream_connects",
-            "Upstream streams opened",
-            self.upstream_connects.clone(),
-        );
-        r.register(
-            "upstream_failures",
-            "Failed attempts to open an upstream stream",
-            self.upstream_failures.clone(),
-        );
-        r.register("streams", "Downstream streams open", self.streams.clone());
-        r.register(
-            "last_good_served",
-            "Streams served from the last good config",
-            self.last_good_served.clone(),
-        );
-        r.register(
-            "upstream_invalid",
-            "Upstream responses dropped: a type not requested, or resources of another type",
-            self.upstream_invalid.clone(),
-        );
-        r.register(
-            "invalid_requests",
-            "Downstream streams ended for an invalid request",
-            self.invalid_requests.clone(),
-        );
-        r.register(
-            "unauthenticated_streams",
-            "Streams refused: an unauthenticated client would have used the relay's own istiod credentials",
-            self.unauthenticated.clone(),
-        );
-        r.register(
-            "refused_connections",
-            "Downstream connections closed because the connection limit was reached",
-            self.refused_connections.clone(),
-        );
-        r.register(
-            "adjustments",
-            "Adjustments applied to global-sidecar config",
-            self.adjustments.clone(),
+        register_families(
+            registry,
+            "relay",
+            vec![
+                (
+                    "pushes",
+                    "xDS responses sent downstream",
+                    Box::new(self.pushes.clone()),
+                ),
+                (
+                    "push_bytes",
+                    "Bytes of resources sent downstream",
+                    Box::new(self.push_bytes.clone()),
+                ),
+                (
+                    "nacks",
+                    "Responses rejected by the downstream",
+                    Box::new(self.nacks.clone()),
+                ),
+                (
+                    "adjusted_nacks",
+                    "Rejected responses that held adjusted resources",
+                    Box::new(self.adjusted_nacks.clone()),
+                ),
+                (
+                    "upstream_connects",
+                    "Upstream streams opened",
+                    Box::new(self.upstream_connects.clone()),
+                ),
+                (
+                    "upstream_failures",
+                    "Failed attempts to open an upstream stream",
+                    Box::new(self.upstream_failures.clone()),
+                ),
+                (
+                    "streams",
+                    "Downstream streams open",
+                    Box::new(self.streams.clone()),
+                ),
+                (
+                    "last_good_served",
+                    "Streams served from the last good config",
+                    Box::new(self.last_good_served.clone()),
+                ),
+                (
+                    "upstream_invalid",
+                    "Upstream responses dropped: a type not requested, or resources of another type",
+                    Box::new(self.upstream_invalid.clone()),
+                ),
+                (
+                    "invalid_requests",
+                    "Downstream streams ended for an invalid request",
+                    Box::new(self.invalid_requests.clone()),
+                ),
+                (
+                    "unauthenticated_streams",
+                    "Streams refused: an unauthenticated client would have used the relay's own istiod credentials",
+                    Box::new(self.unauthenticated.clone()),
+                ),
+                (
+                    "refused_connections",
+                    "Downstream connections closed because the connection limit was reached",
+                    Box::new(self.refused_connections.clone()),
+                ),
+                (
+                    "adjustments",
+                    "Adjustments applied to global-sidecar config",
+                    Box::new(self.adjustments.clone()),
+                ),
+            ],
         );
     }
 

@@ -1,18 +1,20 @@
 //! The one writer of `ServiceFence.status`: the fence controller's evaluations, the learner's
 //! edges and Prometheus results, and the condition on a fence lazyload cannot read all go
-//! through [`FenceStatusWriter`].
+//! through [`FenceStatusWriter`], which also reads the live fence it merges into; and
+//! [`list_fences`], the read of every fence at start.
 //!
 //! A status is written as a JSON merge patch of the status subresource, and only when it
 //! changed; map keys that went away are sent as `null`, so keys another replica added in the
 //! meantime (learned dependencies) survive.
 
 use jiff::Timestamp;
-use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::ApiResource;
 use kube::{Api, Client};
 use serde_json::{Map, Value, json};
 
 use super::{Error, FIELD_MANAGER, Result, Write, with_retries};
+use crate::index::convert::{Kind, Rejection, service_fence};
 use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceStatus};
 
@@ -106,12 +108,24 @@ impl FenceStatusWriter {
         Self { client }
     }
 
+    /// Reads the live fence `key`: `None` when there is none, else the fence or why lazyload
+    /// cannot read it. Read raw and converted here: kube's typed read of an unreadable fence
+    /// would log the whole object at every call.
+    pub async fn read(
+        &self,
+        key: &ObjectKey,
+    ) -> kube::Result<Option<std::result::Result<ServiceFence, Rejection>>> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &key.namespace,
+            &Kind::ServiceFence.api_resource(),
+        );
+        Ok(api.get_opt(&key.name).await?.map(fence_of))
+    }
+
     /// Writes `status` on `fence` when it differs from the fence's current status.
     pub async fn sync_status(&self, fence: &ServiceFence, status: &ServiceFenceStatus) -> Result<Write> {
-        let key = ObjectKey::new(
-            fence.metadata.namespace.clone().unwrap_or_default(),
-            fence.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = ObjectKey::of_or_empty(&fence.metadata);
         let current = fence.status.clone().unwrap_or_default();
         let patch = status_patch(&current, status).map_err(|source| Error::Serialize {
             object: key.to_string(),
@@ -154,4 +168,24 @@ impl FenceStatusWriter {
             })?;
         Ok(Write::Written)
     }
+}
+
+/// Reads every ServiceFence of the cluster (the learner is then seeded from them). Listed raw and
+/// converted one at a time: a fence lazyload cannot read is skipped with a warning (the watcher
+/// reports it on the fence), not a reason to stop.
+pub async fn list_fences(client: Client) -> kube::Result<Vec<ServiceFence>> {
+    let api: Api<DynamicObject> = Api::all_with(client, &Kind::ServiceFence.api_resource());
+    let mut fences = Vec::new();
+    for object in api.list(&ListParams::default()).await?.items {
+        match fence_of(object) {
+            Ok(fence) => fences.push(fence),
+            Err(rejection) => tracing::warn!("{rejection}"),
+        }
+    }
+    Ok(fences)
+}
+
+/// A raw ServiceFence as lazyload's type, or why it cannot be.
+fn fence_of(object: DynamicObject) -> std::result::Result<ServiceFence, Rejection> {
+    service_fence(serde_json::to_value(object).unwrap_or_default())
 }

@@ -16,6 +16,7 @@ use super::*;
 use crate::config::Config;
 use crate::index::ClusterIndex;
 use crate::model::evaluate;
+use crate::testing::{json_body, json_response};
 use crate::vocab::fence::{ServiceFence, ServiceFenceSpec, ServiceFenceStatus};
 use crate::vocab::istio::IstioVersion;
 
@@ -65,32 +66,44 @@ fn desired(f: &ServiceFence) -> crate::model::Evaluation {
     )
 }
 
-async fn body(req: Request<Body>) -> Value {
-    let bytes = req.into_body().collect_bytes().await.unwrap();
-    serde_json::from_slice(&bytes).unwrap()
+/// A writer, its API server's handle, the fence and what the model wants written for it.
+fn writer_for_fence() -> (FenceWriter, Handle, ServiceFence, crate::model::Evaluation) {
+    let (w, handle) = writer();
+    let f = fence();
+    let eval = desired(&f);
+    (w, handle, f, eval)
+}
+
+/// Applies the Sidecar of `f` (none live), checks it was written, and waits for the scripted
+/// `server` to have seen every request it expected.
+async fn assert_sidecar_written(
+    w: &FenceWriter,
+    f: &ServiceFence,
+    eval: &crate::model::Evaluation,
+    server: tokio::task::JoinHandle<()>,
+) {
+    assert_eq!(
+        w.sync_sidecar(f, &eval.sidecar, None).await.unwrap(),
+        Write::Written
+    );
+    server.await.unwrap();
 }
 
 fn ok(json: Value) -> Response<Body> {
-    Response::builder()
-        .status(200)
-        .body(Body::from(serde_json::to_vec(&json).unwrap()))
-        .unwrap()
+    json_response(200, &json)
 }
 
 fn conflict() -> Response<Body> {
-    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
-                        "message": "the object has been modified", "code": 409});
-    Response::builder()
-        .status(409)
-        .body(Body::from(serde_json::to_vec(&status).unwrap()))
-        .unwrap()
+    json_response(
+        409,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                "message": "the object has been modified", "code": 409}),
+    )
 }
 
 #[tokio::test]
 async fn applies_the_sidecar_with_field_manager_and_owner() {
-    let (w, mut handle) = writer();
-    let f = fence();
-    let eval = desired(&f);
+    let (w, mut handle, f, eval) = writer_for_fence();
     let server = tokio::spawn(async move {
         let (req, send) = handle.next_request().await.expect("a request");
         assert_eq!(req.method(), http::Method::PATCH);
@@ -104,7 +117,7 @@ async fn applies_the_sidecar_with_field_manager_and_owner() {
             "{uri}"
         );
         assert_eq!(req.headers()["content-type"], "application/apply-patch+yaml");
-        let got = body(req).await;
+        let got = json_body(req).await;
         let want = json!({
             "apiVersion": "networking.istio.io/v1beta1",
             "kind": "Sidecar",
@@ -122,18 +135,12 @@ async fn applies_the_sidecar_with_field_manager_and_owner() {
         assert_eq!(got, want);
         send.send_response(ok(got));
     });
-    assert_eq!(
-        w.sync_sidecar(&f, &eval.sidecar, None).await.unwrap(),
-        Write::Written
-    );
-    server.await.unwrap();
+    assert_sidecar_written(&w, &f, &eval, server).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_write_when_the_live_sidecar_is_right() {
-    let (w, mut handle) = writer();
-    let f = fence();
-    let eval = desired(&f);
+    let (w, mut handle, f, eval) = writer_for_fence();
     let mut live = eval.sidecar.clone().unwrap();
     // Fields lazyload does not own, set by someone else, do not count.
     live.spec
@@ -156,21 +163,15 @@ async fn no_write_when_the_live_sidecar_is_right() {
 
 #[tokio::test]
 async fn conflict_is_retried_until_it_succeeds() {
-    let (w, mut handle) = writer();
-    let f = fence();
-    let eval = desired(&f);
+    let (w, mut handle, f, eval) = writer_for_fence();
     let server = tokio::spawn(async move {
         let (_, send) = handle.next_request().await.unwrap();
         send.send_response(conflict());
         let (req, send) = handle.next_request().await.unwrap();
-        let got = body(req).await;
+        let got = json_body(req).await;
         send.send_response(ok(got));
     });
-    assert_eq!(
-        w.sync_sidecar(&f, &eval.sidecar, None).await.unwrap(),
-        Write::Written
-    );
-    server.await.unwrap();
+    assert_sidecar_written(&w, &f, &eval, server).await;
 }
 
 #[tokio::test]
@@ -227,7 +228,7 @@ async fn status_is_a_merge_patch_that_keeps_keys_added_elsewhere() {
             "/apis/microservice.slime.io/v1alpha1/namespaces/default/servicefences/productpage/status"
         );
         assert_eq!(req.headers()["content-type"], "application/merge-patch+json");
-        let got = body(req).await;
+        let got = json_body(req).await;
         let status = &got["status"];
         assert_eq!(
             status["domains"]["details.default.svc.cluster.local"]["status"],

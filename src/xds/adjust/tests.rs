@@ -11,6 +11,11 @@ use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugi
 use super::*;
 use crate::xds::NodeInfo;
 
+/// The adjuster for `node` under `settings` (the test owns both).
+fn adjuster<'a>(settings: &'a Settings, node: &'a NodeInfo) -> Adjuster<'a> {
+    Adjuster { settings, node }
+}
+
 fn settings() -> Settings {
     Settings {
         als_address: Some(("lazyload.mesh-operator.svc.cluster.local".into(), 8082)),
@@ -176,12 +181,8 @@ const GS: &str = "outbound|9080||global-sidecar.mesh-operator.svc.cluster.local"
 
 #[test]
 fn listeners_on_reserved_ports_are_dropped() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     for (port, dropped) in [
         (15001, true),
         (15006, true),
@@ -202,12 +203,8 @@ fn listeners_on_reserved_ports_are_dropped() {
 
 #[test]
 fn loopback_listeners_are_rebound_and_get_the_access_logger_once() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let mut l = hcm_listener("127.0.0.1", 9080, vec![]);
     assert_eq!(
         adj.listener(&mut l, &mut Counts::default()),
@@ -238,12 +235,8 @@ fn loopback_listeners_are_rebound_and_get_the_access_logger_once() {
 
 #[test]
 fn stock_envoy_loses_istio_only_extensions() {
-    let s = settings();
-    let node = stock();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), stock());
+    let adj = adjuster(&s, &node);
     assert!(adj.stock_envoy());
     let null_vm = Wasm {
         config: Some(PluginConfig {
@@ -287,10 +280,7 @@ fn stock_envoy_loses_istio_only_extensions() {
 
     // The same listener for Istio's proxy keeps everything.
     let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let adj = adjuster(&s, &node);
     let mut l = hcm_listener(
         "127.0.0.1",
         9080,
@@ -307,10 +297,7 @@ fn prometheus_mode_removes_metadata_exchange() {
         ..settings()
     };
     let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let adj = adjuster(&s, &node);
     let f = HttpFilter {
         name: "istio.metadata_exchange".into(),
         ..Default::default()
@@ -327,10 +314,7 @@ fn mtls_chain_is_added_in_front_of_the_plaintext_one() {
         ..settings()
     };
     for (node, sds_expected) in [(istio_proxy(), true), (stock(), false)] {
-        let adj = Adjuster {
-            settings: &s,
-            node: &node,
-        };
+        let adj = adjuster(&s, &node);
         let mut l = hcm_listener("127.0.0.1", 9080, vec![]);
         adj.listener(&mut l, &mut Counts::default());
         assert_eq!(l.filter_chains.len(), 2);
@@ -372,12 +356,8 @@ fn mtls_chain_is_added_in_front_of_the_plaintext_one() {
 
 #[test]
 fn routes_never_lead_back_to_the_global_sidecar() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let weighted = Route {
         action: Some(Action::Route(RouteAction {
             cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
@@ -419,12 +399,8 @@ fn routes_never_lead_back_to_the_global_sidecar() {
 
 #[test]
 fn one_wildcard_host_routing_to_passthrough() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let block_all = Route {
         r#match: Some(RouteMatch {
             path_specifier: Some(PathSpecifier::Prefix("/".into())),
@@ -470,12 +446,8 @@ fn one_wildcard_host_routing_to_passthrough() {
 
 #[test]
 fn short_names_route_by_source_namespace() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let mut rc = RouteConfiguration {
         name: "9080".into(),
         virtual_hosts: vec![
@@ -554,12 +526,8 @@ fn short_names_route_by_source_namespace() {
 
 #[test]
 fn passthrough_cluster_takes_its_destination_from_the_header() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let mut c = Cluster {
         name: PASSTHROUGH_CLUSTER.into(),
         ..Default::default()
@@ -570,7 +538,7 @@ fn passthrough_cluster_takes_its_destination_from_the_header() {
         panic!()
     };
     assert!(o.use_http_header);
-    assert_eq!(o.http_header_name, HEADER_ORIG_DEST);
+    assert_eq!(o.http_header_name, crate::vocab::ORIG_DEST_HEADER);
     assert!(!adj.cluster(&mut c, &mut Counts::default()), "idempotent");
     let other = Cluster {
         name: "outbound|9080||details.default.svc.cluster.local".into(),
@@ -584,22 +552,9 @@ fn passthrough_cluster_takes_its_destination_from_the_header() {
 
 #[test]
 fn stock_envoy_clusters_use_static_secrets() {
-    let s = settings();
-    let node = stock();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
-    let tls = UpstreamTlsContext {
-        common_tls_context: Some(CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
-                name: "default".into(),
-                sds_config: Some(agent_sds_source()),
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let (s, node) = (settings(), stock());
+    let adj = adjuster(&s, &node);
+    let tls = agent_tls();
     let mut c = Cluster {
         name: "outbound|9080||details.default.svc.cluster.local".into(),
         transport_socket: Some(TransportSocket {
@@ -624,12 +579,8 @@ fn stock_envoy_clusters_use_static_secrets() {
 
 #[test]
 fn als_cluster_points_at_the_collector() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let c = adj.als_cluster().unwrap();
     assert_eq!(c.name, ACCESS_LOG_CLUSTER);
     assert_eq!(
@@ -637,21 +588,12 @@ fn als_cluster_points_at_the_collector() {
         Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32))
     );
     let off = Settings::default();
-    assert!(
-        Adjuster {
-            settings: &off,
-            node: &node
-        }
-        .als_cluster()
-        .is_none()
-    );
+    assert!(adjuster(&off, &node).als_cluster().is_none());
 }
 
-/// A cluster as istiod writes it for a sidecar: Istio's metadata-exchange filter and a TLS
-/// socket whose certificate comes from pilot-agent's `sds-grpc`.
-fn istio_cluster() -> Cluster {
-    use envoy_types::pb::envoy::config::cluster::v3::Filter as ClusterFilter;
-    let tls = UpstreamTlsContext {
+/// A TLS context whose certificate comes from pilot-agent's `sds-grpc`, as istiod writes it.
+fn agent_tls() -> UpstreamTlsContext {
+    UpstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
             tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
                 name: "default".into(),
@@ -660,7 +602,14 @@ fn istio_cluster() -> Cluster {
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+/// A cluster as istiod writes it for a sidecar: Istio's metadata-exchange filter and a TLS
+/// socket whose certificate comes from pilot-agent's `sds-grpc`.
+fn istio_cluster() -> Cluster {
+    use envoy_types::pb::envoy::config::cluster::v3::Filter as ClusterFilter;
+    let tls = agent_tls();
     Cluster {
         name: "outbound|9080||details.default.svc.cluster.local".into(),
         filters: vec![ClusterFilter {
@@ -707,10 +656,7 @@ fn extensions_and_secret_source_are_decided_separately() {
     ] {
         let case = format!("{envoy:?} + {bootstrap:?}");
         let node = NodeInfo::from_node(Some(&node(envoy, bootstrap)), None);
-        let adj = Adjuster {
-            settings: &s,
-            node: &node,
-        };
+        let adj = adjuster(&s, &node);
         assert_eq!(adj.stock_envoy(), strips, "{case}");
         assert_eq!(adj.static_secrets(), !sds_kept, "{case}");
 
@@ -758,12 +704,8 @@ fn extensions_and_secret_source_are_decided_separately() {
 /// ports) are dropped whatever their port; outbound ones on the same port stay and are rebound.
 #[test]
 fn inbound_listeners_are_dropped() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     for (address, direction, dropped) in [
         ("0.0.0.0", TrafficDirection::Inbound, true),
         ("127.0.0.1", TrafficDirection::Inbound, true),
@@ -805,12 +747,8 @@ fn inbound_listeners_are_dropped() {
 /// A6: the logger flushes well within 100 ms (Envoy's default is 1 s).
 #[test]
 fn access_logger_flushes_quickly() {
-    let s = settings();
-    let node = istio_proxy();
-    let adj = Adjuster {
-        settings: &s,
-        node: &node,
-    };
+    let (s, node) = (settings(), istio_proxy());
+    let adj = adjuster(&s, &node);
     let mut l = hcm_listener("127.0.0.1", 9080, vec![]);
     adj.listener(&mut l, &mut Counts::default());
     let common = grpc_logger_of(&l).common_config.unwrap();
