@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -28,7 +29,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 };
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::Any;
-use tokio::sync::broadcast;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
@@ -423,6 +425,70 @@ fn authorization<T>(req: &Request<T>) -> Option<String> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(String::from)
+}
+
+/// What every stream keeps besides its per-type state: the shared state, where its responses
+/// go, its `authorization` metadata and the node's interception mode (from its first request).
+struct Peer<R> {
+    state: Arc<State>,
+    tx: mpsc::Sender<Result<R, Status>>,
+    authorization: Option<String>,
+    mode: Option<Interception>,
+}
+
+/// What the fake records of a request, and its node.
+struct Heard<'a> {
+    type_url: &'a str,
+    nonce: &'a str,
+    error: Option<&'a RpcStatus>,
+    names: &'a [String],
+    node: Option<&'a Node>,
+}
+
+impl<R> Peer<R> {
+    /// The peer of a new stream, and where its responses come out.
+    fn new<T>(state: Arc<State>, req: &Request<T>) -> (Self, mpsc::Receiver<Result<R, Status>>) {
+        state.streams.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(16);
+        let authorization = authorization(req);
+        let peer = Peer {
+            state,
+            tx,
+            authorization,
+            mode: None,
+        };
+        (peer, rx)
+    }
+
+    /// Records a request.
+    fn record(&self, heard: &Heard<'_>) {
+        self.state.record(Seen {
+            type_url: heard.type_url.to_string(),
+            nonce: heard.nonce.to_string(),
+            error: heard.error.map(|e| e.message.clone()),
+            names: heard.names.to_vec(),
+            authorization: self.authorization.clone(),
+            has_node: heard.node.is_some(),
+        });
+    }
+
+    /// Records a request and returns the node's interception mode; `None` once the stream is
+    /// failed for a node istiod would refuse.
+    async fn hear(&mut self, heard: Heard<'_>) -> Option<Interception> {
+        self.record(&heard);
+        match Interception::remember(&mut self.mode, heard.node) {
+            Ok(mode) => Some(mode),
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                None
+            }
+        }
+    }
+
+    /// Sends a response; `false` when the client is gone.
+    async fn send(&self, response: R) -> bool {
+        self.tx.send(Ok(response)).await.is_ok()
+    }
 }
 
 /// The ADS service.

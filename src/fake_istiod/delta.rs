@@ -2,17 +2,15 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Conversation, Interception, Push, Seen, State, authorization, converse, pushed_names};
+use super::{Conversation, Heard, Peer, Push, State, converse, pushed_names};
 use crate::xds::is_wildcard_type;
 
 /// The responses of one stream.
@@ -20,15 +18,10 @@ pub(super) type Responses = ReceiverStream<Result<DeltaDiscoveryResponse, Status
 
 /// Opens a stream, answered by a task.
 pub(super) fn open(state: Arc<State>, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<Responses> {
-    state.streams.fetch_add(1, Ordering::SeqCst);
-    let authorization = authorization(&req);
-    let (tx, rx) = mpsc::channel(16);
+    let (peer, rx) = Peer::new(state.clone(), &req);
     let stream = Delta {
-        state: state.clone(),
-        tx,
-        authorization,
+        peer,
         types: HashMap::new(),
-        mode: None,
     };
     tokio::spawn(converse(stream, state, req.into_inner()));
     Response::new(ReceiverStream::new(rx))
@@ -65,19 +58,15 @@ impl Type {
 
 /// One Delta stream.
 struct Delta {
-    state: Arc<State>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    authorization: Option<String>,
+    peer: Peer<DeltaDiscoveryResponse>,
     types: HashMap<String, Type>,
-    /// From the node on the first request of the stream.
-    mode: Option<Interception>,
 }
 
 impl Delta {
     /// Sends resources and removals of a type; `false` when the client is gone.
     async fn send(&self, type_url: &str, items: Vec<(String, Any)>, removed: Vec<String>) -> bool {
         let response = DeltaDiscoveryResponse {
-            system_version_info: self.state.version(),
+            system_version_info: self.peer.state.version(),
             resources: items
                 .into_iter()
                 .map(|(name, a)| Resource {
@@ -88,10 +77,10 @@ impl Delta {
                 .collect(),
             type_url: type_url.to_string(),
             removed_resources: removed,
-            nonce: self.state.nonce(),
+            nonce: self.peer.state.nonce(),
             ..Default::default()
         };
-        self.tx.send(Ok(response)).await.is_ok()
+        self.peer.send(response).await
     }
 }
 
@@ -99,20 +88,15 @@ impl Conversation for Delta {
     type Request = DeltaDiscoveryRequest;
 
     async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> bool {
-        self.state.record(Seen {
-            type_url: r.type_url.clone(),
-            nonce: r.response_nonce.clone(),
-            error: r.error_detail.as_ref().map(|e| e.message.clone()),
-            names: r.resource_names_subscribe.clone(),
-            authorization: self.authorization.clone(),
-            has_node: r.node.is_some(),
-        });
-        let mode = match Interception::remember(&mut self.mode, r.node.as_ref()) {
-            Ok(m) => m,
-            Err(status) => {
-                let _ = self.tx.send(Err(status)).await;
-                return false;
-            }
+        let heard = Heard {
+            type_url: &r.type_url,
+            nonce: &r.response_nonce,
+            error: r.error_detail.as_ref(),
+            names: &r.resource_names_subscribe,
+            node: r.node.as_ref(),
+        };
+        let Some(mode) = self.peer.hear(heard).await else {
+            return false;
         };
         let first = !self.types.contains_key(&r.type_url);
         let entry = self.types.entry(r.type_url.clone()).or_insert_with(|| Type {
@@ -134,18 +118,18 @@ impl Conversation for Delta {
         } else {
             return true;
         };
-        let items = self.state.resources(&r.type_url, names.as_ref(), mode);
+        let items = self.peer.state.resources(&r.type_url, names.as_ref(), mode);
         let removed = entry.update(&items, first);
         self.send(&r.type_url, items, removed).await
     }
 
     async fn on_push(&mut self, push: Push) -> bool {
         let (type_url, only) = push.into_parts();
-        let (Some(entry), Some(mode)) = (self.types.get_mut(&type_url), self.mode) else {
+        let (Some(entry), Some(mode)) = (self.types.get_mut(&type_url), self.peer.mode) else {
             return true;
         };
         let names = pushed_names(only.as_deref(), entry.subscribed.as_ref());
-        let items = self.state.resources(&type_url, names.as_ref(), mode);
+        let items = self.peer.state.resources(&type_url, names.as_ref(), mode);
         let removed = entry.update(&items, only.is_none());
         self.send(&type_url, items, removed).await
     }

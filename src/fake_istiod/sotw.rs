@@ -6,11 +6,10 @@ use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Conversation, Interception, Push, Seen, State, authorization, converse, pushed_names};
+use super::{Conversation, Heard, Peer, Push, State, converse, pushed_names};
 use crate::xds::is_wildcard_type;
 
 /// The responses of one stream.
@@ -37,50 +36,40 @@ pub(super) async fn open(
     state: Arc<State>,
     req: Request<Streaming<DiscoveryRequest>>,
 ) -> Result<Response<Responses>, Status> {
-    state.streams.fetch_add(1, Ordering::SeqCst);
     let open = OpenStream::new(&state.open);
-    let authorization = authorization(&req);
+    let (peer, rx) = Peer::new(state.clone(), &req);
     let mut inbound = req.into_inner();
     if state.silent.load(Ordering::SeqCst) {
         while let Ok(Some(r)) = inbound.message().await {
-            state.record(seen(&r, None, &authorization));
+            peer.record(&heard(&r));
         }
         return Err(Status::cancelled("the client left"));
     }
-    let (tx, rx) = mpsc::channel(16);
     let stream = Sotw {
-        state: state.clone(),
-        tx,
-        authorization,
+        peer,
         types: HashMap::new(),
-        mode: None,
         _open: open,
     };
     tokio::spawn(converse(stream, state, inbound));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-/// How the fake istiod records a SotW request.
-fn seen(r: &DiscoveryRequest, error: Option<String>, authorization: &Option<String>) -> Seen {
-    Seen {
-        type_url: r.type_url.clone(),
-        nonce: r.response_nonce.clone(),
-        error,
-        names: r.resource_names.clone(),
-        authorization: authorization.clone(),
-        has_node: r.node.is_some(),
+/// What the fake records of a SotW request.
+fn heard(r: &DiscoveryRequest) -> Heard<'_> {
+    Heard {
+        type_url: &r.type_url,
+        nonce: &r.response_nonce,
+        error: r.error_detail.as_ref(),
+        names: &r.resource_names,
+        node: r.node.as_ref(),
     }
 }
 
 /// One SotW stream.
 struct Sotw {
-    state: Arc<State>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    authorization: Option<String>,
-    /// Per type: the last nonce sent, the subscribed names (`None`: wildcard).
+    peer: Peer<DiscoveryResponse>,
+    /// Per type: what was last sent.
     types: HashMap<String, Sent>,
-    /// From the node on the first request of the stream.
-    mode: Option<Interception>,
     _open: OpenStream,
 }
 
@@ -111,15 +100,15 @@ fn answer(
 impl Sotw {
     /// Sends the resources of a type; its nonce, or `None` when the client is gone.
     async fn send(&self, type_url: &str, items: Vec<(String, Any)>) -> Option<String> {
-        let nonce = self.state.nonce();
+        let nonce = self.peer.state.nonce();
         let response = DiscoveryResponse {
-            version_info: self.state.version(),
+            version_info: self.peer.state.version(),
             resources: items.into_iter().map(|(_, a)| a).collect(),
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
             ..Default::default()
         };
-        self.tx.send(Ok(response)).await.ok().map(|()| nonce)
+        self.peer.send(response).await.then_some(nonce)
     }
 }
 
@@ -127,14 +116,8 @@ impl Conversation for Sotw {
     type Request = DiscoveryRequest;
 
     async fn on_request(&mut self, r: DiscoveryRequest) -> bool {
-        let error = r.error_detail.as_ref().map(|e| e.message.clone());
-        self.state.record(seen(&r, error, &self.authorization));
-        let mode = match Interception::remember(&mut self.mode, r.node.as_ref()) {
-            Ok(m) => m,
-            Err(status) => {
-                let _ = self.tx.send(Err(status)).await;
-                return false;
-            }
+        let Some(mode) = self.peer.hear(heard(&r)).await else {
+            return false;
         };
         let names: Option<BTreeSet<String>> =
             (!is_wildcard_type(&r.type_url)).then(|| r.resource_names.iter().cloned().collect());
@@ -149,7 +132,7 @@ impl Conversation for Sotw {
                 self.types.insert(r.type_url, (nonce, names));
             }
             Some(send) => {
-                let items = self.state.resources(&r.type_url, send.as_ref(), mode);
+                let items = self.peer.state.resources(&r.type_url, send.as_ref(), mode);
                 let Some(nonce) = self.send(&r.type_url, items).await else {
                     return false;
                 };
@@ -169,11 +152,11 @@ impl Conversation for Sotw {
 
     async fn on_push(&mut self, push: Push) -> bool {
         let (type_url, only) = push.into_parts();
-        let (Some((_, subscribed)), Some(mode)) = (self.types.get(&type_url), self.mode) else {
+        let (Some((_, subscribed)), Some(mode)) = (self.types.get(&type_url), self.peer.mode) else {
             return true;
         };
         let names = pushed_names(only.as_deref(), subscribed.as_ref());
-        let items = self.state.resources(&type_url, names.as_ref(), mode);
+        let items = self.peer.state.resources(&type_url, names.as_ref(), mode);
         let Some(nonce) = self.send(&type_url, items).await else {
             return false;
         };
