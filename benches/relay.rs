@@ -1,5 +1,5 @@
 //! Relay benchmark: an Istio-shaped mesh of N services (a cluster, 3 endpoints and a virtual host
-//! per service over 20 ports) served by the test istiod; a global-sidecar client converges
+//! per service over 20 ports) served by the fake istiod; a global-sidecar client converges
 //! directly, through a null relay (a TCP proxy forwarding bytes without decoding them: the
 //! floor), and through `lazyload serve` (a separate process, so its memory can be read), all in
 //! the same run. Prints, per N: convergence time via each path vs direct, the added latency of an
@@ -38,10 +38,11 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use lazyload::demo::mesh::{outbound_port, route_to};
+use lazyload::fake_istiod::{Config, FakeIstiod};
+use lazyload::xds::adjust::pack as any;
 use lazyload::xds::adjust::socket;
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use support::free_port;
-use support::istiod::{Config, TestIstiod, any};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -289,7 +290,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Time from istiod's push of one cluster's endpoints to the client receiving it.
 async fn eds_latencies(
-    istiod: &TestIstiod,
+    istiod: &FakeIstiod,
     client: &mut Client,
     clusters: &[String],
     rounds: usize,
@@ -484,7 +485,7 @@ struct RelayFigures {
 /// `addr` (each converge of a replica follows a direct one, so both see the same machine), then
 /// measures incremental EDS pushes through it alone.
 async fn measure_relay(
-    istiod: &TestIstiod,
+    istiod: &FakeIstiod,
     addr: SocketAddr,
     pid: u32,
     clusters: &[String],
@@ -566,7 +567,7 @@ fn print_relay(name: &str, f: &RelayFigures, direct: Duration, direct_eds: &[Dur
 async fn run(n: usize, baseline: Option<&str>) {
     let (config, clusters, routes, bytes) = mesh(n);
     let (costs, incremental) = adjust_costs(&config);
-    let istiod = TestIstiod::start(config).await;
+    let istiod = FakeIstiod::start(config).await.unwrap();
     let (null_task, null_addr) = start_null_relay(istiod.addr).await;
     let _ = Client::converge(istiod.addr, 90, &clusters, &routes).await;
 

@@ -4,7 +4,7 @@
 //! It writes, into a working directory, a sample cluster (bookinfo plus generated services in
 //! several namespaces, each with a ServiceFence, as `kubectl get -o yaml` prints them) and the
 //! full config every proxy of that mesh receives as an Envoy config dump ([`mesh`]). It serves
-//! that config over ADS from a built-in istiod stand-in ([`upstream`]) and runs `lazyload serve`
+//! that config over ADS from the built-in istiod stand-in ([`crate::fake_istiod`]) and runs `lazyload serve`
 //! in this process against it and that cluster (no API server: learned fences and Sidecars go to
 //! `manifests/`, its log to `serve.log`). A global-sidecar ([`global_sidecar`]) takes the full
 //! config through the relay. The mesh's traffic then goes through a real Envoy global-sidecar
@@ -15,7 +15,6 @@
 pub mod envoy;
 mod global_sidecar;
 pub mod mesh;
-mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::global_sidecar::Received;
 use self::mesh::Mesh;
 use crate::config::Config;
+use crate::fake_istiod::FakeIstiod;
 use crate::report::{self, Report, ReportArgs};
 use crate::serve::{self, AlsTrust, Options, RelayOptions};
 use crate::telemetry::{self, LogFormat};
@@ -286,9 +286,10 @@ pub async fn run(args: &DemoArgs, now: Timestamp, say: &mut dyn FnMut(&str)) -> 
     }
     let dir = &args.out;
     let files = Files::write(&mesh, dir, say)?;
-    let istiod = upstream::start(mesh.xds(), stop.clone())
+    let upstream = FakeIstiod::start(mesh.xds())
         .await
-        .context("starting the built-in upstream")?;
+        .context("starting the built-in istiod")?;
+    let istiod = upstream.addr;
 
     let [xds, als, admin] = free_ports()?.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
     let log = dir.join("serve.log");

@@ -28,6 +28,7 @@
 //! - [`generate`]: `lazyload generate`, manifests from a snapshot and access logs.
 //! - [`report`]: `lazyload report`, push sizes offline or from a live istiod.
 //! - [`explain`]: `lazyload explain`, why each host is in a workload's Sidecar.
+//! - [`fake_istiod`]: an istiod stand-in serving a fixed config over ADS (the demo's, the tests').
 //! - [`demo`]: `lazyload demo`, the whole path on a sample mesh.
 //! - `testing` (tests and benches only): shared test builders, the mock API server, `eventually`.
 
@@ -38,6 +39,7 @@ pub mod config;
 pub mod demo;
 pub mod duration;
 pub mod explain;
+pub mod fake_istiod;
 pub mod generate;
 pub mod hash;
 pub mod index;

@@ -14,12 +14,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lazyload::config::Config as LazyloadConfig;
+use lazyload::fake_istiod::{Config, FakeIstiod};
 use lazyload::model::fallback::envoyfilters;
 use lazyload::xds::{CLUSTER, LISTENER, ROUTE};
 use serde_json::{Value, json};
 use support::envoy::{Envoy, grpc_cluster};
 use support::envoyfilter::apply_route_patches;
-use support::istiod::{Config, TestIstiod};
 use support::{fixtures, free_port, http};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -82,12 +82,12 @@ fn patched_route(config: &str, registry_only: bool) -> Value {
     rc
 }
 
-async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, TestIstiod) {
+async fn workload_envoy(route: Value, gs: SocketAddr) -> (Envoy, u16, FakeIstiod) {
     workload_envoy_with(route, static_cluster(GS_CLUSTER, gs)).await
 }
 
 /// [`workload_envoy`] with the global-sidecar cluster as given.
-async fn workload_envoy_with(route: Value, gs_cluster: Value) -> (Envoy, u16, TestIstiod) {
+async fn workload_envoy_with(route: Value, gs_cluster: Value) -> (Envoy, u16, FakeIstiod) {
     let port = free_port();
     let listener = json!({
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -119,7 +119,7 @@ async fn workload_envoy_with(route: Value, gs_cluster: Value) -> (Envoy, u16, Te
     config.insert(LISTENER.into(), by_name(&[listener]));
     config.insert(ROUTE.into(), by_name(&[route]));
     config.insert(CLUSTER.into(), by_name(&[gs_cluster, passthrough]));
-    let istiod = TestIstiod::start(config).await;
+    let istiod = FakeIstiod::start(config).await.unwrap();
     let bootstrap = format!(
         r#"
 node: {{id: "sidecar~127.0.0.1~productpage-v1-abc-def.default~default.svc.cluster.local", cluster: productpage.default}}

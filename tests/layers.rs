@@ -31,7 +31,14 @@ const LAYERS: &[&[&str]] = &[
     &["admin", "xds"],
     // The metric catalog and the commands.
     &[
-        "metrics", "serve", "generate", "report", "explain", "demo", "testing",
+        "metrics",
+        "serve",
+        "generate",
+        "report",
+        "explain",
+        "fake_istiod",
+        "demo",
+        "testing",
     ],
 ];
 

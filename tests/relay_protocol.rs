@@ -1,4 +1,4 @@
-//! Protocol tests of the relay with an in-process xDS client and the test istiod: nonce
+//! Protocol tests of the relay with an in-process xDS client and the fake istiod: nonce
 //! translation, stale nonces, NACKs, partial EDS merge, upstream restarts and GOAWAYs, the last
 //! good config when istiod is down, unknown types, pass-through for ordinary nodes, Delta.
 
@@ -19,12 +19,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use lazyload::als::ACCESS_LOG_CLUSTER;
+use lazyload::fake_istiod::{Config, FakeIstiod, SidecarShape};
+use lazyload::testing::eventually_true;
 use lazyload::xds::adjust::Settings;
+use lazyload::xds::adjust::pack as any;
 use lazyload::xds::upstream::{Upstream, UpstreamConfig};
 use lazyload::xds::{CLUSTER, ENDPOINT, LISTENER};
 use prost::Message;
 use support::TestRelay;
-use support::istiod::{Config, SidecarShape, TestIstiod, any};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -216,20 +218,9 @@ async fn converge(addr: SocketAddr) -> SotwClient {
     c
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn nonces_are_translated_and_stale_ones_ignored() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut c = SotwClient::connect(r.addr, &[("authorization", "Bearer gs-token")]).await;
     c.request(Some(node(true)), CLUSTER, &[], "").await;
@@ -266,7 +257,7 @@ async fn nonces_are_translated_and_stale_ones_ignored() {
 
 #[tokio::test]
 async fn nack_reaches_istiod_once_and_is_counted() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut c = SotwClient::connect(r.addr, &[]).await;
     c.request(Some(node(true)), LISTENER, &[], "").await;
@@ -301,7 +292,7 @@ async fn nack_reaches_istiod_once_and_is_counted() {
 
 #[tokio::test]
 async fn partial_eds_pushes_merge_into_the_last_good_config() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut c = converge(r.addr).await;
     istiod.update_partial(ENDPOINT, [("b".to_string(), cla("b", 7))].into());
@@ -310,7 +301,7 @@ async fn partial_eds_pushes_merge_into_the_last_good_config() {
     c.request(None, ENDPOINT, &["a", "b", "c"], &partial.nonce).await;
     // The relay records an ACK in the last good config before forwarding it: once istiod has
     // seen the ACK of the partial push (the second EDS ACK), the cache holds it.
-    wait_until("the partial push ACKed into the last good config", || {
+    eventually_true("the partial push ACKed into the last good config", WAIT, || {
         let acks = istiod
             .seen()
             .iter()
@@ -360,7 +351,7 @@ async fn partial_eds_pushes_merge_into_the_last_good_config() {
     n.request(None, CLUSTER, &[], "").await;
     assert_eq!(names(&n.recv().await), ["a", "b", "c", ACCESS_LOG_CLUSTER]);
     // istiod returns: the last-good stream ends so the next one is a clean handshake.
-    let back = TestIstiod::start_on(addr, mesh(), None).await;
+    let back = FakeIstiod::start_on(addr, mesh(), None).await.unwrap();
     assert_eq!(n.ended().await.code(), tonic::Code::Unavailable);
     let mut fresh = SotwClient::connect(r.addr, &[]).await;
     fresh.request(Some(node(true)), CLUSTER, &[], "").await;
@@ -370,13 +361,13 @@ async fn partial_eds_pushes_merge_into_the_last_good_config() {
 
 #[tokio::test]
 async fn upstream_restart_ends_the_stream_and_a_reconnect_converges() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let addr = istiod.addr;
     let r = relay(&istiod.url()).await;
     let mut c = converge(r.addr).await;
     istiod.stop().await;
     assert_eq!(c.ended().await.code(), tonic::Code::Unavailable);
-    let _back = TestIstiod::start_on(addr, mesh(), None).await;
+    let _back = FakeIstiod::start_on(addr, mesh(), None).await.unwrap();
     let c = converge(r.addr).await;
     drop(c);
 }
@@ -400,12 +391,13 @@ async fn istiod_down_without_last_good_config_fails_the_stream() {
 
 #[tokio::test]
 async fn goaway_ends_the_stream_quietly_and_the_client_reconnects() {
-    let istiod = TestIstiod::start_on(
+    let istiod = FakeIstiod::start_on(
         "127.0.0.1:0".parse().unwrap(),
         mesh(),
         Some(Duration::from_millis(700)),
     )
-    .await;
+    .await
+    .unwrap();
     let r = relay(&istiod.url()).await;
     let mut c = converge(r.addr).await;
     // The routine max-connection-age GOAWAY (every 30 minutes in istiod) arrives.
@@ -416,7 +408,7 @@ async fn goaway_ends_the_stream_quietly_and_the_client_reconnects() {
 
 #[tokio::test]
 async fn unknown_types_and_ordinary_nodes_pass_through_unchanged() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut gs = SotwClient::connect(r.addr, &[]).await;
     gs.request(Some(node(true)), PCDS, &["pc"], "").await;
@@ -446,10 +438,10 @@ async fn unknown_types_and_ordinary_nodes_pass_through_unchanged() {
 #[tokio::test]
 async fn inbound_listeners_reach_only_ordinary_nodes() {
     let shape = SidecarShape {
-        own_service_ports: vec![9080],
+        own_service: support::own_service::own_service(&[9080]),
         ..Default::default()
     };
-    let istiod = TestIstiod::start_sidecar(mesh(), shape).await;
+    let istiod = FakeIstiod::start_sidecar(mesh(), shape).await.unwrap();
     let r = relay(&istiod.url()).await;
     let none_mode = |global_sidecar: bool, mode: Kind| {
         let mut n = node(global_sidecar);
@@ -488,7 +480,7 @@ async fn inbound_listeners_reach_only_ordinary_nodes() {
 
 #[tokio::test]
 async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", r.addr))
         .await
@@ -540,7 +532,7 @@ async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
     let mut removed = update.removed_resources.clone();
     removed.sort();
     assert_eq!(removed, ["b", "c"]);
-    wait_until("the ACK reached istiod", || {
+    eventually_true("the ACK reached istiod", WAIT, || {
         istiod.seen().iter().any(|s| !s.nonce.is_empty())
     })
     .await;
@@ -551,7 +543,9 @@ async fn delta_streams_translate_nonces_and_hide_the_relay_cluster() {
 async fn tls_towards_pilot_agent_and_towards_istiod() {
     let ca = support::certs::Ca::new();
     let istiod_cert = ca.workload("istio-system", "istiod", &["istiod.istio-system.svc"]);
-    let istiod = TestIstiod::start_tls(mesh(), &istiod_cert.cert, &istiod_cert.key).await;
+    let istiod = FakeIstiod::start_tls(mesh(), &istiod_cert.cert, &istiod_cert.key)
+        .await
+        .unwrap();
     let dir = support::TempDir::new("relay-tls");
     std::fs::write(dir.path("root-cert.pem"), &ca.root).unwrap();
 
@@ -641,7 +635,7 @@ async fn raw_stream<M: prost::Message + Default + Send + Sync + 'static>(
 /// is counted; istiod is never asked.
 #[tokio::test]
 async fn garbage_first_requests_end_the_stream_with_invalid_argument() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let garbage = envoy_types::pb::google::protobuf::BytesValue {
         value: vec![0xff, 0xfe, 0xfd],
@@ -672,7 +666,7 @@ async fn garbage_first_requests_end_the_stream_with_invalid_argument() {
 /// not relayed (counted, logged); the next valid one is.
 #[tokio::test]
 async fn responses_holding_resources_of_another_type_are_not_relayed() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let r = relay(&istiod.url()).await;
     let mut c = SotwClient::connect(r.addr, &[]).await;
     c.request(Some(node(false)), CLUSTER, &[], "").await;
@@ -699,15 +693,18 @@ async fn responses_holding_resources_of_another_type_are_not_relayed() {
 /// headers before it) takes its upstream stream with it.
 #[tokio::test]
 async fn a_downstream_leaving_before_istiods_first_answer_drops_the_upstream_stream() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     istiod.go_silent();
     let r = relay(&istiod.url()).await;
     for global_sidecar in [false, true] {
         let c = SotwClient::connect(r.addr, &[]).await;
         c.request(Some(node(global_sidecar)), CLUSTER, &[], "").await;
-        wait_until("istiod sees the stream", || istiod.open_streams() == 1).await;
+        eventually_true("istiod sees the stream", WAIT, || istiod.open_streams() == 1).await;
         drop(c);
-        wait_until("the upstream stream is closed", || istiod.open_streams() == 0).await;
+        eventually_true("the upstream stream is closed", WAIT, || {
+            istiod.open_streams() == 0
+        })
+        .await;
     }
 }
 
@@ -715,7 +712,7 @@ async fn a_downstream_leaving_before_istiods_first_answer_drops_the_upstream_str
 /// before it is read whole, and is never relayed.
 #[tokio::test]
 async fn requests_over_the_size_limit_end_the_stream() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let limits = lazyload::xds::server::ServerLimits {
         max_request_bytes: 64 << 10,
         ..Default::default()
@@ -738,7 +735,7 @@ async fn requests_over_the_size_limit_end_the_stream() {
 /// real client still gets through once a place is free.
 #[tokio::test]
 async fn idle_connections_time_out_and_the_connection_limit_holds() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let limits = lazyload::xds::server::ServerLimits {
         connections: lazyload::net::ConnectionLimits {
             max_connections: 2,
@@ -761,7 +758,7 @@ async fn idle_connections_time_out_and_the_connection_limit_holds() {
 /// brings its own `authorization` is served with that, never with the relay's token.
 #[tokio::test]
 async fn the_relay_lends_its_own_token_to_no_unauthenticated_client() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let dir = support::TempDir::new("relay-token");
     let token = dir.path("token");
     std::fs::write(&token, "relay-own-token\n").unwrap();
@@ -812,7 +809,7 @@ async fn the_relay_lends_its_own_token_to_no_unauthenticated_client() {
 /// Envoy global-sidecar with its workload certificate) is served with the relay's own token.
 #[tokio::test]
 async fn a_client_with_a_verified_certificate_gets_the_relays_token() {
-    let istiod = TestIstiod::start(mesh()).await;
+    let istiod = FakeIstiod::start(mesh()).await.unwrap();
     let ca = support::certs::Ca::new();
     let dir = support::TempDir::new("relay-mtls-token");
     let token = dir.path("token");

@@ -37,17 +37,15 @@ use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
     HttpAccessLogEntries, Identifier, LogEntries,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration as ProtoDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
 use serde_json::{Value, json};
 
+use crate::fake_istiod::Config;
 use crate::xds::adjust::{PASSTHROUGH_CLUSTER, pack, socket};
 use crate::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// Bookinfo's namespace.
 pub const BOOKINFO: &str = "bookinfo";
-
-/// Full xDS config: resources by type URL, then name.
-pub type Resources = BTreeMap<String, BTreeMap<String, Any>>;
 
 /// One service of the sample mesh (one port, one pod).
 pub struct Service {
@@ -187,92 +185,62 @@ impl Mesh {
 
     /// The full config of a proxy without a Sidecar, shaped like istiod's output.
     pub fn config_dump(&self) -> Value {
-        let mut clusters = Vec::new();
-        let mut endpoints = Vec::new();
+        let clusters: Vec<Value> = self.services.iter().map(dumped_cluster).collect();
+        let endpoints: Vec<Value> = self.services.iter().map(|s| self.dumped_endpoints(s)).collect();
         let mut ports: Vec<u16> = self.services.iter().map(|s| s.port).collect();
         ports.sort_unstable();
         ports.dedup();
-        for s in &self.services {
-            let name = s.cluster();
-            clusters.push(json!({"cluster": {
-                "name": name, "type": "EDS",
-                "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "0s",
-                    "resource_api_version": "V3"}, "service_name": name},
-                "connect_timeout": "10s", "lb_policy": "LEAST_REQUEST",
-                "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u64,
-                    "max_pending_requests": 4294967295u64, "max_requests": 4294967295u64,
-                    "max_retries": 4294967295u64, "track_remaining": true}]},
-                "common_lb_config": {},
-                "metadata": {"filter_metadata": {"istio": {"services": [
-                    {"host": s.fqdn(), "name": s.name, "namespace": s.namespace}]}}},
-                "filters": [{"name": "istio.metadata_exchange", "typed_config": {
-                    "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-                    "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config"}}],
-                "transport_socket_matches": [{"name": "tlsMode-istio",
-                    "match": {"tlsMode": "istio"},
-                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                        "common_tls_context": {
-                            "alpn_protocols": ["istio-peer-exchange", "istio"],
-                            "tls_certificate_sds_secret_configs": [{"name": "default"}],
-                            "combined_validation_context": {"validation_context_sds_secret_config":
-                                {"name": "ROOTCA"}}},
-                        "sni": format!("outbound_.{}_._.{}", s.port, s.fqdn())}}},
-                    {"name": "tlsMode-disabled", "match": {},
-                     "transport_socket": {"name": "envoy.transport_sockets.raw_buffer"}}]}}));
-            let (ip, port) = self.endpoint(s);
-            endpoints.push(json!({"endpoint_config": {
-                "cluster_name": name,
-                "endpoints": [{"locality": {}, "lb_endpoints": [{
-                    "endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
-                    "health_status": "HEALTHY",
-                    "metadata": {"filter_metadata": {"istio": {"workload": format!("{};{};{};v1;Kubernetes", s.name, s.namespace, s.name)},
-                        "envoy.transport_socket_match": {"tlsMode": "istio"}}},
-                    "load_balancing_weight": 1}]}]}}));
-        }
-        let mut listeners = Vec::new();
-        let mut routes = Vec::new();
-        for port in ports {
-            listeners.push(json!({"active_state": {"listener": {
-                "name": format!("0.0.0.0_{port}"),
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"stat_prefix": format!("outbound_0.0.0.0_{port}"),
-                        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
-                                "route_config_name": port.to_string()}}}]}],
-                "traffic_direction": "OUTBOUND"}}}));
-            let mut vhosts: Vec<Value> = self
-                .services
-                .iter()
-                .filter(|s| s.port == port)
-                .map(|s| {
-                    let short = format!("{}.{}", s.name, s.namespace);
-                    json!({"name": format!("{}:{port}", s.fqdn()),
-                        "domains": [s.fqdn(), format!("{}:{port}", s.fqdn()), short.clone(),
-                                    format!("{short}:{port}"), s.cluster_ip.clone(),
-                                    format!("{}:{port}", s.cluster_ip)],
-                        "routes": [{"name": "default", "match": {"prefix": "/"},
-                            "route": {"cluster": s.cluster(), "timeout": "0s",
-                                "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-                                    "num_retries": 2, "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
-                                    "host_selection_retry_max_attempts": "5"},
-                                "max_grpc_timeout": "0s"},
-                            "decorator": {"operation": format!("{}:{port}/*", s.fqdn())}}],
-                        "include_request_attempt_count": true})
-                })
-                .collect();
-            vhosts.push(json!({"name": "allow_any", "domains": ["*"],
-                "routes": [{"name": "allow_any", "match": {"prefix": "/"},
-                    "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]}));
-            routes.push(json!({"route_config": {"name": port.to_string(),
-                "virtual_hosts": vhosts, "validate_clusters": false}}));
-        }
+        let listeners: Vec<Value> = ports.iter().map(|&port| dumped_listener(port)).collect();
+        let routes: Vec<Value> = ports.iter().map(|&port| self.dumped_route(port)).collect();
         json!({"configs": [
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners},
             {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes},
             {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
         ]})
+    }
+
+    /// A service's endpoints in a config dump, as istiod's EDS has them.
+    fn dumped_endpoints(&self, s: &Service) -> Value {
+        let (ip, port) = self.endpoint(s);
+        json!({"endpoint_config": {
+            "cluster_name": s.cluster(),
+            "endpoints": [{"locality": {}, "lb_endpoints": [{
+                "endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
+                "health_status": "HEALTHY",
+                "metadata": {"filter_metadata": {"istio": {"workload": format!("{};{};{};v1;Kubernetes", s.name, s.namespace, s.name)},
+                    "envoy.transport_socket_match": {"tlsMode": "istio"}}},
+                "load_balancing_weight": 1}]}]}})
+    }
+
+    /// A port's route configuration in a config dump: a virtual host per service on the port,
+    /// then istiod's `allow_any`.
+    fn dumped_route(&self, port: u16) -> Value {
+        let mut vhosts: Vec<Value> = self
+            .services
+            .iter()
+            .filter(|s| s.port == port)
+            .map(|s| {
+                let short = format!("{}.{}", s.name, s.namespace);
+                json!({"name": format!("{}:{port}", s.fqdn()),
+                    "domains": [s.fqdn(), format!("{}:{port}", s.fqdn()), short.clone(),
+                                format!("{short}:{port}"), s.cluster_ip.clone(),
+                                format!("{}:{port}", s.cluster_ip)],
+                    "routes": [{"name": "default", "match": {"prefix": "/"},
+                        "route": {"cluster": s.cluster(), "timeout": "0s",
+                            "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+                                "num_retries": 2, "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
+                                "host_selection_retry_max_attempts": "5"},
+                            "max_grpc_timeout": "0s"},
+                        "decorator": {"operation": format!("{}:{port}/*", s.fqdn())}}],
+                    "include_request_attempt_count": true})
+            })
+            .collect();
+        vhosts.push(json!({"name": "allow_any", "domains": ["*"],
+            "routes": [{"name": "allow_any", "match": {"prefix": "/"},
+                "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]}));
+        json!({"route_config": {"name": port.to_string(),
+            "virtual_hosts": vhosts, "validate_clusters": false}})
     }
 
     /// The mesh's calls as a global-sidecar reports them (three requests per call; callers in the
@@ -330,79 +298,21 @@ impl Mesh {
     /// endpoints and a virtual host; per port an outbound listener on `127.0.0.1` whose routes
     /// come by RDS, ending in istiod's `allow_any` virtual host; and istiod's
     /// `PassthroughCluster` and `BlackHoleCluster`.
-    pub fn xds(&self) -> Resources {
+    pub fn xds(&self) -> Config {
         let mut clusters = BTreeMap::new();
         let mut endpoints = BTreeMap::new();
         let mut vhosts: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
         for s in &self.services {
             let name = s.cluster();
-            clusters.insert(
-                name.clone(),
-                pack(&Cluster {
-                    name: name.clone(),
-                    cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-                    eds_cluster_config: Some(EdsClusterConfig {
-                        eds_config: Some(ads()),
-                        service_name: name.clone(),
-                    }),
-                    connect_timeout: Some(ProtoDuration {
-                        seconds: 10,
-                        nanos: 0,
-                    }),
-                    lb_policy: LbPolicy::LeastRequest as i32,
-                    ..Default::default()
-                }),
-            );
-            let (ip, port) = self.endpoint(s);
-            endpoints.insert(
-                name.clone(),
-                pack(&ClusterLoadAssignment {
-                    cluster_name: name.clone(),
-                    endpoints: vec![LocalityLbEndpoints {
-                        lb_endpoints: vec![LbEndpoint {
-                            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                                address: Some(socket(&ip, port.into())),
-                                ..Default::default()
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            );
-            let (fqdn, short) = (s.fqdn(), format!("{}.{}", s.name, s.namespace));
-            vhosts.entry(s.port).or_default().push(VirtualHost {
-                name: format!("{fqdn}:{}", s.port),
-                domains: [fqdn, short, s.cluster_ip.clone()]
-                    .into_iter()
-                    .flat_map(|d| [format!("{d}:{}", s.port), d])
-                    .collect(),
-                routes: vec![route_to(&name)],
-                ..Default::default()
-            });
+            clusters.insert(name.clone(), pack(&eds_cluster(&name)));
+            endpoints.insert(name.clone(), pack(&self.load_assignment(s)));
+            vhosts.entry(s.port).or_default().push(virtual_host(s));
         }
         for (name, kind) in [
             (PASSTHROUGH_CLUSTER, DiscoveryType::OriginalDst),
             ("BlackHoleCluster", DiscoveryType::Static),
         ] {
-            clusters.insert(
-                name.into(),
-                pack(&Cluster {
-                    name: name.into(),
-                    cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
-                    connect_timeout: Some(ProtoDuration {
-                        seconds: 10,
-                        nanos: 0,
-                    }),
-                    lb_policy: if kind == DiscoveryType::OriginalDst {
-                        LbPolicy::ClusterProvided as i32
-                    } else {
-                        LbPolicy::RoundRobin as i32
-                    },
-                    ..Default::default()
-                }),
-            );
+            clusters.insert(name.into(), pack(&istio_cluster(name, kind)));
         }
         let mut routes = BTreeMap::new();
         let mut listeners = BTreeMap::new();
@@ -421,6 +331,115 @@ impl Mesh {
         .into_iter()
         .map(|(t, r)| (t.to_string(), r))
         .collect()
+    }
+
+    /// A service's endpoints: its one pod.
+    fn load_assignment(&self, s: &Service) -> ClusterLoadAssignment {
+        let (ip, port) = self.endpoint(s);
+        ClusterLoadAssignment {
+            cluster_name: s.cluster(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(&ip, port.into())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+}
+
+/// A service's cluster in a config dump, as istiod renders it (mTLS when the peer has a
+/// sidecar, plaintext otherwise).
+fn dumped_cluster(s: &Service) -> Value {
+    let name = s.cluster();
+    json!({"cluster": {
+        "name": name, "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "0s",
+            "resource_api_version": "V3"}, "service_name": name},
+        "connect_timeout": "10s", "lb_policy": "LEAST_REQUEST",
+        "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u64,
+            "max_pending_requests": 4294967295u64, "max_requests": 4294967295u64,
+            "max_retries": 4294967295u64, "track_remaining": true}]},
+        "common_lb_config": {},
+        "metadata": {"filter_metadata": {"istio": {"services": [
+            {"host": s.fqdn(), "name": s.name, "namespace": s.namespace}]}}},
+        "filters": [{"name": "istio.metadata_exchange", "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config"}}],
+        "transport_socket_matches": [{"name": "tlsMode-istio",
+            "match": {"tlsMode": "istio"},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["istio-peer-exchange", "istio"],
+                    "tls_certificate_sds_secret_configs": [{"name": "default"}],
+                    "combined_validation_context": {"validation_context_sds_secret_config":
+                        {"name": "ROOTCA"}}},
+                "sni": format!("outbound_.{}_._.{}", s.port, s.fqdn())}}},
+            {"name": "tlsMode-disabled", "match": {},
+             "transport_socket": {"name": "envoy.transport_sockets.raw_buffer"}}]}})
+}
+
+/// A port's outbound listener in a config dump, its routes by RDS.
+fn dumped_listener(port: u16) -> Value {
+    json!({"active_state": {"listener": {
+        "name": format!("0.0.0.0_{port}"),
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {"stat_prefix": format!("outbound_0.0.0.0_{port}"),
+                "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
+                        "route_config_name": port.to_string()}}}]}],
+        "traffic_direction": "OUTBOUND"}}})
+}
+
+/// A service's EDS cluster over ADS.
+fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.into(),
+        }),
+        lb_policy: LbPolicy::LeastRequest as i32,
+        ..istio_cluster(name, DiscoveryType::Eds)
+    }
+}
+
+/// A cluster of a discovery type with istiod's connect timeout; istiod's `PassthroughCluster`
+/// (original destination, its own load balancer) and `BlackHoleCluster` (static, empty) as they are.
+fn istio_cluster(name: &str, kind: DiscoveryType) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(kind as i32)),
+        connect_timeout: Some(ProtoDuration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        lb_policy: if kind == DiscoveryType::OriginalDst {
+            LbPolicy::ClusterProvided as i32
+        } else {
+            LbPolicy::RoundRobin as i32
+        },
+        ..Default::default()
+    }
+}
+
+/// A service's virtual host: its names (FQDN, `name.namespace`, cluster IP) with and without the
+/// port, every path to its cluster.
+fn virtual_host(s: &Service) -> VirtualHost {
+    let (fqdn, short) = (s.fqdn(), format!("{}.{}", s.name, s.namespace));
+    VirtualHost {
+        name: format!("{fqdn}:{}", s.port),
+        domains: [fqdn, short, s.cluster_ip.clone()]
+            .into_iter()
+            .flat_map(|d| [format!("{d}:{}", s.port), d])
+            .collect(),
+        routes: vec![route_to(&s.cluster())],
+        ..Default::default()
     }
 }
 
