@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config::Vm};
 
 use super::*;
+use crate::demo::mesh::route_to;
 use crate::xds::NodeInfo;
 
 /// The adjuster for `node` under `settings` (the test owns both).
@@ -142,20 +143,6 @@ fn grpc_logger_of(l: &Listener) -> HttpGrpcAccessLogConfig {
         panic!("no typed access logger")
     };
     HttpGrpcAccessLogConfig::decode(&*cfg.value).unwrap()
-}
-
-fn route_to(cluster: &str) -> Route {
-    Route {
-        r#match: Some(RouteMatch {
-            path_specifier: Some(PathSpecifier::Prefix("/".into())),
-            ..Default::default()
-        }),
-        action: Some(Action::Route(RouteAction {
-            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
 }
 
 fn vhost(name: &str, domains: &[&str], routes: Vec<Route>) -> VirtualHost {
