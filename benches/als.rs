@@ -425,13 +425,7 @@ fn e2e() {
     let total = (TOTAL_MESSAGES * BATCH) as u64;
     let t0 = Instant::now();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{als}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
+        let mut grpc = lazyload::testing::grpc_client(als).await;
         let stream = tokio_stream::iter((0..TOTAL_MESSAGES).map(move |i| pool[i % pool.len()].clone()));
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(
             "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",

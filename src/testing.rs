@@ -19,6 +19,19 @@ use crate::vocab::ObjectKey;
 use crate::vocab::fence::{ServiceFence, ServiceFenceSpec};
 use crate::vocab::istio::ServiceEntry;
 
+/// A raw gRPC client of a plaintext server at `addr`, ready: for sending messages of any type
+/// (garbage included) or pre-encoded bytes to one of lazyload's gRPC ports.
+pub async fn grpc_client(addr: std::net::SocketAddr) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a loopback URL")
+        .connect()
+        .await
+        .expect("the server listens");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("the connection is ready");
+    grpc
+}
+
 /// A ServiceFence `ns/name` with an empty spec and no status.
 pub fn fence(ns: &str, name: &str) -> ServiceFence {
     let mut f = ServiceFence::new(name, ServiceFenceSpec::default());

@@ -234,13 +234,7 @@ struct Garbage {
 #[tokio::test]
 async fn garbage_ends_the_stream_with_invalid_argument() {
     let r = start(Limits::default()).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", r.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    let mut grpc = lazyload::testing::grpc_client(r.addr).await;
     let path =
         http::uri::PathAndQuery::from_static("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs");
     let codec = tonic_prost::ProstCodec::<

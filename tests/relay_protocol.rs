@@ -613,13 +613,7 @@ async fn raw_stream<M: prost::Message + Default + Send + Sync + 'static>(
     addr: SocketAddr,
     messages: Vec<M>,
 ) -> Result<Streaming<DiscoveryResponse>, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    let mut grpc = lazyload::testing::grpc_client(addr).await;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
     );
