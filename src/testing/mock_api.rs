@@ -49,9 +49,9 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("/apis/coordination.k8s.io/v1", "leases", "Lease", true),
 ];
 
-/// Kinds whose single objects are read, created and patched with a real server's rules: a GET
-/// answers the object or 404, a POST of an existing object is 409, a merge patch of a missing one
-/// is 404 (a server-side apply creates it), and every write bumps the resource version.
+/// Kinds whose objects are created and patched with a real server's rules: a POST of an existing
+/// object is 409, a merge patch of a missing one is 404 (a server-side apply creates it), and
+/// every write bumps the resource version. (A GET of one object answers it or 404 for every kind.)
 const STRICT: &[&str] = &["Lease"];
 
 /// One write the server received: method, path with query, body.
@@ -137,6 +137,18 @@ impl MockApi {
     }
 
     fn answer(&mut self, method: &str, path: &str, query: &str, body: Value, apply: bool) -> Response<Body> {
+        if let Some((kind, namespace, name)) = self.namespaced_object(path) {
+            // A real server answers a read of one object of any kind with the object or 404.
+            if method == "GET"
+                && let Some(name) = name
+                && !path.ends_with("/status")
+            {
+                return match self.find(kind, namespace, name) {
+                    Some(object) => respond(200, object.clone()),
+                    None => status(404, "NotFound"),
+                };
+            }
+        }
         if let Some((kind, namespace, name)) = self.namespaced_object(path)
             && STRICT.contains(&kind)
         {
@@ -224,8 +236,8 @@ impl MockApi {
             .and_then(|n| self.find(kind, namespace, n))
             .cloned();
         match (method, &kept) {
-            ("GET", Some(object)) => return respond(200, object.clone()),
-            ("GET", None) => return status(404, "NotFound"),
+            // One object was read above; a namespace's collection of them is not served.
+            ("GET", _) => return status(404, "NotFound"),
             ("POST", Some(_)) => return status(409, "AlreadyExists"),
             ("PATCH", None) if !apply => return status(404, "NotFound"),
             ("POST" | "PATCH", _) => {}
