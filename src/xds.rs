@@ -6,15 +6,21 @@
 //! - [`sotw`] and [`delta`]: per-stream protocol state machines (sans-IO): nonce translation,
 //!   merge by name, ACK tracking; [`stream`] holds what they share.
 //! - [`routes`]: the route adjustments done incrementally on encoded configurations.
+//! - [`memo`]: whole SotW responses adjusted once per distinct content, for every stream.
 //! - [`cache`]: the last config each node class ACKed, served when istiod is unreachable.
+//! - [`request`] and [`response`]: SotW messages with only the fields the relay reads decoded.
+//! - [`grpc`]: gRPC message framing over HTTP/2, both directions, without per-stream buffers.
 //! - [`upstream`]: the connection to istiod (TLS, token and metadata forwarding, keepalive).
 //! - [`server`]: the tonic service coupling the streams.
 
 pub mod adjust;
 pub mod cache;
 pub mod delta;
+pub mod grpc;
+pub mod memo;
 pub mod metrics;
 pub mod request;
+pub mod response;
 pub mod routes;
 pub mod server;
 pub mod sotw;

@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, Weak};
 
-use envoy_types::pb::google::protobuf::Any;
+use bytes::Bytes;
 
+use super::memo::ResponseMemo;
+use super::response::RawAny;
 use super::routes::RouteCache;
 use super::{CLUSTER, LISTENER};
 
@@ -27,11 +29,11 @@ pub struct Resource {
 }
 
 impl Resource {
-    /// The resource as a protobuf `Any` (copies the bytes).
-    pub fn to_any(&self) -> Any {
-        Any {
-            type_url: self.type_url.to_string(),
-            value: self.value.to_vec(),
+    /// The resource as an `Any` to send (shares the bytes).
+    pub fn to_raw(&self) -> RawAny {
+        RawAny {
+            type_url: self.type_url.clone(),
+            value: Bytes::from_owner(self.value.clone()),
         }
     }
 
@@ -98,6 +100,27 @@ impl ResourceSet {
         }
     }
 
+    /// Adds every resource of `other`, replacing those of the same names. A shard this set
+    /// has nothing in is taken shared, not copied.
+    pub fn merge(&mut self, other: &ResourceSet) {
+        if other.shards.is_empty() {
+            return;
+        }
+        if self.shards.is_empty() {
+            self.shards = vec![Arc::default(); SHARDS];
+        }
+        for (mine, theirs) in self.shards.iter_mut().zip(&other.shards) {
+            if theirs.is_empty() {
+                continue;
+            }
+            if mine.is_empty() {
+                *mine = theirs.clone();
+            } else {
+                Arc::make_mut(mine).extend(theirs.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+    }
+
     /// Number of resources.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.len()).sum()
@@ -146,57 +169,112 @@ impl FromIterator<(Arc<str>, Resource)> for ResourceSet {
 
 /// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
 /// plus the type URLs and resource names streams share, the shards of their resource sets, and
-/// the adjusted virtual hosts.
+/// the adjusted virtual hosts. Its hashes are seeded (foldhash): istiod's content chooses the
+/// keys, and a seed keeps anyone who shapes a Service from making them collide.
 #[derive(Debug, Default)]
 pub struct Interner {
     /// Adjusted virtual hosts by content (A1, A2, A4 done incrementally).
     pub routes: RouteCache,
-    table: Mutex<HashMap<u64, Vec<Weak<[u8]>>>>,
-    strings: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Adjusted SotW responses by content.
+    pub responses: ResponseMemo,
+    tables: Mutex<Tables>,
     shards: Mutex<HashMap<u64, Vec<Weak<Shard>>>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
-impl Interner {
-    /// A shared copy of a short string (type URL, resource name).
-    pub fn name(&self, s: &str) -> Arc<str> {
-        let mut strings = self.strings.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = strings.get(s) {
+/// The interned strings and buffers, behind one lock taken once per response.
+#[derive(Debug, Default)]
+struct Tables {
+    strings: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
+    buffers: HashMap<u64, Vec<Weak<[u8]>>, foldhash::fast::RandomState>,
+}
+
+impl Tables {
+    fn name(&mut self, s: &str) -> Arc<str> {
+        if let Some(v) = self.strings.get(s) {
             return v.clone();
         }
-        if strings.len() > 4096 && strings.len().is_power_of_two() {
-            strings.retain(|v| Arc::strong_count(v) > 1);
+        if self.strings.len() > 4096 && self.strings.len().is_power_of_two() {
+            self.strings.retain(|v| Arc::strong_count(v) > 1);
         }
         let v: Arc<str> = s.into();
-        strings.insert(v.clone());
+        self.strings.insert(v.clone());
         v
     }
 
-    /// Returns a shared buffer equal to `bytes`, reusing one that exists (copied only when the
-    /// content is new).
-    pub fn intern(&self, type_url: &str, bytes: &[u8]) -> Resource {
-        let type_url = self.name(type_url);
-        let key = self.hasher.hash_one(bytes);
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = table.entry(key).or_default();
-        bucket.retain(|w| w.strong_count() > 0);
-        let value = match bucket.iter().filter_map(Weak::upgrade).find(|v| **v == *bytes) {
+    fn buffer(&mut self, key: u64, bytes: &[u8]) -> Arc<[u8]> {
+        let bucket = self.buffers.entry(key).or_default();
+        let found = bucket.iter().filter_map(Weak::upgrade).find(|v| **v == *bytes);
+        let value = match found {
             Some(v) => v,
             None => {
+                bucket.retain(|w| w.strong_count() > 0);
                 let v: Arc<[u8]> = bytes.into();
                 bucket.push(Arc::downgrade(&v));
                 v
             }
         };
-        if table.len() > 4096 && table.len().is_power_of_two() {
-            table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+        if self.buffers.len() > 4096 && self.buffers.len().is_power_of_two() {
+            self.buffers.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
         }
-        Resource { type_url, value }
+        value
+    }
+}
+
+impl Interner {
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A shared copy of a short string (type URL, resource name).
+    pub fn name(&self, s: &str) -> Arc<str> {
+        self.tables().name(s)
+    }
+
+    /// Returns a shared buffer equal to `bytes`, reusing one that exists (copied only when the
+    /// content is new).
+    pub fn intern(&self, type_url: &str, bytes: &[u8]) -> Resource {
+        let key = self.hasher.hash_one(bytes);
+        let mut tables = self.tables();
+        Resource {
+            type_url: tables.name(type_url),
+            value: tables.buffer(key, bytes),
+        }
+    }
+
+    /// Keeps each `(name, resource)` in `set`, interned. The content is hashed before the lock
+    /// is taken, and the lock is taken once.
+    pub fn remember_all<'a>(
+        &self,
+        set: &mut ResourceSet,
+        resources: impl IntoIterator<Item = (&'a str, &'a RawAny)>,
+    ) {
+        let keyed: Vec<(&str, &RawAny, u64)> = resources
+            .into_iter()
+            .map(|(name, any)| (name, any, self.hasher.hash_one(&*any.value)))
+            .collect();
+        let mut tables = self.tables();
+        let mut type_url: Option<(&str, Arc<str>)> = None;
+        for (name, any, key) in keyed {
+            let shared_type = match &type_url {
+                Some((raw, shared)) if *raw == &*any.type_url => shared.clone(),
+                _ => {
+                    let shared = tables.name(&any.type_url);
+                    type_url = Some((&any.type_url, shared.clone()));
+                    shared
+                }
+            };
+            let resource = Resource {
+                type_url: shared_type,
+                value: tables.buffer(key, &any.value),
+            };
+            set.insert(tables.name(name), resource);
+        }
     }
 
     /// Keeps `any` in `set` under `name`, interned.
-    pub fn remember(&self, set: &mut ResourceSet, name: &str, any: &Any) {
-        set.insert(self.name(name), self.intern(&any.type_url, &any.value));
+    pub fn remember(&self, set: &mut ResourceSet, name: &str, any: &RawAny) {
+        self.remember_all(set, [(name, any)]);
     }
 
     /// Makes `set` share each shard it alone holds with an equal shard another set holds (the

@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::CLUSTER;
-use super::adjust::{Adjuster, Counts, pack};
+use super::adjust::{Adjuster, Counts};
 use super::cache::{Interner, ResourceSet};
+use super::response::RawAny;
 use super::routes::{Pins, PinsByName};
 use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process};
 use crate::als::ACCESS_LOG_CLUSTER;
@@ -91,7 +92,7 @@ impl StreamState for DeltaStream {
                 resources.push(r);
                 continue;
             };
-            match process(any, &r.name, adj, interner, counts) {
+            match process(any.into(), &r.name, adj, interner, counts) {
                 Processed::Keep {
                     any,
                     adjusted: changed,
@@ -102,7 +103,7 @@ impl StreamState for DeltaStream {
                     }
                     interner.remember(set, &r.name, &any);
                     state.pins.hold(&r.name, pins);
-                    r.resource = Some(any);
+                    r.resource = Some(any.into_any());
                     resources.push(r);
                 }
                 Processed::Drop => removed.push(r.name),
@@ -116,12 +117,12 @@ impl StreamState for DeltaStream {
             && !state.own_cluster_sent
             && let Some(als) = adj.als_cluster()
         {
-            let any = pack(&als);
+            let any = RawAny::pack(CLUSTER, &als);
             interner.remember(set, &als.name, &any);
             resources.push(Resource {
                 name: als.name,
                 version: "lazyload".into(),
-                resource: Some(any),
+                resource: Some(any.into_any()),
                 ..Default::default()
             });
             state.own_cluster_sent = true;

@@ -5,15 +5,16 @@
 //! services) and Envoy sends one per ACK. The relay only translates the nonce and version, so
 //! decoding every name into a `String` and encoding them again for istiod is wasted: the names
 //! (and any field this relay does not know) stay in [`SotwRequest::rest`] and are copied as
-//! they are. A protobuf message is the concatenation of its fields and a decoder takes the last
-//! value of a repeated scalar, so head-then-rest decodes to the same request.
+//! they are, copied in one piece. A protobuf message is the concatenation of its fields and a
+//! decoder takes the last value of a repeated scalar, so head-then-rest decodes to the same
+//! request.
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
-use prost::bytes::{Buf, BufMut, Bytes};
-use prost::encoding::{self, DecodeContext, WireType, decode_varint, encode_key, encode_varint};
+use prost::bytes::BufMut;
+use prost::encoding::{self, DecodeContext, WireType, decode_key};
 
 /// The fields of a `DiscoveryRequest` the relay reads or rewrites (same numbers).
 #[derive(Clone, PartialEq, Message)]
@@ -45,6 +46,59 @@ pub struct SotwRequest {
 }
 
 impl SotwRequest {
+    /// Reads a request: the head's fields decoded, every other field copied as it is (a run of
+    /// such fields, such as the names, in one copy). Fails where prost would.
+    pub fn decode(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        let mut head = RequestHead::default();
+        let mut rest = Vec::new();
+        let mut buf = bytes;
+        // Where the run of kept fields being read began.
+        let mut run: Option<usize> = None;
+        while !buf.is_empty() {
+            let start = bytes.len() - buf.len();
+            let (tag, wire_type) = decode_key(&mut buf)?;
+            let head_field = HEAD_FIELDS.contains(&tag);
+            // DiscoveryRequest has no groups (a proto2 relic): they are dropped, as prost drops
+            // any field it does not know.
+            let group = matches!(wire_type, WireType::StartGroup | WireType::EndGroup);
+            if (head_field || group)
+                && let Some(from) = run.take()
+            {
+                rest.extend_from_slice(&bytes[from..start]);
+            }
+            if head_field {
+                head.merge_field(tag, wire_type, &mut buf, DecodeContext::default())?;
+            } else {
+                encoding::skip_field(wire_type, tag, &mut buf, DecodeContext::default())?;
+                if !group {
+                    run.get_or_insert(start);
+                }
+            }
+        }
+        if let Some(from) = run {
+            rest.extend_from_slice(&bytes[from..]);
+        }
+        Ok(Self { head, rest })
+    }
+
+    /// Encoded length.
+    pub fn encoded_len(&self) -> usize {
+        self.head.encoded_len() + self.rest.len()
+    }
+
+    /// Writes the request: the head's fields, then the others as they came.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        self.head.encode_raw(buf);
+        buf.put_slice(&self.rest);
+    }
+
+    /// The encoding, in a fresh `Vec`.
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode(&mut out);
+        out
+    }
+
     /// The subscribed names (decodes them: for the rare paths that need them).
     pub fn resource_names(&self) -> Vec<String> {
         DiscoveryRequest::decode(self.rest.as_slice())
@@ -62,73 +116,11 @@ impl From<&DiscoveryRequest> for SotwRequest {
 
 const HEAD_FIELDS: [u32; 5] = [1, 2, 4, 5, 6];
 
-impl Message for SotwRequest {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.head.encode_raw(buf);
-        buf.put_slice(&self.rest);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        if HEAD_FIELDS.contains(&tag) {
-            return self.head.merge_field(tag, wire_type, buf, ctx);
-        }
-        // Each field is read whole (prost checks its bounds) before its key is written, so a
-        // field that fails to decode leaves nothing behind.
-        match wire_type {
-            WireType::Varint => {
-                let value = decode_varint(buf)?;
-                encode_key(tag, wire_type, &mut self.rest);
-                encode_varint(value, &mut self.rest);
-            }
-            WireType::SixtyFourBit => {
-                let mut value = 0u64;
-                encoding::fixed64::merge(wire_type, &mut value, buf, ctx)?;
-                encode_key(tag, wire_type, &mut self.rest);
-                self.rest.put_u64_le(value);
-            }
-            WireType::ThirtyTwoBit => {
-                let mut value = 0u32;
-                encoding::fixed32::merge(wire_type, &mut value, buf, ctx)?;
-                encode_key(tag, wire_type, &mut self.rest);
-                self.rest.put_u32_le(value);
-            }
-            WireType::LengthDelimited => {
-                // From tonic's receive buffer this is a slice of it, not a copy.
-                let mut value = Bytes::new();
-                encoding::bytes::merge(wire_type, &mut value, buf, ctx)?;
-                encode_key(tag, wire_type, &mut self.rest);
-                encode_varint(value.len() as u64, &mut self.rest);
-                self.rest.extend_from_slice(&value);
-            }
-            // DiscoveryRequest has no groups (a proto2 relic): dropped, as prost drops any
-            // field it does not know.
-            WireType::StartGroup | WireType::EndGroup => {
-                encoding::skip_field(wire_type, tag, buf, ctx)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.head.encoded_len() + self.rest.len()
-    }
-
-    fn clear(&mut self) {
-        self.head.clear();
-        self.rest.clear();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use prost::encoding::{encode_key, encode_varint};
 
     fn request() -> impl Strategy<Value = DiscoveryRequest> {
         (
@@ -199,13 +191,18 @@ mod tests {
             );
         }
 
-        /// Garbage is an error or a request, never a panic; what decodes encodes again.
+        /// Garbage is an error or a request, never a panic: an error where prost fails, and
+        /// what prost reads where it does not.
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            if let Ok(raw) = SotwRequest::decode(bytes.as_slice()) {
-                let _ = raw.resource_names();
-                let again = SotwRequest::decode(raw.encode_to_vec().as_slice());
-                prop_assert!(again.is_ok());
+            let prost = DiscoveryRequest::decode(bytes.as_slice());
+            match SotwRequest::decode(bytes.as_slice()) {
+                Ok(raw) => {
+                    let _ = raw.resource_names();
+                    let again = DiscoveryRequest::decode(raw.encode_to_vec().as_slice());
+                    prop_assert_eq!(again.ok(), prost.ok());
+                }
+                Err(_) => prop_assert!(prost.is_err()),
             }
         }
     }

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
+use bytes::Bytes;
+
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use prost::Message;
 
@@ -29,23 +31,42 @@ const VIRTUAL_HOSTS_KEY: u8 = 2 << 3 | 2;
 /// Key of `VirtualHost.routes` (field 3, length-delimited).
 const ROUTES_KEY: u8 = 3 << 3 | 2;
 
-/// Adjusted virtual hosts by content, shared by every stream of the relay.
+/// Adjusted virtual hosts and whole route configurations by content, shared by every stream of
+/// the relay.
 #[derive(Debug, Default)]
 pub struct RouteCache {
     table: Mutex<HashMap<u64, Vec<Weak<Piece>>>>,
-    hasher: std::collections::hash_map::RandomState,
+    configs: Mutex<HashMap<u64, Vec<Weak<Whole>>>>,
+    hasher: foldhash::fast::RandomState,
 }
 
-/// The pieces an adjusted route configuration was made of: whoever serves the configuration
-/// holds them, and a piece nobody holds leaves the cache.
+/// An adjusted route configuration and the pieces it was made of: whoever serves the
+/// configuration holds it, and what nobody holds leaves the cache.
 #[derive(Clone, Debug, Default)]
-pub struct Pins(Vec<Arc<Piece>>);
+pub struct Pins(Option<Arc<Whole>>);
 
 impl Pins {
     /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
+
+    /// The pieces held.
+    pub fn pieces(&self) -> &[Arc<Piece>] {
+        self.0.as_ref().map_or(&[], |w| &w.pieces)
+    }
+}
+
+/// A route configuration as istiod sent it and as the relay sends it: a configuration that
+/// did not change since another stream (or an earlier push) had it costs a lookup, not the
+/// splicing of its virtual hosts again.
+#[derive(Debug)]
+pub struct Whole {
+    cluster_domain: Box<str>,
+    input: Box<[u8]>,
+    output: Option<Bytes>,
+    counts: Counts,
+    pieces: Vec<Arc<Piece>>,
 }
 
 /// The pins of each resource a stream holds, by resource name.
@@ -72,7 +93,7 @@ impl PinsByName {
 #[derive(Debug)]
 pub struct AdjustedRoute {
     /// The new encoding, `None` when nothing changed (send istiod's bytes).
-    pub encoded: Option<Vec<u8>>,
+    pub encoded: Option<Bytes>,
     /// The pieces it was made of.
     pub pins: Pins,
 }
@@ -119,6 +140,39 @@ impl RouteCache {
     /// A1, A2, A4 on an encoded route configuration; `None` when the configuration must take
     /// the from-scratch path. Counts are added only when it succeeds.
     pub fn adjust(&self, adj: &Adjuster<'_>, encoded: &[u8], counts: &mut Counts) -> Option<AdjustedRoute> {
+        let domain = adj.settings.cluster_domain.as_str();
+        let key = self.key(domain, encoded);
+        let whole = match self.known(key, domain, encoded) {
+            Some(whole) => whole,
+            None => {
+                let whole = Arc::new(self.splice(adj, encoded)?);
+                let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+                hold_weakly(&mut configs, key, &whole);
+                whole
+            }
+        };
+        for (what, n) in &whole.counts.0 {
+            *counts.0.entry(what).or_default() += n;
+        }
+        Some(AdjustedRoute {
+            encoded: whole.output.clone(),
+            pins: Pins(Some(whole)),
+        })
+    }
+
+    /// The configuration adjusted already, if a stream still holds it.
+    fn known(&self, key: u64, domain: &str, encoded: &[u8]) -> Option<Arc<Whole>> {
+        let configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        configs
+            .get(&key)?
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|w| *w.input == *encoded && *w.cluster_domain == *domain)
+    }
+
+    /// A1, A2, A4 spliced from the adjusted pieces of the virtual hosts; `None` when the
+    /// configuration must take the from-scratch path.
+    fn splice(&self, adj: &Adjuster<'_>, encoded: &[u8]) -> Option<Whole> {
         let (vhosts, rest) = split_virtual_hosts(encoded)?;
         // The other fields are small: decoding them checks them as the from-scratch path would.
         RouteConfiguration::decode(rest.as_slice()).ok()?;
@@ -172,12 +226,12 @@ impl RouteCache {
         for vh in &wildcard.virtual_hosts {
             put_virtual_host(&mut out, &vh.encode_to_vec());
         }
-        for (what, n) in local.0 {
-            *counts.0.entry(what).or_default() += n;
-        }
-        Some(AdjustedRoute {
-            encoded: changed.then_some(out),
-            pins: Pins(pieces),
+        Some(Whole {
+            cluster_domain: adj.settings.cluster_domain.as_str().into(),
+            input: encoded.into(),
+            output: changed.then(|| out.into()),
+            counts: local,
+            pieces,
         })
     }
 
@@ -204,24 +258,20 @@ impl RouteCache {
         for (i, slot) in found.iter_mut().enumerate() {
             if slot.is_none() {
                 let piece = Arc::new(Piece::new(adj, vhosts[i])?);
-                made.push((keys[i], Arc::downgrade(&piece)));
+                made.push((keys[i], piece.clone()));
                 *slot = Some(piece);
             }
         }
         if !made.is_empty() {
             let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
             for (key, piece) in made {
-                let bucket = table.entry(key).or_default();
-                bucket.retain(|w| w.strong_count() > 0);
-                bucket.push(piece);
-            }
-            if table.len() > 4096 && table.len().is_power_of_two() {
-                table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+                hold_weakly(&mut table, key, &piece);
             }
         }
         found.into_iter().collect()
     }
 
+    /// The key of `bytes` (a virtual host or a whole configuration) under a cluster domain.
     fn key(&self, domain: &str, vhost: &[u8]) -> u64 {
         let mut h = self.hasher.build_hasher();
         domain.hash(&mut h);
@@ -297,6 +347,16 @@ impl Piece {
             Output::Changed(bytes) => bytes,
             Output::Same | Output::Dropped => &self.input,
         }
+    }
+}
+
+/// Keeps a weak handle on `value` under `key`, forgetting handles of what nobody holds.
+fn hold_weakly<T>(table: &mut HashMap<u64, Vec<Weak<T>>>, key: u64, value: &Arc<T>) {
+    let bucket = table.entry(key).or_default();
+    bucket.retain(|w| w.strong_count() > 0);
+    bucket.push(Arc::downgrade(value));
+    if table.len() > 4096 && table.len().is_power_of_two() {
+        table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
     }
 }
 

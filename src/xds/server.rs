@@ -12,31 +12,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse, Resource as DeltaResource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
 };
-use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
 use regex::Regex;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
-use tonic::client::Grpc;
-use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
-use tonic::transport::{Channel, Server, ServerTlsConfig};
-use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::ProstCodec;
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::{Request, Status};
 use tracing::Instrument;
 
 use super::adjust::{Adjuster, Counts, Settings};
 use super::cache::{Interner, LastGood, ResourceSet, Snapshot};
 use super::delta::DeltaStream;
+use super::grpc::{self, Framed, Messages, Outgoing};
 use super::metrics::{AdjustLabels, Metrics, StreamLabels, short_type};
 use super::request::SotwRequest;
+use super::response::{DecodeError, RawAny, ResponseHead, SotwResponse};
 use super::sotw::SotwStream;
 use super::stream::{Reply, StreamState};
 use super::upstream::{Backoff, MAX_MESSAGE, Upstream, retryable, routine_close};
@@ -225,16 +228,18 @@ impl Relay {
         Ok(())
     }
 
-    fn start<P: Protocol>(
-        &self,
-        request: Request<Streaming<P::Request>>,
-    ) -> ReceiverStream<Result<P::Response, Status>> {
+    /// Answers one ADS call of protocol `P`: its requests of at most `limit` bytes are served
+    /// by a task of their own, its responses are the answer's body.
+    fn start<P: Protocol>(&self, req: http::Request<Body>, limit: usize) -> http::Response<Body> {
+        let (parts, body) = req.into_parts();
+        let request = Request::from_http(http::Request::from_parts(parts, ()));
         // A client certificate tonic verified against --xds-tls-client-ca authenticates the client.
         let verified = request.peer_certs().is_some_and(|certs| !certs.is_empty());
-        let (metadata, _, inbound) = request.into_parts();
+        let metadata = request.into_parts().0;
         let (tx, rx) = mpsc::channel(1);
         match self.shared.config.upstream.may_serve(&metadata, verified) {
             Ok(()) => {
+                let inbound = Decoded::new(Messages::request(body, limit), P::decode_request);
                 tokio::spawn(run_stream::<P>(self.shared.clone(), metadata, inbound, tx));
             }
             Err(status) => {
@@ -247,12 +252,38 @@ impl Relay {
                 let _ = tx.try_send(Err(status));
             }
         }
-        ReceiverStream::new(rx)
+        grpc::response(Outgoing::response(ReceiverStream::new(rx)))
     }
 }
 
-/// The ADS gRPC service. Written out rather than generated so that SotW requests can be read
-/// as [`SotwRequest`] (kept encoded) instead of decoded whole.
+/// Responses on their way to a downstream, framed (a one-slot channel: see the module doc).
+type Downstream = mpsc::Sender<Result<Framed, Status>>;
+
+/// The messages of a stream, decoded as they come.
+struct Decoded<T> {
+    messages: Messages,
+    decode: fn(Bytes) -> Result<T, DecodeError>,
+}
+
+impl<T> Decoded<T> {
+    fn new(messages: Messages, decode: fn(Bytes) -> Result<T, DecodeError>) -> Self {
+        Self { messages, decode }
+    }
+
+    /// The next message; one that does not decode is `Internal`, as tonic reports it.
+    async fn message(&mut self) -> Result<Option<T>, Status> {
+        match self.messages.message().await? {
+            Some(bytes) => (self.decode)(bytes)
+                .map(Some)
+                .map_err(|e| Status::internal(format!("failed to decode the message: {e}"))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The ADS gRPC service. Written out rather than generated so that messages are framed by
+/// [`grpc`] and SotW messages read as [`SotwRequest`] and [`SotwResponse`] (kept encoded)
+/// instead of decoded whole.
 #[derive(Clone)]
 struct AdsService {
     relay: Relay,
@@ -266,12 +297,8 @@ impl NamedService for AdsService {
 const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-impl<B> Service<http::Request<B>> for AdsService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
+impl Service<http::Request<Body>> for AdsService {
+    type Response = http::Response<Body>;
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -279,52 +306,31 @@ where
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (relay, limit) = (self.relay.clone(), self.max_request_bytes);
-        match req.uri().path() {
-            SOTW_PATH => Box::pin(async move { Ok(serve_protocol::<Sotw, B>(relay, limit, req).await) }),
-            DELTA_PATH => Box::pin(async move { Ok(serve_protocol::<Delta, B>(relay, limit, req).await) }),
-            _ => Box::pin(async { Ok(Status::unimplemented("not an ADS method").into_http()) }),
-        }
-    }
-}
-
-/// One ADS call of protocol `P`: requests of at most `limit` bytes.
-async fn serve_protocol<P: Protocol, B>(
-    relay: Relay,
-    limit: usize,
-    req: http::Request<B>,
-) -> http::Response<tonic::body::Body>
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    let codec = ProstCodec::<P::Response, P::Request>::default();
-    let mut grpc =
-        tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), Some(MAX_MESSAGE));
-    grpc.streaming(Call::<P>(relay, std::marker::PhantomData), req)
-        .await
-}
-
-/// A relay stream of protocol `P`, as tonic's server calls it.
-struct Call<P>(Relay, std::marker::PhantomData<P>);
-
-impl<P: Protocol> tonic::server::StreamingService<P::Request> for Call<P> {
-    type Response = P::Response;
-    type ResponseStream = ReceiverStream<Result<P::Response, Status>>;
-    type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<P::Request>>) -> Self::Future {
-        std::future::ready(Ok(Response::new(self.0.start::<P>(request))))
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let response = match req.uri().path() {
+            SOTW_PATH => self.relay.start::<Sotw>(req, self.max_request_bytes),
+            DELTA_PATH => self.relay.start::<Delta>(req, self.max_request_bytes),
+            _ => Status::unimplemented("not an ADS method").into_http(),
+        };
+        Box::pin(std::future::ready(Ok(response)))
     }
 }
 
 /// What differs between SotW and Delta.
 trait Protocol: Send + 'static {
-    type Request: prost::Message + Default + Clone + 'static;
-    type Response: prost::Message + Default + 'static;
+    type Request: Clone + Send + Sync + 'static;
+    type Response: Send + 'static;
     type State: StreamState<Request = Self::Request, Response = Self::Response>;
     const NAME: &'static str;
+
+    /// A request as received.
+    fn decode_request(bytes: Bytes) -> Result<Self::Request, DecodeError>;
+    /// A request framed for istiod.
+    fn frame_request(req: &Self::Request) -> Bytes;
+    /// A response as received from istiod.
+    fn decode_response(bytes: Bytes) -> Result<Self::Response, DecodeError>;
+    /// A response framed for the downstream.
+    fn frame_response(resp: &Self::Response) -> Framed;
 
     fn node(req: &Self::Request) -> Option<&Node>;
     /// The type URL a request is for.
@@ -351,10 +357,26 @@ struct Delta;
 
 impl Protocol for Sotw {
     type Request = SotwRequest;
-    type Response = DiscoveryResponse;
+    type Response = SotwResponse;
     type State = SotwStream;
     const NAME: &'static str = "sotw";
     const PATH: &'static str = SOTW_PATH;
+
+    fn decode_request(bytes: Bytes) -> Result<SotwRequest, DecodeError> {
+        Ok(SotwRequest::decode(&bytes)?)
+    }
+
+    fn frame_request(req: &SotwRequest) -> Bytes {
+        grpc::frame_with(req.encoded_len(), |buf| req.encode(buf))
+    }
+
+    fn decode_response(bytes: Bytes) -> Result<SotwResponse, DecodeError> {
+        SotwResponse::decode(bytes)
+    }
+
+    fn frame_response(resp: &SotwResponse) -> Framed {
+        resp.frame()
+    }
 
     fn node(req: &SotwRequest) -> Option<&Node> {
         req.head.node.as_ref()
@@ -364,17 +386,20 @@ impl Protocol for Sotw {
         &req.head.type_url
     }
 
-    fn resource_types(resp: &DiscoveryResponse) -> impl Iterator<Item = &str> {
-        resp.resources.iter().map(|r| r.type_url.as_str())
+    fn resource_types(resp: &SotwResponse) -> impl Iterator<Item = &str> {
+        resp.resources().iter().map(|r| &*r.type_url)
     }
 
     fn new_state(generation: u64) -> SotwStream {
         SotwStream::new(generation)
     }
 
-    fn describe(resp: &DiscoveryResponse) -> (&str, &str, usize) {
-        let bytes = resp.resources.iter().map(|r| r.value.len()).sum();
-        (&resp.type_url, &resp.version_info, bytes)
+    fn describe(resp: &SotwResponse) -> (&str, &str, usize) {
+        (
+            &resp.head.type_url,
+            &resp.head.version_info,
+            resp.resource_bytes(),
+        )
     }
 
     fn from_snapshot(
@@ -382,7 +407,7 @@ impl Protocol for Sotw {
         req: &SotwRequest,
         answered: &mut HashMap<String, Vec<String>>,
         seq: u64,
-    ) -> Option<DiscoveryResponse> {
+    ) -> Option<SotwResponse> {
         let (head, requested) = (&req.head, req.resource_names());
         let mut names = requested.clone();
         names.sort();
@@ -392,7 +417,7 @@ impl Protocol for Sotw {
         answered.insert(head.type_url.clone(), names);
         let set = snap.types.get(&head.type_url);
         let resources = if is_wildcard_type(&head.type_url) {
-            set.map(|s| s.values().map(|r| r.to_any()).collect())
+            set.map(|s| s.values().map(|r| r.to_raw()).collect())
                 .unwrap_or_default()
         } else {
             requested
@@ -400,13 +425,13 @@ impl Protocol for Sotw {
                 .filter_map(|n| named_or_empty(&head.type_url, n, set))
                 .collect()
         };
-        Some(DiscoveryResponse {
+        let head = ResponseHead {
             version_info: format!("last-good-{}", snap.generation),
-            resources,
             type_url: head.type_url.clone(),
             nonce: format!("lg-{seq}"),
             ..Default::default()
-        })
+        };
+        Some(SotwResponse::new(head, resources))
     }
 }
 
@@ -416,6 +441,22 @@ impl Protocol for Delta {
     type State = DeltaStream;
     const NAME: &'static str = "delta";
     const PATH: &'static str = DELTA_PATH;
+
+    fn decode_request(bytes: Bytes) -> Result<DeltaDiscoveryRequest, DecodeError> {
+        Ok(DeltaDiscoveryRequest::decode(bytes)?)
+    }
+
+    fn frame_request(req: &DeltaDiscoveryRequest) -> Bytes {
+        grpc::frame(req)
+    }
+
+    fn decode_response(bytes: Bytes) -> Result<DeltaDiscoveryResponse, DecodeError> {
+        Ok(DeltaDiscoveryResponse::decode(bytes)?)
+    }
+
+    fn frame_response(resp: &DeltaDiscoveryResponse) -> Framed {
+        grpc::frame(resp).into()
+    }
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
@@ -476,7 +517,7 @@ impl Protocol for Delta {
                 named_or_empty(&req.type_url, n, set).map(|any| DeltaResource {
                     name: n.clone(),
                     version: format!("last-good-{}", snap.generation),
-                    resource: Some(any),
+                    resource: Some(any.into_any()),
                     ..Default::default()
                 })
             })
@@ -493,21 +534,27 @@ impl Protocol for Delta {
 
 /// A named resource from a snapshot; a requested route or endpoint name the snapshot lacks is
 /// answered empty, because Envoy waits forever for names nobody answers.
-fn named_or_empty(type_url: &str, name: &str, set: Option<&ResourceSet>) -> Option<Any> {
+fn named_or_empty(type_url: &str, name: &str, set: Option<&ResourceSet>) -> Option<RawAny> {
     if let Some(r) = set.and_then(|s| s.get(name)) {
-        return Some(r.to_any());
+        return Some(r.to_raw());
     }
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
     match type_url {
-        ROUTE => Some(super::adjust::pack(&RouteConfiguration {
-            name: name.into(),
-            ..Default::default()
-        })),
-        ENDPOINT => Some(super::adjust::pack(&ClusterLoadAssignment {
-            cluster_name: name.into(),
-            ..Default::default()
-        })),
+        ROUTE => Some(RawAny::pack(
+            ROUTE,
+            &RouteConfiguration {
+                name: name.into(),
+                ..Default::default()
+            },
+        )),
+        ENDPOINT => Some(RawAny::pack(
+            ENDPOINT,
+            &ClusterLoadAssignment {
+                cluster_name: name.into(),
+                ..Default::default()
+            },
+        )),
         _ => None,
     }
 }
@@ -515,8 +562,8 @@ fn named_or_empty(type_url: &str, name: &str, set: Option<&ResourceSet>) -> Opti
 async fn run_stream<P: Protocol>(
     shared: Arc<Shared>,
     metadata: MetadataMap,
-    mut inbound: Streaming<P::Request>,
-    tx: mpsc::Sender<Result<P::Response, Status>>,
+    mut inbound: Decoded<P::Request>,
+    tx: Downstream,
 ) {
     let first = match inbound.message().await {
         Ok(Some(first)) if P::node(&first).is_some() => first,
@@ -587,7 +634,7 @@ fn invalid_request(status: &Status) -> Option<Status> {
 }
 
 /// Ends a stream whose client sent an invalid request, with a warning and a count.
-async fn refuse<R>(shared: &Shared, tx: &mpsc::Sender<Result<R, Status>>, status: Status) {
+async fn refuse(shared: &Shared, tx: &Downstream, status: Status) {
     tracing::warn!(code = ?status.code(), "ending a downstream stream: {}", status.message());
     shared.metrics.invalid_requests.inc();
     let _ = tx.send(Err(status)).await;
@@ -621,8 +668,8 @@ async fn couple<P: Protocol>(
     shared: &Shared,
     metadata: &MetadataMap,
     first: P::Request,
-    mut inbound: Streaming<P::Request>,
-    tx: &mpsc::Sender<Result<P::Response, Status>>,
+    mut inbound: Decoded<P::Request>,
+    tx: &Downstream,
     node: NodeInfo,
     generation: u64,
 ) -> Result<(), Status> {
@@ -663,7 +710,7 @@ async fn couple<P: Protocol>(
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
             () = tx.closed() => return Ok(()),
             permit = tx.reserve(), if !pending.is_empty() => match permit {
-                Ok(permit) => send_oldest(permit, &mut pending),
+                Ok(permit) => send_oldest::<P>(permit, &mut pending),
                 Err(_) => return Ok(()),
             },
             msg = inbound.message() => match msg {
@@ -671,13 +718,7 @@ async fn couple<P: Protocol>(
                     if !requested.contains(P::requested_type(&req)) {
                         requested.insert(P::requested_type(&req).to_string());
                     }
-                    let req = match &mut state {
-                        Some(s) => relay_request::<P>(shared, s, &node.class, generation, req),
-                        None => req,
-                    };
-                    if up_tx.send(req).is_err() {
-                        return Err(Status::unavailable("upstream stream closed"));
-                    }
+                    forward_request::<P>(shared, &mut state, &node.class, generation, req, &up_tx)?;
                 }
                 Ok(None) => return Ok(()),
                 Err(status) => return downstream_failed(shared, &status),
@@ -702,9 +743,12 @@ async fn couple<P: Protocol>(
 }
 
 /// Sends the oldest response waiting for the downstream, into the slot reserved for it.
-fn send_oldest<R>(permit: mpsc::Permit<'_, Result<R, Status>>, pending: &mut VecDeque<R>) {
+fn send_oldest<P: Protocol>(
+    permit: mpsc::Permit<'_, Result<Framed, Status>>,
+    pending: &mut VecDeque<P::Response>,
+) {
     if let Some(resp) = pending.pop_front() {
-        permit.send(Ok(resp));
+        permit.send(Ok(P::frame_response(&resp)));
     }
 }
 
@@ -736,6 +780,24 @@ fn not_relayed<P: Protocol>(shared: &Shared, resp: &P::Response, why: &str) {
     let labels = Metrics::type_labels(type_url);
     shared.metrics.upstream_invalid.get_or_create(&labels).inc();
     tracing::warn!("istiod sent {why}: not relayed");
+}
+
+/// Sends a downstream request to istiod, translated on a global-sidecar stream.
+fn forward_request<P: Protocol>(
+    shared: &Shared,
+    state: &mut Option<P::State>,
+    class: &str,
+    generation: u64,
+    req: P::Request,
+    up_tx: &mpsc::UnboundedSender<Bytes>,
+) -> Result<(), Status> {
+    let req = match state {
+        Some(s) => relay_request::<P>(shared, s, class, generation, req),
+        None => req,
+    };
+    up_tx
+        .send(P::frame_request(&req))
+        .map_err(|_| Status::unavailable("upstream stream closed"))
 }
 
 /// A downstream request translated for istiod, its meaning recorded.
@@ -811,10 +873,8 @@ fn on_reply<P: Protocol>(shared: &Shared, state: &P::State, class: &str, generat
     }
 }
 
-type Opened<P> = (
-    mpsc::UnboundedSender<<P as Protocol>::Request>,
-    Streaming<<P as Protocol>::Response>,
-);
+/// The upstream stream: framed requests to istiod, and its responses.
+type Opened<P> = (mpsc::UnboundedSender<Bytes>, Decoded<<P as Protocol>::Response>);
 
 /// Opens the upstream stream, retrying connection failures and `Unavailable` /
 /// `ResourceExhausted` with jittered backoff within the open budget.
@@ -828,17 +888,17 @@ async fn open<P: Protocol>(
     let mut backoff = Backoff::new(Duration::from_secs(2));
     loop {
         let attempt = async {
-            let client = upstream
+            let mut channel = upstream
                 .connect()
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", upstream.address())))?;
             let (up_tx, up_rx) = mpsc::unbounded_channel();
             // The receiver is alive: this send cannot fail.
-            let _ = up_tx.send(first.clone());
-            let mut request = Request::new(UnboundedReceiverStream::new(up_rx));
-            *request.metadata_mut() = upstream.metadata(metadata);
-            let stream = open_stream::<P>(client, request).await?;
-            Ok::<_, Status>((up_tx, stream))
+            let _ = up_tx.send(P::frame_request(first));
+            let body = Outgoing::request(UnboundedReceiverStream::new(up_rx).map(Ok));
+            let metadata = upstream.metadata(metadata);
+            let messages = grpc::call(&mut channel, P::PATH, metadata, body, MAX_MESSAGE).await?;
+            Ok::<_, Status>((up_tx, Decoded::new(messages, P::decode_response)))
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -863,31 +923,14 @@ async fn open<P: Protocol>(
     }
 }
 
-/// Opens the ADS call of protocol `P` on a fresh istiod connection.
-async fn open_stream<P: Protocol>(
-    mut client: Grpc<Channel>,
-    request: Request<UnboundedReceiverStream<P::Request>>,
-) -> Result<Streaming<P::Response>, Status> {
-    client
-        .ready()
-        .await
-        .map_err(|e| Status::unknown(format!("istiod connection not ready: {e}")))?;
-    let path = http::uri::PathAndQuery::from_static(P::PATH);
-    let codec = ProstCodec::<P::Request, P::Response>::default();
-    client
-        .streaming(request, path, codec)
-        .await
-        .map(Response::into_inner)
-}
-
 /// Serves a stream from the last good config until istiod can be reached again, then ends it
 /// so that the next stream is a clean handshake with istiod.
 async fn serve_last_good<P: Protocol>(
     shared: &Shared,
     snap: &Snapshot,
     first: P::Request,
-    mut inbound: Streaming<P::Request>,
-    tx: &mpsc::Sender<Result<P::Response, Status>>,
+    mut inbound: Decoded<P::Request>,
+    tx: &Downstream,
     generation: u64,
 ) -> Result<(), Status> {
     shared.metrics.last_good_served.inc();
@@ -910,7 +953,7 @@ async fn serve_last_good<P: Protocol>(
         tokio::select! {
             () = shared.shutdown.cancelled() => return Err(Status::unavailable("the relay is shutting down")),
             permit = tx.reserve(), if !pending.is_empty() => match permit {
-                Ok(permit) => send_oldest(permit, &mut pending),
+                Ok(permit) => send_oldest::<P>(permit, &mut pending),
                 Err(_) => return Ok(()),
             },
             msg = inbound.message() => match msg {
@@ -934,6 +977,8 @@ async fn serve_last_good<P: Protocol>(
 mod tests {
     use super::*;
     use crate::xds::{CLUSTER, LISTENER};
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use envoy_types::pb::google::protobuf::Any;
 
     #[test]
     fn responses_of_an_unrequested_type_or_with_resources_of_another_type_are_invalid() {
@@ -941,10 +986,12 @@ mod tests {
             type_url: type_url.into(),
             value: vec![],
         };
-        let response = |type_url: &str, resources: Vec<Any>| DiscoveryResponse {
-            type_url: type_url.into(),
-            resources,
-            ..Default::default()
+        let response = |type_url: &str, resources: Vec<Any>| {
+            SotwResponse::from(DiscoveryResponse {
+                type_url: type_url.into(),
+                resources,
+                ..Default::default()
+            })
         };
         let requested = HashSet::from([CLUSTER.to_string()]);
         let table = [

@@ -1,20 +1,22 @@
 //! The state-of-the-world stream state machine (sans-IO), for global-sidecar streams.
 //!
 //! Each upstream response becomes one downstream response: resources adjusted (only those that
-//! need it are decoded), a relay nonce and version. Each downstream request becomes one upstream
+//! need it are decoded; a response equal to one another stream had is adjusted once:
+//! [`super::memo`]), a relay nonce and version. Each downstream request becomes one upstream
 //! request, its nonce and version translated back to istiod's (the rest of it kept encoded). The stream also keeps the merged
 //! view of every type (partial EDS/RDS pushes merged by name) for the last-good cache.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-
-use super::adjust::{Adjuster, Counts, pack};
+use super::adjust::{Adjuster, Counts};
 use super::cache::{Interner, ResourceSet};
+use super::is_wildcard_type;
+use super::memo::{Adjusted, Input};
 use super::request::SotwRequest;
+use super::response::{ResponseHead, SotwResponse};
 use super::routes::PinsByName;
-use super::stream::{Processed, Reply, Sent, SentLog, StreamState, process, resource_name};
-use super::{CLUSTER, is_wildcard_type};
+use super::stream::{Reply, Sent, SentLog, StreamState};
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -22,6 +24,8 @@ struct TypeState {
     /// Shared with the last-good record once ACKed; copied (by shard) on the next change.
     resources: ResourceSet,
     pins: PinsByName,
+    /// The latest response, held so that other streams receiving the same share its result.
+    latest: Option<Arc<Adjusted>>,
 }
 
 /// One SotW stream of a global-sidecar.
@@ -34,7 +38,7 @@ pub struct SotwStream {
 
 impl StreamState for SotwStream {
     type Request = SotwRequest;
-    type Response = DiscoveryResponse;
+    type Response = SotwResponse;
 
     fn downstream_request(&mut self, mut req: SotwRequest) -> (SotwRequest, Reply) {
         let head = &mut req.head;
@@ -57,67 +61,49 @@ impl StreamState for SotwStream {
 
     fn upstream_response(
         &mut self,
-        resp: DiscoveryResponse,
+        resp: SotwResponse,
         adj: &Adjuster<'_>,
         interner: &Interner,
         counts: &mut Counts,
-    ) -> DiscoveryResponse {
+    ) -> SotwResponse {
         self.seq += 1;
+        let (head, resources, encoded) = resp.into_parts();
         let nonce = format!("ll-{}-{}", self.generation, self.seq);
-        let version = format!("ll{}:{}", self.seq, resp.version_info);
-        let state = self.types.entry(resp.type_url.clone()).or_default();
-        if is_wildcard_type(&resp.type_url) {
+        let version = format!("ll{}:{}", self.seq, head.version_info);
+        let adjusted = interner
+            .responses
+            .adjust(&head.type_url, Input { resources, encoded }, adj, interner);
+        let state = self.types.entry(head.type_url.clone()).or_default();
+        if is_wildcard_type(&head.type_url) {
             state.resources = ResourceSet::default();
             state.pins.clear();
         }
-        let set = &mut state.resources;
-        let mut adjusted = Vec::new();
-        let mut resources = Vec::with_capacity(resp.resources.len() + 1);
-        for any in resp.resources {
-            let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
-            match process(any, &name, adj, interner, counts) {
-                Processed::Keep {
-                    any,
-                    adjusted: changed,
-                    pins,
-                } => {
-                    if !name.is_empty() {
-                        interner.remember(set, &name, &any);
-                        state.pins.hold(&name, pins);
-                    }
-                    if changed {
-                        adjusted.push(name);
-                    }
-                    resources.push(any);
-                }
-                Processed::Drop => {}
-            }
+        let copied = !state.resources.is_empty();
+        state.resources.merge(&adjusted.set);
+        if copied {
+            interner.share(&mut state.resources);
         }
-        if resp.type_url == CLUSTER
-            && let Some(als) = adj.als_cluster()
-            && !set.contains_key(als.name.as_str())
-        {
-            let any = pack(&als);
-            interner.remember(set, &als.name, &any);
-            resources.push(any);
+        for (name, pins) in &adjusted.pins {
+            state.pins.hold(name, pins.clone());
         }
-        interner.share(set);
+        for (what, n) in &adjusted.counts.0 {
+            *counts.0.entry(what).or_default() += n;
+        }
         state.sent.push(Sent {
             nonce: nonce.clone(),
             version: version.clone(),
-            upstream_nonce: resp.nonce,
-            upstream_version: resp.version_info,
-            adjusted,
+            upstream_nonce: head.nonce,
+            upstream_version: head.version_info,
+            adjusted: adjusted.adjusted.clone(),
         });
-        DiscoveryResponse {
+        let head = ResponseHead {
             version_info: version,
-            resources,
-            canary: resp.canary,
-            type_url: resp.type_url,
             nonce,
-            control_plane: resp.control_plane,
-            resource_errors: resp.resource_errors,
-        }
+            ..head
+        };
+        let response = SotwResponse::shared(head, adjusted.output.clone(), adjusted.encoded.clone());
+        state.latest = Some(adjusted);
+        response
     }
 
     fn resources(&self, type_url: &str) -> Option<&ResourceSet> {

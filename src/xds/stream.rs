@@ -7,12 +7,12 @@ use std::collections::VecDeque;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use prost::Message;
 
-use super::adjust::{Adjuster, Counts, ListenerOutcome, pack};
+use super::adjust::{Adjuster, Counts, ListenerOutcome};
 use super::cache::{Interner, ResourceSet};
+use super::response::{RawAny, name_of};
 use super::routes::{AdjustedRoute, Pins};
 use super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
@@ -119,18 +119,10 @@ impl SentLog {
     }
 }
 
-/// The `name` (field 1) shared by Cluster, ClusterLoadAssignment, Listener, RouteConfiguration
-/// and Secret; decoding only it skips the rest of the message.
-#[derive(Clone, PartialEq, Message)]
-struct NameOnly {
-    #[prost(string, tag = "1")]
-    name: String,
-}
-
-/// The name of a resource of a type the relay knows.
-pub(crate) fn resource_name(type_url: &str, bytes: &[u8]) -> Option<String> {
+/// The name of a resource of a type the relay knows, read in place.
+pub(crate) fn resource_name<'a>(type_url: &str, bytes: &'a [u8]) -> Option<&'a str> {
     matches!(type_url, CLUSTER | ENDPOINT | LISTENER | ROUTE | SECRET)
-        .then(|| NameOnly::decode(bytes).ok().map(|n| n.name))
+        .then(|| name_of(bytes))
         .flatten()
 }
 
@@ -139,7 +131,7 @@ pub(crate) enum Processed {
     /// Send it (`adjusted`: the relay changed it).
     Keep {
         /// The resource.
-        any: Any,
+        any: RawAny,
         /// Whether it was changed.
         adjusted: bool,
         /// The cached pieces it was made of (route configurations), to hold while it is served.
@@ -152,7 +144,7 @@ pub(crate) enum Processed {
 /// Adjusts one resource, `name` (for logs). Resources that cannot be decoded pass through
 /// unchanged (Envoy will judge them) and are counted.
 pub(crate) fn process(
-    any: Any,
+    any: RawAny,
     name: &str,
     adj: &Adjuster<'_>,
     interner: &Interner,
@@ -163,14 +155,14 @@ pub(crate) fn process(
         adjusted,
         pins: Pins::default(),
     };
-    match any.type_url.as_str() {
+    match &*any.type_url {
         LISTENER => match Listener::decode(&*any.value) {
             Ok(mut l) => match adj.listener(&mut l, counts) {
                 ListenerOutcome::Drop { port, reason } => {
                     tracing::debug!(listener = %name, port, "dropped: {}", reason.as_str());
                     Processed::Drop
                 }
-                ListenerOutcome::Keep { changed: true } => keep(pack(&l), true),
+                ListenerOutcome::Keep { changed: true } => keep(repack(&any, &l), true),
                 ListenerOutcome::Keep { changed: false } => keep(any, false),
             },
             Err(e) => undecodable(any, name, e, counts),
@@ -179,7 +171,7 @@ pub(crate) fn process(
             Some(AdjustedRoute { encoded, pins }) => {
                 let adjusted = encoded.is_some();
                 let any = match encoded {
-                    Some(value) => Any {
+                    Some(value) => RawAny {
                         type_url: any.type_url,
                         value,
                     },
@@ -192,7 +184,7 @@ pub(crate) fn process(
         CLUSTER if adj.cluster_needs_decode(&any.value) => match Cluster::decode(&*any.value) {
             Ok(mut c) => {
                 if adj.cluster(&mut c, counts) {
-                    keep(pack(&c), true)
+                    keep(repack(&any, &c), true)
                 } else {
                     keep(any, false)
                 }
@@ -205,11 +197,11 @@ pub(crate) fn process(
 
 /// The route adjustments on the whole decoded configuration, for what the incremental path
 /// does not take.
-fn route_from_scratch(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
+fn route_from_scratch(any: RawAny, name: &str, adj: &Adjuster<'_>, counts: &mut Counts) -> Processed {
     match RouteConfiguration::decode(&*any.value) {
         Ok(mut rc) => {
             let adjusted = adj.route(&mut rc, counts);
-            let any = if adjusted { pack(&rc) } else { any };
+            let any = if adjusted { repack(&any, &rc) } else { any };
             Processed::Keep {
                 any,
                 adjusted,
@@ -220,7 +212,15 @@ fn route_from_scratch(any: Any, name: &str, adj: &Adjuster<'_>, counts: &mut Cou
     }
 }
 
-fn undecodable(any: Any, name: &str, e: prost::DecodeError, counts: &mut Counts) -> Processed {
+/// `message` under the type URL of `any`, which it replaces.
+fn repack(any: &RawAny, message: &impl Message) -> RawAny {
+    RawAny {
+        type_url: any.type_url.clone(),
+        value: message.encode_to_vec().into(),
+    }
+}
+
+fn undecodable(any: RawAny, name: &str, e: prost::DecodeError, counts: &mut Counts) -> Processed {
     tracing::warn!(type_url = %any.type_url, resource = %name, "cannot decode resource, passing it through: {e}");
     counts.add("undecodable_resource");
     Processed::Keep {

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::client::Grpc;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -113,13 +112,9 @@ impl Upstream {
         &self.config.address
     }
 
-    /// Dials a fresh connection: a gRPC client whose calls pick their codec (SotW requests go
-    /// up as [`super::request::SotwRequest`], kept encoded).
-    pub async fn connect(&self) -> Result<Grpc<Channel>, tonic::transport::Error> {
-        let channel = self.endpoint.connect().await?;
-        Ok(Grpc::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+    /// Dials a fresh connection (calls on it frame their own messages: [`super::grpc`]).
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint.connect().await
     }
 
     /// Whether the relay may open istiod streams for this downstream. With a token of its own

@@ -231,9 +231,9 @@ fn one_changed_service_is_the_only_one_adjusted_again() {
     assert_eq!(cache.len(), 601, "a piece per virtual host");
     let second = incremental(&cache, &adj, &mesh(600, Some(7))).unwrap().3;
     let shared = first
-        .0
+        .pieces()
         .iter()
-        .zip(&second.0)
+        .zip(second.pieces())
         .filter(|(a, b)| Arc::ptr_eq(a, b))
         .count();
     assert_eq!(shared, 600, "every piece but the changed service's is reused");
@@ -266,4 +266,23 @@ fn settings_are_part_of_the_key() {
         let (rc, ..) = incremental(&cache, &adj, &encoded).unwrap();
         assert_eq!(rc, from_scratch(&adj, &encoded).0);
     }
+}
+
+#[test]
+fn an_unchanged_configuration_is_looked_up_not_spliced_again() {
+    let settings = Settings::default();
+    let node = NodeInfo::default();
+    let adj = Adjuster {
+        settings: &settings,
+        node: &node,
+    };
+    let cache = RouteCache::default();
+    let encoded = mesh(50, None);
+    let (mut first_counts, mut again_counts) = (Counts::default(), Counts::default());
+    let first = cache.adjust(&adj, &encoded, &mut first_counts).unwrap();
+    let again = cache.adjust(&adj, &encoded, &mut again_counts).unwrap();
+    let (a, b) = (first.encoded.unwrap(), again.encoded.unwrap());
+    assert_eq!(a.as_ptr(), b.as_ptr(), "the same encoding, shared");
+    assert_eq!(first_counts, again_counts, "and counted as if adjusted again");
+    assert!(!first_counts.0.is_empty());
 }

@@ -4,15 +4,15 @@
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use proptest::prelude::*;
 
 use super::*;
-use crate::xds::adjust::Settings;
+use crate::xds::adjust::{Settings, pack};
 use crate::xds::stream::StreamState;
-use crate::xds::{ENDPOINT, LISTENER, NodeInfo, ROUTE, SECRET, SecretSource};
+use crate::xds::{CLUSTER, ENDPOINT, LISTENER, NodeInfo, ROUTE, SECRET, SecretSource};
 
 fn cla(name: &str) -> Any {
     pack(&ClusterLoadAssignment {
@@ -21,14 +21,14 @@ fn cla(name: &str) -> Any {
     })
 }
 
-fn response(type_url: &str, resources: Vec<Any>, version: &str, nonce: &str) -> DiscoveryResponse {
-    DiscoveryResponse {
+fn response(type_url: &str, resources: Vec<Any>, version: &str, nonce: &str) -> SotwResponse {
+    SotwResponse::from(DiscoveryResponse {
         version_info: version.into(),
         resources,
         type_url: type_url.into(),
         nonce: nonce.into(),
         ..Default::default()
-    }
+    })
 }
 
 fn request(type_url: &str, version: &str, nonce: &str, error: Option<&str>) -> SotwRequest {
@@ -71,14 +71,14 @@ fn nonces_versions_and_replies() {
             interner,
             &mut Counts::default(),
         );
-        assert_eq!(first.nonce, "ll-7-1");
-        assert_ne!(first.version_info, "v1");
+        assert_eq!(first.head.nonce, "ll-7-1");
+        assert_ne!(first.head.version_info, "v1");
 
         // (request, translated nonce, translated version, reply)
         let cases = [
             (request(ENDPOINT, "", "", None), "", "", Reply::Request),
             (
-                request(ENDPOINT, &second.version_info, &second.nonce, None),
+                request(ENDPOINT, &second.head.version_info, &second.head.nonce, None),
                 "n2",
                 "v2",
                 Reply::Ack {
@@ -86,13 +86,18 @@ fn nonces_versions_and_replies() {
                 },
             ),
             (
-                request(ENDPOINT, &first.version_info, &first.nonce, None),
+                request(ENDPOINT, &first.head.version_info, &first.head.nonce, None),
                 "n1",
                 "v1",
                 Reply::Request,
             ),
             (
-                request(ENDPOINT, &first.version_info, &second.nonce, Some("bad")),
+                request(
+                    ENDPOINT,
+                    &first.head.version_info,
+                    &second.head.nonce,
+                    Some("bad"),
+                ),
                 "n2",
                 "v1",
                 Reply::Nack {
@@ -149,6 +154,7 @@ fn acked_sets_are_shared_then_copied_on_write() {
                     interner,
                     &mut Counts::default(),
                 )
+                .head
                 .nonce;
             let (_, reply) = s.downstream_request(request(type_url, "", &nonce, None));
             assert_eq!(
@@ -198,7 +204,7 @@ proptest! {
         let anys: Vec<Any> = resources.into_iter().map(|value| Any { type_url: type_url.into(), value }).collect();
         let n = anys.len();
         let out = s.upstream_response(response(type_url, anys, "v", "n"), &adj, &interner, &mut Counts::default());
-        prop_assert!(out.resources.len() <= n + 1);
+        prop_assert!(out.resources().len() <= n + 1);
         let _ = s.downstream_request(request(type_url, "v", &nonce, None));
     }
 }
