@@ -226,22 +226,6 @@ impl Interner {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A shared copy of a short string (type URL, resource name).
-    pub fn name(&self, s: &str) -> Arc<str> {
-        self.tables().name(s)
-    }
-
-    /// Returns a shared buffer equal to `bytes`, reusing one that exists (copied only when the
-    /// content is new).
-    pub fn intern(&self, type_url: &str, bytes: &[u8]) -> Resource {
-        let key = self.hasher.hash_one(bytes);
-        let mut tables = self.tables();
-        Resource {
-            type_url: tables.name(type_url),
-            value: tables.buffer(key, bytes),
-        }
-    }
-
     /// Keeps each `(name, resource)` in `set`, interned. The content is hashed before the lock
     /// is taken, and the lock is taken once.
     pub fn remember_all<'a>(
@@ -403,21 +387,37 @@ impl LastGood {
 mod tests {
     use super::*;
 
+    fn any(bytes: &[u8]) -> RawAny {
+        RawAny {
+            type_url: "t".into(),
+            value: Bytes::copy_from_slice(bytes),
+        }
+    }
+
     fn set(items: &[(&str, &[u8])], interner: &Interner) -> ResourceSet {
-        items
-            .iter()
-            .map(|(n, b)| (interner.name(n), interner.intern("t", b)))
-            .collect()
+        let mut set = ResourceSet::default();
+        for (name, bytes) in items {
+            interner.remember(&mut set, name, &any(bytes));
+        }
+        set
     }
 
     #[test]
-    fn interning_shares_equal_buffers() {
+    fn interning_shares_equal_buffers_names_and_type_urls() {
         let i = Interner::default();
-        let a = i.intern("t", b"same");
-        let b = i.intern("t", b"same");
-        assert!(Arc::ptr_eq(&a.value, &b.value));
-        let c = i.intern("t", b"other");
-        assert!(!Arc::ptr_eq(&a.value, &c.value));
+        let (a, b) = (
+            set(&[("x", b"same")], &i),
+            set(&[("y", b"same"), ("z", b"other")], &i),
+        );
+        let (x, y, z) = (a.get("x").unwrap(), b.get("y").unwrap(), b.get("z").unwrap());
+        assert!(Arc::ptr_eq(&x.value, &y.value));
+        assert!(!Arc::ptr_eq(&x.value, &z.value));
+        assert!(Arc::ptr_eq(&x.type_url, &z.type_url));
+        let (k1, k2) = (
+            a.keys().next().unwrap(),
+            set(&[("x", b"1")], &i).keys().next().unwrap().clone(),
+        );
+        assert!(Arc::ptr_eq(k1, &k2));
     }
 
     #[test]
@@ -428,7 +428,7 @@ mod tests {
             let mut set = ResourceSet::default();
             for (n, (name, bytes)) in items.iter().enumerate() {
                 if Some(n) != skip {
-                    set.insert(i.name(name), i.intern("t", bytes));
+                    i.remember(&mut set, name, &any(bytes));
                 }
             }
             i.share(&mut set);
@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(shared, SHARDS - 1, "only the shard that differs is a copy");
         // A change copies the one shard it touches, and the sets still read as before.
         let mut d = b.clone();
-        d.insert(i.name("new"), i.intern("t", b"new"));
+        i.remember(&mut d, "new", &any(b"new"));
         i.share(&mut d);
         assert!(d.contains_key("new") && !b.contains_key("new") && a == b);
     }
