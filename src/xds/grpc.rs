@@ -6,7 +6,8 @@
 //! 10,000 services that is megabytes per direction and per stream, for every replica of the
 //! global-sidecar, and both sides of the relay have it. Here a received message is a [`Bytes`]
 //! that is a slice of the HTTP/2 frame it came in when it fits in one, and one allocation of
-//! exactly its size otherwise; a sent message is one allocation of exactly its size, freed once
+//! exactly its size otherwise; a sent message is one allocation of exactly its size, or its
+//! header and first fields in one and a shared encoding after them ([`Framed`]), freed once
 //! written. Nothing is kept between messages but a partly received one.
 //!
 //! The wire format (gRPC over HTTP/2): each message is a 1-byte compression flag, a 4-byte
