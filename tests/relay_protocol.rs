@@ -865,3 +865,53 @@ async fn a_client_with_a_verified_certificate_gets_the_relays_token() {
         "the relay's own token, for a client it authenticated"
     );
 }
+
+/// An "istiod" that answers every ADS call with one message that is not a `DiscoveryResponse`
+/// (a resources field whose length is cut short) and then keeps the call open.
+#[derive(Clone)]
+struct MalformedIstiod;
+
+impl tonic::server::NamedService for MalformedIstiod {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for MalformedIstiod {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        use futures::StreamExt;
+        use lazyload::xds::grpc::{Outgoing, frame_with, response};
+        let malformed = frame_with(2, |buf| buf.extend_from_slice(&[0x12, 0xff]));
+        let messages =
+            futures::stream::iter([Ok::<_, tonic::Status>(malformed)]).chain(futures::stream::pending());
+        std::future::ready(Ok(response(Outgoing::response(messages))))
+    }
+}
+
+/// A response from istiod that does not decode ends the stream, global-sidecar or not, with
+/// `Unavailable` saying why (Envoy reconnects with its config intact); the relay serves the
+/// next stream the same way rather than hanging or failing.
+#[tokio::test]
+async fn a_malformed_response_from_istiod_ends_the_stream_saying_why() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MalformedIstiod)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let r = relay(&format!("http://{addr}")).await;
+    for global_sidecar in [true, false, true] {
+        let mut c = SotwClient::connect(r.addr, &[]).await;
+        c.request(Some(node(global_sidecar)), CLUSTER, &[], "").await;
+        let status = c.ended().await;
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("decode"), "{status:?}");
+    }
+}
