@@ -11,7 +11,7 @@
 //! - [`request`] and [`response`]: SotW messages with only the fields the relay reads decoded.
 //! - [`grpc`]: gRPC message framing over HTTP/2, both directions, without per-stream buffers.
 //! - [`upstream`]: the connection to istiod (TLS, token and metadata forwarding, keepalive).
-//! - [`server`]: the tonic service coupling the streams.
+//! - [`server`]: the ADS service (on tonic's server) coupling the streams.
 
 pub mod adjust;
 pub mod cache;

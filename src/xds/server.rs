@@ -621,7 +621,7 @@ async fn run_stream<P: Protocol>(
 /// client sent (undecodable, or over the size limit); `None` when the client went away.
 fn invalid_request(status: &Status) -> Option<Status> {
     match status.code() {
-        // tonic's decoder reports a message that is not protobuf as `Internal`.
+        // A message that is not protobuf is `Internal` (`Decoded`, as tonic's decoder reports it).
         tonic::Code::Internal => Some(Status::invalid_argument(format!(
             "undecodable request: {}",
             status.message()
