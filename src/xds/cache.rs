@@ -167,6 +167,58 @@ impl FromIterator<(Arc<str>, Resource)> for ResourceSet {
     }
 }
 
+/// Values by a hash of their content, held weakly: a value stays findable while someone holds
+/// it, and what nobody holds is forgotten. Equal hashes are only candidates; `find` is given
+/// the real comparison. Used for every content-addressed cache of the relay.
+pub(crate) struct WeakTable<T: ?Sized> {
+    map: HashMap<u64, Vec<Weak<T>>>,
+}
+
+impl<T: ?Sized> Default for WeakTable<T> {
+    fn default() -> Self {
+        Self { map: HashMap::new() }
+    }
+}
+
+impl<T: ?Sized> std::fmt::Debug for WeakTable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakTable")
+            .field("keys", &self.map.len())
+            .finish()
+    }
+}
+
+impl<T: ?Sized> WeakTable<T> {
+    /// A live value under `key` that `same` accepts.
+    pub(crate) fn find(&self, key: u64, same: impl Fn(&T) -> bool) -> Option<Arc<T>> {
+        self.map
+            .get(&key)?
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|v| same(v))
+    }
+
+    /// Makes `value` findable under `key`. Dead handles of the key go now; those of every key
+    /// go each time the table doubles past 4,096 keys.
+    pub(crate) fn hold(&mut self, key: u64, value: &Arc<T>) {
+        let bucket = self.map.entry(key).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        bucket.push(Arc::downgrade(value));
+        if self.map.len() > 4096 && self.map.len().is_power_of_two() {
+            self.map.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+        }
+    }
+
+    /// Values someone still holds.
+    pub(crate) fn live(&self) -> usize {
+        self.map
+            .values()
+            .flatten()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+}
+
 /// Content-addressed store of resource bytes (weak: a buffer lives as long as someone uses it),
 /// plus the type URLs and resource names streams share, the shards of their resource sets, and
 /// the adjusted virtual hosts. Its hashes are seeded (foldhash): istiod's content chooses the
@@ -178,7 +230,7 @@ pub struct Interner {
     /// Adjusted SotW responses by content.
     pub responses: ResponseMemo,
     tables: Mutex<Tables>,
-    shards: Mutex<HashMap<u64, Vec<Weak<Shard>>>>,
+    shards: Mutex<WeakTable<Shard>>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -186,7 +238,7 @@ pub struct Interner {
 #[derive(Debug, Default)]
 struct Tables {
     strings: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
-    buffers: HashMap<u64, Vec<Weak<[u8]>>, foldhash::fast::RandomState>,
+    buffers: WeakTable<[u8]>,
 }
 
 impl Tables {
@@ -203,20 +255,11 @@ impl Tables {
     }
 
     fn buffer(&mut self, key: u64, bytes: &[u8]) -> Arc<[u8]> {
-        let bucket = self.buffers.entry(key).or_default();
-        let found = bucket.iter().filter_map(Weak::upgrade).find(|v| **v == *bytes);
-        let value = match found {
-            Some(v) => v,
-            None => {
-                bucket.retain(|w| w.strong_count() > 0);
-                let v: Arc<[u8]> = bytes.into();
-                bucket.push(Arc::downgrade(&v));
-                v
-            }
-        };
-        if self.buffers.len() > 4096 && self.buffers.len().is_power_of_two() {
-            self.buffers.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
+        if let Some(found) = self.buffers.find(key, |v| v == bytes) {
+            return found;
         }
+        let value: Arc<[u8]> = bytes.into();
+        self.buffers.hold(key, &value);
         value
     }
 }
@@ -273,19 +316,11 @@ impl Interner {
             .iter_mut()
             .filter(|s| Arc::strong_count(s) == 1 && !s.is_empty())
         {
-            let bucket = table.entry(shard_key(shard)).or_default();
-            bucket.retain(|w| w.strong_count() > 0);
-            match bucket
-                .iter()
-                .filter_map(Weak::upgrade)
-                .find(|other| **other == **shard)
-            {
+            let key = shard_key(shard);
+            match table.find(key, |other| *other == **shard) {
                 Some(other) => *shard = other,
-                None => bucket.push(Arc::downgrade(shard)),
+                None => table.hold(key, shard),
             }
-        }
-        if table.len() > 4096 && table.len().is_power_of_two() {
-            table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
         }
     }
 }

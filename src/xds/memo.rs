@@ -9,14 +9,13 @@
 //! the result as it is: the adjusted resources, their interned set, the route pieces they hold,
 //! the counts. A result lives as long as a stream holds it as its latest response of a type.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
 use super::adjust::{Adjuster, Counts};
-use super::cache::{Interner, ResourceSet};
+use super::cache::{Interner, ResourceSet, WeakTable};
 use super::response::{RawAny, SotwResponse};
 use super::routes::Pins;
 use super::stream::{Processed, process, resource_name};
@@ -80,7 +79,7 @@ impl Profile {
 /// `Interner` serves one relay, whose settings do not change.
 #[derive(Debug, Default)]
 pub struct ResponseMemo {
-    table: Mutex<HashMap<u64, Vec<Weak<Adjusted>>>>,
+    table: Mutex<WeakTable<Adjusted>>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -97,24 +96,17 @@ impl ResponseMemo {
         let profile = Profile::of(adj);
         let key = self.key(type_url, &profile, &input.resources);
         let same =
-            |a: &Arc<Adjusted>| a.type_url == type_url && a.profile == profile && a.input == input.resources;
-        if let Some(found) = self.lookup(key, same) {
+            |a: &Adjusted| a.type_url == type_url && a.profile == profile && a.input == input.resources;
+        if let Some(found) = self.table().find(key, same) {
             return found;
         }
         let made = Arc::new(make(type_url, profile, input, adj, interner));
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = table.entry(key).or_default();
-        bucket.retain(|w| w.strong_count() > 0);
-        bucket.push(Arc::downgrade(&made));
-        if table.len() > 1024 && table.len().is_power_of_two() {
-            table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
-        }
+        self.table().hold(key, &made);
         made
     }
 
-    fn lookup(&self, key: u64, same: impl Fn(&Arc<Adjusted>) -> bool) -> Option<Arc<Adjusted>> {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.get(&key)?.iter().filter_map(Weak::upgrade).find(same)
+    fn table(&self) -> std::sync::MutexGuard<'_, WeakTable<Adjusted>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn key(&self, type_url: &str, profile: &Profile, resources: &[RawAny]) -> u64 {
@@ -130,8 +122,7 @@ impl ResponseMemo {
 
     /// Responses held (for tests of the bound).
     pub fn len(&self) -> usize {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.values().flatten().filter(|w| w.strong_count() > 0).count()
+        self.table().live()
     }
 
     /// Whether none is held.
@@ -147,6 +138,8 @@ fn make(type_url: &str, profile: Profile, input: Input, adj: &Adjuster<'_>, inte
     let mut adjusted = Vec::new();
     let mut pins = Vec::new();
     let mut output = Vec::with_capacity(input.resources.len() + 1);
+    // The name of each resource kept (an adjustment never renames one).
+    let mut names = Vec::with_capacity(input.resources.len());
     for any in input.resources.iter() {
         let name = resource_name(&any.type_url, &any.value).unwrap_or_default();
         match process(any.clone(), name, adj, interner, &mut counts) {
@@ -162,6 +155,7 @@ fn make(type_url: &str, profile: Profile, input: Input, adj: &Adjuster<'_>, inte
                     pins.push((name.to_string(), held));
                 }
                 output.push(any);
+                names.push(name);
             }
             Processed::Drop => {}
         }
@@ -169,10 +163,11 @@ fn make(type_url: &str, profile: Profile, input: Input, adj: &Adjuster<'_>, inte
     let mut set = ResourceSet::default();
     interner.remember_all(
         &mut set,
-        output
+        names
             .iter()
-            .filter_map(|any| Some((resource_name(&any.type_url, &any.value)?, any)))
-            .filter(|(name, _)| !name.is_empty()),
+            .zip(&output)
+            .filter(|(name, _)| !name.is_empty())
+            .map(|(name, any)| (*name, any)),
     );
     if type_url == CLUSTER
         && let Some(als) = adj.als_cluster()
@@ -184,8 +179,9 @@ fn make(type_url: &str, profile: Profile, input: Input, adj: &Adjuster<'_>, inte
     }
     interner.share(&mut set);
     // Unchanged resources are sent as istiod encoded them.
+    let unchanged = adjusted.is_empty() && output.len() == input.resources.len();
     let encoded = match input.encoded {
-        Some(encoded) if *output == *input.resources => encoded,
+        Some(encoded) if unchanged => encoded,
         _ => SotwResponse::encode_resources(&output),
     };
     Adjusted {

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -25,6 +25,7 @@ use super::adjust::{
     Adjuster, Counts, ensure_passthrough_catch_all, guarded_by_source_namespace, is_short_name_vhost,
     is_wildcard, passthrough_catch_all, short_name_vhost, strip_short_domains,
 };
+use super::cache::WeakTable;
 
 /// Key of `RouteConfiguration.virtual_hosts` (field 2, length-delimited).
 const VIRTUAL_HOSTS_KEY: u8 = 2 << 3 | 2;
@@ -35,8 +36,8 @@ const ROUTES_KEY: u8 = 3 << 3 | 2;
 /// the relay.
 #[derive(Debug, Default)]
 pub struct RouteCache {
-    table: Mutex<HashMap<u64, Vec<Weak<Piece>>>>,
-    configs: Mutex<HashMap<u64, Vec<Weak<Whole>>>>,
+    table: Mutex<WeakTable<Piece>>,
+    configs: Mutex<WeakTable<Whole>>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -147,7 +148,7 @@ impl RouteCache {
             None => {
                 let whole = Arc::new(self.splice(adj, encoded)?);
                 let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-                hold_weakly(&mut configs, key, &whole);
+                configs.hold(key, &whole);
                 whole
             }
         };
@@ -163,11 +164,7 @@ impl RouteCache {
     /// The configuration adjusted already, if a stream still holds it.
     fn known(&self, key: u64, domain: &str, encoded: &[u8]) -> Option<Arc<Whole>> {
         let configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-        configs
-            .get(&key)?
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|w| *w.input == *encoded && *w.cluster_domain == *domain)
+        configs.find(key, |w| *w.input == *encoded && *w.cluster_domain == *domain)
     }
 
     /// A1, A2, A4 spliced from the adjusted pieces of the virtual hosts; `None` when the
@@ -244,14 +241,7 @@ impl RouteCache {
             let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
             keys.iter()
                 .zip(vhosts)
-                .map(|(k, v)| {
-                    table.get(k).and_then(|bucket| {
-                        bucket
-                            .iter()
-                            .filter_map(Weak::upgrade)
-                            .find(|p| *p.input == **v && *p.cluster_domain == *domain)
-                    })
-                })
+                .map(|(k, v)| table.find(*k, |p| *p.input == **v && *p.cluster_domain == *domain))
                 .collect()
         };
         let mut made = Vec::new();
@@ -265,7 +255,7 @@ impl RouteCache {
         if !made.is_empty() {
             let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
             for (key, piece) in made {
-                hold_weakly(&mut table, key, &piece);
+                table.hold(key, &piece);
             }
         }
         found.into_iter().collect()
@@ -281,8 +271,7 @@ impl RouteCache {
 
     /// Virtual hosts held (for tests of the bound).
     pub fn len(&self) -> usize {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.values().flatten().filter(|w| w.strong_count() > 0).count()
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).live()
     }
 
     /// Whether no virtual host is held.
@@ -347,16 +336,6 @@ impl Piece {
             Output::Changed(bytes) => bytes,
             Output::Same | Output::Dropped => &self.input,
         }
-    }
-}
-
-/// Keeps a weak handle on `value` under `key`, forgetting handles of what nobody holds.
-fn hold_weakly<T>(table: &mut HashMap<u64, Vec<Weak<T>>>, key: u64, value: &Arc<T>) {
-    let bucket = table.entry(key).or_default();
-    bucket.retain(|w| w.strong_count() > 0);
-    bucket.push(Arc::downgrade(value));
-    if table.len() > 4096 && table.len().is_power_of_two() {
-        table.retain(|_, b| b.iter().any(|w| w.strong_count() > 0));
     }
 }
 
