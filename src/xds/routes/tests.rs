@@ -199,6 +199,16 @@ proptest! {
     }
 }
 
+/// Runs `f` with the default settings and an Istio proxy's node.
+fn with_defaults(f: impl FnOnce(&Adjuster<'_>)) {
+    let settings = Settings::default();
+    let node = NodeInfo::default();
+    f(&Adjuster {
+        settings: &settings,
+        node: &node,
+    });
+}
+
 fn mesh(services: usize, changed: Option<usize>) -> Vec<u8> {
     let p = Push {
         services: (0..services)
@@ -220,32 +230,28 @@ fn mesh(services: usize, changed: Option<usize>) -> Vec<u8> {
 
 #[test]
 fn one_changed_service_is_the_only_one_adjusted_again() {
-    let settings = Settings::default();
-    let node = NodeInfo::default();
-    let adj = Adjuster {
-        settings: &settings,
-        node: &node,
-    };
-    let cache = RouteCache::default();
-    let first = incremental(&cache, &adj, &mesh(600, None)).unwrap().3;
-    assert_eq!(cache.len(), 601, "a piece per virtual host");
-    let second = incremental(&cache, &adj, &mesh(600, Some(7))).unwrap().3;
-    let shared = first
-        .pieces()
-        .iter()
-        .zip(second.pieces())
-        .filter(|(a, b)| Arc::ptr_eq(a, b))
-        .count();
-    assert_eq!(shared, 600, "every piece but the changed service's is reused");
-    assert_eq!(
-        cache.len(),
-        602,
-        "the old version is held by the first stream still"
-    );
-    drop(first);
-    assert_eq!(cache.len(), 601, "what no stream serves leaves the cache");
-    drop(second);
-    assert!(cache.is_empty());
+    with_defaults(|adj| {
+        let cache = RouteCache::default();
+        let first = incremental(&cache, adj, &mesh(600, None)).unwrap().3;
+        assert_eq!(cache.len(), 601, "a piece per virtual host");
+        let second = incremental(&cache, adj, &mesh(600, Some(7))).unwrap().3;
+        let shared = first
+            .pieces()
+            .iter()
+            .zip(second.pieces())
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(shared, 600, "every piece but the changed service's is reused");
+        assert_eq!(
+            cache.len(),
+            602,
+            "the old version is held by the first stream still"
+        );
+        drop(first);
+        assert_eq!(cache.len(), 601, "what no stream serves leaves the cache");
+        drop(second);
+        assert!(cache.is_empty());
+    });
 }
 
 #[test]
@@ -270,19 +276,15 @@ fn settings_are_part_of_the_key() {
 
 #[test]
 fn an_unchanged_configuration_is_looked_up_not_spliced_again() {
-    let settings = Settings::default();
-    let node = NodeInfo::default();
-    let adj = Adjuster {
-        settings: &settings,
-        node: &node,
-    };
-    let cache = RouteCache::default();
-    let encoded = mesh(50, None);
-    let (mut first_counts, mut again_counts) = (Counts::default(), Counts::default());
-    let first = cache.adjust(&adj, &encoded, &mut first_counts).unwrap();
-    let again = cache.adjust(&adj, &encoded, &mut again_counts).unwrap();
-    let (a, b) = (first.encoded.unwrap(), again.encoded.unwrap());
-    assert_eq!(a.as_ptr(), b.as_ptr(), "the same encoding, shared");
-    assert_eq!(first_counts, again_counts, "and counted as if adjusted again");
-    assert!(!first_counts.0.is_empty());
+    with_defaults(|adj| {
+        let cache = RouteCache::default();
+        let encoded = mesh(50, None);
+        let (mut first_counts, mut again_counts) = (Counts::default(), Counts::default());
+        let first = cache.adjust(adj, &encoded, &mut first_counts).unwrap();
+        let again = cache.adjust(adj, &encoded, &mut again_counts).unwrap();
+        let (a, b) = (first.encoded.unwrap(), again.encoded.unwrap());
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same encoding, shared");
+        assert_eq!(first_counts, again_counts, "and counted as if adjusted again");
+        assert!(!first_counts.0.is_empty());
+    });
 }
