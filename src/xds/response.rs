@@ -401,6 +401,38 @@ mod tests {
         }
     }
 
+    /// A sender may interleave other fields between the resources (protobuf allows any order):
+    /// the response is read the same, and its resources are encoded again instead of sliced.
+    #[test]
+    fn resources_between_other_fields_are_read_and_sent_whole() {
+        let any = |v: &[u8]| Any {
+            type_url: "t".into(),
+            value: v.to_vec(),
+        };
+        let field = |m: DiscoveryResponse| m.encode_to_vec();
+        let wire = [
+            field(DiscoveryResponse {
+                resources: vec![any(b"one")],
+                ..Default::default()
+            }),
+            field(DiscoveryResponse {
+                nonce: "n".into(),
+                ..Default::default()
+            }),
+            field(DiscoveryResponse {
+                resources: vec![any(b"two")],
+                ..Default::default()
+            }),
+        ]
+        .concat();
+        let raw = SotwResponse::decode(Bytes::from(wire.clone())).unwrap();
+        assert!(raw.encoded.is_none(), "not one run");
+        let (head, resources) = raw.encode_parts();
+        let sent = DiscoveryResponse::decode([head, resources.to_vec()].concat().as_slice()).unwrap();
+        assert_eq!(sent, DiscoveryResponse::decode(wire.as_slice()).unwrap());
+        assert_eq!(sent.resources.len(), 2);
+    }
+
     #[test]
     fn resources_are_slices_of_the_message() {
         let resp = DiscoveryResponse {
